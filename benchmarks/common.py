@@ -1,0 +1,56 @@
+"""Shared benchmark helpers: the OpenKBP split, the fixed templates, report writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlsam.paths import data_dir
+
+ORGANS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def case_number(case_id: str) -> int:
+    return int(case_id.rsplit("_", 1)[-1])
+
+
+class OpenKBP:
+    """The OpenKBP cases of dataset.json with image/label paths."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else data_dir() / "openkbp"
+        meta = json.loads((self.root / "dataset.json").read_text())
+        self.names = {int(k): v for k, v in meta["labels"].items()}
+        self.values = {v: k for k, v in self.names.items()}
+        self.cases = sorted(meta["cases"], key=lambda c: case_number(c["id"]))
+
+    def image(self, case_id: str) -> Path:
+        return self.root / "images" / f"{case_id}.nii.gz"
+
+    def label(self, case_id: str) -> Path:
+        return self.root / "labels" / f"{case_id}.nii.gz"
+
+    def split(self, name: str) -> list[dict]:
+        return [c for c in self.cases if c["split"] == name]
+
+    def templates(self, count: int = 5) -> list[str]:
+        """The protocol's templates: the first train cases, by case number, with all seven organs."""
+        full = [c["id"] for c in self.split("train") if set(ORGANS) <= set(c["contoured"])]
+        return full[:count]
+
+
+def machine_line() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads"
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"

@@ -1,0 +1,131 @@
+"""The `medlsam` command: train MedLAM, build template banks, localise organs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from medlsam.errors import MedLSAMError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from medlsam.network import CONFIGS, MedLAMConfig
+    from medlsam.patches import list_images
+    from medlsam.training import Trainer, TrainOptions
+
+    base = CONFIGS[args.config]
+    config = MedLAMConfig(base_channels=args.base_channels or base.base_channels, patch_size=base.patch_size,
+                          num_classes=base.num_classes, dropout=base.dropout)
+    options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)
+                              if getattr(args, f.name, None) is not None})
+    trainer = Trainer(list_images(args.images), Path(args.out), config, options,
+                      val_images=list_images(args.val_images) if args.val_images else None,
+                      cache_dir=Path(args.cache) if args.cache else None,
+                      stats_path=Path(args.stats) if args.stats else None)
+    if args.resume:
+        trainer.resume(Path(args.resume))
+    result = trainer.run()
+    print(f"trained {result['epoch']} epochs in {result['total_time']:.0f} s; best validation error "
+          f"{result['best_metric']:.2f} mm; weights: {args.out}")
+
+
+def _model(path: str | None):
+    from medlsam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+
+    return load_medlam(path or default_medlam_path())
+
+
+def _templates_build(args: argparse.Namespace) -> None:
+    from medlsam.templates import build_bank, read_names
+
+    labels = args.labels or [None] * len(args.images)
+    points = [json.loads(Path(p).read_text()) for p in args.points] if args.points else [None] * len(args.images)
+    if len(labels) != len(args.images) or len(points) != len(args.images):
+        raise MedLSAMError(f"{len(args.images)} images need as many --labels or --points files")
+    bank = build_bank(_model(args.model), args.images, labels, read_names(args.names), points)
+    bank.save(args.out)
+    summary = ", ".join(f"{n} ({o.count})" for n, o in bank.organs.items())
+    print(f"template bank {args.out}: {summary}")
+
+
+def _localize(args: argparse.Namespace) -> None:
+    from medlsam.localize import Localizer, LocalizeOptions
+    from medlsam.templates import load_bank
+    from medlsam.training import write_json_atomic
+    from medlsam.volume import load_ct
+
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise MedLSAMError(f"output folder {out.parent} does not exist")
+    model = _model(args.model)
+    bank = load_bank(args.templates, model)
+    options = LocalizeOptions(mode=args.mode, refine=not args.coarse_only, jumps=args.jumps, margin_mm=args.margin_mm)
+    result = Localizer(model, bank, options).localize(load_ct(args.image), args.organs.split(",") if args.organs else None)
+    report = {name: loc.to_json() for name, loc in result["organs"].items()}
+    write_json_atomic({"image": str(args.image), "organs": report, "timings_s": result["timings_s"]}, out)
+    for name, loc in report.items():
+        print(f"{name:16s} {'found' if loc['found'] else 'NOT FOUND'} {loc['box_voxel'] or loc.get('reason', '')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlsam", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="self-supervised MedLAM training on unlabeled CT scans")
+    train.add_argument("--images", nargs="+", required=True, help="image files, folders or .txt lists")
+    train.add_argument("--out", required=True, help="where the best weights go (e.g. medlam.pt)")
+    train.add_argument("--val-images", nargs="+", help="validation scans (RDR error in mm)")
+    train.add_argument("--resume", help="a .state.pt file written by an earlier run")
+    train.add_argument("--cache", help="folder to cache scans resampled to the 3 mm grid")
+    train.add_argument("--stats", help="train_stats.json path (default: beside --out)")
+    train.add_argument("--config", default="default", choices=["default", "reference"])
+    train.add_argument("--base-channels", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--iterations-per-epoch", dest="iterations_per_epoch", type=int)
+    train.add_argument("--batch-size", dest="batch_size", type=int)
+    train.add_argument("--learning-rate", dest="learning_rate", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device")
+    train.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop after this many seconds")
+    train.set_defaults(func=_train)
+
+    templates = commands.add_parser("templates", help="template banks").add_subparsers(dest="action", required=True)
+    build = templates.add_parser("build", help="build a template bank from labelled scans or extreme points")
+    build.add_argument("--images", nargs="+", required=True)
+    build.add_argument("--labels", nargs="+", help="one label file per image")
+    build.add_argument("--points", nargs="+", help='one JSON per image: {"Organ": {"value": 1, "points": [[i,j,k] x6]}}')
+    build.add_argument("--names", help='JSON {"1": "Brainstem", ...} (or a dataset.json with "labels")')
+    build.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
+    build.add_argument("--out", required=True)
+    build.set_defaults(func=_templates_build)
+
+    localize = commands.add_parser("localize", help="localise the bank's organs in a scan")
+    localize.add_argument("image")
+    localize.add_argument("--templates", required=True, help="template bank file")
+    localize.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
+    localize.add_argument("--mode", choices=["wpl", "spl"], default="wpl")
+    localize.add_argument("--organs", help="comma-separated organ names (default: all)")
+    localize.add_argument("--jumps", type=int, default=2, help="coarse latent jumps (1 = reference)")
+    localize.add_argument("--coarse-only", action="store_true", help="skip the similarity refinement")
+    localize.add_argument("--margin-mm", type=float, default=0.0, help="extend boxes on every side")
+    localize.add_argument("--out", required=True, help="boxes JSON")
+    localize.set_defaults(func=_localize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MedLSAMError as exc:
+        print(f"medlsam: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

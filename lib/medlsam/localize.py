@@ -1,0 +1,165 @@
+"""Localise template organs in a query scan: coarse latent jump, optional re-jumps, MSS refinement.
+
+Points live on the canonical 3 mm grid; boxes are returned in the query file's own voxel indices
+(inclusive) and in world mm. The query's labels are never read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches, refine_points
+from medlsam.grid import GRID_SPACING_MM, LocalisationGrid, to_localisation_grid
+from medlsam.losses import DISTANCE_RATIO_MM
+from medlsam.network import MedLAM
+from medlsam.patches import BODY_THRESHOLD
+from medlsam.templates import SLABS, WPL_ROLES, OrganTemplate, TemplateBank
+from medlsam.volume import CTVolume
+
+START_PATCHES = 8  # patches around the body centre that start the coarse jump
+
+
+@dataclass
+class LocalizeOptions:
+    mode: str = "wpl"  # wpl: one box per organ; spl: also one in-plane box per z-slab
+    refine: bool = True  # multi-scale similarity refinement
+    jumps: int = 2  # coarse latent jumps (1 = the reference's single jump)
+    search_radius: int = 8  # refinement search, voxels of the 3 mm grid
+    min_score: float = 0.2  # mean similarity below which an organ is reported not found
+    margin_mm: float = 0.0  # box extension on every side
+
+
+@dataclass
+class OrganLocation:
+    """One organ's result. Boxes are inclusive voxel indices in the input file's own array order."""
+
+    name: str
+    value: int
+    found: bool
+    box_voxel: list[list[int]] | None = None
+    box_mm: list[list[float]] | None = None  # world LPS mm, min and max corners
+    score: float = 0.0
+    reason: str = ""
+    slabs: list[dict] = field(default_factory=list)  # SPL: per z-slab box_voxel
+    grid_points: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        out = {"found": self.found, "label": self.value, "box_voxel": self.box_voxel, "box_mm": self.box_mm,
+               "score": round(self.score, 4)}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.slabs:
+            out["slabs"] = self.slabs
+        return out
+
+
+def _body_start_points(grid: LocalisationGrid, rng: np.random.Generator) -> np.ndarray:
+    """START_PATCHES grid points spread around the centre of the body."""
+    body = np.argwhere(grid.array > BODY_THRESHOLD)
+    if len(body) == 0:
+        body = np.argwhere(np.ones(grid.shape, dtype=bool))
+    centre = (body.min(axis=0) + body.max(axis=0)) / 2
+    spread = np.minimum((body.max(axis=0) - body.min(axis=0)) / 6, 8)
+    offsets = rng.uniform(-1, 1, size=(START_PATCHES, 3)) * spread
+    return np.round(centre + offsets).astype(int)
+
+
+def _jump(latent_targets: np.ndarray, start_points: np.ndarray, start_latents: np.ndarray) -> np.ndarray:
+    """Predicted grid positions of targets: mean over starts of start + r * tanh(p_target - p_start)."""
+    ratio = np.array(DISTANCE_RATIO_MM) / GRID_SPACING_MM
+    steps = ratio * np.tanh(latent_targets[:, None, :] - start_latents[None, :, :])  # (T, S, 3) voxels
+    return (start_points[None, :, :] + steps).mean(axis=1)
+
+
+class Localizer:
+    """Localises the organs of a template bank in query scans with one MedLAM model."""
+
+    def __init__(self, model: MedLAM, bank: TemplateBank, options: LocalizeOptions | None = None):
+        self.model, self.bank = model.eval(), bank
+        self.options = options or LocalizeOptions()
+        if self.options.mode not in ("wpl", "spl"):
+            raise ValueError(f"mode must be 'wpl' or 'spl', not {self.options.mode!r}")
+
+    def _roles(self, organ: OrganTemplate) -> list[int]:
+        wanted = WPL_ROLES if self.options.mode == "wpl" else organ.roles
+        return [i for i, r in enumerate(organ.roles) if r in wanted]
+
+    @torch.no_grad()
+    def localize(self, volume: CTVolume | LocalisationGrid, organs: list[str] | None = None) -> dict:
+        """Boxes of the chosen organs (all by default): {"organs": {name: OrganLocation}, "timings_s": ...}."""
+        timings: dict[str, float] = {}
+        tic = time.perf_counter()
+        grid = volume if isinstance(volume, LocalisationGrid) else to_localisation_grid(volume)
+        timings["resample"] = time.perf_counter() - tic
+        chosen = self.bank.select(organs)
+        keys = [(name, i) for name, organ in chosen.items() for i in self._roles(organ)]
+        latents = np.array([chosen[n].latent[i].numpy() for n, i in keys])
+        offsets = np.array([chosen[n].offset[i].numpy() for n, i in keys])
+
+        tic = time.perf_counter()
+        starts = _body_start_points(grid, np.random.default_rng(0))
+        points = _jump(latents, starts, encode_latents(self.model, grid, starts))
+        for _ in range(self.options.jumps - 1):  # re-encode near the targets and jump again
+            clusters = cluster_points(np.round(points).astype(int), reach=8)
+            centres = np.array([c for c, _ in clusters])
+            cluster_latents = encode_latents(self.model, grid, centres)
+            for (centre, members), latent in zip(clusters, cluster_latents):
+                points[members] = _jump(latents[members], centre[None], latent[None])
+        timings["coarse"] = time.perf_counter() - tic
+
+        scores = np.ones(len(keys))
+        tic = time.perf_counter()
+        if self.options.refine:
+            rounded = np.round(points).astype(int)
+            clusters = cluster_points(rounded, reach=16)
+            patches = encode_patches(self.model, grid, [c for c, _ in clusters])
+            for patch, (_, members) in zip(patches, clusters):
+                kernels = [torch.stack([chosen[keys[m][0]].kernels[s][keys[m][1]] for m in members])
+                           for s in range(len(KERNEL_SIZES))]
+                points[members], scores[members] = refine_points(patch, rounded[members], kernels,
+                                                                 self.options.search_radius)
+        timings["refine"] = time.perf_counter() - tic
+        points = points + offsets
+
+        results = {}
+        for name, organ in chosen.items():
+            rows = [k for k, (n, _) in enumerate(keys) if n == name]
+            roles = [organ.roles[keys[k][1]] for k in rows]
+            results[name] = self._organ_result(name, organ, grid, points[rows], scores[rows], roles)
+        timings["total"] = sum(timings.values())
+        return {"organs": results, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+
+    def _organ_result(self, name: str, organ: OrganTemplate, grid: LocalisationGrid, points: np.ndarray,
+                      scores: np.ndarray, roles: list[str]) -> OrganLocation:
+        wpl = np.array([points[roles.index(r)] for r in WPL_ROLES])
+        margin = self.options.margin_mm / GRID_SPACING_MM
+        low, high = wpl.min(axis=0) - margin, wpl.max(axis=0) + margin
+        score = float(scores[[roles.index(r) for r in WPL_ROLES]].mean()) if self.options.refine else 1.0
+        result = OrganLocation(name=name, value=organ.value, found=True, score=score, grid_points=points)
+        centre_index = grid.to_file_index(((low + high) / 2)[None])[0]
+        shape = np.array(grid.source.shape)
+        if np.any(centre_index < -0.5) or np.any(centre_index > shape - 0.5):
+            result.found, result.reason = False, "box centre outside the scan's field of view"
+        elif self.options.refine and score < self.options.min_score:
+            result.found, result.reason = False, f"similarity {score:.2f} below {self.options.min_score}"
+        if not result.found:
+            return result
+        lo, hi = grid.box_to_file(low, high)
+        result.box_voxel = [lo.tolist(), hi.tolist()]
+        world = grid.source.index_to_world(np.array([lo, hi]))
+        result.box_mm = [world.min(axis=0).round(2).tolist(), world.max(axis=0).round(2).tolist()]
+        if self.options.mode == "spl" and any(r.startswith("s") for r in roles):
+            edges = np.linspace(low[0], high[0], SLABS + 1)
+            for s in range(SLABS):
+                slab = np.array([points[roles.index(f"s{s}{a}")] for a in ("y-", "y+", "x-", "x+") if f"s{s}{a}" in roles])
+                if len(slab) < 4:
+                    continue
+                s_low = np.array([edges[s], slab[:, 1].min() - margin, slab[:, 2].min() - margin])
+                s_high = np.array([edges[s + 1], slab[:, 1].max() + margin, slab[:, 2].max() + margin])
+                s_lo, s_hi = grid.box_to_file(s_low, s_high)
+                result.slabs.append({"box_voxel": [s_lo.tolist(), s_hi.tolist()]})
+        return result

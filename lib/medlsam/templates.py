@@ -1,0 +1,235 @@
+"""Template banks: per organ, the latent points and feature kernels of its extreme points, averaged
+over the template scans that contain it.
+
+Each organ has 6 whole-organ extreme points (WPL) and, for SPL, 4 in-plane extreme points in each of
+`SLABS` equal slabs along z. Points are defined on the canonical grid, so any scan orientation works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches
+from medlsam.errors import TemplateError
+from medlsam.grid import LocalisationGrid, to_localisation_grid
+from medlsam.network import MedLAM, atomic_torch_save, model_fingerprint
+from medlsam.volume import CTVolume, load_ct, read_volume
+
+SLABS = 6
+WPL_ROLES = ("z-", "z+", "y-", "y+", "x-", "x+")
+SLAB_ROLES = tuple(f"s{s}{axis}" for s in range(SLABS) for axis in ("y-", "y+", "x-", "x+"))
+BANK_VERSION = 1
+KERNEL_REACH = 16  # a patch serves points within this many voxels of its centre
+
+
+def extreme_points(coords: np.ndarray) -> dict[str, np.ndarray]:
+    """Extreme points of an organ given its voxels' (N, 3) grid coordinates.
+
+    Along each axis: the first/last grid slice holding the organ, and the in-plane middle of the organ's
+    voxels on that slice. Slab points: the same in-plane extremes within each of SLABS equal z-slabs.
+    """
+    points: dict[str, np.ndarray] = {}
+    for axis, name in enumerate("zyx"):
+        for sign, pick in (("-", coords[:, axis].min()), ("+", coords[:, axis].max())):
+            on_slice = coords[np.abs(coords[:, axis] - pick) < 1.0]
+            point = (on_slice.min(axis=0) + on_slice.max(axis=0)) / 2
+            point[axis] = pick
+            points[f"{name}{sign}"] = point
+    z0, z1 = coords[:, 0].min(), coords[:, 0].max()
+    edges = np.linspace(z0, z1, SLABS + 1)
+    for s in range(SLABS):
+        inside = coords[(coords[:, 0] >= edges[s] - 1e-6) & (coords[:, 0] <= edges[s + 1] + 1e-6)]
+        if len(inside) == 0:  # a gap in the organ: use the nearest voxels
+            inside = coords[np.abs(coords[:, 0] - (edges[s] + edges[s + 1]) / 2) <= np.abs(
+                coords[:, 0] - (edges[s] + edges[s + 1]) / 2).min() + 1e-6]
+        middle_z = (edges[s] + edges[s + 1]) / 2
+        for axis, name in ((1, "y"), (2, "x")):
+            for sign, pick in (("-", inside[:, axis].min()), ("+", inside[:, axis].max())):
+                on_slice = inside[np.abs(inside[:, axis] - pick) < 1.0]
+                point = (on_slice.min(axis=0) + on_slice.max(axis=0)) / 2
+                point[axis], point[0] = pick, middle_z
+                points[f"s{s}{name}{sign}"] = point
+    return points
+
+
+def organ_grid_coords(label: CTVolume, value: int, grid: LocalisationGrid) -> np.ndarray:
+    """Grid coordinates of the voxel centres of one organ of a label volume."""
+    index = np.argwhere(label.array == value)
+    return grid.from_file_index(index)
+
+
+@dataclass
+class OrganTemplate:
+    """Averaged template of one organ: per point role, the latent point and feature kernels."""
+
+    value: int
+    roles: list[str]
+    latent: torch.Tensor  # (P, 3), of patches centred on the rounded points
+    offset: torch.Tensor  # (P, 3), mean sub-voxel remainder: point = rounded centre + offset
+    kernels: list[torch.Tensor]  # per scale (P, C, k, k, k)
+    count: int  # templates averaged
+    size_mm: list[float] = field(default_factory=list)  # mean box extent along (z, y, x)
+
+
+@dataclass
+class TemplateBank:
+    organs: dict[str, OrganTemplate]
+    model_fingerprint: str
+    sources: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": BANK_VERSION, "model_fingerprint": self.model_fingerprint, "sources": self.sources,
+            "organs": {name: {"value": o.value, "roles": o.roles, "latent": o.latent, "offset": o.offset,
+                              "kernels": o.kernels,
+                              "count": o.count, "size_mm": o.size_mm} for name, o in self.organs.items()},
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.to_dict(), path)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return {name: o.value for name, o in self.organs.items()}
+
+    def select(self, names: list[str] | None) -> dict[str, OrganTemplate]:
+        """The chosen organs (all when None); an unknown name raises TemplateError listing the known ones."""
+        if not names:
+            return dict(self.organs)
+        unknown = [n for n in names if n not in self.organs]
+        if unknown:
+            raise TemplateError(f"organ(s) {unknown} not in the template bank; it has {sorted(self.organs)}")
+        return {n: self.organs[n] for n in names}
+
+
+def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateBank:
+    """Load a bank; with `model`, refuse a bank that another model made."""
+    path = Path(path)
+    if not path.is_file():
+        raise TemplateError(f"template bank not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise TemplateError(f"{path}: not a readable template bank ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("version") != BANK_VERSION:
+        raise TemplateError(f"{path}: not a template bank of version {BANK_VERSION}")
+    bank = TemplateBank(
+        organs={name: OrganTemplate(value=int(o["value"]), roles=list(o["roles"]), latent=o["latent"],
+                                    offset=o["offset"], kernels=list(o["kernels"]), count=int(o["count"]), size_mm=list(o["size_mm"]))
+                for name, o in data["organs"].items()},
+        model_fingerprint=data["model_fingerprint"], sources=list(data["sources"]))
+    if model is not None and model_fingerprint(model) != bank.model_fingerprint:
+        raise TemplateError(
+            f"{path}: template bank was built with another MedLAM model (fingerprint {bank.model_fingerprint}, "
+            f"current model {model_fingerprint(model)}); rebuild it with `medlsam templates build`")
+    return bank
+
+
+def _template_points(label: CTVolume | None, points_json: dict | None, grid: LocalisationGrid,
+                     names: dict[int, str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per organ name, the role -> grid point map of one template."""
+    organs: dict[str, dict[str, np.ndarray]] = {}
+    if label is not None:
+        if label.shape != grid.source.shape:
+            raise TemplateError(f"label {label.source} has shape {label.shape}, image has {grid.source.shape}")
+        values = [int(v) for v in np.unique(label.array) if v != 0]
+        if not values:
+            raise TemplateError(f"template label {label.source} is empty (no organ voxels)")
+        for value in values:
+            organs[names.get(value, f"label_{value}")] = extreme_points(organ_grid_coords(label, value, grid))
+    for name, entry in (points_json or {}).items():
+        points = np.asarray(entry["points"] if isinstance(entry, dict) else entry, dtype=np.float64)
+        if points.shape != (6, 3):
+            raise TemplateError(f"organ {name!r}: expected six extreme points [[i, j, k], ...], got shape {points.shape}")
+        coords = grid.from_file_index(points)
+        organs[name] = {role: coords[np.argmin(coords[:, a]) if sign == "-" else np.argmax(coords[:, a])]
+                        for role, a, sign in ((r, "zyx".index(r[0]), r[1]) for r in WPL_ROLES)}
+    return organs
+
+
+def _encode_template(model: MedLAM, grid: LocalisationGrid, organs: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Latent points and kernels of every point of one template."""
+    keys = [(name, role) for name, roles in organs.items() for role in roles]
+    points = np.array([organs[n][r] for n, r in keys])
+    centres = np.round(points).astype(int)
+    latents = encode_latents(model, grid, centres)
+    kernels: dict[tuple[str, str], list[torch.Tensor]] = {}
+    clusters = cluster_points(centres, KERNEL_REACH)
+    patches = encode_patches(model, grid, [c for c, _ in clusters])
+    for patch, (_, members) in zip(patches, clusters):
+        for i in members:
+            kernels[keys[i]] = [patch.kernel(points[i], s) for s in range(len(KERNEL_SIZES))]
+    # the latent belongs to the rounded centre: shift it to the exact point by the sub-voxel remainder
+    return {key: (latents[i], points[i] - centres[i], kernels[key]) for i, key in enumerate(keys)}
+
+
+def build_bank(model: MedLAM, images: list, labels: list | None = None, names: dict[int, str] | None = None,
+               extreme_points_json: list[dict | None] | None = None) -> TemplateBank:
+    """Build a bank from template scans with labels and/or six extreme points per organ (file indices)."""
+    labels = labels or [None] * len(images)
+    points_json = extreme_points_json or [None] * len(images)
+    if not (len(images) == len(labels) == len(points_json)):
+        raise TemplateError(f"{len(images)} template images but {len(labels)} labels / {len(points_json)} point sets")
+    names = {int(k): v for k, v in (names or {}).items()}
+    sums: dict[str, dict] = {}
+    sources = []
+    for image, label, pts in zip(images, labels, points_json):
+        if label is None and pts is None:
+            raise TemplateError(f"template {image}: needs a label or extreme points")
+        volume = image if isinstance(image, CTVolume) else load_ct(image)
+        label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
+        grid = to_localisation_grid(volume)
+        organs = _template_points(label_volume, pts, grid, names)
+        encoded = _encode_template(model, grid, organs)
+        sources.append(volume.source)
+        for name, roles in organs.items():
+            value = next((v for v, n in names.items() if n == name), None)
+            if value is None and isinstance(pts, dict) and isinstance(pts.get(name), dict):
+                value = pts[name].get("value")
+            if value is None:
+                value = int(name.split("_")[-1]) if name.startswith("label_") else len(names) + len(sums) + 1
+            coords = np.array(list(roles.values()))
+            entry = sums.setdefault(name, {"value": int(value), "count": 0, "size": np.zeros(3), "points": {}})
+            entry["count"] += 1
+            entry["size"] += (coords.max(axis=0) - coords.min(axis=0)) * 3.0
+            for role in roles:
+                latent, remainder, kernels = encoded[(name, role)]
+                acc = entry["points"].setdefault(role, {"n": 0, "latent": np.zeros(3), "offset": np.zeros(3),
+                                                        "kernels": None})
+                acc["n"] += 1
+                acc["latent"] += latent
+                acc["offset"] += remainder
+                acc["kernels"] = kernels if acc["kernels"] is None else [a + k for a, k in zip(acc["kernels"], kernels)]
+    organs_out = {}
+    for name, entry in sums.items():
+        roles = [r for r in WPL_ROLES + SLAB_ROLES if r in entry["points"]]
+        if not all(r in roles for r in WPL_ROLES):
+            raise TemplateError(f"organ {name!r}: its templates lack some of the six extreme points")
+        points = [entry["points"][r] for r in roles]
+        organs_out[name] = OrganTemplate(
+            value=entry["value"], roles=roles,
+            latent=torch.tensor(np.array([p["latent"] / p["n"] for p in points]), dtype=torch.float32),
+            offset=torch.tensor(np.array([p["offset"] / p["n"] for p in points]), dtype=torch.float32),
+            kernels=[torch.stack([p["kernels"][s] / p["n"] for p in points]) for s in range(len(KERNEL_SIZES))],
+            count=entry["count"], size_mm=(entry["size"] / entry["count"]).round(1).tolist())
+    absent = [n for n in names.values() if n not in organs_out]
+    if absent:
+        raise TemplateError(f"organ(s) {absent} named in the label names are in none of the templates")
+    if not organs_out:
+        raise TemplateError("no organ found in the templates")
+    return TemplateBank(organs=organs_out, model_fingerprint=model_fingerprint(model), sources=sources)
+
+
+def read_names(path: str | os.PathLike | None) -> dict[int, str]:
+    """Organ names from JSON: {"1": "Brainstem", ...} or a dataset.json with a "labels" entry."""
+    if path is None:
+        return {}
+    data = json.loads(Path(path).read_text())
+    data = data.get("labels", data)
+    return {int(k): str(v) for k, v in data.items()}
