@@ -176,3 +176,17 @@ def test_cli_templates_and_localize(bank, model, tmp_path, capsys):
                      "--out", str(tmp_path / "bad.json")]) == 2
     assert "Kidney" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_localisation_validator_scores_wall_distance(model, tmp_path):
+    from medlsam.validation import LocalisationValidator
+
+    paths = {}
+    for shift in (0, 2):
+        image, label = phantom(shift)
+        write_volume(image.array, image, tmp_path / f"ct{shift}.nii.gz")
+        write_volume(label.array, image, tmp_path / f"label{shift}.nii.gz")
+        paths[shift] = (tmp_path / f"ct{shift}.nii.gz", tmp_path / f"label{shift}.nii.gz")
+    validator = LocalisationValidator([paths[0][0]], [paths[0][1]], [paths[2][0]], [paths[2][1]], NAMES)
+    error = validator(model)
+    assert 0.0 < error <= LocalisationValidator.MISSED_MM

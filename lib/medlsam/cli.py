@@ -21,10 +21,20 @@ def _train(args: argparse.Namespace) -> None:
                           num_classes=base.num_classes, dropout=base.dropout)
     options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)
                               if getattr(args, f.name, None) is not None})
+    validator = None
+    if args.val_templates:
+        from medlsam.templates import read_names
+        from medlsam.validation import LocalisationValidator
+
+        if not (args.val_template_labels and args.val_images and args.val_labels):
+            raise MedLSAMError("--val-templates needs --val-template-labels, --val-images and --val-labels")
+        validator = LocalisationValidator(list_images(args.val_templates), list_images(args.val_template_labels),
+                                          list_images(args.val_images), list_images(args.val_labels),
+                                          read_names(args.names))
     trainer = Trainer(list_images(args.images), Path(args.out), config, options,
                       val_images=list_images(args.val_images) if args.val_images else None,
                       cache_dir=Path(args.cache) if args.cache else None,
-                      stats_path=Path(args.stats) if args.stats else None)
+                      stats_path=Path(args.stats) if args.stats else None, validator=validator)
     if args.resume:
         trainer.resume(Path(args.resume))
     result = trainer.run()
@@ -71,6 +81,16 @@ def _localize(args: argparse.Namespace) -> None:
         print(f"{name:16s} {'found' if loc['found'] else 'NOT FOUND'} {loc['box_voxel'] or loc.get('reason', '')}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from medlsam.network import load_medlam, model_fingerprint, save_medlam
+
+    model = load_medlam(args.checkpoint)
+    if args.half:  # the fingerprint must describe the weights as they will be loaded
+        model = model.half().float()
+    save_medlam(model, args.out, half=args.half, fingerprint=model_fingerprint(model))
+    print(f"{args.out}: MedLAM {model.config.to_dict()}, fingerprint {model_fingerprint(model)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medlsam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="self-supervised MedLAM training on unlabeled CT scans")
     train.add_argument("--images", nargs="+", required=True, help="image files, folders or .txt lists")
     train.add_argument("--out", required=True, help="where the best weights go (e.g. medlam.pt)")
-    train.add_argument("--val-images", nargs="+", help="validation scans (RDR error in mm)")
+    train.add_argument("--val-images", nargs="+", help="validation scans (RDR error in mm unless templates are given)")
+    train.add_argument("--val-labels", nargs="+", help="labels of --val-images: validate by localisation")
+    train.add_argument("--val-templates", nargs="+", help="labelled template scans for localisation validation")
+    train.add_argument("--val-template-labels", nargs="+", help="their labels")
+    train.add_argument("--names", help='organ names JSON {"1": "Brainstem", ...} for the validation templates')
     train.add_argument("--resume", help="a .state.pt file written by an earlier run")
     train.add_argument("--cache", help="folder to cache scans resampled to the 3 mm grid")
     train.add_argument("--stats", help="train_stats.json path (default: beside --out)")
@@ -114,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--margin-mm", type=float, default=0.0, help="extend boxes on every side")
     localize.add_argument("--out", required=True, help="boxes JSON")
     localize.set_defaults(func=_localize)
+
+    export = commands.add_parser("export", help="write slim weights for shipping (optionally fp16)")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", required=True)
+    export.add_argument("--half", action="store_true")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -89,7 +89,8 @@ def canonical_affine(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> tupl
     corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])], dtype=np.float64)
     canonical = volume.index_to_world(corners) @ CANONICAL_DIRECTIONS  # coordinates along the canonical axes
     low, high = canonical.min(axis=0), canonical.max(axis=0)
-    shape = tuple(int(np.floor((high[a] - low[a]) / spacing + 1e-6)) + 1 for a in range(3))
+    # ceil, not floor: the last grid voxel must reach the scan's far edge (outside samples count as air)
+    shape = tuple(int(np.ceil((high[a] - low[a]) / spacing - 1e-6)) + 1 for a in range(3))
     affine = np.eye(4)
     affine[:3, :3] = CANONICAL_DIRECTIONS * spacing
     affine[:3, 3] = CANONICAL_DIRECTIONS @ low

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,6 +170,19 @@ def _infer_config(state: dict[str, torch.Tensor], saved: dict | None) -> MedLAMC
     return MedLAMConfig(base_channels=b, patch_size=(side, side, side), num_classes=classes)
 
 
+def _numpy_safe_globals() -> list:
+    """numpy scalar and array types, safe to unpickle: official `.tar` checkpoints store `best_loss` as a
+    numpy float, which `torch.load(weights_only=True)` refuses otherwise."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 1.26
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtypes = {type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)}
+    return [scalar, _reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 def load_medlam(path: str | os.PathLike, config: MedLAMConfig | None = None,
                 device: str | torch.device = "cpu") -> MedLAM:
     """Load MedLAM weights: our checkpoints, or official ones (raw state dict or `.tar` with
@@ -178,7 +191,8 @@ def load_medlam(path: str | os.PathLike, config: MedLAMConfig | None = None,
     if not path.is_file():
         raise CheckpointError(f"MedLAM checkpoint not found: {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(raw, dict):
@@ -213,8 +227,7 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{path.suffix}"  # not mkstemp: its files are private (0600)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

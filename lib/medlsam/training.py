@@ -6,8 +6,8 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,10 +43,14 @@ class TrainOptions:
 
 def write_json_atomic(data: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.json"  # not mkstemp: its files are private (0600)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class PatchSampler:
@@ -107,6 +111,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.learning_rate,
                                            weight_decay=options.weight_decay)
         self.generator = torch.Generator().manual_seed(options.seed)
+        # oneDNN's bfloat16 Conv3d weight gradient is garbage (huge, even inf, and different run to run) when
+        # the input depth is 2: the bottleneck of patches under 64 voxels. Autocast only from 64 up.
+        self.autocast = options.bf16 and options.device == "cpu" and min(config.patch_size) >= 64
         self.epoch, self.best_metric, self.elapsed, self.history = 0, math.inf, 0.0, []
 
     # -- checkpointing -------------------------------------------------------------------------------
@@ -153,8 +160,8 @@ class Trainer:
             c_q, c_s = sampler.centre(scan), sampler.centre(scan)
             crop = sampler.crop(scan, c_q, crop_size)[None]
             aug, source = augment_crop(crop, patch, self.generator)
-            queries.append(crop[:, opts.crop_margin:-opts.crop_margin, opts.crop_margin:-opts.crop_margin,
-                                opts.crop_margin:-opts.crop_margin])
+            inner = slice(opts.crop_margin, opts.crop_margin + patch)  # not m:-m, which is empty for m = 0
+            queries.append(crop[:, inner, inner, inner])
             seconds.append(sampler.crop(scan, c_s, patch)[None])
             augmented.append(aug)
             sources.append(source)
@@ -162,7 +169,7 @@ class Trainer:
             offsets.append([(c_s - c_q) * GRID_SPACING_MM, (c_s - c_q - centre_shift) * GRID_SPACING_MM])
         batch = torch.stack(queries + augmented + seconds).to(opts.device).to(memory_format=torch.channels_last_3d)
         n = opts.batch_size
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16 and opts.device == "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(batch)
         latent = out["latent"].float()
         offsets_t = torch.tensor(np.array(offsets), dtype=torch.float32, device=opts.device)
@@ -180,7 +187,8 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.optimizer.step()
         rdr_mm = float((predicted_offset_mm(latent[:n].detach(), latent[2 * n:].detach()) - offsets_t[:, 0]).norm(dim=1).mean())
-        return {"loss": float(loss), "rdr": float(loss_rdr), "mss": float(loss_mss), "rdr_mm": rdr_mm}
+        return {"loss": float(loss.detach()), "rdr": float(loss_rdr.detach()), "mss": float(loss_mss.detach()),
+                "rdr_mm": rdr_mm}
 
     # -- the loop ------------------------------------------------------------------------------------
     def validate(self) -> float:

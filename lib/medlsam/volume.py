@@ -7,7 +7,7 @@ pynrrd for NRRD and of MONAI Label's prompts. World coordinates are ITK's LPS mi
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +91,29 @@ def read_volume(path: str | os.PathLike) -> CTVolume:
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         raise InvalidImageError(f"{path}: is a 2D image (size {tuple(image.GetSize())}); a 3D CT volume is needed")
     array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        array = _verify_nifti(path, array)
     return CTVolume(array=array, affine=_affine_from_sitk(image), source=str(path))
+
+
+def _verify_nifti(path: Path, array: np.ndarray) -> np.ndarray:
+    """ITK's NIfTI reader fills a truncated file with zeros and silently turns NaN and infinity into 0:
+    read the raw voxels again with nibabel, refuse a truncated file and put the non-finite values back."""
+    try:
+        import nibabel
+    except ImportError:  # nibabel comes with MONAI Label; without it these two checks are skipped
+        return array
+    try:
+        raw = np.asanyarray(nibabel.load(str(path)).dataobj.get_unscaled())
+    except Exception as exc:  # noqa: BLE001 - any failure here means damaged voxel data
+        raise InvalidImageError(f"{path}: truncated or damaged NIfTI file ({type(exc).__name__}: {exc})") from None
+    if raw.dtype.kind == "f" and raw.size == array.size:
+        raw = raw.reshape(array.shape)
+        bad = ~np.isfinite(raw)
+        if bad.any():
+            array = array.copy()
+            array[bad] = raw[bad]
+    return array
 
 
 def check_ct(volume: CTVolume) -> None:
@@ -131,16 +153,18 @@ def write_volume(array: np.ndarray, reference: CTVolume, path: str | os.PathLike
     path = Path(path)
     if array.shape != reference.shape:
         raise ValueError(f"array shape {array.shape} differs from the reference {reference.shape}")
+    if array.dtype == bool:  # SimpleITK has no boolean pixel type
+        array = array.astype(np.uint8)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     spacing = reference.spacing
     image.SetSpacing(spacing.tolist())
     image.SetDirection((reference.affine[:3, :3] / spacing[None, :]).ravel().tolist())
     image.SetOrigin(reference.affine[:3, 3].tolist())
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    # A fresh name rather than mkstemp's file, which is private (0600): labels must get normal permissions.
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
     try:
-        sitk.WriteImage(image, tmp, useCompression=True)
+        sitk.WriteImage(image, str(tmp), useCompression=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

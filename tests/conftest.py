@@ -1,0 +1,67 @@
+"""Shared fixtures: where the real data lives, and a small synthetic CT phantom."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medlsam.volume import CTVolume
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The tests run tiny networks: one thread is fastest, and several threads competing with other jobs on
+# a small machine (e.g. a training run) are many times slower. MEDLSAM_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MEDLSAM_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """$MEDLSAM_DATA, or ../shared/data beside the repository; skips only when that folder is missing."""
+    path = Path(os.environ.get("MEDLSAM_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"data folder {path} not found (set MEDLSAM_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def openkbp_case(data_dir: Path) -> tuple[Path, Path]:
+    """Image and label of one real OpenKBP head-and-neck CT (must exist when the data folder does)."""
+    image = data_dir / "openkbp" / "images" / "openkbp_pt_1.nii.gz"
+    label = data_dir / "openkbp" / "labels" / "openkbp_pt_1.nii.gz"
+    assert image.is_file() and label.is_file(), f"OpenKBP case missing under {data_dir}"
+    return image, label
+
+
+def make_phantom(shape: tuple[int, int, int] = (40, 36, 30), affine: np.ndarray | None = None,
+                 ball_centre: tuple[float, float, float] = (14.0, 20.0, 10.0),
+                 ball_radius: float = 4.0) -> tuple[CTVolume, CTVolume]:
+    """A CT phantom in HU (air, a soft-tissue body, a bony ball) and the ball's label.
+
+    Default geometry: LPS axes, spacing (3, 3.5, 4) mm, a non-zero origin. `ball_centre` is in voxels.
+    """
+    if affine is None:
+        affine = np.diag([3.0, 3.5, 4.0, 1.0])
+        affine[:3, 3] = (-60.0, -40.0, 100.0)
+    i, j, k = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
+    centre = (np.array(shape) - 1) / 2
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((i - centre[0]) / (0.45 * shape[0])) ** 2 + ((j - centre[1]) / (0.45 * shape[1])) ** 2 < 1
+    hu[body] = 40.0
+    ball = (i - ball_centre[0]) ** 2 + (j - ball_centre[1]) ** 2 + (k - ball_centre[2]) ** 2 <= ball_radius ** 2
+    hu[ball] = 1000.0
+    return CTVolume(hu, affine.copy(), "phantom"), CTVolume(ball.astype(np.uint8), affine.copy(), "phantom label")
+
+
+@pytest.fixture
+def phantom() -> tuple[CTVolume, CTVolume]:
+    return make_phantom()
+
+
+@pytest.fixture(scope="session")
+def make_ct():
+    """The phantom factory, for tests that need other shapes or geometries."""
+    return make_phantom
