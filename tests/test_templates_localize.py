@@ -190,3 +190,19 @@ def test_localisation_validator_scores_wall_distance(model, tmp_path):
     validator = LocalisationValidator([paths[0][0]], [paths[0][1]], [paths[2][0]], [paths[2][1]], NAMES)
     error = validator(model)
     assert 0.0 < error <= LocalisationValidator.MISSED_MM
+
+
+def test_refinement_finds_a_point_from_its_own_features(model):
+    from medlsam.encoding import KERNEL_SIZES, encode_patches, refine_points
+    from medlsam.grid import to_localisation_grid
+
+    grid = to_localisation_grid(phantom()[0])
+    centre = np.array(grid.shape) // 2
+    patch = encode_patches(model, grid, [centre])[0]
+    target = centre + np.array([2, -1, 1])
+    kernels = [patch.kernel(target, s)[None] for s in range(len(KERNEL_SIZES))]
+    found, score = refine_points(patch, (target + np.array([-2, 2, 0]))[None], kernels, radius=4)
+    assert np.array_equal(found[0], target)
+    # mean cosine of unit features with themselves: 1 at full resolution, a little less at the coarse scales,
+    # whose maps are interpolated between cell centres (dividing by channels as well would give ~0.1)
+    assert 0.8 < score[0] <= 1.0 + 1e-5

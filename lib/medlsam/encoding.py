@@ -105,7 +105,7 @@ def _similarity_at(patch: PatchFeatures, points: np.ndarray, kernel: torch.Tenso
     windows = torch.stack([patch.window(p, scale, reach + half) for p in points])  # (P, C, W, W, W)
     count = len(points)
     similarity = F.conv3d(windows.reshape(1, -1, *windows.shape[2:]), kernel, groups=count)[0]
-    similarity = similarity / kernel[0].numel()  # (P, O, O, O)
+    similarity = similarity / kernel[0, 0].numel()  # (P, O, O, O): mean cosine over the kernel voxels
     first_cell = torch.from_numpy(np.stack([patch.cell_of(p, scale) for p in points]) - reach).float()
     cells = (positions - torch.from_numpy(patch.origin).float() + 0.5) / stride - 0.5
     rel = cells - first_cell[:, None, None, None, :]
