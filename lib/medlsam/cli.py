@@ -87,7 +87,11 @@ def _export(args: argparse.Namespace) -> None:
     model = load_medlam(args.checkpoint)
     if args.half:  # the fingerprint must describe the weights as they will be loaded
         model = model.half().float()
-    save_medlam(model, args.out, half=args.half, fingerprint=model_fingerprint(model))
+    import torch
+
+    source = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    provenance = {k: source[k] for k in ("epoch", "val_error_mm") if isinstance(source, dict) and k in source}
+    save_medlam(model, args.out, half=args.half, fingerprint=model_fingerprint(model), **provenance)
     print(f"{args.out}: MedLAM {model.config.to_dict()}, fingerprint {model_fingerprint(model)}")
 
 
