@@ -15,7 +15,6 @@ using the protocol's templates (the first five train cases, by case number, with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,10 +25,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from medlsam.metrics import box_iou, cranio_caudal_axis, label_box, wall_distances
+from medlsam.metrics import label_box
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ORGANS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
 
 
 @dataclass(frozen=True)
@@ -253,89 +250,32 @@ def register_and_fuse(query_image_path: str | os.PathLike, template_image_paths:
     return fused, boxes, time.perf_counter() - start
 
 
-# -- standalone run on the OpenKBP validation split -----------------------------------------------------
-
-def _openkbp_root(data: Path | None) -> Path:
-    """The openkbp folder: --data (the shared data folder or openkbp itself), $MEDLSAM_DATA or ../shared/data."""
-    root = Path(data) if data else Path(os.environ.get("MEDLSAM_DATA", REPO_ROOT.parent / "shared" / "data"))
-    return root if (root / "dataset.json").is_file() else root / "openkbp"
-
-
-def _case_number(case_id: str) -> int:
-    return int(case_id.rsplit("_", 1)[-1])
-
+# -- standalone run on the OpenKBP validation split (scored as in benchmarks/localization.py) ------------
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from localization import run_registration, summarise
+
+    from common import OpenKBP
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="data folder holding openkbp/ (default: $MEDLSAM_DATA or "
-                                                  "../shared/data beside the repository)")
+    parser.add_argument("--data", type=Path, help="openkbp folder (default: $MEDLSAM_DATA/openkbp)")
     parser.add_argument("--cases", type=int, default=3, help="the first N validation cases (0: all)")
     parser.add_argument("--threads", type=int, default=1, help="SimpleITK threads")
-    parser.add_argument("--json", type=Path, help="also write the per-case results here")
     args = parser.parse_args(argv)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    root = _openkbp_root(args.data)
-    meta = json.loads((root / "dataset.json").read_text())
-    values = {name: int(v) for v, name in meta["labels"].items()}
-    cases = sorted(meta["cases"], key=lambda c: _case_number(c["id"]))
-    templates = [c["id"] for c in cases if c["split"] == "train" and set(ORGANS) <= set(c["contoured"])][:5]
-    queries = [c for c in cases if c["split"] == "validation"][: args.cases or None]
-    params = RegistrationParams()
-    image = lambda cid: root / "images" / f"{cid}.nii.gz"  # noqa: E731
-    label = lambda cid: root / "labels" / f"{cid}.nii.gz"  # noqa: E731
-    print(f"templates: {', '.join(templates)}; threads: {args.threads}; params: {asdict(params)}", flush=True)
-
-    per_organ: dict[str, list[dict]] = {o: [] for o in ORGANS}
-    seconds, raw = [], {}
-    for case in queries:
-        stages: dict = {}
-        _, boxes, secs = register_and_fuse(image(case["id"]), [image(t) for t in templates],
-                                           [label(t) for t in templates], list(values.values()), params, stages)
-        seconds.append(secs)
-        truth = sitk.ReadImage(str(label(case["id"])))
-        truth_array = _to_file_order(truth)
-        affine = np.eye(4)
-        spacing = np.array(truth.GetSpacing())
-        affine[:3, :3] = np.array(truth.GetDirection()).reshape(3, 3) * spacing[None, :]
-        z_axis = cranio_caudal_axis(affine)
-        rows = {}
-        for organ in ORGANS:
-            true_box = label_box(truth_array == values[organ]) if organ in case["contoured"] else None
-            if true_box is None:
-                continue
-            pred = boxes[values[organ]]
-            row = {"iou": box_iou(pred, true_box) if pred is not None else 0.0, "found": pred is not None}
-            if pred is not None:
-                row.update({f"wd_{k}": v for k, v in wall_distances(pred, true_box, spacing, z_axis).items()})
-            rows[organ] = row
-            per_organ[organ].append(row)
-        raw[case["id"]] = {"organs": rows, "seconds": secs, "stages": stages}
-        stage_text = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
-        print(f"{case['id']}: mean IoU {np.mean([r['iou'] for r in rows.values()]):.3f}, "
-              f"{secs:.1f} s ({stage_text})", flush=True)
-
+    data = OpenKBP(args.data)
+    templates = data.templates(5)
+    print(f"templates: {', '.join(templates)}; threads: {args.threads}; params: {asdict(RegistrationParams())}")
+    summary = summarise(run_registration(data, data.split("validation")[: args.cases or None], templates))
     print(f"\n{'organ':<13} {'n':>2} {'miss':>4} {'IoU':>6} {'wall mm':>8} {'z mm':>6} {'inpl mm':>8}")
-    means = {k: [] for k in ("iou", "wd_mean", "wd_z", "wd_inplane")}
-    for organ, rows in per_organ.items():
-        if not rows:
-            continue
-        found = [r for r in rows if r["found"]]
-        vals = {"iou": np.mean([r["iou"] for r in rows])}
-        vals.update({k: np.mean([r[k] for r in found]) if found else float("nan")
-                     for k in ("wd_mean", "wd_z", "wd_inplane")})
-        for k, v in vals.items():
-            if np.isfinite(v):
-                means[k].append(v)
-        print(f"{organ:<13} {len(rows):>2} {len(rows) - len(found):>4} {vals['iou']:>6.3f} {vals['wd_mean']:>8.1f} "
-              f"{vals['wd_z']:>6.1f} {vals['wd_inplane']:>8.1f}")
-    print(f"{'mean (organs)':<13} {'':>2} {'':>4} {np.mean(means['iou']):>6.3f} {np.mean(means['wd_mean']):>8.1f} "
-          f"{np.mean(means['wd_z']):>6.1f} {np.mean(means['wd_inplane']):>8.1f}")
-    print(f"seconds per scan: median {np.median(seconds):.1f}, mean {np.mean(seconds):.1f} "
-          f"({len(queries)} scans, {len(templates)} templates, {args.threads} thread(s))")
-    if args.json:
-        args.json.write_text(json.dumps({"params": asdict(params), "templates": templates, "cases": raw},
-                                        indent=1, default=float))
+    for organ, o in summary["organs"].items():
+        walls = [np.mean(o[k]) if o[k] else float("nan") for k in ("wd_mean", "wd_z", "wd_inplane")]
+        print(f"{organ:<13} {o['n']:>2} {o['missed']:>4} {np.mean(o['iou']):>6.3f} {walls[0]:>8.1f} "
+              f"{walls[1]:>6.1f} {walls[2]:>8.1f}")
+    print(f"{'mean (organs)':<20} {summary['iou']:>6.3f} {summary['wd_mean']:>8.1f} {summary['wd_z']:>6.1f} "
+          f"{summary['wd_inplane']:>8.1f}\nseconds per scan: median {summary['seconds_median']:.1f}")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -44,23 +44,15 @@ def test_2d_image(tmp_path, shape):
         load_ct(tmp_path / "slice.nii.gz")
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
-def test_nan_values(tmp_path, suffix):
-    """NaNs are refused in every format (ITK alone silently reads NaN in NIfTI as 0)."""
+@pytest.mark.parametrize("value, suffix", [(np.nan, ".nii.gz"), (np.nan, ".nii"), (np.nan, ".nrrd"),
+                                           (np.inf, ".nii.gz"), (np.inf, ".nrrd")])
+def test_nan_and_infinite_values(tmp_path, value, suffix):
+    """Refused in every format (ITK alone silently reads NaN in NIfTI as 0)."""
     hu = _ct_like()
-    hu[20, 20, 15] = np.nan
-    _write(hu, tmp_path / f"nan{suffix}", spacing=(3.0, 3.0, 3.0))
-    with pytest.raises(InvalidImageError, match="NaN"):
-        load_ct(tmp_path / f"nan{suffix}")
-
-
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
-def test_infinite_values(tmp_path, suffix):
-    hu = _ct_like()
-    hu[0, 0, 0] = np.inf
-    _write(hu, tmp_path / f"inf{suffix}", spacing=(3.0, 3.0, 3.0))
-    with pytest.raises(InvalidImageError, match="infinite"):
-        load_ct(tmp_path / f"inf{suffix}")
+    hu[20, 20, 15] = value
+    _write(hu, tmp_path / f"bad{suffix}", spacing=(3.0, 3.0, 3.0))
+    with pytest.raises(InvalidImageError, match="NaN or infinite"):
+        load_ct(tmp_path / f"bad{suffix}")
 
 
 def test_tiny_volume(tmp_path):
