@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlsam.grid import LocalisationGrid, to_localisation_grid
+from medlsam.grid import to_localisation_grid
 from medlsam.volume import is_image_path, load_ct
 
 BODY_THRESHOLD = 0.125  # mapped value of -500 HU: voxels above are body (or table)
@@ -61,11 +61,6 @@ def cut_patch(array: np.ndarray | torch.Tensor, centre: np.ndarray, size: int | 
     return out
 
 
-def patch_centre(size: int) -> float:
-    """Grid position of a patch's centre voxel relative to its first voxel (cut_patch's convention)."""
-    return float(size // 2)
-
-
 def body_voxels(array: np.ndarray, max_points: int = 20000, seed: int = 0) -> np.ndarray:
     """Up to `max_points` (N, 3) indices of body voxels, for sampling patch centres."""
     points = np.argwhere(array > BODY_THRESHOLD)
@@ -74,8 +69,3 @@ def body_voxels(array: np.ndarray, max_points: int = 20000, seed: int = 0) -> np
     if len(points) > max_points:
         points = points[np.random.default_rng(seed).choice(len(points), max_points, replace=False)]
     return points
-
-
-def grid_patches(grid: LocalisationGrid, centres: np.ndarray, size: int | tuple[int, int, int]) -> torch.Tensor:
-    """(N, 1, *size) patches of the grid around (N, 3) centres."""
-    return torch.from_numpy(np.stack([cut_patch(grid.array, c, size) for c in centres]))[:, None]
