@@ -5,6 +5,10 @@ MedLAM configurations (WPL/SPL, coarse only / refined, 1-3 jumps, 1/3/5 template
 registration of the same templates. Writes benchmarks/results/localization.md and .png.
 
     python benchmarks/localization.py [--model CKPT] [--cases N] [--skip-registration]
+    python benchmarks/localization.py --registration-only   # registration rows alone, saved for later runs
+
+Registration does not depend on the MedLAM model, so its per-scan results are kept in
+results/localization_registration.json and reused by later runs over the same scans.
 """
 
 from __future__ import annotations
@@ -115,11 +119,21 @@ def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str]) ->
     return results
 
 
+REGISTRATION_CACHE = RESULTS / "localization_registration.json"
+
+
 def run_registration(data: OpenKBP, cases: list[dict], templates: list[str]) -> dict:
+    """Per-scan registration results; scans already in REGISTRATION_CACHE (same templates) are reused."""
     from registration_baseline import register_and_fuse
 
+    cache = json.loads(REGISTRATION_CACHE.read_text()) if REGISTRATION_CACHE.exists() else {}
+    if cache.get("templates") != templates:
+        cache = {"templates": templates, "cases": {}}
     results = {}
     for case in cases:
+        if case["id"] in cache["cases"]:
+            results[case["id"]] = cache["cases"][case["id"]]
+            continue
         volume = load_ct(data.image(case["id"]))
         label = read_volume(data.label(case["id"]))
         _, fused_boxes, seconds = register_and_fuse(
@@ -128,7 +142,9 @@ def run_registration(data: OpenKBP, cases: list[dict], templates: list[str]) -> 
         boxes = {data.names[v]: b for v, b in fused_boxes.items()}
         rows = score_boxes(boxes, {}, label, case["contoured"], data.values, cranio_caudal_axis(volume.affine),
                            volume.spacing)
-        results[case["id"]] = {"organs": rows, "seconds": seconds}
+        results[case["id"]] = cache["cases"][case["id"]] = {"organs": rows, "seconds": seconds}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        REGISTRATION_CACHE.write_text(json.dumps(cache, indent=1, default=float))
         print(f"registration {case['id']}: mean IoU {np.mean([r['iou'] for r in rows.values()]):.3f} "
               f"in {seconds:.1f} s", flush=True)
     return results
@@ -221,11 +237,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="openkbp folder (default: $MEDLSAM_DATA/openkbp)")
     parser.add_argument("--cases", type=int, default=0, help="only the first N validation cases")
     parser.add_argument("--skip-registration", action="store_true")
+    parser.add_argument("--registration-only", action="store_true", help="run (and cache) registration only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     data = OpenKBP(args.data)
+    if args.registration_only:
+        run_registration(data, data.split("validation")[: args.cases or None], data.templates(5))
+        return
     model_path = args.model or default_medlam_path()
     model = load_medlam(model_path)
     cases = data.split("validation")[: args.cases or None]
