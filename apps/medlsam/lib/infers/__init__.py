@@ -1,0 +1,5 @@
+from .medlam import MedLAMInfer
+from .medlsam import MedLSAMInfer
+from .sam import SAM2DInfer, SAM3DInfer
+
+__all__ = ["MedLAMInfer", "MedLSAMInfer", "SAM2DInfer", "SAM3DInfer"]

@@ -1,0 +1,55 @@
+"""Infer task `medlam`: localisation only. The organ boxes in the result JSON and a label volume of boxes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.common import DynamicLabels, MedLSAMInferTask, organs_option
+
+
+def localise(store, request: dict, volume):
+    """(Localizer, bank, bank info, timings) for the request; unknown organs are refused."""
+    from medlsam.localize import Localizer, LocalizeOptions
+
+    mode = request.get("mode") or store.mode
+    if mode not in ("wpl", "spl"):
+        raise HTTPException(status_code=400, detail=f"mode must be wpl or spl, not {mode!r}")
+    tic = time.perf_counter()
+    model, _, _ = store.medlam()
+    bank, info = store.bank()
+    bank.select(organs_option(request))  # unknown organ -> TemplateError naming the bank's organs
+    timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
+    return Localizer(model, bank, LocalizeOptions(mode=mode)), bank, info, timings
+
+
+class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
+    def __init__(self, store):
+        super().__init__(store, InferType.SEGMENTATION, None, 3,
+                         "MedLAM localisation only: one box per organ of the template bank (a quick check of the "
+                         "templates)", config={"mode": ["wpl", "spl"], "organs": ""})
+
+    def run(self, request: dict, entry: dict):
+        volume = entry["volume"]
+        localizer, bank, info, timings = localise(self.store, request, volume)
+        organs = organs_option(request)
+        located = localizer.localize(volume, organs)
+        label = np.zeros(volume.shape, dtype=np.int32)
+        found = {n: loc for n, loc in located["organs"].items() if loc.found}
+        # paint large boxes first so that small organs stay visible
+        for name, loc in sorted(found.items(), key=lambda kv: -np.prod(np.subtract(kv[1].box_voxel[1],
+                                                                                    kv[1].box_voxel[0]) + 1)):
+            (i0, j0, k0), (i1, j1, k1) = loc.box_voxel
+            label[i0:i1 + 1, j0:j1 + 1, k0:k1 + 1] = loc.value
+        medlam_model, medlam_path, fingerprint = self.store.medlam()
+        return label, {
+            "label_names": self.labels,
+            "boxes": {n: loc.to_json() for n, loc in located["organs"].items()},
+            "not_found": [n for n, loc in located["organs"].items() if not loc.found],
+            "timings_s": {**timings, **located["timings_s"]},
+            "templates": info.get("templates", []),
+            "medlam": {"path": str(medlam_path), "fingerprint": fingerprint},
+        }

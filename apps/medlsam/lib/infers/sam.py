@@ -1,0 +1,71 @@
+"""Interactive SAM: `sam` (2D, the clicked slice) and `sam_3d` (carried to the neighbouring slices).
+
+Prompts follow MONAI Label: voxel indices of the stored file, ``foreground`` / ``background`` clicks
+``[[i, j, k], ...]`` and Slicer's ``roi`` ``[i0, i1, j0, j1, k0, k1]``. The 2D task segments slices along the
+last file axis (Slicer replaces slice k = the clicks' third index); the 3D task propagates along the
+file axis closest to the cranio-caudal axis. Slice embeddings are cached per image: a second click on
+an encoded slice costs only SAM's decoder.
+"""
+
+from __future__ import annotations
+
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.common import MedLSAMInferTask
+
+SLICER_SLICE_AXIS = 2
+
+
+def _prompts(request: dict, shape):
+    from medlsam.interactive import parse_prompts
+
+    return parse_prompts(shape, request.get("foreground"), request.get("background"), request.get("roi"))
+
+
+def _label_name(request: dict) -> str:
+    label = request.get("label")
+    return label if isinstance(label, str) and label else "sam"
+
+
+class SAM2DInfer(MedLSAMInferTask):
+    def __init__(self, store):
+        super().__init__(store, InferType.DEEPGROW, [], 2,
+                         "SAM on the current slice: foreground/background clicks and/or a roi box", config={})
+
+    def run(self, request: dict, entry: dict):
+        from medlsam.interactive import segment_slice, slice_mask_to_volume
+
+        volume = entry["volume"]
+        prompts = _prompts(request, volume.shape)
+        embeddings = self.store.embeddings(entry, axis=SLICER_SLICE_AXIS)
+        calls = embeddings.encoder_calls
+        out = segment_slice(embeddings, prompts)
+        label = slice_mask_to_volume(out["mask"], volume.shape, out["axis"], out["slice"])
+        return label, {"label_names": {_label_name(request): 1}, "slice": out["slice"], "axis": out["axis"],
+                       "predicted_iou": round(out["iou"], 4), "voxels": int(out["mask"].sum()),
+                       "encoder_calls": embeddings.encoder_calls - calls}
+
+
+class SAM3DInfer(MedLSAMInferTask):
+    def __init__(self, store):
+        super().__init__(store, InferType.DEEPGROW, [], 3,
+                         "SAM in 3D: prompts on one slice, then the mask is carried slice by slice both ways",
+                         config={"max_slices": 0, "min_iou": 0.5})
+
+    def run(self, request: dict, entry: dict):
+        from medlsam.interactive import PropagationOptions, segment_volume
+
+        volume = entry["volume"]
+        prompts = _prompts(request, volume.shape)
+        embeddings = self.store.embeddings(entry)
+        calls = embeddings.encoder_calls
+        try:
+            options = PropagationOptions(max_slices=int(request.get("max_slices", 0) or 0),
+                                         min_iou=float(request.get("min_iou", 0.5)))
+        except (TypeError, ValueError) as exc:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=400, detail=f"bad max_slices/min_iou: {exc}") from None
+        result = segment_volume(embeddings, prompts, options)
+        return result.mask, {"label_names": {_label_name(request): 1}, **result.to_json(),
+                             "encoder_calls": embeddings.encoder_calls - calls}

@@ -1,0 +1,3 @@
+from .medlam import MedLAMTrainer
+
+__all__ = ["MedLAMTrainer"]

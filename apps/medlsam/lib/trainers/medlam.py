@@ -1,0 +1,120 @@
+"""Trainer `medlam`: self-supervised MedLAM training (RDR + MSS) on every datastore image, labelled or not.
+
+Runs in MONAI Label's training subprocess (POST /train/medlam). By default it continues from the model in
+use and publishes model/medlam.pt (atomically) only when the validation error beats that model's; the
+running server then loads it and rebuilds the template bank on the next inference, without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monailabel.interfaces.tasks.train import TrainTask
+
+from medlsam.errors import MedLSAMError
+
+logger = logging.getLogger(__name__)
+
+
+class MedLAMTrainer(TrainTask):
+    def __init__(self, store):
+        super().__init__("Self-supervised MedLAM training (relative distance + multi-scale similarity) on all "
+                         "datastore images; publishes model/medlam.pt when the validation error improves")
+        self.store = store
+        self._config = {
+            "epochs": 4,
+            "iterations_per_epoch": 50,
+            "batch_size": 3,
+            "learning_rate": 1e-4,
+            "device": ["cpu"],
+            "init": ["current", "scratch"],
+            "publish": ["if_better", "always"],
+            "validation_pairs": 8,
+            "max_images": 0,
+            "threads": 0,
+            "base_channels": 6,
+        }
+
+    def config(self):
+        return self._config
+
+    @property
+    def stats_path(self) -> Path:
+        return self.store.model_dir / "train_stats.json"
+
+    def stats(self):
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _option(self, request: dict, key: str, cast):
+        value = request.get(key, self._config[key])
+        if isinstance(value, list):  # a "choose one" option left at its list default
+            value = value[0]
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            raise MedLSAMError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
+
+    def __call__(self, request, datastore):
+        from medlsam.network import MedLAMConfig, load_medlam
+        from medlsam.patches import cached_grid_array
+        from medlsam.training import Trainer, TrainOptions
+
+        opt = lambda key, cast: self._option(request, key, cast)  # noqa: E731
+        threads = opt("threads", int)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        init, publish = opt("init", str), opt("publish", str)
+        if init not in ("current", "scratch") or publish not in ("if_better", "always"):
+            raise MedLSAMError(f"init must be current|scratch and publish if_better|always, got {init}, {publish}")
+        cache = Path(tempfile.gettempdir()) / "medlsam-app-grid-cache"
+        images = []
+        for image_id in sorted(datastore.list_images()):
+            path = Path(datastore.get_image_uri(image_id))
+            try:
+                cached_grid_array(path, cache)  # checks it is a usable CT (and caches its 3 mm grid)
+                images.append(path)
+            except MedLSAMError as exc:
+                logger.warning(f"training skips {image_id}: {exc}")
+        max_images = opt("max_images", int)
+        if max_images > 0:
+            images = images[:max_images]
+        if not images:
+            raise MedLSAMError("no usable CT image in the datastore to train on")
+        options = TrainOptions(epochs=opt("epochs", int), iterations_per_epoch=opt("iterations_per_epoch", int),
+                               batch_size=opt("batch_size", int), learning_rate=opt("learning_rate", float),
+                               device=opt("device", str), validation_pairs=opt("validation_pairs", int))
+        current = None
+        if init == "current":
+            current = load_medlam(self.store.medlam_path())
+            config = current.config
+        else:
+            config = MedLAMConfig(base_channels=opt("base_channels", int))
+        out = self.store.published_medlam
+        tic = time.time()
+        # all scans train; validation uses fixed patch pairs of the same scans (self-supervised: no labels)
+        trainer = Trainer(images, out, config, options, cache_dir=cache, stats_path=self.stats_path)
+        if current is not None:
+            trainer.model.load_state_dict(current.state_dict())
+        baseline = None
+        if publish == "if_better" and current is not None:
+            baseline = trainer.validate()
+            trainer.best_metric = baseline
+            logger.info(f"current model's validation error {baseline:.2f} mm: publishing only below it")
+        logger.info(f"MedLAM training on {len(images)} images: {options}")
+        result = trainer.run()
+        published = out.is_file() and out.stat().st_mtime >= tic
+        summary = {"images": len(images), "epochs": result["epoch"], "total_time": round(time.time() - tic, 1),
+                   "best_metric": None if math.isinf(result["best_metric"]) else round(result["best_metric"], 3),
+                   "baseline_metric": None if baseline is None else round(baseline, 3),
+                   "published": str(out) if published else None}
+        logger.info(f"MedLAM training finished: {summary}")
+        return summary

@@ -1,0 +1,293 @@
+"""Interactive SAM segmentation from clicks and boxes, independent of MONAI Label.
+
+Prompts are voxel indices in the file's own array order (i, j, k), the convention of MONAI Label's
+clients: ``foreground`` / ``background`` clicks ``[[i, j, k], ...]`` and Slicer's ``roi``
+``[i0, i1, j0, j1, k0, k1]`` (inclusive corners, in either order). A slice along ``axis`` is
+``np.take(volume, k, axis)`` (see ``medlsam.sam.slices``): its rows are the first remaining file axis and
+its columns the second, so a voxel maps to SAM's pixel x = column index, y = row index.
+
+* ``segment_slice``: the clicks and box on one slice -> that slice's mask (one decoder call on the
+  slice's cached embedding, so a second click on the same slice costs only the decoder).
+* ``segment_volume``: the same prompts on a seed slice, then the mask is carried slice by slice in both
+  directions, each slice prompted with the box of its neighbour's mask and a foreground point at the
+  neighbour mask's most interior pixel (plus any user clicks lying on that slice), until the object
+  ends: an empty mask, a predicted IoU below ``min_iou``, an area collapse or blow-up against the
+  neighbour, too little overlap with the neighbour, the roi's extent along the axis, or ``max_slices``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from medlsam.errors import MedLSAMError
+
+
+class PromptError(MedLSAMError):
+    """Clicks or a box that cannot be used: outside the image, zero-size box, no prompt at all."""
+
+
+@dataclass
+class Prompts:
+    """Validated prompts in file voxel indices."""
+
+    foreground: np.ndarray  # (N, 3) int
+    background: np.ndarray  # (M, 3) int
+    roi: np.ndarray | None = None  # (3, 2) inclusive low/high index per file axis
+
+    @property
+    def points(self) -> np.ndarray:
+        return np.concatenate([self.foreground, self.background]).reshape(-1, 3)
+
+
+def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    if value is None or (hasattr(value, "__len__") and len(value) == 0):
+        return np.zeros((0, 3), dtype=int)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PromptError(f"{name} must be a list of [i, j, k] voxel indices, got {value!r}") from None
+    if arr.ndim == 1 and arr.shape == (3,):
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 3 or not np.isfinite(arr).all():
+        raise PromptError(f"{name} must be a list of [i, j, k] voxel indices, got {value!r}")
+    idx = np.rint(arr).astype(int)
+    outside = (idx < 0) | (idx >= np.array(shape))
+    if outside.any():
+        bad = idx[outside.any(axis=1)].tolist()
+        raise PromptError(f"{name} click(s) {bad} outside the image (voxel indices must lie in "
+                          f"[0, {shape[0] - 1}] x [0, {shape[1] - 1}] x [0, {shape[2] - 1}])")
+    return idx
+
+
+def parse_prompts(shape: tuple[int, int, int], foreground=None, background=None, roi=None) -> Prompts:
+    """Check clicks and Slicer's roi against the image shape; raise PromptError with a clear message."""
+    fg, bg = _points(foreground, "foreground", shape), _points(background, "background", shape)
+    box = None
+    if roi is not None and len(roi) > 0:
+        try:
+            r = np.asarray(roi, dtype=np.float64).reshape(3, 2)
+        except (TypeError, ValueError):
+            raise PromptError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
+        if not np.isfinite(r).all():
+            raise PromptError(f"roi must be finite, got {roi!r}")
+        r = np.sort(np.rint(r).astype(int), axis=1)
+        lo, hi = np.maximum(r[:, 0], 0), np.minimum(r[:, 1], np.array(shape) - 1)
+        if np.any(hi < lo):
+            raise PromptError(f"roi {list(map(int, r.ravel()))} lies outside the image of shape {list(shape)}")
+        box = np.stack([lo, hi], axis=1)
+    if len(fg) == 0 and box is None:
+        raise PromptError("no prompt: give at least one foreground click or a roi box")
+    return Prompts(fg, bg, box)
+
+
+def _in_plane(axis: int) -> tuple[int, int]:
+    """The file axes of a slice's rows and columns."""
+    rows, cols = (a for a in range(3) if a != axis)
+    return rows, cols
+
+
+def _slice_prompt(prompts: Prompts, axis: int, k: int, roi_box: bool = True):
+    """SAM points (P, 2) x, y with labels (P,) and box (4,) or None for the prompts lying on slice k."""
+    rows, cols = _in_plane(axis)
+    pts, labels = [], []
+    for arr, lab in ((prompts.foreground, 1), (prompts.background, 0)):
+        for p in arr[arr[:, axis] == k]:
+            pts.append((p[cols], p[rows]))
+            labels.append(lab)
+    box = None
+    if roi_box and prompts.roi is not None and prompts.roi[axis, 0] <= k <= prompts.roi[axis, 1]:
+        r = prompts.roi
+        box = np.array([r[cols, 0], r[rows, 0], r[cols, 1], r[rows, 1]], dtype=np.float64)
+    return np.array(pts, dtype=np.float64).reshape(-1, 2), np.array(labels, dtype=np.int64), box
+
+
+def _check_roi_size(prompts: Prompts, axis: int) -> None:
+    if prompts.roi is None:
+        return
+    rows, cols = _in_plane(axis)
+    if prompts.roi[rows, 1] <= prompts.roi[rows, 0] or prompts.roi[cols, 1] <= prompts.roi[cols, 0]:
+        raise PromptError(f"roi {prompts.roi.ravel().tolist()} has zero size in the slice plane: draw a box "
+                          "spanning at least two voxels along each in-plane axis")
+
+
+def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
+            threshold: float) -> tuple[np.ndarray, float]:
+    seg = embeddings.segmenter
+    kwargs = {}
+    if len(points):
+        kwargs.update(points=points[None], point_labels=labels[None])
+    if box is not None:
+        kwargs["boxes"] = box[None]
+    if not kwargs:
+        raise PromptError(f"no prompt on slice {k}")
+    # a lone click is ambiguous (part / whole / surroundings): keep SAM's best of three masks
+    multimask = box is None and len(points) == 1
+    probs, iou = seg.decode(embeddings.get(k), multimask=multimask, **kwargs)
+    return probs[0] > threshold, float(iou[0])
+
+
+def segment_slice(embeddings, prompts: Prompts, k: int | None = None, threshold: float = 0.5) -> dict:
+    """Mask of one slice from the prompts on it. ``k`` defaults to the slice of the last foreground click
+    (else the roi's middle). Returns {"slice", "mask" (H, W) bool, "iou", "axis"}."""
+    axis = embeddings.axis
+    if k is None:
+        k = _seed_slice(prompts, axis)
+    _check_roi_size(prompts, axis)
+    points, labels, box = _slice_prompt(prompts, axis, int(k))
+    if not (labels == 1).any() and box is None:
+        raise PromptError(f"no foreground click or roi on slice {k} (axis {axis}): clicks on other slices are "
+                          "ignored by 2D segmentation")
+    mask, iou = _decode(embeddings, int(k), points, labels, box, threshold)
+    if box is not None:
+        mask = _clip_to_box(mask, box)
+    return {"slice": int(k), "axis": axis, "mask": mask, "iou": iou}
+
+
+def _seed_slice(prompts: Prompts, axis: int) -> int:
+    if len(prompts.foreground):
+        return int(prompts.foreground[-1, axis])
+    return int(round((prompts.roi[axis, 0] + prompts.roi[axis, 1]) / 2))
+
+
+def _clip_to_box(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    out = np.zeros_like(mask)
+    out[y0:y1 + 1, x0:x1 + 1] = mask[y0:y1 + 1, x0:x1 + 1]
+    return out
+
+
+def _interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the mask pixel farthest from its border: inside even for concave shapes."""
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(dist)), mask.shape)
+    return float(c), float(r)
+
+
+def _mask_box(mask: np.ndarray, margin: float) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    h, w = mask.shape
+    return np.array([max(0.0, cols.min() - margin), max(0.0, rows.min() - margin),
+                     min(w - 1.0, cols.max() + margin), min(h - 1.0, rows.max() + margin)])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+@dataclass
+class PropagationOptions:
+    threshold: float = 0.5  # mask probability threshold
+    min_iou: float = 0.5  # stop when SAM's predicted IoU drops below this
+    min_area_ratio: float = 0.2  # stop when the mask shrinks below this fraction of its neighbour's
+    max_area_ratio: float = 3.0  # ... or grows beyond this multiple (leak into a neighbour structure)
+    min_overlap: float = 0.1  # stop when IoU with the neighbour's mask falls below this
+    box_margin: float = 2.0  # pixels added around the neighbour's mask box
+    max_slices: int = 0  # per direction, 0 = no limit
+    prefetch: int = 1  # slices encoded per encoder call during propagation
+
+
+@dataclass
+class VolumeResult:
+    mask: np.ndarray  # bool, file array order
+    axis: int
+    seed: int
+    slices: list[int] = field(default_factory=list)  # slices holding mask, ascending
+    stop_reasons: dict[str, str] = field(default_factory=dict)  # per direction: why propagation ended
+    ious: dict[int, float] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"axis": self.axis, "seed_slice": self.seed,
+                "slices": [min(self.slices), max(self.slices)] if self.slices else [],
+                "voxels": int(self.mask.sum()), "stop": self.stop_reasons,
+                "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
+
+
+def segment_volume(embeddings, prompts: Prompts, options: PropagationOptions | None = None) -> VolumeResult:
+    """3D mask from prompts on a seed slice, carried to the neighbouring slices in both directions."""
+    opts = options or PropagationOptions()
+    tic = time.perf_counter()
+    axis, n = embeddings.axis, embeddings.num_slices
+    _check_roi_size(prompts, axis)
+    seed = _seed_slice(prompts, axis)
+    first = segment_slice(embeddings, prompts, seed, opts.threshold)
+    out = np.zeros(embeddings.volume.shape, dtype=bool)
+    index = [slice(None)] * 3
+
+    def put(k: int, mask: np.ndarray) -> None:
+        index[axis] = k
+        out[tuple(index)] = mask
+
+    result = VolumeResult(out, axis, seed)
+    seed_mask = first["mask"]
+    result.timings_s["seed"] = time.perf_counter() - tic
+    if not seed_mask.any():
+        result.stop_reasons = {"seed": "empty mask on the seed slice"}
+        result.timings_s["total"] = time.perf_counter() - tic
+        return result
+    put(seed, seed_mask)
+    result.ious[seed] = first["iou"]
+    lo_limit, hi_limit = 0, n - 1
+    if prompts.roi is not None and prompts.roi[axis, 1] > prompts.roi[axis, 0]:
+        lo_limit, hi_limit = int(prompts.roi[axis, 0]), int(prompts.roi[axis, 1])
+    roi_box = _slice_prompt(prompts, axis, seed)[2] if prompts.roi is not None else None
+    for step, name in ((1, "up"), (-1, "down")):
+        prev, k, reason, done = seed_mask, seed + step, "", 0
+        while True:
+            if k < lo_limit or k > hi_limit:
+                reason = "end of image" if k < 0 or k >= n else "end of roi"
+                break
+            if opts.max_slices and done >= opts.max_slices:
+                reason = f"max_slices {opts.max_slices}"
+                break
+            if opts.prefetch > 1:
+                ahead = [j for j in range(k, k + step * opts.prefetch, step) if lo_limit <= j <= hi_limit]
+                embeddings.prefetch(ahead, batch=len(ahead))
+            points, labels, _ = _slice_prompt(prompts, axis, k, roi_box=False)
+            x, y = _interior_point(prev)
+            points = np.concatenate([[[x, y]], points]) if len(points) else np.array([[x, y]])
+            labels = np.concatenate([[1], labels]).astype(np.int64)
+            box = _mask_box(prev, opts.box_margin)
+            mask, iou = _decode(embeddings, k, points, labels, box, opts.threshold)
+            if roi_box is not None:
+                mask = _clip_to_box(mask, roi_box)
+            mask = _largest_component(mask) if mask.any() else mask
+            area, prev_area = int(mask.sum()), int(prev.sum())
+            overlap = (mask & prev).sum() / max(1, (mask | prev).sum())
+            user_fg = bool((labels[1:] == 1).any())  # the user asked for this slice: keep going
+            if area == 0:
+                reason = "empty mask"
+            elif not user_fg and iou < opts.min_iou:
+                reason = f"predicted IoU {iou:.2f} < {opts.min_iou}"
+            elif not user_fg and area < opts.min_area_ratio * prev_area:
+                reason = f"area collapsed ({area} < {opts.min_area_ratio} x {prev_area} px)"
+            elif not user_fg and area > opts.max_area_ratio * prev_area:
+                reason = f"area blew up ({area} > {opts.max_area_ratio} x {prev_area} px)"
+            elif not user_fg and overlap < opts.min_overlap:
+                reason = f"overlap with the neighbour slice {overlap:.2f} < {opts.min_overlap}"
+            if reason:
+                break
+            put(k, mask)
+            result.ious[k] = iou
+            prev, k, done = mask, k + step, done + 1
+        result.stop_reasons[name] = reason
+    result.slices = sorted(result.ious)
+    result.timings_s["total"] = time.perf_counter() - tic
+    return result
+
+
+def slice_mask_to_volume(mask: np.ndarray, shape: tuple[int, int, int], axis: int, k: int) -> np.ndarray:
+    """A slice mask placed in an empty volume of ``shape`` (file order)."""
+    out = np.zeros(shape, dtype=bool)
+    index = [slice(None)] * 3
+    index[axis] = k
+    out[tuple(index)] = mask
+    return out
