@@ -81,7 +81,9 @@ def start_server(app: Path, studies: Path, port: int, conf: dict, log: Path) -> 
     for key, value in conf.items():
         cmd += ["--conf", key, str(value)]
     handle = open(log, "w")
-    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MONAILABEL_PYEXE": sys.executable}
+    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> dict:
