@@ -6,6 +6,7 @@ rather than once per point. The patch centre lies within `reach` voxels of every
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,14 +36,25 @@ def cluster_points(points: np.ndarray, reach: int) -> list[tuple[np.ndarray, np.
     return clusters
 
 
+def precision(model: MedLAM, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the model's device when asked (inference only), else nothing."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def encode_latents(model: MedLAM, grid: LocalisationGrid, centres: np.ndarray, batch: int = 8) -> np.ndarray:
+def encode_latents(model: MedLAM, grid: LocalisationGrid, centres: np.ndarray, batch: int = 8,
+                   bf16: bool = False) -> np.ndarray:
     """(N, 3) latent points of the patches centred at (N, 3) integer grid positions."""
     size = model.config.patch_size
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(centres), batch):
         patches = np.stack([cut_patch(grid.array, c, size) for c in centres[start:start + batch]])
-        out.append(model.latent(torch.from_numpy(patches)[:, None]).float().numpy())
+        with precision(model, bf16):
+            bottom = model.bottleneck(torch.from_numpy(patches)[:, None].to(device))
+        # the latent head stays in float32: bf16's 8-bit mantissa would move jumps of ~1 m by several mm
+        out.append(model.latent_head(bottom.float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 3), np.float32)
 
 
@@ -78,17 +90,20 @@ class PatchFeatures:
 
 
 @torch.no_grad()
-def encode_patches(model: MedLAM, grid: LocalisationGrid, centres: list[np.ndarray],
-                   batch: int = 4) -> list[PatchFeatures]:
-    """Run the full network on patches centred at the given grid positions, `batch` at a time."""
+def encode_patches(model: MedLAM, grid: LocalisationGrid, centres: list[np.ndarray], batch: int = 4,
+                   scales: int = 3, bf16: bool = False) -> list[PatchFeatures]:
+    """Feature maps (the first `scales` of 1/4, 1/2, full) of patches centred at the given grid positions."""
     size = np.array(model.config.patch_size)
+    device = next(model.parameters()).device
     results = []
     for start in range(0, len(centres), batch):
         chunk = centres[start:start + batch]
         patches = torch.from_numpy(np.stack([cut_patch(grid.array, c, size) for c in chunk]))[:, None]
-        features = model(patches)["features"]
+        with precision(model, bf16):
+            features = model.features(patches.to(device), scales)
         for i, centre in enumerate(chunk):
-            results.append(PatchFeatures(origin=np.asarray(centre) - size // 2, maps=[f[i].float() for f in features]))
+            results.append(PatchFeatures(origin=np.asarray(centre) - size // 2,
+                                         maps=[f[i].float().cpu() for f in features]))
     return results
 
 
@@ -126,7 +141,8 @@ def refine_points(patch: PatchFeatures, points: np.ndarray, kernels: list[torch.
     """Move (P, 3) grid points to the best match of their template kernels (per scale (P, C, k, k, k)).
 
     Coarse to fine: the 1/4 and 1/2 scales are summed over a cube of `radius` voxels; the full-resolution
-    scale is added within `fine_radius` of that optimum. Returns the new points and their mean similarity.
+    scale, when given, is added within `fine_radius` of that optimum. Returns the new points and their mean
+    similarity over the scales used.
     """
     points = np.round(np.asarray(points)).astype(int)
     rows = torch.arange(len(points))
@@ -135,10 +151,12 @@ def refine_points(patch: PatchFeatures, points: np.ndarray, kernels: list[torch.
         flat = total.reshape(len(points), -1).argmax(dim=1)
         return positions.reshape(len(points), -1, 3)[rows, flat].round().int().numpy(), total.reshape(len(points), -1)[rows, flat]
 
+    coarse_scales = min(2, len(kernels))
     positions = _cube(points, radius)
-    coarse = sum(_similarity_at(patch, points, kernels[s], s, positions) for s in range(len(kernels) - 1))
-    middle, _ = best(positions, coarse)
-    positions = _cube(middle, fine_radius)
-    total = sum(_similarity_at(patch, middle, kernels[s], s, positions) for s in range(len(kernels)))
-    final, score = best(positions, total)
-    return final, score.numpy() / len(kernels)
+    total = sum(_similarity_at(patch, points, kernels[s], s, positions) for s in range(coarse_scales))
+    found, score = best(positions, total)
+    if len(kernels) > coarse_scales:
+        positions = _cube(found, fine_radius)
+        total = sum(_similarity_at(patch, found, kernels[s], s, positions) for s in range(len(kernels)))
+        found, score = best(positions, total)
+    return found, score.numpy() / len(kernels)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches, refine_points
+from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
 from medlsam.grid import GRID_SPACING_MM, LocalisationGrid, to_localisation_grid
 from medlsam.losses import DISTANCE_RATIO_MM
 from medlsam.network import MedLAM
@@ -29,6 +29,10 @@ class LocalizeOptions:
     refine: bool = True  # multi-scale similarity refinement
     jumps: int = 2  # coarse latent jumps (1 = the reference's single jump)
     search_radius: int = 8  # refinement search, voxels of the 3 mm grid
+    scales: int = 3  # feature scales used by refinement (1/4, 1/2, full): 2 skips the full-resolution decoder
+    bf16: bool = False  # bfloat16 autocast for the network
+    start_patches: int = START_PATCHES  # patches around the body centre that start the coarse jump
+    jump_reach: int = 8  # re-jumps share one patch among targets within this many voxels
     min_score: float = 0.2  # mean similarity below which an organ is reported not found
     margin_mm: float = 0.0  # box extension on every side
 
@@ -57,14 +61,14 @@ class OrganLocation:
         return out
 
 
-def _body_start_points(grid: LocalisationGrid, rng: np.random.Generator) -> np.ndarray:
-    """START_PATCHES grid points spread around the centre of the body."""
+def _body_start_points(grid: LocalisationGrid, rng: np.random.Generator, count: int = START_PATCHES) -> np.ndarray:
+    """`count` grid points spread around the centre of the body."""
     body = np.argwhere(grid.array > BODY_THRESHOLD)
     if len(body) == 0:
         body = np.argwhere(np.ones(grid.shape, dtype=bool))
     centre = (body.min(axis=0) + body.max(axis=0)) / 2
     spread = np.minimum((body.max(axis=0) - body.min(axis=0)) / 6, 8)
-    offsets = rng.uniform(-1, 1, size=(START_PATCHES, 3)) * spread
+    offsets = rng.uniform(-1, 1, size=(count, 3)) * spread
     return np.round(centre + offsets).astype(int)
 
 
@@ -101,27 +105,28 @@ class Localizer:
         offsets = np.array([chosen[n].offset[i].numpy() for n, i in keys])
 
         tic = time.perf_counter()
-        starts = _body_start_points(grid, np.random.default_rng(0))
-        points = _jump(latents, starts, encode_latents(self.model, grid, starts))
-        for _ in range(self.options.jumps - 1):  # re-encode near the targets and jump again
-            clusters = cluster_points(np.round(points).astype(int), reach=8)
+        opts = self.options
+        starts = _body_start_points(grid, np.random.default_rng(0), opts.start_patches)
+        points = _jump(latents, starts, encode_latents(self.model, grid, starts, bf16=opts.bf16))
+        for _ in range(opts.jumps - 1):  # re-encode near the targets and jump again
+            clusters = cluster_points(np.round(points).astype(int), reach=opts.jump_reach)
             centres = np.array([c for c, _ in clusters])
-            cluster_latents = encode_latents(self.model, grid, centres)
+            cluster_latents = encode_latents(self.model, grid, centres, bf16=opts.bf16)
             for (centre, members), latent in zip(clusters, cluster_latents):
                 points[members] = _jump(latents[members], centre[None], latent[None])
         timings["coarse"] = time.perf_counter() - tic
 
         scores = np.ones(len(keys))
         tic = time.perf_counter()
-        if self.options.refine:
+        if opts.refine:
             rounded = np.round(points).astype(int)
             clusters = cluster_points(rounded, reach=16)
-            patches = encode_patches(self.model, grid, [c for c, _ in clusters])
+            patches = encode_patches(self.model, grid, [c for c, _ in clusters], scales=opts.scales, bf16=opts.bf16)
             for patch, (_, members) in zip(patches, clusters):
                 kernels = [torch.stack([chosen[keys[m][0]].kernels[s][keys[m][1]] for m in members])
-                           for s in range(len(KERNEL_SIZES))]
+                           for s in range(opts.scales)]
                 points[members], scores[members] = refine_points(patch, rounded[members], kernels,
-                                                                 self.options.search_radius)
+                                                                 opts.search_radius)
         timings["refine"] = time.perf_counter() - tic
         points = points + offsets
 

@@ -109,25 +109,40 @@ class MedLAM(nn.Module):
         bottom = self.drop(self.conv4_2(self.conv4_1(F.max_pool3d(conv3, 2))))
         return [conv0, conv1, conv2, conv3, bottom]
 
-    def _latent_from_bottom(self, bottom: torch.Tensor) -> torch.Tensor:
+    def latent_head(self, bottom: torch.Tensor) -> torch.Tensor:
+        """(B, 16b, d, h, w) bottleneck features -> (B, 3) latent points."""
         return self.fc3(self.fc2(self.fc1(bottom.flatten(1))))
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) patches -> the encoder's deepest features."""
+        return self._encode(x)[-1]
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) patches -> (B, 3) latent points, without running the decoder."""
-        return self._latent_from_bottom(self._encode(x)[-1])
+        return self.latent_head(self.bottleneck(x))
+
+    def _decode(self, skips: list[torch.Tensor], scales: int) -> list[torch.Tensor]:
+        """Decoder features at 1/4, 1/2 and full resolution, stopping after the first `scales` of them."""
+        conv0, conv1, conv2, conv3, bottom = skips
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="trilinear", align_corners=False)  # noqa: E731
+        out = self.conv5_2(self.conv5_1(torch.cat((up(bottom), conv3), 1)))
+        features = [self.conv6_2(self.conv6_1(torch.cat((up(out), conv2), 1)))]
+        for block_1, block_2, skip in ((self.conv7_1, self.conv7_2, conv1), (self.conv8_1, self.conv8_2, conv0)):
+            if len(features) == scales:
+                break
+            features.append(block_2(block_1(torch.cat((up(features[-1]), skip), 1))))
+        return [F.normalize(f, dim=1) for f in features]
+
+    def features(self, x: torch.Tensor, scales: int = 3) -> list[torch.Tensor]:
+        """L2-normalised features at 1/4, 1/2 and full resolution (the first `scales`), without the latent.
+
+        Two scales skip the full-resolution decoder blocks, about three quarters of the network's cost."""
+        return self._decode(self._encode(x), scales)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Latent point and L2-normalised features at 1/4, 1/2 and full resolution."""
-        conv0, conv1, conv2, conv3, bottom = self._encode(x)
-        up = lambda t: F.interpolate(t, scale_factor=2, mode="trilinear", align_corners=False)  # noqa: E731
-        out = self.conv5_2(self.conv5_1(torch.cat((up(bottom), conv3), 1)))
-        quarter = self.conv6_2(self.conv6_1(torch.cat((up(out), conv2), 1)))
-        half = self.conv7_2(self.conv7_1(torch.cat((up(quarter), conv1), 1)))
-        full = self.conv8_2(self.conv8_1(torch.cat((up(half), conv0), 1)))
-        return {
-            "latent": self._latent_from_bottom(bottom),
-            "features": [F.normalize(f, dim=1) for f in (quarter, half, full)],
-        }
+        skips = self._encode(x)
+        return {"latent": self.latent_head(skips[-1]), "features": self._decode(skips, 3)}
 
 
 def build_medlam(name_or_config: str | MedLAMConfig = "default") -> MedLAM:
