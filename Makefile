@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(abspath ../shared/data)
 PORT ?= 8000
+SAMPLE ?= sample-datastore
+CONF ?= --conf models medlsam
 
-.PHONY: setup test serve clean
+.PHONY: setup test sample-datastore serve demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,16 @@ setup: $(VENV)/.installed  ## create .venv when missing (reused when present) an
 
 test: setup  ## run the test suite (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q tests
+
+sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans
+	MEDLSAM_DATA=$(DATA) $(BIN)/python scripts/make_sample_datastore.py --out $(SAMPLE)
+
+serve: sample-datastore  ## start the app on the sample datastore (http://127.0.0.1:$(PORT); Slicer/OHIF connect there)
+	PATH=$(abspath $(BIN)):$$PATH MONAILABEL_PYEXE=$(abspath $(BIN))/python \
+	  $(BIN)/monailabel start_server --app apps/medlsam --studies $(SAMPLE) $(CONF) -p $(PORT)
+
+demo: setup  ## ask the running server (make serve) for an auto-segmentation like Slicer; writes runs/demo/
+	$(BIN)/python scripts/demo.py --server http://127.0.0.1:$(PORT) --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

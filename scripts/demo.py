@@ -1,0 +1,96 @@
+"""Ask a running MedLSAM Label server for an automatic segmentation, the way 3D Slicer does, and write the
+label file, the result JSON and a QC PNG.
+
+    python scripts/demo.py [--server http://127.0.0.1:8000] [--image ID] [--model medlsam]
+                           [--organs Brainstem,Mandible] [--out runs/demo]
+
+Without --image the first unlabeled image of the datastore is used. Like Slicer, the request is multipart
+(result_extension .nrrd, result_dtype uint8) through monailabel.client.MONAILabelClient; the scan itself
+is downloaded from /datastore/image for the QC picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="http://127.0.0.1:8000")
+    parser.add_argument("--image", help="image id (default: the first unlabeled image)")
+    parser.add_argument("--model", default="medlsam", help="medlsam (segmentation) or medlam (boxes only)")
+    parser.add_argument("--organs", help="comma-separated organ names (default: all in the template bank)")
+    parser.add_argument("--out", default="runs/demo")
+    args = parser.parse_args(argv)
+
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    server = args.server.rstrip("/")
+    try:
+        info = requests.get(f"{server}/info/", timeout=30).json()
+    except requests.RequestException as exc:
+        print(f"error: no MONAI Label server at {server} ({type(exc).__name__}); start one with `make serve`",
+              file=sys.stderr)
+        return 2
+    if args.model not in info.get("models", {}):
+        print(f"error: the server has no model {args.model!r}; it has {sorted(info.get('models', {}))}", file=sys.stderr)
+        return 2
+    datastore = requests.get(f"{server}/datastore/?output=all", timeout=30).json()
+    objects = datastore.get("objects", {})
+    image = args.image or next((k for k, v in sorted(objects.items()) if not v.get("labels", {}).get("final")), None)
+    if image is None:
+        print("error: no unlabeled image in the datastore; pass --image", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="medlsam-demo-"))
+    client = MONAILabelClient(server, tmpdir=str(tmp))
+    params = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what Slicer sends
+    if args.organs:
+        params["organs"] = [o.strip() for o in args.organs.split(",") if o.strip()]
+    print(f"{args.model} on {image} at {server} ...", flush=True)
+    tic = time.perf_counter()
+    try:
+        result_file, result = client.infer(args.model, image, params)
+    except MONAILabelClientException as exc:
+        print(f"error: the server refused: {exc.msg}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - tic
+    label_path = out / f"{image}_{args.model}.nrrd"
+    shutil.move(result_file, label_path)
+    (out / f"{image}_{args.model}.json").write_text(json.dumps(result, indent=2))
+
+    # the scan, as Slicer downloads it, for the QC picture
+    response = requests.get(f"{server}/datastore/image", params={"image": image}, timeout=120)
+    response.raise_for_status()
+    name = objects.get(image, {}).get("image", {}).get("info", {}).get("name") or f"{image}.nii.gz"
+    scan = tmp / name
+    scan.write_bytes(response.content)
+
+    from medlsam.pipeline import SegmentationResult, qc_montage
+    from medlsam.volume import load_ct, read_volume
+
+    volume = load_ct(scan)
+    label = read_volume(label_path).array
+    qc = out / f"{image}_{args.model}.png"
+    qc_montage(volume, SegmentationResult(label=label, label_names=result.get("label_names", {}),
+                                          boxes=result.get("boxes", {}), not_found=result.get("not_found", [])), qc)
+    shutil.rmtree(tmp, ignore_errors=True)
+    found = [n for n, b in result.get("boxes", {}).items() if b.get("found")]
+    print(f"done in {elapsed:.1f} s: {len(found)} organ(s) found {found}, not found {result.get('not_found', [])}")
+    print(f"label {label_path}\nresult {out / f'{image}_{args.model}.json'}\nQC {qc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
