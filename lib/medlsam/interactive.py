@@ -7,10 +7,11 @@ clients: ``foreground`` / ``background`` clicks ``[[i, j, k], ...]`` and Slicer'
 its columns the second, so a voxel maps to SAM's pixel x = column index, y = row index.
 
 * ``segment_slice``: the clicks and box on one slice -> that slice's mask (one decoder call on the
-  slice's cached embedding, so a second click on the same slice costs only the decoder).
+  slice's cached embedding, so a second click on the same slice costs only the decoder). LiteMedSAM and
+  MedSAM were trained with boxes only: for them clicks are turned into boxes (see ``_slice_mask``).
 * ``segment_volume``: the same prompts on a seed slice, then the mask is carried slice by slice in both
-  directions, each slice prompted with the box of its neighbour's mask and a foreground point at the
-  neighbour mask's most interior pixel (plus any user clicks lying on that slice), until the object
+  directions, each slice prompted with the box of its neighbour's mask (for point-trained SAMs also a
+  foreground point at the neighbour mask's most interior pixel; plus any user clicks on that slice), until the object
   ends: an empty mask, a predicted IoU below ``min_iou``, an area collapse or blow-up against the
   neighbour, too little overlap with the neighbour, the roi's extent along the axis, or ``max_slices``.
 """
@@ -114,6 +115,12 @@ def _check_roi_size(prompts: Prompts, axis: int) -> None:
                           "spanning at least two voxels along each in-plane axis")
 
 
+def uses_points(segmenter) -> bool:
+    """SAM ViT-B/L/H were trained with point prompts; LiteMedSAM and MedSAM only with boxes (a click passed
+    to them as a point gives nothing useful), so for those clicks become boxes (see ``_slice_mask``)."""
+    return str(getattr(segmenter, "name", "")).startswith("sam_")
+
+
 def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
             threshold: float) -> tuple[np.ndarray, float]:
     seg = embeddings.segmenter
@@ -130,6 +137,100 @@ def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.
     return probs[0] > threshold, float(iou[0])
 
 
+def _box_around(points: np.ndarray, radius: float, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    return np.array([max(0.0, points[:, 0].min() - radius), max(0.0, points[:, 1].min() - radius),
+                     min(w - 1.0, points[:, 0].max() + radius), min(h - 1.0, points[:, 1].max() + radius)])
+
+
+def _exclude(box: np.ndarray, background: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Move the box edge nearest to each background click just past it, unless that drops a foreground click."""
+    box = box.copy()
+    for x, y in background:
+        if not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):
+            continue
+        options = sorted([(x - box[0], 0, x + 1), (box[2] - x, 2, x - 1), (y - box[1], 1, y + 1),
+                          (box[3] - y, 3, y - 1)])
+        for _, edge, value in options:
+            trial = box.copy()
+            trial[edge] = value
+            coord = foreground[:, 0] if edge in (0, 2) else foreground[:, 1]
+            keeps = len(foreground) == 0 or (np.all(coord >= trial[edge]) if edge < 2 else np.all(coord <= trial[edge]))
+            if trial[2] >= trial[0] and trial[3] >= trial[1] and keeps:
+                box = trial
+                break
+    return box
+
+
+def _select_components(mask: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Keep the components under foreground clicks (all if none is hit), drop those under background ones."""
+    if not mask.any():
+        return mask
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    at = lambda pts: {int(labels[int(round(y)), int(round(x))]) for x, y in pts} - {0}  # noqa: E731
+    keep = at(foreground) or set(range(1, n + 1))
+    keep -= at(background) - at(foreground)
+    return np.isin(labels, sorted(keep))
+
+
+def _border_fraction(mask: np.ndarray, box: np.ndarray) -> float:
+    """Fraction of the box's outline covered by the mask: a mask cut off by its box means the box is too small."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    edges = [mask[y0, x0:x1 + 1], mask[y1, x0:x1 + 1], mask[y0:y1 + 1, x0], mask[y0:y1 + 1, x1]]
+    return float(np.mean(np.concatenate(edges))) if sum(e.size for e in edges) else 0.0
+
+
+def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, threshold: float):
+    """Boxes of several sizes around the foreground clicks, decoded in one batched call; keep the mask that
+    SAM scores best, holds a click and is not cut off by its box."""
+    shape = embeddings.slice_shape
+    radii = np.unique(np.round(np.geomspace(3, max(4.0, max(shape) / 3), 6)))
+    boxes = np.stack([_exclude(_box_around(foreground, r, shape), background, foreground) for r in radii])
+    probs, ious = embeddings.segmenter.decode(embeddings.get(k), boxes=boxes)
+    best, best_score = 0, -np.inf
+    for n, (prob, iou, box) in enumerate(zip(probs, ious, boxes)):
+        mask = prob > threshold
+        hit = any(mask[int(round(y)), int(round(x))] for x, y in foreground)
+        score = float(iou) - 0.5 * _border_fraction(mask, box) - (0.0 if hit else 1.0)
+        if score > best_score:
+            best, best_score = n, score
+    return boxes[best], probs[best] > threshold, float(ious[best])
+
+
+def _slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, box: np.ndarray | None,
+                threshold: float, seed_radius: float = 6.0, rounds: int = 3) -> tuple[np.ndarray, float]:
+    """One slice's mask from clicks (x, y) and/or a box. Point-trained SAMs get the clicks as points; for
+    box-trained models a click becomes a box: a small one around the foreground clicks, grown to the
+    mask's box (plus the clicks) until it stops changing; background clicks push the nearest box edge
+    past them. Components under background clicks (and not under foreground ones) are removed."""
+    shape = embeddings.slice_shape
+    points = np.concatenate([foreground, background]).reshape(-1, 2)
+    labels = np.array([1] * len(foreground) + [0] * len(background), dtype=np.int64)
+    if uses_points(embeddings.segmenter) or (box is None and not len(foreground)):
+        mask, iou = _decode(embeddings, k, points, labels, box, threshold)
+    elif box is not None:
+        mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], _exclude(box, background, foreground),
+                            threshold)
+    else:
+        current, mask, iou = _best_seed_box(embeddings, k, foreground, background, threshold)
+        for _ in range(rounds - 1):
+            selected = _select_components(mask, foreground, background)
+            if not selected.any():
+                break
+            rows, cols = np.nonzero(selected)
+            extent = np.concatenate([np.stack([cols, rows], axis=1), foreground])
+            grown = _exclude(_box_around(extent, 2.0, shape), background, foreground)
+            if np.abs(grown - current).max() < 1.0:
+                break
+            current = grown
+            mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], current, threshold)
+    if box is not None:
+        mask = _clip_to_box(mask, box)
+    return _select_components(mask, foreground, background), iou
+
+
 def segment_slice(embeddings, prompts: Prompts, k: int | None = None, threshold: float = 0.5) -> dict:
     """Mask of one slice from the prompts on it. ``k`` defaults to the slice of the last foreground click
     (else the roi's middle). Returns {"slice", "mask" (H, W) bool, "iou", "axis"}."""
@@ -141,9 +242,7 @@ def segment_slice(embeddings, prompts: Prompts, k: int | None = None, threshold:
     if not (labels == 1).any() and box is None:
         raise PromptError(f"no foreground click or roi on slice {k} (axis {axis}): clicks on other slices are "
                           "ignored by 2D segmentation")
-    mask, iou = _decode(embeddings, int(k), points, labels, box, threshold)
-    if box is not None:
-        mask = _clip_to_box(mask, box)
+    mask, iou = _slice_mask(embeddings, int(k), points[labels == 1], points[labels == 0], box, threshold)
     return {"slice": int(k), "axis": axis, "mask": mask, "iou": iou}
 
 
@@ -252,17 +351,19 @@ def segment_volume(embeddings, prompts: Prompts, options: PropagationOptions | N
                 ahead = [j for j in range(k, k + step * opts.prefetch, step) if lo_limit <= j <= hi_limit]
                 embeddings.prefetch(ahead, batch=len(ahead))
             points, labels, _ = _slice_prompt(prompts, axis, k, roi_box=False)
-            x, y = _interior_point(prev)
-            points = np.concatenate([[[x, y]], points]) if len(points) else np.array([[x, y]])
-            labels = np.concatenate([[1], labels]).astype(np.int64)
+            user_fg = bool((labels == 1).any())  # the user asked for this slice: keep going
+            fg, bg = points[labels == 1], points[labels == 0]
             box = _mask_box(prev, opts.box_margin)
-            mask, iou = _decode(embeddings, k, points, labels, box, opts.threshold)
+            if user_fg:  # the box must also cover the user's clicks on this slice
+                box = _box_around(np.concatenate([fg, box.reshape(2, 2)]), 0.0, embeddings.slice_shape)
+            if uses_points(embeddings.segmenter):
+                fg = np.concatenate([[_interior_point(prev)], fg])
+            mask, iou = _slice_mask(embeddings, k, fg, bg, box, opts.threshold)
             if roi_box is not None:
                 mask = _clip_to_box(mask, roi_box)
-            mask = _largest_component(mask) if mask.any() else mask
+            mask = _largest_component(mask) if mask.any() and not user_fg else mask
             area, prev_area = int(mask.sum()), int(prev.sum())
             overlap = (mask & prev).sum() / max(1, (mask | prev).sum())
-            user_fg = bool((labels[1:] == 1).any())  # the user asked for this slice: keep going
             if area == 0:
                 reason = "empty mask"
             elif not user_fg and iou < opts.min_iou:
@@ -273,6 +374,10 @@ def segment_volume(embeddings, prompts: Prompts, options: PropagationOptions | N
                 reason = f"area blew up ({area} > {opts.max_area_ratio} x {prev_area} px)"
             elif not user_fg and overlap < opts.min_overlap:
                 reason = f"overlap with the neighbour slice {overlap:.2f} < {opts.min_overlap}"
+            if reason.startswith("area collapsed") and (mask & prev).sum() >= 0.5 * area:
+                put(k, mask)  # the object's tip, inside its neighbour: keep it, then stop
+                result.ious[k] = iou
+                reason = reason.replace("area collapsed", "object ends: area collapsed")
             if reason:
                 break
             put(k, mask)
