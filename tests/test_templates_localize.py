@@ -10,9 +10,11 @@ import torch
 
 from medlsam.cli import main as cli_main
 from medlsam.errors import TemplateError
+from medlsam.grid import to_localisation_grid
 from medlsam.localize import Localizer, LocalizeOptions
+from medlsam.matching import cut_organ_patch, match_organ, match_patch
 from medlsam.network import MedLAM, MedLAMConfig, save_medlam
-from medlsam.templates import WPL_ROLES, build_bank, extreme_points, load_bank
+from medlsam.templates import WPL_ROLES, build_bank, extreme_points, load_bank, organ_grid_coords
 from medlsam.volume import CTVolume, write_volume
 
 NAMES = {1: "Ball", 2: "Bar", 3: "Blob"}
@@ -105,6 +107,9 @@ def test_bank_round_trip_and_model_fingerprint(bank, model, tmp_path):
     bank.save(path)
     loaded = load_bank(path, model)
     assert torch.equal(loaded.organs["Bar"].latent, bank.organs["Bar"].latent)
+    assert len(loaded.organs["Bar"].neighbourhoods) == 2
+    for a, b in zip(loaded.organs["Bar"].neighbourhoods, bank.organs["Bar"].neighbourhoods):
+        assert torch.equal(a.intensities, b.intensities) and torch.equal(a.box, b.box)
     other = MedLAM(MedLAMConfig(base_channels=2, patch_size=(32, 32, 32)))
     with pytest.raises(TemplateError, match="another MedLAM model"):
         load_bank(path, other)
@@ -206,3 +211,22 @@ def test_refinement_finds_a_point_from_its_own_features(model):
     # mean cosine of unit features with themselves: 1 at full resolution, a little less at the coarse scales,
     # whose maps are interpolated between cell centres (dividing by channels as well would give ~0.1)
     assert 0.8 < score[0] <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("radius", [3, 10])
+def test_intensity_matching_recovers_a_known_shift(radius):
+    image = phantom(0)[0]
+    shifted = np.full_like(image.array, -1000.0)
+    shifted[3:] = image.array[:-3]  # the whole body 3 voxels further along the first axis
+    template_grid = to_localisation_grid(image)
+    query_grid = to_localisation_grid(CTVolume(shifted, image.affine, "shifted"))
+    ball = organ_grid_coords(phantom(0)[1], 1, template_grid)
+    low, high = ball.min(axis=0), ball.max(axis=0)
+    patch = cut_organ_patch(template_grid, low, high)
+    shift = template_grid.from_file_index(np.array([[3.0, 0, 0]]))[0] - template_grid.from_file_index(np.zeros((1, 3)))[0]
+    start = (low + high) / 2 + shift + np.array([0.0, 2.0, -radius])  # a first guess off by up to the radius
+    box, score = match_patch(query_grid.array, patch, start, radius)
+    assert np.allclose(box, np.stack([low, high]) + shift, atol=1.01), (box, low + shift)
+    assert score > 0.9
+    median_box, _ = match_organ(query_grid.array, [patch, patch], start, radius)
+    assert np.allclose(median_box, box)

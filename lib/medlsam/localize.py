@@ -15,6 +15,7 @@ import torch
 from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
 from medlsam.grid import GRID_SPACING_MM, LocalisationGrid, to_localisation_grid
 from medlsam.losses import DISTANCE_RATIO_MM
+from medlsam.matching import match_organ
 from medlsam.network import MedLAM
 from medlsam.patches import BODY_THRESHOLD
 from medlsam.templates import SLABS, WPL_ROLES, OrganTemplate, TemplateBank
@@ -33,6 +34,8 @@ class LocalizeOptions:
     bf16: bool = False  # bfloat16 autocast for the network
     start_patches: int = START_PATCHES  # patches around the body centre that start the coarse jump
     jump_reach: int = 8  # re-jumps share one patch among targets within this many voxels
+    match: bool = True  # last stage: match the templates' organ neighbourhoods by intensity (NCC)
+    match_radius: int = 10  # search of that stage, voxels of the 3 mm grid
     min_score: float = 0.2  # mean similarity below which an organ is reported not found
     margin_mm: float = 0.0  # box extension on every side
 
@@ -47,6 +50,7 @@ class OrganLocation:
     box_voxel: list[list[int]] | None = None
     box_mm: list[list[float]] | None = None  # world LPS mm, min and max corners
     score: float = 0.0
+    match_score: float | None = None  # median NCC of the templates' neighbourhoods, when matched
     reason: str = ""
     slabs: list[dict] = field(default_factory=list)  # SPL: per z-slab box_voxel
     grid_points: np.ndarray | None = field(default=None, repr=False)
@@ -54,6 +58,8 @@ class OrganLocation:
     def to_json(self) -> dict:
         out = {"found": self.found, "label": self.value, "box_voxel": self.box_voxel, "box_mm": self.box_mm,
                "score": round(self.score, 4)}
+        if self.match_score is not None:
+            out["match_score"] = round(self.match_score, 4)
         if self.reason:
             out["reason"] = self.reason
         if self.slabs:
@@ -141,10 +147,16 @@ class Localizer:
     def _organ_result(self, name: str, organ: OrganTemplate, grid: LocalisationGrid, points: np.ndarray,
                       scores: np.ndarray, roles: list[str]) -> OrganLocation:
         wpl = np.array([points[roles.index(r)] for r in WPL_ROLES])
-        margin = self.options.margin_mm / GRID_SPACING_MM
-        low, high = wpl.min(axis=0) - margin, wpl.max(axis=0) + margin
         score = float(scores[[roles.index(r) for r in WPL_ROLES]].mean()) if self.options.refine else 1.0
         result = OrganLocation(name=name, value=organ.value, found=True, score=score, grid_points=points)
+        low, high = wpl.min(axis=0), wpl.max(axis=0)
+        if self.options.match and organ.neighbourhoods:
+            box, result.match_score = match_organ(grid.array, organ.neighbourhoods, (low + high) / 2,
+                                                  self.options.match_radius)
+            points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
+            low, high = box
+        margin = self.options.margin_mm / GRID_SPACING_MM
+        low, high = low - margin, high + margin
         centre_index = grid.to_file_index(((low + high) / 2)[None])[0]
         shape = np.array(grid.source.shape)
         if np.any(centre_index < -0.5) or np.any(centre_index > shape - 0.5):

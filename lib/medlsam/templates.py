@@ -18,13 +18,14 @@ import torch
 from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches
 from medlsam.errors import TemplateError
 from medlsam.grid import LocalisationGrid, to_localisation_grid
+from medlsam.matching import OrganPatch, cut_organ_patch
 from medlsam.network import MedLAM, atomic_torch_save, model_fingerprint
 from medlsam.volume import CTVolume, load_ct, read_volume
 
 SLABS = 6
 WPL_ROLES = ("z-", "z+", "y-", "y+", "x-", "x+")
 SLAB_ROLES = tuple(f"s{s}{axis}" for s in range(SLABS) for axis in ("y-", "y+", "x-", "x+"))
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: organ neighbourhood intensities per template
 KERNEL_REACH = 16  # a patch serves points within this many voxels of its centre
 
 
@@ -75,6 +76,7 @@ class OrganTemplate:
     kernels: list[torch.Tensor]  # per scale (P, C, k, k, k)
     count: int  # templates averaged
     size_mm: list[float] = field(default_factory=list)  # mean box extent along (z, y, x)
+    neighbourhoods: list[OrganPatch] = field(default_factory=list)  # per template: intensities around the organ
 
 
 @dataclass
@@ -87,8 +89,9 @@ class TemplateBank:
         return {
             "version": BANK_VERSION, "model_fingerprint": self.model_fingerprint, "sources": self.sources,
             "organs": {name: {"value": o.value, "roles": o.roles, "latent": o.latent, "offset": o.offset,
-                              "kernels": o.kernels,
-                              "count": o.count, "size_mm": o.size_mm} for name, o in self.organs.items()},
+                              "kernels": o.kernels, "count": o.count, "size_mm": o.size_mm,
+                              "neighbourhoods": [p.intensities for p in o.neighbourhoods],
+                              "neighbourhood_boxes": [p.box for p in o.neighbourhoods]} for name, o in self.organs.items()},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -121,7 +124,9 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
         raise TemplateError(f"{path}: not a template bank of version {BANK_VERSION}")
     bank = TemplateBank(
         organs={name: OrganTemplate(value=int(o["value"]), roles=list(o["roles"]), latent=o["latent"],
-                                    offset=o["offset"], kernels=list(o["kernels"]), count=int(o["count"]), size_mm=list(o["size_mm"]))
+                                    offset=o["offset"], kernels=list(o["kernels"]), count=int(o["count"]),
+                                    size_mm=list(o["size_mm"]),
+                                    neighbourhoods=[OrganPatch(t, b) for t, b in zip(o["neighbourhoods"], o["neighbourhood_boxes"])])
                 for name, o in data["organs"].items()},
         model_fingerprint=data["model_fingerprint"], sources=list(data["sources"]))
     if model is not None and model_fingerprint(model) != bank.model_fingerprint:
@@ -195,8 +200,11 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
             if value is None:
                 value = int(name.split("_")[-1]) if name.startswith("label_") else len(names) + len(sums) + 1
             coords = np.array(list(roles.values()))
-            entry = sums.setdefault(name, {"value": int(value), "count": 0, "size": np.zeros(3), "points": {}})
+            entry = sums.setdefault(name, {"value": int(value), "count": 0, "size": np.zeros(3), "points": {},
+                                           "neighbourhoods": []})
             entry["count"] += 1
+            wpl = np.array([roles[r] for r in WPL_ROLES])
+            entry["neighbourhoods"].append(cut_organ_patch(grid, wpl.min(axis=0), wpl.max(axis=0)))
             entry["size"] += (coords.max(axis=0) - coords.min(axis=0)) * 3.0
             for role in roles:
                 latent, remainder, kernels = encoded[(name, role)]
@@ -217,7 +225,8 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
             latent=torch.tensor(np.array([p["latent"] / p["n"] for p in points]), dtype=torch.float32),
             offset=torch.tensor(np.array([p["offset"] / p["n"] for p in points]), dtype=torch.float32),
             kernels=[torch.stack([p["kernels"][s] / p["n"] for p in points]) for s in range(len(KERNEL_SIZES))],
-            count=entry["count"], size_mm=(entry["size"] / entry["count"]).round(1).tolist())
+            count=entry["count"], size_mm=(entry["size"] / entry["count"]).round(1).tolist(),
+            neighbourhoods=entry["neighbourhoods"])
     absent = [n for n in names.values() if n not in organs_out]
     if absent:
         raise TemplateError(f"organ(s) {absent} named in the label names are in none of the templates")
