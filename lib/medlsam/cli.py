@@ -1,4 +1,4 @@
-"""The `medlsam` command: train MedLAM, build template banks, localise organs."""
+"""The `medlsam` command: train MedLAM, build template banks, localise and segment organs."""
 
 from __future__ import annotations
 
@@ -81,6 +81,43 @@ def _localize(args: argparse.Namespace) -> None:
         print(f"{name:16s} {'found' if loc['found'] else 'NOT FOUND'} {loc['box_voxel'] or loc.get('reason', '')}")
 
 
+def _segment(args: argparse.Namespace) -> None:
+    import time
+
+    from medlsam.localize import Localizer, LocalizeOptions
+    from medlsam.pipeline import (MedLSAMPipeline, SegmentOptions, check_output_path, check_png_path, qc_montage,
+                                  write_segmentation)
+    from medlsam.sam import build_segmenter
+    from medlsam.templates import load_bank
+    from medlsam.volume import load_ct
+
+    check_output_path(args.out)  # fail before any work
+    if args.qc:
+        check_png_path(args.qc)
+    organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None
+    model = _model(args.model)
+    bank = load_bank(args.templates, model)
+    bank.select(organs)  # an organ not in the bank fails here
+    segmenter = build_segmenter(args.backend, args.checkpoint, device=args.device)
+    tic = time.perf_counter()
+    volume = load_ct(args.image)
+    load_s = time.perf_counter() - tic
+    pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=args.mode)), segmenter,
+                               SegmentOptions(mode=args.mode))
+    result = pipeline.segment(volume, organs, progress=not args.quiet)
+    result.timings_s = {"load": load_s, **result.timings_s}
+    write_segmentation(result, volume, args.out)
+    if args.qc:
+        qc_montage(volume, result, args.qc)
+    for name, value in result.label_names.items():
+        box = result.boxes[name]
+        state = f"{box['voxels']} voxels" if name not in result.not_found else f"NOT FOUND ({box.get('reason', '')})"
+        print(f"{name:16s} label {value:3d}  {state}")
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings_s.items())
+    print(f"{args.out}: {timings}; {result.encoder_calls} encoder calls "
+          f"(reference approach: {result.reference_encoder_calls})")
+
+
 def _export(args: argparse.Namespace) -> None:
     from medlsam.network import load_medlam, model_fingerprint, save_medlam
 
@@ -143,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--out", required=True, help="boxes JSON")
     localize.set_defaults(func=_localize)
 
+    segment = commands.add_parser("segment", help="localise and segment the bank's organs in a scan")
+    segment.add_argument("image")
+    segment.add_argument("--templates", required=True, help="template bank file")
+    segment.add_argument("--out", required=True, help="label file (.nii.gz, .nii or .nrrd); LABEL.json beside it")
+    segment.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
+    segment.add_argument("--backend", default="lite_medsam", help="segmenter: lite_medsam (default), sam_vit_b|l|h, "
+                         "medsam_vit_b")
+    segment.add_argument("--checkpoint", help="segmenter weights (required for SAM/MedSAM backends)")
+    segment.add_argument("--mode", choices=["wpl", "spl"], default="wpl")
+    segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
+    segment.add_argument("--qc", help="write a PNG montage of each organ's middle slice with the masks")
+    segment.add_argument("--device", default="cpu")
+    segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment.set_defaults(func=_segment)
+
     export = commands.add_parser("export", help="write slim weights for shipping (optionally fp16)")
     export.add_argument("checkpoint")
     export.add_argument("--out", required=True)
@@ -158,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except MedLSAMError as exc:
         print(f"medlsam: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("medlsam: interrupted (outputs are written atomically: no partial file is left)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,386 @@
+"""The MedLSAM pipeline: localise every organ of a template bank (MedLAM), prompt a SAM-family slice
+segmenter with the boxes on every slice of each organ, assemble one label volume in the input's grid.
+
+- Prompts. WPL: the organ's box on every slice of its cranio-caudal range. SPL: on each slice, the box of
+  the localiser's z-slab holding that slice (``OrganLocation.slabs``). Boxes are inclusive voxel indices;
+  on a slice ``np.take(array, k, axis)`` the box's x is the column index, y the row index.
+- Work. Each encoder input (a slice, or a crop of one for zoomed organs) is encoded once
+  (:class:`SliceEmbeddings`), and all the boxes sharing it are decoded in one call.
+- Assembly. Per voxel the organ with the highest mask probability wins if that probability is above the
+  threshold; organs not localised are left out and listed in ``not_found``.
+- The query's labels are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from medlsam.errors import MedLSAMError
+from medlsam.localize import Localizer, OrganLocation
+from medlsam.sam.slices import DEFAULT_WINDOW, Crop, SliceEmbeddings
+from medlsam.volume import CTVolume, write_volume
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+@dataclass
+class SegmentOptions:
+    """Knobs of the segmentation stage; defaults are the measured best (benchmarks/results/segmentation.md)."""
+
+    mode: str = "wpl"  # wpl: one box per organ on all its slices; spl: the box of the slice's z-slab
+    largest_component: bool = False  # keep only each organ's largest 3D connected component
+    window: tuple[float, float] = DEFAULT_WINDOW  # CT window (HU) of the encoder's slice images
+    threshold: float = 0.5  # mask probability above which a voxel belongs to an organ
+    zoom_below_mm: float = 0.0  # organs whose box is smaller than this (largest in-plane side) are cropped
+    crop_side_px: int = 32  # ... to a square crop of at least this many slice pixels (then resized to 256)
+    crop_factor: float = 3.0  # ... and of at least crop_factor x the box's largest side
+    empty_fallback: bool = False  # on a slice where SAM returns nothing inside the box, fill its ellipse
+    encode_batch: int = 1  # slices per encoder pass (batches of 4 were not faster per slice on this CPU)
+
+    def __post_init__(self):
+        if self.mode not in ("wpl", "spl"):
+            raise MedLSAMError(f"mode must be 'wpl' or 'spl', not {self.mode!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise MedLSAMError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass
+class SegmentationResult:
+    label: np.ndarray  # uint8 (uint16 if a value > 255), same shape and order as volume.array
+    label_names: dict[str, int]  # organs of the bank selection -> bank label values
+    boxes: dict[str, dict]  # OrganLocation.to_json() per organ (+ "voxels" in the label)
+    not_found: list[str]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    encoder_calls: int = 0
+    reference_encoder_calls: int = 0  # one encoder call per organ per slice (the reference implementation)
+
+    def to_json(self) -> dict:
+        return {"labels": dict(self.label_names), "boxes": self.boxes, "not_found": list(self.not_found),
+                "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
+                "encoder_calls": int(self.encoder_calls), "reference_encoder_calls": int(self.reference_encoder_calls)}
+
+
+@dataclass
+class _Prompts:
+    """One organ's prompts: slice index -> (x0, y0, x1, y1) box, and the crop its slices are encoded in."""
+
+    name: str
+    value: int
+    boxes: dict[int, np.ndarray]
+    crop: Crop | None = None
+
+
+def _inplane(axis: int) -> tuple[int, int]:
+    rows, cols = (a for a in range(3) if a != axis)
+    return rows, cols
+
+
+def _slice_box(lo, hi, axis: int, shape: tuple[int, int]) -> np.ndarray:
+    """Inclusive voxel box -> (x0, y0, x1, y1) on slices along ``axis`` (x = column, y = row), clipped."""
+    r, c = _inplane(axis)
+    box = np.array([lo[c], lo[r], hi[c], hi[r]], dtype=np.float64)
+    box[[0, 2]] = np.clip(box[[0, 2]], 0, shape[1] - 1)
+    box[[1, 3]] = np.clip(box[[1, 3]], 0, shape[0] - 1)
+    return box
+
+
+def organ_prompts(location: OrganLocation, axis: int, shape3d: tuple[int, int, int], mode: str) -> dict[int, np.ndarray]:
+    """Per slice index along ``axis``, the box prompt of one localised organ (WPL or SPL)."""
+    if not location.found or not location.box_voxel:
+        return {}
+    lo, hi = (np.asarray(b) for b in location.box_voxel)
+    slice_shape = tuple(s for a, s in enumerate(shape3d) if a != axis)
+    k0, k1 = max(0, int(lo[axis])), min(shape3d[axis] - 1, int(hi[axis]))
+    whole = _slice_box(lo, hi, axis, slice_shape)
+    slabs = [(np.asarray(s["box_voxel"][0]), np.asarray(s["box_voxel"][1])) for s in location.slabs] \
+        if mode == "spl" else []
+    if not slabs:
+        return {k: whole for k in range(k0, k1 + 1)}
+    ranges = [(int(a[axis]), int(b[axis])) for a, b in slabs]
+    centres = np.array([(a + b) / 2 for a, b in ranges])
+    k0 = max(0, min(k0, min(a for a, _ in ranges)))
+    k1 = min(shape3d[axis] - 1, max(k1, max(b for _, b in ranges)))
+    prompts = {}
+    for k in range(k0, k1 + 1):
+        covering = [i for i, (a, b) in enumerate(ranges) if a <= k <= b]
+        candidates = covering or list(range(len(slabs)))
+        best = min(candidates, key=lambda i: abs(centres[i] - k))  # boundary slices: the slab it is central in
+        prompts[k] = _slice_box(*slabs[best], axis, slice_shape)
+    return prompts
+
+
+def _crop_window(boxes: list[np.ndarray], shape: tuple[int, int], side: float) -> Crop:
+    """A square window of ``side`` pixels centred on the union of ``boxes``, inside the slice."""
+    union = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                      max(b[3] for b in boxes)])
+    side = int(min(np.ceil(side), shape[0], shape[1]))
+    cx, cy = (union[0] + union[2] + 1) / 2, (union[1] + union[3] + 1) / 2
+    r0 = int(np.clip(round(cy - side / 2), 0, shape[0] - side))
+    c0 = int(np.clip(round(cx - side / 2), 0, shape[1] - side))
+    return (r0, c0, r0 + side, c0 + side)
+
+
+def _ellipse(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (((rows - (y0 + y1) / 2) / ((y1 - y0 + 1) / 2)) ** 2
+            + ((cols - (x0 + x1) / 2) / ((x1 - x0 + 1) / 2)) ** 2) <= 1.0
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (the mask itself when empty)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+class MedLSAMPipeline:
+    """Localise (MedLAM + template bank) and segment (SAM-family slice segmenter) the bank's organs."""
+
+    def __init__(self, localizer: Localizer, segmenter, options: SegmentOptions | None = None):
+        self.localizer, self.segmenter = localizer, segmenter
+        self.options = options or SegmentOptions()
+
+    def _localizer(self) -> Localizer:
+        if self.localizer.options.mode == self.options.mode:
+            return self.localizer
+        return Localizer(self.localizer.model, self.localizer.bank, replace(self.localizer.options, mode=self.options.mode))
+
+    def segment(self, volume: CTVolume, organs: list[str] | None = None, progress: bool = False,
+                embeddings: SliceEmbeddings | None = None) -> SegmentationResult:
+        """Localise the chosen organs (all of the bank by default) and segment them."""
+        chosen = self.localizer.bank.select(organs)  # unknown organ: TemplateError before any work
+        tic = time.perf_counter()
+        located = self._localizer().localize(volume, list(chosen))
+        seconds = time.perf_counter() - tic
+        result = self.segment_locations(volume, located["organs"], progress=progress, embeddings=embeddings)
+        result.timings_s = {"localize": seconds, **result.timings_s}
+        return result
+
+    def segment_locations(self, volume: CTVolume, locations: dict[str, OrganLocation], progress: bool = False,
+                          embeddings: SliceEmbeddings | None = None) -> SegmentationResult:
+        """Segment given organ locations (MedLAM's, or e.g. ground-truth boxes for benchmarks)."""
+        opt = self.options
+        own = embeddings is None
+        if own:
+            embeddings = SliceEmbeddings(self.segmenter, volume, window=opt.window)
+        elif embeddings.volume.shape != volume.shape:
+            raise MedLSAMError(f"embeddings of a {embeddings.volume.shape} volume given for a {volume.shape} volume")
+        axis, shape = embeddings.axis, embeddings.slice_shape
+        calls0 = embeddings.encoder_calls
+        timings = {"encode": 0.0, "decode": 0.0, "assemble": 0.0}
+
+        prompts: list[_Prompts] = []
+        for name, loc in locations.items():
+            boxes = organ_prompts(loc, axis, volume.shape, opt.mode)
+            if not boxes:
+                continue
+            crop = None
+            if opt.zoom_below_mm > 0:
+                r, c = _inplane(axis)
+                union = _slice_box(*loc.box_voxel, axis, shape)
+                side_mm = max((union[2] - union[0] + 1) * volume.spacing[c], (union[3] - union[1] + 1) * volume.spacing[r])
+                if side_mm < opt.zoom_below_mm:
+                    side_px = max(union[2] - union[0], union[3] - union[1]) + 1
+                    crop = _crop_window(list(boxes.values()), shape, max(opt.crop_side_px, opt.crop_factor * side_px))
+                    if crop == (0, 0, shape[0], shape[1]):
+                        crop = None
+            prompts.append(_Prompts(name, int(loc.value), boxes, crop))
+
+        max_value = max([int(loc.value) for loc in locations.values()] + [0])
+        label = np.zeros(volume.shape, dtype=np.uint16 if max_value > 255 else np.uint8)
+        slices_view = np.moveaxis(label, axis, 0)  # a view: slices_view[k] is np.take(label, k, axis)
+        voxels = {p.name: 0 for p in prompts}
+        ks = sorted({k for p in prompts for k in p.boxes})
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm comes with MONAI; without it there is simply no bar
+            tqdm = None
+        bar = tqdm(ks, desc="segmenting slices", unit="slice", disable=not progress) if tqdm else ks
+        try:
+            for k in bar:
+                here = [p for p in prompts if k in p.boxes]
+                probs = np.zeros((len(here), *shape), dtype=np.float32)
+                for crop in dict.fromkeys(p.crop for p in here):  # one encoder input, one decoder call
+                    group = [i for i, p in enumerate(here) if p.crop == crop]
+                    tic = time.perf_counter()
+                    embedding = embeddings.get(k, crop)
+                    timings["encode"] += time.perf_counter() - tic
+                    tic = time.perf_counter()
+                    boxes = np.array([here[i].boxes[k] for i in group])
+                    if crop is not None:
+                        boxes = boxes - np.array([crop[1], crop[0], crop[1], crop[0]], dtype=np.float64)
+                    masks, _ = self.segmenter.decode(embedding, boxes=boxes)
+                    timings["decode"] += time.perf_counter() - tic
+                    tic = time.perf_counter()
+                    for j, i in enumerate(group):
+                        if crop is None:
+                            probs[i] = masks[j]
+                        else:
+                            probs[i, crop[0]:crop[2], crop[1]:crop[3]] = masks[j]
+                    if own:
+                        embeddings.discard(k, crop)
+                    timings["assemble"] += time.perf_counter() - tic
+                tic = time.perf_counter()
+                if opt.empty_fallback:
+                    for i, p in enumerate(here):
+                        if not (probs[i] > opt.threshold).any():
+                            ellipse = _ellipse(shape, p.boxes[k])
+                            probs[i][ellipse] = np.maximum(probs[i][ellipse], opt.threshold + 1e-3)
+                best = probs.argmax(axis=0)
+                keep = probs.max(axis=0) > opt.threshold
+                values = np.array([p.value for p in here], dtype=label.dtype)
+                slices_view[k] = np.where(keep, values[best], 0)
+                timings["assemble"] += time.perf_counter() - tic
+        finally:
+            if progress and tqdm:
+                bar.close()
+
+        tic = time.perf_counter()
+        for p in prompts:
+            r, c = _inplane(axis)
+            ks_p = sorted(p.boxes)
+            region = [slice(None)] * 3
+            region[axis] = slice(ks_p[0], ks_p[-1] + 1)
+            region = tuple(region)
+            mask = label[region] == p.value
+            if opt.largest_component and mask.any():
+                cleaned = largest_component(mask)
+                label[region][mask & ~cleaned] = 0
+                mask = cleaned
+            voxels[p.name] = int(mask.sum())
+        timings["assemble"] += time.perf_counter() - tic
+
+        boxes_json = {}
+        for name, loc in locations.items():
+            entry = loc.to_json()
+            entry["voxels"] = voxels.get(name, 0)
+            if loc.found and voxels.get(name, 0) == 0:
+                entry.setdefault("reason", "segmentation empty inside the box")
+            boxes_json[name] = entry
+        not_found = [name for name in locations if voxels.get(name, 0) == 0]
+        return SegmentationResult(
+            label=label, label_names={name: int(loc.value) for name, loc in locations.items()}, boxes=boxes_json,
+            not_found=not_found, timings_s=timings, encoder_calls=embeddings.encoder_calls - calls0,
+            reference_encoder_calls=sum(len(p.boxes) for p in prompts))
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+def _label_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in LABEL_SUFFIXES if name.endswith(s)), None)
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise MedLSAMError(f"cannot write {what}: folder {folder} does not exist")
+    probe = folder / f".tmp-{uuid.uuid4().hex}.probe"
+    try:
+        probe.open("w").close()
+    except OSError as exc:
+        raise MedLSAMError(f"cannot write {what} in {folder}: {exc.strerror or exc}") from None
+    probe.unlink(missing_ok=True)
+
+
+def check_output_path(out_path) -> None:
+    """Raise MedLSAMError now if a label cannot be written to ``out_path`` (bad extension, missing or
+    read-only folder, a folder in the way), so that no work is wasted."""
+    path = Path(out_path).expanduser()
+    if _label_suffix(path) is None:
+        raise MedLSAMError(f"output {path}: the label must be NIfTI or NRRD ({', '.join(LABEL_SUFFIXES)})")
+    if path.is_dir():
+        raise MedLSAMError(f"output {path} is a folder")
+    _check_folder(path.parent, f"the label {path.name}")
+
+
+def check_png_path(png_path) -> None:
+    path = Path(png_path).expanduser()
+    if path.suffix.lower() != ".png":
+        raise MedLSAMError(f"QC montage {path}: must be a .png file")
+    if path.is_dir():
+        raise MedLSAMError(f"QC montage {path} is a folder")
+    _check_folder(path.parent, f"the QC montage {path.name}")
+
+
+def write_segmentation(result: SegmentationResult, volume: CTVolume, out_path) -> None:
+    """Write the label (NIfTI/NRRD by extension, the input's geometry) and ``out_path + ".json"``.
+
+    Both go to temporary files first and are renamed into place once both are complete, so an error or
+    an interrupt leaves neither a partial label nor a label without its JSON."""
+    path = Path(out_path).expanduser()
+    check_output_path(path)
+    json_path = path.parent / (path.name + ".json")
+    suffix = _label_suffix(path)
+    tmp_label = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
+    tmp_json = path.parent / f".tmp-{uuid.uuid4().hex}.json"
+    try:
+        tic = time.perf_counter()
+        write_volume(result.label, volume, tmp_label)
+        result.timings_s["write"] = time.perf_counter() - tic
+        with open(tmp_json, "w") as handle:
+            json.dump(result.to_json(), handle, indent=2)
+        os.replace(tmp_label, path)
+        os.replace(tmp_json, json_path)
+    except BaseException:
+        tmp_label.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+        raise
+
+
+def qc_montage(volume: CTVolume, result: SegmentationResult, png_path, window: tuple[float, float] = (-160, 240)) -> None:
+    """PNG montage: for each segmented organ its middle slice, CT in a soft-tissue window, masks overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colors
+
+    from medlsam.metrics import cranio_caudal_axis
+
+    path = Path(png_path).expanduser()
+    check_png_path(path)
+    axis = cranio_caudal_axis(volume.affine)
+    present = [(n, v) for n, v in result.label_names.items() if (result.label == v).any()]
+    cols = max(1, min(4, len(present)))
+    rows = max(1, int(np.ceil(len(present) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    values = sorted(result.label_names.values())
+    cmap = plt.get_cmap("tab10", max(10, len(values)))
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (name, value) in zip(axes.ravel(), present):
+        ks = np.nonzero(np.moveaxis(result.label == value, axis, 0).any(axis=(1, 2)))[0]
+        k = int(ks[len(ks) // 2])
+        ct = np.take(volume.array, k, axis=axis)
+        lab = np.take(result.label, k, axis=axis)
+        ax.imshow(np.clip(ct, *window), cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+        overlay = np.zeros((*lab.shape, 4))
+        for i, v in enumerate(values):
+            colour = colors.to_rgba(cmap(i % cmap.N), alpha=0.65 if v == value else 0.3)
+            overlay[lab == v] = colour
+        ax.imshow(overlay, interpolation="nearest")
+        ax.contour(lab == value, levels=[0.5], colors=[cmap(values.index(value) % cmap.N)], linewidths=0.8)
+        ax.set_title(f"{name} (slice {k})", fontsize=9)
+    if not present:
+        axes[0, 0].text(0.5, 0.5, "no organ segmented", ha="center", va="center")
+    fig.tight_layout()
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
