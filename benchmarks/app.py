@@ -14,8 +14,8 @@ against the number of simulated clicks.
    at the organ's centre on its middle slice, each later click at the most interior voxel of the largest
    error (foreground if missed, background if spurious); Dice after 1, 3 and 5 clicks.
 
-Writes benchmarks/results/app.md and app.png. --tiny: 1 template, 1 image, 1 repeat, 1 case, 2 organs, clicks
-1,2, a few slices per direction (checks the script, not the numbers).
+Writes benchmarks/results/app.md, .png and .json. --tiny: 1 template, 1 image, 1 repeat, 1 case, 2 organs (also
+for medlsam), clicks 1,2, at most 3 slices per direction (checks the script, not the numbers).
 """
 
 from __future__ import annotations
@@ -183,7 +183,10 @@ def main(argv=None) -> int:
         from medlsam.volume import read_volume
 
         for n, image in enumerate(unlabeled):
-            elapsed, result = post(url, "medlsam", image, {"result_extension": ".nrrd", "result_dtype": "uint8"})
+            params = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+            if args.tiny:
+                params["organs"] = organs
+            elapsed, result = post(url, "medlsam", image, params)
             lat["medlsam_first" if n == 0 else "medlsam"].append(elapsed)
             details.setdefault("medlsam", []).append({"image": image, "s": round(elapsed, 2),
                                                       "timings_s": result.get("timings_s"),
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
                                                       "not_found": result.get("not_found")})
             print(f"medlsam {image}: {elapsed:.1f} s", flush=True)
         if len(unlabeled) == 1:  # the repeat reuses the cached embeddings: localisation + decoder only
-            elapsed, _ = post(url, "medlsam", unlabeled[0], {})
+            elapsed, _ = post(url, "medlsam", unlabeled[0], {"organs": organs} if args.tiny else {})
             lat["medlsam"].append(elapsed)
         for _ in range(args.repeats):
             lat["medlam"].append(post(url, "medlam", unlabeled[0], {})[0])

@@ -182,25 +182,29 @@ def _border_fraction(mask: np.ndarray, box: np.ndarray) -> float:
     return float(np.mean(np.concatenate(edges))) if sum(e.size for e in edges) else 0.0
 
 
-def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, threshold: float):
-    """Boxes of several sizes around the foreground clicks, decoded in one batched call; keep the mask that
-    SAM scores best, holds a click and is not cut off by its box."""
+def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, threshold: float,
+                   max_border: float = 0.15):
+    """Boxes of several sizes around the foreground clicks, decoded in one batched call. Among the masks that
+    hold a click and are not cut off by their box (a whole object fits in it) SAM's best-scored (predicted IoU)
+    wins; failing any, the best predicted IoU minus penalties for a cut-off mask or a missed click."""
     shape = embeddings.slice_shape
-    radii = np.unique(np.round(np.geomspace(3, max(4.0, max(shape) / 3), 6)))
+    radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 8)))
     boxes = np.stack([_exclude(_box_around(foreground, r, shape), background, foreground) for r in radii])
     probs, ious = embeddings.segmenter.decode(embeddings.get(k), boxes=boxes)
     best, best_score = 0, -np.inf
     for n, (prob, iou, box) in enumerate(zip(probs, ious, boxes)):
         mask = prob > threshold
         hit = any(mask[int(round(y)), int(round(x))] for x, y in foreground)
-        score = float(iou) - 0.5 * _border_fraction(mask, box) - (0.0 if hit else 1.0)
+        border = _border_fraction(mask, box)
+        # a whole object under the click ranks above any cut-off or missing mask, then SAM's own score
+        score = float(iou) + (2.0 if hit and border <= max_border else 0.0) - 0.5 * border - (0.0 if hit else 1.0)
         if score > best_score:
             best, best_score = n, score
     return boxes[best], probs[best] > threshold, float(ious[best])
 
 
 def _slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, box: np.ndarray | None,
-                threshold: float, seed_radius: float = 6.0, rounds: int = 3) -> tuple[np.ndarray, float]:
+                threshold: float, rounds: int = 2) -> tuple[np.ndarray, float]:
     """One slice's mask from clicks (x, y) and/or a box. Point-trained SAMs get the clicks as points; for
     box-trained models a click becomes a box: a small one around the foreground clicks, grown to the
     mask's box (plus the clicks) until it stops changing; background clicks push the nearest box edge

@@ -16,6 +16,8 @@ def localise(store, request: dict, volume):
     from medlsam.localize import Localizer, LocalizeOptions
 
     mode = request.get("mode") or store.mode
+    if isinstance(mode, (list, tuple)):  # a client echoing the config's choice list: its first entry
+        mode = mode[0] if mode else store.mode
     if mode not in ("wpl", "spl"):
         raise HTTPException(status_code=400, detail=f"mode must be wpl or spl, not {mode!r}")
     tic = time.perf_counter()
@@ -23,14 +25,15 @@ def localise(store, request: dict, volume):
     bank, info = store.bank()
     bank.select(organs_option(request))  # unknown organ -> TemplateError naming the bank's organs
     timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
-    return Localizer(model, bank, LocalizeOptions(mode=mode)), bank, info, timings
+    refine = str(request.get("refine", True)).strip().lower() not in ("false", "0", "no", "off")
+    return Localizer(model, bank, LocalizeOptions(mode=mode, refine=refine)), bank, info, timings
 
 
 class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, store):
         super().__init__(store, InferType.SEGMENTATION, None, 3,
                          "MedLAM localisation only: one box per organ of the template bank (a quick check of the "
-                         "templates)", config={"mode": ["wpl", "spl"], "organs": ""})
+                         "templates)", config={"mode": ["wpl", "spl"], "organs": "", "refine": True})
 
     def run(self, request: dict, entry: dict):
         volume = entry["volume"]

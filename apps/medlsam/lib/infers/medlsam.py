@@ -12,7 +12,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, store):
         super().__init__(store, InferType.SEGMENTATION, None, 3,
                          "MedLSAM: MedLAM localises every template organ, SAM segments each slice of its box",
-                         config={"mode": ["wpl", "spl"], "organs": ""})
+                         config={"mode": ["wpl", "spl"], "organs": "", "refine": True})
 
     def run(self, request: dict, entry: dict):
         from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
