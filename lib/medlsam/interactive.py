@@ -206,9 +206,10 @@ def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.nd
 def _slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, box: np.ndarray | None,
                 threshold: float, rounds: int = 2) -> tuple[np.ndarray, float]:
     """One slice's mask from clicks (x, y) and/or a box. Point-trained SAMs get the clicks as points; for
-    box-trained models a click becomes a box: a small one around the foreground clicks, grown to the
-    mask's box (plus the clicks) until it stops changing; background clicks push the nearest box edge
-    past them. Components under background clicks (and not under foreground ones) are removed."""
+    box-trained models a click becomes a box: boxes of several sizes around the foreground clicks (see
+    ``_best_seed_box``), the chosen one then refitted to its mask's box plus the clicks (``rounds`` - 1 more
+    decoder calls at most); background clicks push the nearest box edge past them. Components under
+    background clicks (and not under foreground ones) are removed."""
     shape = embeddings.slice_shape
     points = np.concatenate([foreground, background]).reshape(-1, 2)
     labels = np.array([1] * len(foreground) + [0] * len(background), dtype=np.int64)
