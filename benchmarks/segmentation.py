@@ -213,6 +213,16 @@ def plot(summaries: dict, median: dict) -> None:
     fig.savefig(RESULTS / "segmentation.png", dpi=90)
 
 
+def _option(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    default = SegmentOptions.__dataclass_fields__[key].default
+    if isinstance(default, bool):
+        return key, value.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):
+        return key, tuple(float(v) for v in value.split(","))
+    return key, type(default)(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="MedLAM checkpoint (default: the shipped model)")
@@ -221,6 +231,8 @@ def main() -> None:
     parser.add_argument("--backend", default="lite_medsam")
     parser.add_argument("--checkpoint", help="segmenter weights (SAM/MedSAM backends)")
     parser.add_argument("--bank", type=Path, help="template bank file: reused if it exists (same model), else saved there")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a SegmentOptions field, e.g. --set empty_fallback=false --set zoom_below_mm=30")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -230,7 +242,7 @@ def main() -> None:
     segmenter = build_segmenter(args.backend, args.checkpoint)
     cases = data.split("validation")[: args.cases or None]
     templates = data.templates(5)
-    options = SegmentOptions()
+    options = SegmentOptions(**dict(_option(item) for item in args.set))
     results = run(data, model, segmenter, cases, template_bank(data, model, templates, args.bank), options)
     summaries = {row: summarise(results[row]) for row in ROWS}
     write_report(results, summaries, Path(model_path), templates, len(cases), options, args.backend)
