@@ -34,16 +34,16 @@ from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.templates import build_bank  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
+DEFAULT = "MedLAM jump + template matching (default)"
 CONFIGS = {  # name -> (templates, LocalizeOptions)
-    "refined, 2 jumps (default)": (5, LocalizeOptions(jumps=2)),
-    "coarse only, 1 jump (reference)": (5, LocalizeOptions(jumps=1, refine=False)),
-    "coarse only, 2 jumps": (5, LocalizeOptions(jumps=2, refine=False)),
-    "coarse only, 3 jumps": (5, LocalizeOptions(jumps=3, refine=False)),
-    "refined, 1 jump": (5, LocalizeOptions(jumps=1)),
-    "refined, 3 jumps": (5, LocalizeOptions(jumps=3)),
-    "SPL, refined, 2 jumps": (5, LocalizeOptions(jumps=2, mode="spl")),
-    "1 template": (1, LocalizeOptions(jumps=2)),
-    "3 templates": (3, LocalizeOptions(jumps=2)),
+    DEFAULT: (5, LocalizeOptions()),
+    "coarse only, 1 jump (reference coarse)": (5, LocalizeOptions(match=False)),
+    "coarse only, 2 jumps": (5, LocalizeOptions(jumps=2, match=False)),
+    "MSS refined, 1 jump (reference MedLAM)": (5, LocalizeOptions(refine=True, match=False)),
+    "MSS refined + template matching": (5, LocalizeOptions(refine=True)),
+    "SPL (default + slab boxes)": (5, LocalizeOptions(mode="spl")),
+    "1 template": (1, LocalizeOptions()),
+    "3 templates": (3, LocalizeOptions()),
 }
 
 
@@ -113,7 +113,7 @@ def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str]) ->
             scores = {n: o.score for n, o in out["organs"].items()}
             results[name][case["id"]] = {"organs": rows, "seconds": seconds, "scores": scores,
                                          "timings": out["timings_s"]}
-        main = results["refined, 2 jumps (default)"][case["id"]]
+        main = results[DEFAULT][case["id"]]
         print(f"{case['id']}: mean IoU {np.mean([r['iou'] for r in main['organs'].values()]):.3f} "
               f"in {main['seconds']:.2f} s", flush=True)
     return results
@@ -192,13 +192,13 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
                      f"{s['wd_z']:.1f} | {s['wd_inplane']:.1f} | {s['missed']} | {s['seconds_median']:.2f} |")
     lines += ["", "## Per organ (default configuration and registration)", "",
               "| organ | " + " | ".join(f"{n} IoU | {n} wall mm" for n in summaries if n in (
-                  "refined, 2 jumps (default)", "registration (SimpleITK affine + B-spline, majority vote)")) + " |",
-              "|---|" + "---|---|" * sum(n in ("refined, 2 jumps (default)",
+                  DEFAULT, "registration (SimpleITK affine + B-spline, majority vote)")) + " |",
+              "|---|" + "---|---|" * sum(n in (DEFAULT,
                                                "registration (SimpleITK affine + B-spline, majority vote)") for n in summaries)]
     for organ in ORGANS:
         cells = []
         for name, s in summaries.items():
-            if name not in ("refined, 2 jumps (default)", "registration (SimpleITK affine + B-spline, majority vote)"):
+            if name not in (DEFAULT, "registration (SimpleITK affine + B-spline, majority vote)"):
                 continue
             o = s["organs"].get(organ)
             cells += [mean_std(o["iou"]), mean_std(o["wd_mean"])] if o else ["n/a", "n/a"]

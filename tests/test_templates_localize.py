@@ -134,7 +134,7 @@ def test_boxes_are_the_same_in_world_for_a_permuted_flipped_copy(bank, model, mo
     affine[:3, 2] = 3.0 * np.array([0, 1, 0])
     affine[:3, 3] = image.index_to_world([[0, 0, array.shape[0] - 1]])[0]
     copy = CTVolume(array, affine, "copy")
-    options = LocalizeOptions(mode=mode, min_score=-1.0)
+    options = LocalizeOptions(mode=mode, min_score=-1.0, min_match_score=-1.0)
     first = Localizer(model, bank, options).localize(image)["organs"]
     second = Localizer(model, bank, options).localize(copy)["organs"]
     assert mode == "spl" or any(first[name].found for name in NAMES.values())
@@ -152,7 +152,7 @@ def test_organ_outside_the_field_of_view_is_not_found(bank, model):
     # keep only the upper (k < 10) part: the bar and blob centres lie outside (48 mm needed along every axis)
     cropped = CTVolume(image.array[:, :, 20:], image.affine @ np.array(
         [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 20], [0, 0, 0, 1]], float), "cropped")
-    result = Localizer(model, bank, LocalizeOptions(min_score=-1.0)).localize(cropped)["organs"]
+    result = Localizer(model, bank, LocalizeOptions(min_score=-1.0, min_match_score=-1.0)).localize(cropped)["organs"]
     assert not result["Ball"].found and "field of view" in result["Ball"].reason
     assert result["Ball"].box_voxel is None
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medlsam.grid import GRID_SPACING_MM, canonical_affine, resample_to_grid, to_localisation_grid
+from medlsam.grid import GRID_SPACING_MM, canonical_affine, map_hu, resample_to_grid, to_localisation_grid
 from medlsam.volume import CTVolume, load_ct, read_volume, write_volume
 
 ORGANS = {1: "Brainstem", 2: "SpinalCord", 3: "RightParotid", 4: "LeftParotid", 7: "Mandible"}
@@ -118,11 +118,17 @@ def test_grid_is_canonical_for_real_anatomy(original):
     assert centre["Brainstem"][z] < centre["SpinalCord"][z] - 5  # brainstem above the cord
     assert centre["Mandible"][y] < centre["SpinalCord"][y] - 5  # mandible in front of the cord
     assert centre["LeftParotid"][x] > centre["RightParotid"][x] + 5  # the patient's left has larger x
-    # the grid covers the scan: every voxel of the file falls inside it
-    n = np.array(image.shape) - 1
-    corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
-    inside = grid.from_file_index(corners)
+    # the grid covers the body (air far from it is cropped): every voxel denser than air falls inside it
+    inside = grid.from_file_index(np.argwhere(image.array > -500))
     assert inside.min() > -1e-6 and np.all(inside.max(axis=0) < np.array(grid.shape) - 1 + 1e-6)
+    # ... on the lattice of the whole-scan grid, with the same values there
+    whole_affine, whole_shape = canonical_affine(image)
+    offset = (np.linalg.inv(whole_affine) @ grid.affine)[:3, 3]
+    assert np.allclose(offset, np.round(offset), atol=1e-6) and np.prod(grid.shape) < np.prod(whole_shape)
+    whole = resample_to_grid(image.array, image, whole_affine, whole_shape, fill=-1024.0)
+    o = np.round(offset).astype(int)
+    crop = whole[o[0]:o[0] + grid.shape[0], o[1]:o[1] + grid.shape[1], o[2]:o[2] + grid.shape[2]]
+    assert np.allclose(map_hu(crop), grid.array, atol=1e-4)
 
 
 def test_grid_is_canonical_for_a_scan_stored_the_other_way(data_dir):
@@ -154,7 +160,9 @@ def test_organ_box_survives_flips_permutations_and_resampling(original, copies, 
     spacing = max(ct.spacing.max(), image.spacing.max())
     for value in ORGANS:
         grid_low, grid_high = grid.file_box_to_grid(*box(label.array == value))
-        low, high = copy_grid.box_to_file(grid_low, grid_high)
+        # each grid covers its own scan's body: go through world mm (the grids differ by a translation)
+        copy_low, copy_high = copy_grid.from_world(grid.to_world(np.stack([grid_low, grid_high])))
+        low, high = copy_grid.box_to_file(copy_low, copy_high)
         assert np.all(low <= high)
         truth_low, truth_high = box(lab.array == value)
         tolerance = 0 if exact else 1

@@ -73,7 +73,8 @@ def _localize(args: argparse.Namespace) -> None:
         raise MedLSAMError(f"output folder {out.parent} does not exist")
     model = _model(args.model)
     bank = load_bank(args.templates, model)
-    options = LocalizeOptions(mode=args.mode, refine=not args.coarse_only, jumps=args.jumps, margin_mm=args.margin_mm)
+    options = LocalizeOptions(mode=args.mode, refine=args.refine, match=not args.no_match, jumps=args.jumps,
+                              margin_mm=args.margin_mm)
     result = Localizer(model, bank, options).localize(load_ct(args.image), args.organs.split(",") if args.organs else None)
     report = {name: loc.to_json() for name, loc in result["organs"].items()}
     write_json_atomic({"image": str(args.image), "organs": report, "timings_s": result["timings_s"]}, out)
@@ -174,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
     localize.add_argument("--mode", choices=["wpl", "spl"], default="wpl")
     localize.add_argument("--organs", help="comma-separated organ names (default: all)")
-    localize.add_argument("--jumps", type=int, default=2, help="coarse latent jumps (1 = reference)")
-    localize.add_argument("--coarse-only", action="store_true", help="skip the similarity refinement")
+    localize.add_argument("--jumps", type=int, default=1, help="coarse latent jumps (1 = reference)")
+    localize.add_argument("--refine", action="store_true", help="add MedLAM's multi-scale similarity refinement")
+    localize.add_argument("--no-match", action="store_true", help="skip the template intensity matching")
     localize.add_argument("--margin-mm", type=float, default=0.0, help="extend boxes on every side")
     localize.add_argument("--out", required=True, help="boxes JSON")
     localize.set_defaults(func=_localize)

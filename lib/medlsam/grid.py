@@ -83,12 +83,22 @@ class LocalisationGrid:
         return points.min(axis=0), points.max(axis=0)
 
 
-def canonical_affine(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape of the world-aligned grid at `spacing` mm that covers the whole volume."""
+def canonical_affine(volume: CTVolume, spacing: float = GRID_SPACING_MM,
+                     index_box: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape of the world-aligned grid at `spacing` mm that covers the whole volume.
+
+    With `index_box` (inclusive source indices), only that part is covered, on the same lattice as the
+    whole-volume grid, so the cropped grid's values are those of the whole grid."""
     n = np.array(volume.shape) - 1
     corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])], dtype=np.float64)
     canonical = volume.index_to_world(corners) @ CANONICAL_DIRECTIONS  # coordinates along the canonical axes
     low, high = canonical.min(axis=0), canonical.max(axis=0)
+    if index_box is not None:
+        lo, hi = (np.asarray(b, dtype=np.float64) for b in index_box)
+        box = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+        inside = volume.index_to_world(box) @ CANONICAL_DIRECTIONS
+        low = low + np.floor((np.maximum(inside.min(axis=0), low) - low) / spacing + 1e-6) * spacing
+        high = np.minimum(inside.max(axis=0), high)
     # ceil, not floor: the last grid voxel must reach the scan's far edge (outside samples count as air)
     shape = tuple(int(np.ceil((high[a] - low[a]) / spacing - 1e-6)) + 1 for a in range(3))
     affine = np.eye(4)
@@ -97,24 +107,43 @@ def canonical_affine(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> tupl
     return affine, shape  # type: ignore[return-value]
 
 
+def body_index_box(volume: CTVolume, margin_mm: float = 30.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive source-index box of everything denser than air (-500 HU), widened by `margin_mm`."""
+    dense = volume.array > -500
+    extents = []
+    for axis in range(3):
+        hits = np.flatnonzero(dense.any(axis=tuple(a for a in range(3) if a != axis)))
+        if len(hits) == 0:
+            return None
+        extents.append((hits[0], hits[-1]))
+    margin = np.ceil(margin_mm / volume.spacing)
+    lo = np.maximum(np.array([e[0] for e in extents]) - margin, 0)
+    hi = np.minimum(np.array([e[1] for e in extents]) + margin, np.array(volume.shape) - 1)
+    return lo, hi
+
+
 def resample_to_grid(values: np.ndarray, volume: CTVolume, affine: np.ndarray, shape: tuple[int, int, int],
                      fill: float, mode: str = "bilinear") -> np.ndarray:
     """Sample `values` (in the volume's voxel order) on the grid (affine, shape) with torch."""
-    zz, yy, xx = (torch.arange(s, dtype=torch.float64) for s in shape)
-    grid_points = torch.stack(torch.meshgrid(zz, yy, xx, indexing="ij"), dim=-1).reshape(-1, 3)
-    to_index = np.linalg.inv(volume.affine) @ affine
-    index = grid_points @ torch.from_numpy(to_index[:3, :3].T) + torch.from_numpy(to_index[:3, 3])
-    size = torch.tensor(volume.shape, dtype=torch.float64)
-    normalised = (2 * index / (size - 1).clamp(min=1) - 1).flip(-1)  # grid_sample wants (x, y, z) = (k, j, i)
+    to_index = np.linalg.inv(volume.affine) @ affine  # grid index -> source index, homogeneous
+    out_half = (np.array(shape, dtype=np.float64) - 1).clip(min=1) / 2
+    in_half = (np.array(volume.shape, dtype=np.float64) - 1).clip(min=1) / 2
+    from_normalised = np.diag([*out_half, 1.0])
+    from_normalised[:3, 3] = out_half
+    to_normalised = np.diag([*(1 / in_half), 1.0])
+    to_normalised[:3, 3] = -1
+    theta = to_normalised @ to_index @ from_normalised  # normalised grid -> normalised source, array order
+    reverse = np.eye(4)[[2, 1, 0, 3]]  # grid_sample orders coordinates (x, y, z) = last axis first
+    theta = torch.from_numpy((reverse @ theta @ reverse)[:3]).float()
+    coords = F.affine_grid(theta[None], [1, 1, *shape], align_corners=True)
     source = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None] - fill
-    sampled = F.grid_sample(source, normalised.float().reshape(1, *shape, 3), mode=mode, padding_mode="zeros",
-                            align_corners=True)
+    sampled = F.grid_sample(source, coords, mode=mode, padding_mode="zeros", align_corners=True)
     return (sampled[0, 0] + fill).numpy()
 
 
 def to_localisation_grid(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> LocalisationGrid:
     """Resample a CT (HU) to the canonical grid and apply the HU map; outside the scan counts as air."""
-    affine, shape = canonical_affine(volume, spacing)
+    affine, shape = canonical_affine(volume, spacing, body_index_box(volume))  # air far from the body: cropped
     hu = volume.array.astype(np.float32, copy=False)
     factors = spacing / volume.spacing
     if np.any(factors > 1.5):  # anti-alias before a strong down-sampling

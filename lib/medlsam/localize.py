@@ -27,15 +27,16 @@ START_PATCHES = 8  # patches around the body centre that start the coarse jump
 @dataclass
 class LocalizeOptions:
     mode: str = "wpl"  # wpl: one box per organ; spl: also one in-plane box per z-slab
-    refine: bool = True  # multi-scale similarity refinement
-    jumps: int = 2  # coarse latent jumps (1 = the reference's single jump)
+    refine: bool = False  # multi-scale similarity refinement (measured: no gain once `match` is on)
+    jumps: int = 1  # coarse latent jumps (1 = the reference's single jump)
     search_radius: int = 8  # refinement search, voxels of the 3 mm grid
     scales: int = 3  # feature scales used by refinement (1/4, 1/2, full): 2 skips the full-resolution decoder
     bf16: bool = False  # bfloat16 autocast for the network
     start_patches: int = START_PATCHES  # patches around the body centre that start the coarse jump
     jump_reach: int = 8  # re-jumps share one patch among targets within this many voxels
     match: bool = True  # last stage: match the templates' organ neighbourhoods by intensity (NCC)
-    match_radius: int = 10  # search of that stage, voxels of the 3 mm grid
+    match_radius: int = 14  # search of that stage, voxels of the 3 mm grid (42 mm)
+    min_match_score: float = 0.2  # median NCC below which an organ is reported not found
     min_score: float = 0.2  # mean similarity below which an organ is reported not found
     margin_mm: float = 0.0  # box extension on every side
 
@@ -136,11 +137,13 @@ class Localizer:
         timings["refine"] = time.perf_counter() - tic
         points = points + offsets
 
+        tic = time.perf_counter()
         results = {}
         for name, organ in chosen.items():
             rows = [k for k, (n, _) in enumerate(keys) if n == name]
             roles = [organ.roles[keys[k][1]] for k in rows]
             results[name] = self._organ_result(name, organ, grid, points[rows], scores[rows], roles)
+        timings["match"] = time.perf_counter() - tic  # intensity matching (and box mapping)
         timings["total"] = sum(timings.values())
         return {"organs": results, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
@@ -150,19 +153,28 @@ class Localizer:
         score = float(scores[[roles.index(r) for r in WPL_ROLES]].mean()) if self.options.refine else 1.0
         result = OrganLocation(name=name, value=organ.value, found=True, score=score, grid_points=points)
         low, high = wpl.min(axis=0), wpl.max(axis=0)
-        if self.options.match and organ.neighbourhoods:
+        shape = np.array(grid.source.shape)
+
+        def outside(low: np.ndarray, high: np.ndarray) -> bool:
+            centre_index = grid.to_file_index(((low + high) / 2)[None])[0]
+            return bool(np.any(centre_index < -0.5) or np.any(centre_index > shape - 0.5))
+
+        if outside(low, high):  # MedLAM's estimate, before matching can pull it inside
+            result.found, result.reason = False, "box centre outside the scan's field of view"
+        elif self.options.refine and score < self.options.min_score:
+            result.found, result.reason = False, f"similarity {score:.2f} below {self.options.min_score}"
+        elif self.options.match and organ.neighbourhoods:
             box, result.match_score = match_organ(grid.array, organ.neighbourhoods, (low + high) / 2,
                                                   self.options.match_radius)
             points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
             low, high = box
+            if outside(low, high):
+                result.found, result.reason = False, "box centre outside the scan's field of view"
+            elif result.match_score < self.options.min_match_score:
+                result.found = False
+                result.reason = f"template match {result.match_score:.2f} below {self.options.min_match_score}"
         margin = self.options.margin_mm / GRID_SPACING_MM
         low, high = low - margin, high + margin
-        centre_index = grid.to_file_index(((low + high) / 2)[None])[0]
-        shape = np.array(grid.source.shape)
-        if np.any(centre_index < -0.5) or np.any(centre_index > shape - 0.5):
-            result.found, result.reason = False, "box centre outside the scan's field of view"
-        elif self.options.refine and score < self.options.min_score:
-            result.found, result.reason = False, f"similarity {score:.2f} below {self.options.min_score}"
         if not result.found:
             return result
         lo, hi = grid.box_to_file(low, high)

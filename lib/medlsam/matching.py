@@ -50,15 +50,23 @@ def _region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> torch.Te
     return torch.from_numpy(out)[None, None]
 
 
+def _window_sums(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Sums of a (D, H, W) volume over every window of `size` (valid positions), from an integral volume."""
+    total = F.pad(volume.double(), (1, 0, 1, 0, 1, 0)).cumsum(0).cumsum(1).cumsum(2)
+    d, h, w = size
+    return (total[d:, h:, w:] - total[:-d, h:, w:] - total[d:, :-h, w:] - total[d:, h:, :-w]
+            + total[:-d, :-h, w:] + total[:-d, h:, :-w] + total[d:, :-h, :-w] - total[:-d, :-h, :-w]).float()
+
+
 def _ncc(region: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     """Normalised cross-correlation of a (1, 1, D, H, W) region with a (d, h, w) template at every shift."""
     t = template - template.mean()
     t = t / t.norm().clamp(min=1e-6)
     n = t.numel()
     numerator = F.conv3d(region, t[None, None])[0, 0]
-    mean = F.avg_pool3d(region, tuple(t.shape), stride=1)[0, 0]
-    mean_sq = F.avg_pool3d(region * region, tuple(t.shape), stride=1)[0, 0]
-    std = ((mean_sq - mean * mean).clamp(min=0) * n).sqrt().clamp(min=1e-3)
+    sums = _window_sums(region[0, 0], tuple(t.shape))
+    squares = _window_sums(region[0, 0] ** 2, tuple(t.shape))
+    std = (squares - sums * sums / n).clamp(min=0).sqrt().clamp(min=1e-3)
     return numerator / std
 
 

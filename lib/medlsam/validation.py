@@ -35,7 +35,7 @@ class LocalisationValidator:
 
     def __call__(self, model: MedLAM) -> float:
         bank = build_bank(model, self.templates, self.template_labels, self.names)
-        localizer = Localizer(model, bank, LocalizeOptions(min_score=-1.0))
+        localizer = Localizer(model, bank, LocalizeOptions(min_score=-1.0, min_match_score=-1.0))
         errors = []
         for grid, truth, spacing in self.cases:
             found = localizer.localize(grid)["organs"]
