@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from medlsam.errors import TemplateError
 from medlsam.paths import data_dir
+from medlsam.templates import TemplateBank, build_bank, load_bank
 
 ORGANS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,3 +57,21 @@ def mean_std(values: list[float]) -> str:
     if not values:
         return "n/a"
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def template_bank(data: "OpenKBP", model, templates: list[str], path: Path | None) -> TemplateBank:
+    """The bank of these templates; with `path`, reused from there when the same model made it from them."""
+    if path is not None and path.is_file():
+        try:
+            bank = load_bank(path, model)
+            if [Path(s).name for s in bank.sources] == [Path(data.image(t)).name for t in templates]:
+                return bank
+        except TemplateError:
+            pass
+    tic = time.perf_counter()
+    bank = build_bank(model, [data.image(c) for c in templates], [data.label(c) for c in templates], data.names)
+    print(f"bank of {len(templates)} templates built in {time.perf_counter() - tic:.1f} s", flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bank.save(path)
+    return bank

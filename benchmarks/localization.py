@@ -24,14 +24,13 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std  # noqa: E402
+from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
 
 from medlsam.grid import to_localisation_grid  # noqa: E402
 from medlsam.localize import Localizer, LocalizeOptions  # noqa: E402
 from medlsam.metrics import box_iou, cranio_caudal_axis, label_box, wall_distances  # noqa: E402
 from medlsam.network import load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.templates import build_bank  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
 DEFAULT = "MedLAM jump + template matching (default)"
@@ -88,13 +87,9 @@ def score_boxes(boxes: dict[str, tuple | None], slabs: dict[str, list], label, c
     return rows
 
 
-def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str]) -> dict:
-    banks = {}
-    for count in sorted({c for c, _ in CONFIGS.values()}):
-        tic = time.perf_counter()
-        chosen = templates[:count]
-        banks[count] = build_bank(model, [data.image(c) for c in chosen], [data.label(c) for c in chosen], data.names)
-        print(f"bank of {count} templates built in {time.perf_counter() - tic:.1f} s", flush=True)
+def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str], bank_folder: Path | None) -> dict:
+    banks = {count: template_bank(data, model, templates[:count], bank_folder / f"bank_{count}.pt" if bank_folder else None)
+             for count in sorted({c for c, _ in CONFIGS.values()})}
     results = {name: {} for name in CONFIGS}
     for case in cases:
         volume = load_ct(data.image(case["id"]))
@@ -103,8 +98,10 @@ def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str]) ->
         for name, (count, options) in CONFIGS.items():
             tic = time.perf_counter()
             grid = to_localisation_grid(volume)  # timed: part of localising a new scan
+            grid_seconds = time.perf_counter() - tic
             out = Localizer(model, banks[count], options).localize(grid)
             seconds = time.perf_counter() - tic
+            out["timings_s"]["resample"] = round(grid_seconds, 3)
             boxes = {n: (np.array(o.box_voxel[0]), np.array(o.box_voxel[1])) if o.found else None
                      for n, o in out["organs"].items()}
             slabs = {n: [(np.array(s["box_voxel"][0]), np.array(s["box_voxel"][1])) for s in o.slabs]
@@ -190,6 +187,12 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
     for name, s in summaries.items():
         lines.append(f"| {name} | {s['iou']:.3f} ± {s['iou_std']:.3f} | {s['slice_iou']:.3f} | {s['wd_mean']:.1f} | "
                      f"{s['wd_z']:.1f} | {s['wd_inplane']:.1f} | {s['missed']} | {s['seconds_median']:.2f} |")
+    default = raw["medlam"].get(DEFAULT, {})
+    if default:
+        stages = ("resample", "coarse", "refine", "match")
+        medians = {k: np.median([c["timings"].get(k, 0.0) for c in default.values()]) for k in stages}
+        lines += ["", f"Default configuration, median seconds per stage: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()) + "."]
     lines += ["", "## Per organ (default configuration and registration)", "",
               "| organ | " + " | ".join(f"{n} IoU | {n} wall mm" for n in summaries if n in (
                   DEFAULT, "registration (SimpleITK affine + B-spline, majority vote)")) + " |",
@@ -238,6 +241,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=0, help="only the first N validation cases")
     parser.add_argument("--skip-registration", action="store_true")
     parser.add_argument("--registration-only", action="store_true", help="run (and cache) registration only")
+    parser.add_argument("--banks", type=Path, help="folder keeping the template banks (bank_N.pt) between runs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -250,7 +254,7 @@ def main() -> None:
     model = load_medlam(model_path)
     cases = data.split("validation")[: args.cases or None]
     templates = data.templates(5)
-    raw = {"medlam": run_medlam(data, model, cases, templates)}
+    raw = {"medlam": run_medlam(data, model, cases, templates, args.banks)}
     summaries = {name: summarise(per_case) for name, per_case in raw["medlam"].items()}
     if not args.skip_registration:
         raw["registration"] = run_registration(data, cases, templates)

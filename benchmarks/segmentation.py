@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std  # noqa: E402
+from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
 
 from medlsam.localize import Localizer, LocalizeOptions, OrganLocation  # noqa: E402
 from medlsam.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
@@ -34,7 +34,6 @@ from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.pipeline import MedLSAMPipeline, SegmentOptions, write_segmentation  # noqa: E402
 from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
-from medlsam.templates import build_bank, load_bank  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
 ROWS = ["MedLAM boxes, WPL", "MedLAM boxes, SPL", "ground-truth 3D box (WPL)", "ground-truth box of every slice"]
@@ -80,18 +79,6 @@ def score(pred: np.ndarray, label: np.ndarray, contoured: list[str], values: dic
         rows[organ] = {"dice": dice(mask, truth), "hd95": hd95(mask, truth, spacing) if mask.any() else None,
                        "missed": not mask.any()}
     return rows
-
-
-def template_bank(data: OpenKBP, model, templates: list[str], path: Path | None):
-    """The bank of the protocol's templates; with ``path``, reused from there when it exists (same model)."""
-    if path is not None and path.is_file():
-        return load_bank(path, model)
-    tic = time.perf_counter()
-    bank = build_bank(model, [data.image(c) for c in templates], [data.label(c) for c in templates], data.names)
-    print(f"bank of {len(templates)} templates built in {time.perf_counter() - tic:.1f} s", flush=True)
-    if path is not None:
-        bank.save(path)
-    return bank
 
 
 def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: SegmentOptions) -> dict:
