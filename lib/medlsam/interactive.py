@@ -195,9 +195,12 @@ def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.nd
     for n, (prob, iou, box) in enumerate(zip(probs, ious, boxes)):
         mask = prob > threshold
         hit = any(mask[int(round(y)), int(round(x))] for x, y in foreground)
+        refused = any(mask[int(round(y)), int(round(x))] for x, y in background)  # the user said "not this"
         border = _border_fraction(mask, box)
-        # a whole object under the click ranks above any cut-off or missing mask, then SAM's own score
-        score = float(iou) + (2.0 if hit and border <= max_border else 0.0) - 0.5 * border - (0.0 if hit else 1.0)
+        # a whole object under the click (and under no background click) ranks above any cut-off, missing or
+        # refused mask, then SAM's own score decides
+        whole = hit and not refused and border <= max_border
+        score = float(iou) + (2.0 if whole else 0.0) - 0.5 * border - (0.0 if hit else 1.0) - (1.5 if refused else 0.0)
         if score > best_score:
             best, best_score = n, score
     return boxes[best], probs[best] > threshold, float(ious[best])
