@@ -305,8 +305,9 @@ class ModelStore:
 
 
 def merge_organs(banks: list, names: dict[str, int]) -> dict:
-    """Average single-template banks organ by organ (weighted by their template counts), giving each organ
-    its output value from ``names`` (organs in no template are simply absent)."""
+    """Average single-template banks organ by organ (weighted by their template counts; the per-template
+    intensity neighbourhoods are pooled), giving each organ its output value from ``names`` (organs in no
+    template are simply absent)."""
     from medlsam.templates import OrganTemplate
 
     merged = {}
@@ -324,7 +325,9 @@ def merge_organs(banks: list, names: dict[str, int]) -> dict:
             value=int(names.get(name, parts[0].value)), roles=roles,
             latent=avg(lambda p: pick(p, p.latent)), offset=avg(lambda p: pick(p, p.offset)),
             kernels=[avg(lambda p, s=s: pick(p, p.kernels[s])) for s in range(len(parts[0].kernels))],
-            count=int(total), size_mm=np.round(sum(np.array(p.size_mm) * p.count for p in parts) / total, 1).tolist())
+            count=int(total), size_mm=np.round(sum(np.array(p.size_mm) * p.count for p in parts) / total, 1).tolist(),
+            **({"neighbourhoods": [n for p in parts for n in p.neighbourhoods]}
+               if hasattr(parts[0], "neighbourhoods") else {}))
     return merged
 
 

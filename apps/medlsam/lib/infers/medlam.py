@@ -10,6 +10,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.common import DynamicLabels, MedLSAMInferTask, organs_option
 
+LOCALIZE_SWITCHES = ("refine", "match")  # boolean LocalizeOptions a request may switch
+
 
 def localise(store, request: dict, volume):
     """(Localizer, bank, bank info, timings) for the request; unknown organs are refused."""
@@ -25,15 +27,26 @@ def localise(store, request: dict, volume):
     bank, info = store.bank()
     bank.select(organs_option(request))  # unknown organ -> TemplateError naming the bank's organs
     timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
-    refine = str(request.get("refine", True)).strip().lower() not in ("false", "0", "no", "off")
-    return Localizer(model, bank, LocalizeOptions(mode=mode, refine=refine)), bank, info, timings
+    options = LocalizeOptions(mode=mode)  # the library's measured defaults, unless the request says otherwise
+    for key in LOCALIZE_SWITCHES:
+        if key in request and request[key] not in (None, "") and hasattr(options, key):
+            setattr(options, key, str(request[key]).strip().lower() not in ("false", "0", "no", "off"))
+    return Localizer(model, bank, options), bank, info, timings
+
+
+def localize_config() -> dict:
+    from medlsam.localize import LocalizeOptions
+
+    defaults = LocalizeOptions()
+    return {"mode": ["wpl", "spl"], "organs": "",
+            **{key: getattr(defaults, key) for key in LOCALIZE_SWITCHES if hasattr(defaults, key)}}
 
 
 class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, store):
         super().__init__(store, InferType.SEGMENTATION, None, 3,
                          "MedLAM localisation only: one box per organ of the template bank (a quick check of the "
-                         "templates)", config={"mode": ["wpl", "spl"], "organs": "", "refine": True})
+                         "templates)", config=localize_config())
 
     def run(self, request: dict, entry: dict):
         volume = entry["volume"]

@@ -5,14 +5,14 @@ from __future__ import annotations
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.common import DynamicLabels, MedLSAMInferTask, organs_option
-from lib.infers.medlam import localise
+from lib.infers.medlam import localise, localize_config
 
 
 class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, store):
         super().__init__(store, InferType.SEGMENTATION, None, 3,
                          "MedLSAM: MedLAM localises every template organ, SAM segments each slice of its box",
-                         config={"mode": ["wpl", "spl"], "organs": "", "refine": True})
+                         config=localize_config())
 
     def run(self, request: dict, entry: dict):
         from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
