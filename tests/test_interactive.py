@@ -78,9 +78,11 @@ def test_slice_click_uses_file_order_indices(ball):
     assert np.array_equal(segment_slice(points, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))["mask"],
                           truth[:, :, 10])
     assert not segment_slice(points, parse_prompts(ct.shape, foreground=[[20, 14, 10]]))["mask"].any()
-    # a second click on the same slice: no new encoding
-    segment_slice(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]], background=[[2, 2, 10]]))
-    assert emb.encoder_calls == 1
+    # a second click on the same slice: no new encoding, one decoder call (from the box chosen before)
+    calls = emb.segmenter.decoder_calls
+    again = segment_slice(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]], background=[[2, 2, 10]]))
+    assert emb.encoder_calls == 1 and emb.segmenter.decoder_calls == calls + 1
+    assert np.array_equal(again["mask"], truth[:, :, 10])
     # along another axis, too
     emb0 = SliceEmbeddings(IdealSegmenter(), ct, axis=0)
     assert np.array_equal(segment_slice(emb0, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))["mask"],

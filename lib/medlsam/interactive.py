@@ -188,7 +188,7 @@ def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.nd
     hold a click and are not cut off by their box (a whole object fits in it) SAM's best-scored (predicted IoU)
     wins; failing any, the best predicted IoU minus penalties for a cut-off mask or a missed click."""
     shape = embeddings.slice_shape
-    radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 8)))
+    radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 6)))
     boxes = np.stack([_exclude(_box_around(foreground, r, shape), background, foreground) for r in radii])
     probs, ious = embeddings.segmenter.decode(embeddings.get(k), boxes=boxes)
     best, best_score = 0, -np.inf
@@ -222,7 +222,20 @@ def _slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarr
         mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], _exclude(box, background, foreground),
                             threshold)
     else:
-        current, mask, iou = _best_seed_box(embeddings, k, foreground, background, threshold)
+        memo = _click_memo(embeddings)
+        previous = memo.get(k)
+        known = {tuple(p) for p in previous[0]} if previous is not None else None
+        if known is not None and known and known <= {tuple(p) for p in foreground}:
+            # a later click on this slice: start from the box chosen before, grown to any new foreground
+            # click and pushed off the background ones - one decoder call
+            new = np.array([p for p in foreground if tuple(p) not in known]).reshape(-1, 2)
+            current = previous[1] if not len(new) else _box_around(
+                np.concatenate([new, previous[1].reshape(2, 2)]), 2.0 if len(new) else 0.0, shape)
+            current = _exclude(current, background, foreground)
+            mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], current, threshold)
+            rounds = 1
+        else:
+            current, mask, iou = _best_seed_box(embeddings, k, foreground, background, threshold)
         for _ in range(rounds - 1):
             selected = _select_components(mask, foreground, background)
             if not selected.any():
@@ -234,9 +247,23 @@ def _slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarr
                 break
             current = grown
             mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], current, threshold)
+        memo[k] = (foreground.copy(), current)
     if box is not None:
         mask = _clip_to_box(mask, box)
     return _select_components(mask, foreground, background), iou
+
+
+def _click_memo(embeddings) -> dict:
+    """Per slice, the foreground clicks and the box last chosen for them (kept with the slice embeddings, so
+    per image): a later click on the slice refines that box with one decoder call."""
+    memo = getattr(embeddings, "_medlsam_click_boxes", None)
+    if memo is None:
+        memo = {}
+        try:
+            embeddings._medlsam_click_boxes = memo
+        except AttributeError:  # an object that takes no attributes: no memory, always the full search
+            pass
+    return memo
 
 
 def segment_slice(embeddings, prompts: Prompts, k: int | None = None, threshold: float = 0.5) -> dict:
