@@ -30,8 +30,14 @@ class NoTemplatesError(TemplateError):
     """The datastore has no image with a usable final label yet."""
 
 
-def _truthy(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+def _conf_int(conf: dict, key: str, default: int, minimum: int) -> int:
+    try:
+        value = int(conf.get(key, default))
+    except (TypeError, ValueError):
+        raise MedLSAMError(f"--conf {key} must be an integer, not {conf.get(key)!r}") from None
+    if value < minimum:
+        raise MedLSAMError(f"--conf {key} must be at least {minimum}, not {value}")
+    return value
 
 
 class ModelStore:
@@ -44,11 +50,11 @@ class ModelStore:
         self.checkpoint = conf.get("checkpoint") or None
         self.medlam_conf = conf.get("medlam") or None
         self.mode = conf.get("mode", "wpl")
-        self.max_templates = int(conf.get("templates", 5))
+        self.max_templates = _conf_int(conf, "templates", 5, 1)
         self.device = conf.get("device", "cpu")
         self.labels_path = conf.get("labels") or None
-        self.cache_size = max(1, int(conf.get("embedding_cache", 2)))
-        threads = int(conf.get("threads", 0))
+        self.cache_size = _conf_int(conf, "embedding_cache", 2, 1)
+        threads = _conf_int(conf, "threads", 0, 0)
         if threads > 0:
             torch.set_num_threads(threads)
         if self.mode not in ("wpl", "spl"):
