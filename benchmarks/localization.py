@@ -207,6 +207,9 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
             cells += [mean_std(o["iou"]), mean_std(o["wd_mean"])] if o else ["n/a", "n/a"]
         lines.append(f"| {organ} | " + " | ".join(cells) + " |")
     lines += ["", "![per-organ IoU](localization.png)", ""]
+    notes = Path(__file__).resolve().parent / "notes" / "localization.md"  # the hand-written analysis
+    if notes.exists():
+        lines += [notes.read_text()]
     (RESULTS / "localization.md").write_text("\n".join(lines))
     (RESULTS / "localization.json").write_text(json.dumps(raw, indent=1, default=float))
     plot(summaries)
