@@ -88,7 +88,8 @@ def test_prompts_follow_the_slice_axes_for_any_axis_order(abdomen):
         x0, y0, x1, y1 = prompts[k]
         assert x0 <= cols.min() and x1 >= cols.max() and y0 <= rows.min() and y1 >= rows.max()
         assert x1 <= sl.shape[1] - 1 and y1 <= sl.shape[0] - 1
-        assert emb.slice_image(k).shape == (*sl.shape, 3)
+        # the encoder sees the radiological view: rows and columns swapped when the file stores them the other way
+        assert emb.slice_image(k).shape == (*(sl.shape[::-1] if emb.transpose else sl.shape), 3)
 
 
 def test_spl_prompts_use_the_slab_of_each_slice():
@@ -215,3 +216,44 @@ def test_cli_segment_end_to_end(abdomen, files, capsys):
         assert box["voxels"] == int((label.array == doc["labels"][name]).sum())
     assert qc.stat().st_size > 1000
     assert "encoder calls" in capsys.readouterr().out
+
+
+class _BoxFillingSegmenter:
+    """Fake segmenter: remembers the encoded image; a box prompt's mask is the box, in the image it saw."""
+
+    name = "fake"
+
+    def encode_batch(self, images):
+        return [np.asarray(image) for image in images]
+
+    def decode(self, embedding, boxes=None, points=None, point_labels=None, multimask=False):
+        masks = np.zeros((len(boxes), *embedding.shape[:2]), np.float32)
+        for n, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+            masks[n, y0:y1 + 1, x0:x1 + 1] = 1.0
+        return masks, np.ones(len(boxes), np.float32)
+
+
+@pytest.mark.parametrize("x_axis", [0, 1])
+@pytest.mark.parametrize("signs", [(1, 1), (-1, 1), (1, -1), (-1, -1)])
+def test_slices_are_shown_to_the_encoder_in_radiological_orientation(x_axis, signs):
+    shape = (30, 40, 5)
+    affine = np.diag([0.0, 0.0, 3.0, 1.0])
+    # file axis x_axis runs along world x (patient left), the other along y (posterior), signs as given
+    affine[0, x_axis], affine[1, 1 - x_axis] = 2.0 * signs[0], 2.0 * signs[1]
+    hu = np.zeros(shape, np.float32)
+    # a bright voxel at the patient's right-anterior corner of slice 2 must be the image's top-left pixel
+    corner = [0, 0]
+    corner[x_axis] = 0 if signs[0] > 0 else shape[x_axis] - 1
+    corner[1 - x_axis] = 0 if signs[1] > 0 else shape[1 - x_axis] - 1
+    hu[corner[0], corner[1], 2] = 1000.0
+    emb = SliceEmbeddings(_BoxFillingSegmenter(), CTVolume(hu, affine, "oriented"), axis=2)
+    image = emb.slice_image(2)
+    assert image[0, 0].max() == image.max() > image[5, 5].max()
+    # a box prompt in slice pixels comes back as the same box, whatever the orientation, with or without a crop
+    box = np.array([[3, 5, 10, 8]], float)  # x0 (column), y0 (row), x1, y1
+    expected = np.zeros(shape[:2], bool)
+    expected[5:9, 3:11] = True
+    masks, _ = emb.decode(2, boxes=box)
+    assert masks.shape == (1, *shape[:2]) and np.array_equal(masks[0] > 0.5, expected)
+    masks, _ = emb.decode(2, (2, 1, 20, 25), boxes=box)  # the box is relative to the crop
+    assert masks.shape == (1, 18, 24) and np.array_equal(masks[0] > 0.5, expected[:18, :24])

@@ -123,7 +123,6 @@ def uses_points(segmenter) -> bool:
 
 def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
             threshold: float) -> tuple[np.ndarray, float]:
-    seg = embeddings.segmenter
     kwargs = {}
     if len(points):
         kwargs.update(points=points[None], point_labels=labels[None])
@@ -133,7 +132,7 @@ def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.
         raise PromptError(f"no prompt on slice {k}")
     # a lone click is ambiguous (part / whole / surroundings): keep SAM's best of three masks
     multimask = box is None and len(points) == 1
-    probs, iou = seg.decode(embeddings.get(k), multimask=multimask, **kwargs)
+    probs, iou = embeddings.decode(k, multimask=multimask, **kwargs)
     return probs[0] > threshold, float(iou[0])
 
 
@@ -190,7 +189,7 @@ def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.nd
     shape = embeddings.slice_shape
     radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 6)))
     boxes = np.stack([_exclude(_box_around(foreground, r, shape), background, foreground) for r in radii])
-    probs, ious = embeddings.segmenter.decode(embeddings.get(k), boxes=boxes)
+    probs, ious = embeddings.decode(k, boxes=boxes)
     best, best_score = 0, -np.inf
     for n, (prob, iou, box) in enumerate(zip(probs, ious, boxes)):
         mask = prob > threshold

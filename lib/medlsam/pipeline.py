@@ -224,13 +224,13 @@ class MedLSAMPipeline:
                 for crop in dict.fromkeys(p.crop for p in here):  # one encoder input, one decoder call
                     group = [i for i, p in enumerate(here) if p.crop == crop]
                     tic = time.perf_counter()
-                    embedding = embeddings.get(k, crop)
+                    embeddings.get(k, crop)
                     timings["encode"] += time.perf_counter() - tic
                     tic = time.perf_counter()
                     boxes = np.array([here[i].boxes[k] for i in group])
                     if crop is not None:
                         boxes = boxes - np.array([crop[1], crop[0], crop[1], crop[0]], dtype=np.float64)
-                    masks, _ = self.segmenter.decode(embedding, boxes=boxes)
+                    masks, _ = embeddings.decode(k, crop, boxes=boxes)
                     timings["decode"] += time.perf_counter() - tic
                     tic = time.perf_counter()
                     for j, i in enumerate(group):

@@ -1,9 +1,13 @@
 """Slice embeddings of one volume: every encoder input (a whole axial slice, or a crop of one) is encoded
 at most once and cached, and the encoder calls are counted.
 
-Slices are taken along ``axis`` (default: the file axis closest to the body's cranio-caudal axis) exactly
-as ``np.take(volume.array, k, axis)``: rows are the first remaining file axis, columns the second, so a
-voxel box maps to pixels as x = column index, y = row index.
+Slices are taken along ``axis`` (default: the file axis closest to the body's cranio-caudal axis) as
+``np.take(volume.array, k, axis)``: rows are the first remaining file axis, columns the second, so a voxel
+box maps to pixels as x = column index, y = row index. Prompts and masks use those slice pixels; the
+encoder, however, sees every slice in the radiological display orientation (rows anterior to posterior,
+columns patient right to left) whatever the file order: on OpenKBP case 202 with ground-truth slice boxes,
+LiteMedSAM's mean Dice was 0.46 that way against 0.375 on the file-order (transposed) image (mandible
+0.24 / 0.04, left parotid 0.69 / 0.52). ``decode`` maps prompts in and masks back.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class SliceEmbeddings:
             raise MedLSAMError(f"slice axis must be 0, 1 or 2, got {axis}")
         self.encoder_calls = 0  # encoded inputs (slices or crops), not batches
         self._cache: dict[tuple[int, Crop | None], Embedding] = {}
+        self.transpose, self.flip_rows, self.flip_cols = display_orientation(volume.affine, self.axis)
 
     @property
     def num_slices(self) -> int:
@@ -57,7 +62,56 @@ class SliceEmbeddings:
         if crop is not None:
             r0, c0, r1, c1 = crop
             hu = hu[r0:r1, c0:c1]
-        return ct_slice_to_image(hu, self.window)
+        return ct_slice_to_image(self._to_display(hu), self.window)
+
+    def _to_display(self, image: np.ndarray) -> np.ndarray:
+        """Slice pixels (rows, cols, ...) -> the display orientation the encoder sees."""
+        if self.transpose:
+            image = np.swapaxes(image, 0, 1)
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_cols:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image)
+
+    def _from_display(self, masks: np.ndarray) -> np.ndarray:
+        """(N, h, w) masks in display orientation -> slice pixels."""
+        if self.flip_cols:
+            masks = masks[:, :, ::-1]
+        if self.flip_rows:
+            masks = masks[:, ::-1]
+        if self.transpose:
+            masks = np.swapaxes(masks, 1, 2)
+        return np.ascontiguousarray(masks)
+
+    def _points_to_display(self, xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """(..., 2) x (column), y (row) slice pixel coordinates -> display coordinates; shape = (rows, cols)."""
+        xy = np.array(xy, dtype=np.float64)
+        height, width = shape
+        if self.transpose:
+            xy = xy[..., ::-1].copy()
+            height, width = width, height
+        if self.flip_rows:
+            xy[..., 1] = height - 1 - xy[..., 1]
+        if self.flip_cols:
+            xy[..., 0] = width - 1 - xy[..., 0]
+        return xy
+
+    def decode(self, k: int, crop: Crop | None = None, boxes: np.ndarray | None = None,
+               points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+               multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The segmenter's decode on slice k (or a crop of it) with prompts and masks in slice pixels
+        (relative to the crop when given): boxes (N, 4) x0, y0, x1, y1, points (N, P, 2) x, y."""
+        embedding = self.get(k, crop)
+        shape = self.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
+        if boxes is not None:
+            corners = self._points_to_display(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), shape)
+            boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+        if points is not None:
+            points = self._points_to_display(points, shape)
+        masks, iou = self.segmenter.decode(embedding, boxes=boxes, points=points, point_labels=point_labels,
+                                           multimask=multimask)
+        return self._from_display(masks), iou
 
     def cached(self, k: int, crop: Crop | None = None) -> bool:
         return (int(k), crop) in self._cache
@@ -88,3 +142,14 @@ class SliceEmbeddings:
     def clear(self) -> None:
         """Drop the cached embeddings (the count stays)."""
         self._cache.clear()
+
+
+def display_orientation(affine: np.ndarray, axis: int) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns) that turn slices along `axis` into the radiological view:
+    rows run anterior to posterior (+y of LPS), columns patient right to left (+x)."""
+    rows_axis, cols_axis = (a for a in range(3) if a != axis)
+    rows_dir, cols_dir = affine[:3, rows_axis], affine[:3, cols_axis]
+    transpose = abs(rows_dir[0]) > abs(cols_dir[0])  # file rows run along x: swap rows and columns
+    if transpose:
+        rows_dir, cols_dir = cols_dir, rows_dir
+    return bool(transpose), bool(rows_dir[1] < 0), bool(cols_dir[0] < 0)
