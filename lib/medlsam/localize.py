@@ -170,7 +170,7 @@ class Localizer:
             box, result.match_score = match_organ(grid.array, organ.neighbourhoods, (low + high) / 2,
                                                   self.options.match_radius)
             points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
-            low, high = box
+            result.grid_points, (low, high) = points, box
             if outside(low, high):
                 result.found, result.reason = False, "box centre outside the scan's field of view"
             elif result.match_score < self.options.min_match_score:
