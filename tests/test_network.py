@@ -266,3 +266,16 @@ def test_pickled_code_is_refused(tmp_path):
         pickle.dump({"state_dict": {}, "payload": _Payload()}, handle, protocol=2)
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_medlam(tmp_path / "evil.pt")
+
+
+def test_features_can_stop_before_the_full_resolution_decoder():
+    torch.manual_seed(0)
+    model = MedLAM(MedLAMConfig(base_channels=2, patch_size=(32, 32, 32))).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        two = model.features(x, scales=2)
+        assert torch.allclose(model.latent(x), full["latent"], atol=1e-6)
+    assert [f.shape[-1] for f in two] == [8, 16]
+    for a, b in zip(two, full["features"][:2]):
+        assert torch.allclose(a, b, atol=1e-6)
