@@ -244,7 +244,7 @@ def write_report(out: Path, args, lat, memory, details, rows, clicks, organs) ->
 
     out.parent.mkdir(parents=True, exist_ok=True)
     names = {"medlsam_first": "medlsam, first call (loads models, builds the template bank)",
-             "medlsam": "medlsam, each further image", "medlam": "medlam (localisation only)",
+             "medlsam": "medlsam, each further image (with one image: the same image again, slices cached)", "medlam": "medlam (localisation only)",
              "sam_first": "sam, first click on a slice (encoder + decoder)", "sam_later": "sam, later clicks (decoder)",
              "sam_3d": "sam_3d, one click (propagation)"}
     lines = [
