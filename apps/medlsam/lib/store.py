@@ -303,12 +303,6 @@ class ModelStore:
             self._rebuild_thread = threading.Thread(target=run, name="template-bank", daemon=True)
             self._rebuild_thread.start()
 
-    def bank_status(self) -> dict:
-        """What /info/ can show without building anything."""
-        if self._bank is None:
-            return {"built": False}
-        return {"built": True, **self._bank[2]}
-
 
 def merge_organs(banks: list, names: dict[str, int]) -> dict:
     """Average single-template banks organ by organ (weighted by their template counts; the per-template
