@@ -2,7 +2,7 @@
 against the number of simulated clicks.
 
     python benchmarks/app.py [--templates 3] [--images 3] [--repeats 5] [--dice-cases 10] [--clicks 1,3,5]
-                             [--threads 2] [--tiny]
+                             [--threads 2] [--tiny] [--dice-only]
 
 1. Builds the sample datastore (scripts/make_sample_datastore.py: OpenKBP train templates with final labels,
    validation scans unlabeled) in a temporary folder, starts `monailabel start_server` on a private copy of
@@ -15,7 +15,8 @@ against the number of simulated clicks.
    error (foreground if missed, background if spurious); Dice after 1, 3 and 5 clicks.
 
 Writes benchmarks/results/app.md, .png and .json. --tiny: 1 template, 1 image, 1 repeat, 1 case, 2 organs (also
-for medlsam), clicks 1,2, at most 3 slices per direction (checks the script, not the numbers).
+for medlsam), clicks 1,2, at most 3 slices per direction (checks the script, not the numbers). --dice-only: part 2
+only (no server).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-slices", type=int, default=0, help="sam_3d propagation limit per direction")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and of part 2")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--dice-only", action="store_true", help="part 2 only (no server, no latencies)")
     parser.add_argument("--out", default=str(RESULTS / "app"))
     args = parser.parse_args(argv)
     if args.tiny:
@@ -163,6 +165,20 @@ def main(argv=None) -> int:
     clicks = [int(c) for c in args.clicks.split(",")]
     organs = [o.strip() for o in args.organs.split(",") if o.strip()]
     kbp = OpenKBP()
+    lat: dict[str, list[float]] = {k: [] for k in ("medlsam_first", "medlsam", "medlam", "sam_first", "sam_later",
+                                                     "sam_3d")}
+    details, memory = {}, float("nan")
+    if not args.dice_only:
+        memory = server_part(args, kbp, organs, lat, details)
+    print("interactive 3D Dice ...", flush=True)
+    cases = kbp.split("validation")[: args.dice_cases]
+    dice_rows = interactive_dice(kbp, cases, organs, clicks, args.max_slices)["rows"]
+    write_report(Path(args.out), args, lat, memory, details, dice_rows, clicks, organs)
+    return 0
+
+
+def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float]], details: dict) -> float:
+    """Part 1: latencies through a real server on a sample datastore; returns the server's peak memory (MB)."""
     work = Path(tempfile.mkdtemp(prefix="medlsam-app-bench-"))
     studies = work / "studies"
     subprocess.run([sys.executable, str(HERE.parent / "scripts" / "make_sample_datastore.py"), "--data",
@@ -175,9 +191,6 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     log = work / "server.log"
     server = start_server(app, studies, port, {"models": "medlsam", "threads": args.threads}, log)
-    lat: dict[str, list[float]] = {k: [] for k in ("medlsam_first", "medlsam", "medlam", "sam_first", "sam_later",
-                                                     "sam_3d")}
-    details = {}
     try:
         wait_for_server(url, server, log=log)
         from medlsam.volume import read_volume
@@ -224,12 +237,8 @@ def main(argv=None) -> int:
         memory = peak_memory_mb(server.pid)
     finally:
         stop_server(server)
-    print("interactive 3D Dice ...", flush=True)
-    cases = kbp.split("validation")[: args.dice_cases]
-    dice_rows = interactive_dice(kbp, cases, organs, clicks, args.max_slices)["rows"]
-    shutil.rmtree(work, ignore_errors=True)
-    write_report(Path(args.out), args, lat, memory, details, dice_rows, clicks, organs)
-    return 0
+        shutil.rmtree(work, ignore_errors=True)
+    return memory
 
 
 def _median(values: list[float]) -> str:

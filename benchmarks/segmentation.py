@@ -1,15 +1,18 @@
 """Segmentation benchmark on the OpenKBP validation split (protocol: ../shared/docs/evaluation.md).
 
 Per organ Dice and HD95 (a missed organ counts Dice 0 and is never dropped; its HD95 is reported missing)
-for the MedLSAM pipeline with MedLAM boxes (WPL and SPL), and with ground-truth prompts: the organ's 3D box
-on every slice (WPL) and each slice's own box. Also the time of one scan split by stage and the encoder
-calls against the reference approach (one encoder call per organ per slice). Writes
-benchmarks/results/segmentation.md, .json and .png.
+for the rows of ROWS: the default pipeline (MedLAM + template matching, per-slice boxes of the organ prior,
+SAM blended with the prior), the prior alone, SAM alone on the prior's boxes, MedLAM boxes (WPL, SPL), and
+ground-truth prompts: the organ's 3D box on every slice (WPL) and each slice's own box. Also the time of one
+scan split by stage and the encoder calls against the reference approach (one encoder call per organ per
+slice). Writes benchmarks/results/segmentation.md, .json and .png (--out), and appends
+benchmarks/notes/segmentation.md (the measured account of what was tried).
 
-    python benchmarks/segmentation.py [--model CKPT] [--cases N] [--backend lite_medsam] [--threads 1]
+    python benchmarks/segmentation.py [--rows default,prior,wpl] [--cases N] [--first-case N] [--threads 1]
+                                      [--bank BANK] [--set key=value] [--model CKPT] [--backend lite_medsam]
 
-The four rows of one scan share one slice-embedding cache (same window, same crops); the timing split and
-the encoder calls are those of the first row (MedLAM WPL), which starts from an empty cache.
+The rows of one scan share one slice-embedding cache; the timing split and the encoder calls are those of
+the first row, which starts from an empty cache.
 """
 
 from __future__ import annotations
@@ -36,8 +39,17 @@ from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
-ROWS = ["MedLAM boxes, WPL", "MedLAM boxes, SPL", "ground-truth 3D box (WPL)", "ground-truth box of every slice"]
-STAGES = ["load", "localize", "encode", "decode", "assemble", "write"]
+# key -> (row name, prompts: MedLAM's localisation or ground truth, SegmentOptions fields over the defaults)
+ROWS = {
+    "default": ("MedLSAM default (prior boxes, SAM + prior)", "medlam", {}),
+    "prior": ("template prior alone (no SAM)", "medlam", {"prior_weight": 1.0}),
+    "samprior": ("SAM on prior boxes, no blend", "medlam", {"prior_weight": 0.0}),
+    "wpl": ("MedLAM boxes, WPL", "medlam", {"mode": "wpl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
+    "spl": ("MedLAM boxes, SPL", "medlam", {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
+    "gt3d": ("ground-truth 3D box (WPL)", "truth3d", {"mode": "wpl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
+    "gtslice": ("ground-truth box of every slice", "truthslice", {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
+}
+STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
 
 
 def truth_locations(label: np.ndarray, contoured: list[str], values: dict[str, int], axis: int,
@@ -81,10 +93,16 @@ def score(pred: np.ndarray, label: np.ndarray, contoured: list[str], values: dic
     return rows
 
 
-def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: SegmentOptions) -> dict:
-    pipelines = {mode: MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=mode)), segmenter,
-                                       SegmentOptions(**{**options.__dict__, "mode": mode})) for mode in ("wpl", "spl")}
-    results: dict = {row: {} for row in ROWS}
+def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: SegmentOptions, rows: list[str]) -> dict:
+    """Every chosen row on every case. The first row's scan starts from an empty slice-embedding cache: its
+    timing split and encoder calls are reported; later rows reuse the cached slices."""
+    pipelines = {}
+    for key in rows:
+        fields = {**options.__dict__, **ROWS[key][2]} if key != "default" else dict(options.__dict__)
+        opts = SegmentOptions(**fields)
+        pipelines[key] = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=opts.localizer_mode)), segmenter, opts)
+    names = [ROWS[key][0] for key in rows]
+    results: dict = {name: {} for name in names}
     results["timings"], results["encoder_calls"] = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for case in cases:
@@ -95,26 +113,26 @@ def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: Segme
             label = read_volume(data.label(cid)).array  # scoring only
             axis = cranio_caudal_axis(volume.affine)
             embeddings = SliceEmbeddings(segmenter, volume, window=options.window)
-            outputs = {}
-            result = pipelines["wpl"].segment(volume, embeddings=embeddings)
-            write_segmentation(result, volume, Path(scratch) / "label.nii.gz")
-            results["timings"][cid] = {"load": load_s, **result.timings_s}
-            results["encoder_calls"][cid] = {"encoder_calls": result.encoder_calls,
-                                             "reference_encoder_calls": result.reference_encoder_calls}
-            outputs[ROWS[0]] = result
-            outputs[ROWS[1]] = pipelines["spl"].segment(volume, embeddings=embeddings)
-            outputs[ROWS[2]] = pipelines["wpl"].segment_locations(
-                volume, truth_locations(label, case["contoured"], data.values, axis, False), embeddings=embeddings)
-            outputs[ROWS[3]] = pipelines["spl"].segment_locations(
-                volume, truth_locations(label, case["contoured"], data.values, axis, True), embeddings=embeddings)
-            for row, out in outputs.items():
-                results[row][cid] = {"organs": score(out.label, label, case["contoured"], data.values, volume.spacing),
-                                     "encoder_calls": out.encoder_calls}
+            line = []
+            for i, key in enumerate(rows):
+                pipeline, prompts = pipelines[key], ROWS[key][1]
+                if prompts == "medlam":
+                    out = pipeline.segment(volume, embeddings=embeddings)
+                else:
+                    out = pipeline.segment_locations(volume, truth_locations(
+                        label, case["contoured"], data.values, axis, prompts == "truthslice"), embeddings=embeddings)
+                if i == 0:
+                    write_segmentation(out, volume, Path(scratch) / "label.nii.gz")
+                    results["timings"][cid] = {"load": load_s, **out.timings_s}
+                    results["encoder_calls"][cid] = {"encoder_calls": out.encoder_calls,
+                                                     "reference_encoder_calls": out.reference_encoder_calls}
+                    first = out
+                organs = score(out.label, label, case["contoured"], data.values, volume.spacing)
+                results[ROWS[key][0]][cid] = {"organs": organs, "encoder_calls": out.encoder_calls}
+                line.append(f"{key} {np.mean([o['dice'] for o in organs.values()]):.3f}")
             total = sum(results["timings"][cid][s] for s in STAGES if s in results["timings"][cid])
-            line = ", ".join(f"{row.split(',')[0].split(' (')[0]} {np.mean([o['dice'] for o in results[row][cid]['organs'].values()]):.3f}"
-                             for row in ROWS[:1] + ROWS[2:3])
-            print(f"{cid}: mean Dice {line}; WPL scan {total:.1f} s, {result.encoder_calls} encoder calls "
-                  f"(reference {result.reference_encoder_calls})", flush=True)
+            print(f"{cid}: mean Dice {', '.join(line)}; {rows[0]} scan {total:.1f} s, {first.encoder_calls} encoder "
+                  f"calls (reference {first.reference_encoder_calls})", flush=True)
     return results
 
 
@@ -134,7 +152,7 @@ def summarise(per_case: dict) -> dict:
 
 
 def write_report(results: dict, summaries: dict, model_path: Path, templates: list[str], n_cases: int,
-                 options: SegmentOptions, backend: str) -> None:
+                 options: SegmentOptions, backend: str, command: str, out: Path) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     timings = results["timings"]
     median = {s: float(np.median([t.get(s, 0.0) for t in timings.values()])) for s in STAGES}
@@ -149,32 +167,35 @@ def write_report(results: dict, summaries: dict, model_path: Path, templates: li
         f"- MedLAM model: `{model_path}`; segmenter: `{backend}`; options: `{options}`; machine: {machine_line()}.",
         "- Dice: 3D on the scan's own grid, a missed organ (not found, empty mask) counts 0; HD95 in mm over the "
         "organs segmented (misses listed separately). Mean over scans per organ, then over organs (± std over organs).",
-        f"- Command: `python benchmarks/segmentation.py --model {model_path.name}" + (f" --cases {n_cases}`" if n_cases < 33 else "`"),
+        f"- Command: `{command}`",
         "", "| prompts | mean Dice | mean HD95 mm | missed | " + " | ".join(ORGANS) + " |",
         "|---|---|---|---|" + "---|" * len(ORGANS)]
     for row, s in summaries.items():
         cells = [f"{np.mean(s['organs'][o]['dice']):.3f}" if o in s["organs"] else "n/a" for o in ORGANS]
         hd = f"{s['hd95']:.1f}" if s["hd95"] is not None else "n/a"
         lines.append(f"| {row} | {s['dice']:.3f} ± {s['dice_std']:.3f} | {hd} | {s['missed']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per organ, MedLAM boxes", "", "| organ | scans | WPL Dice | WPL HD95 mm | WPL missed | SPL Dice | "
-              "SPL HD95 mm | SPL missed |", "|---|---|---|---|---|---|---|---|"]
+    first = next(iter(summaries))
+    lines += ["", f"## Per organ: {first}", "", "| organ | scans | Dice | HD95 mm | missed |", "|---|---|---|---|---|"]
     for organ in ORGANS:
-        w, p = summaries[ROWS[0]]["organs"].get(organ), summaries[ROWS[1]]["organs"].get(organ)
-        if w and p:
-            lines.append(f"| {organ} | {w['n']} | {mean_std(w['dice'])} | {mean_std(w['hd95'])} | {w['missed']} | "
-                         f"{mean_std(p['dice'])} | {mean_std(p['hd95'])} | {p['missed']} |")
-    lines += ["", "## Time of one scan (MedLAM WPL, median over scans, seconds)", "",
+        o = summaries[first]["organs"].get(organ)
+        if o:
+            lines.append(f"| {organ} | {o['n']} | {mean_std(o['dice'])} | {mean_std(o['hd95'])} | {o['missed']} |")
+    lines += ["", f"## Time of one scan ({first}, median over scans, seconds)", "",
               "| " + " | ".join(STAGES) + " | total |", "|" + "---|" * (len(STAGES) + 1),
               "| " + " | ".join(f"{median[s]:.2f}" for s in STAGES) + f" | {total:.1f} |", "",
               f"Encoder calls per scan (median): {enc:.0f}, against {ref:.0f} for the reference approach "
               f"(one encoder call per organ per slice): {ref / max(enc, 1):.1f}x fewer.", "",
               "![Dice per organ](segmentation.png)", ""]
-    (RESULTS / "segmentation.md").write_text("\n".join(lines))
-    (RESULTS / "segmentation.json").write_text(json.dumps({"summaries": summaries, "raw": results}, indent=1, default=float))
-    plot(summaries, median)
+    notes = RESULTS.parent / "notes" / "segmentation.md"
+    if notes.is_file() and out == RESULTS / "segmentation":  # the account of what was tried and what limits it
+        lines += ["", notes.read_text()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"summaries": summaries, "raw": results}, indent=1, default=float))
+    plot(summaries, median, out.with_suffix(".png"))
 
 
-def plot(summaries: dict, median: dict) -> None:
+def plot(summaries: dict, median: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +218,7 @@ def plot(summaries: dict, median: dict) -> None:
     axes[1].set_ylabel("seconds")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "segmentation.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
 
 def _option(item: str) -> tuple[str, object]:
@@ -221,19 +242,27 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a SegmentOptions field, e.g. --set empty_fallback=false --set zoom_below_mm=30")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows, the first timed: {', '.join(ROWS)}")
+    parser.add_argument("--first-case", type=int, default=0, help="skip the first N validation cases")
+    parser.add_argument("--out", type=Path, default=RESULTS / "segmentation", help="report path without suffix")
     args = parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
     data = OpenKBP(args.data)
     model_path = args.model or default_medlam_path()
     model = load_medlam(model_path)
     segmenter = build_segmenter(args.backend, args.checkpoint)
-    cases = data.split("validation")[: args.cases or None]
+    cases = data.split("validation")[args.first_case:][: args.cases or None]
     templates = data.templates(5)
     options = SegmentOptions(**dict(_option(item) for item in args.set))
-    results = run(data, model, segmenter, cases, template_bank(data, model, templates, args.bank), options)
-    summaries = {row: summarise(results[row]) for row in ROWS}
-    write_report(results, summaries, Path(model_path), templates, len(cases), options, args.backend)
-    print((RESULTS / "segmentation.md").read_text())
+    results = run(data, model, segmenter, cases, template_bank(data, model, templates, args.bank), options, rows)
+    summaries = {ROWS[key][0]: summarise(results[ROWS[key][0]]) for key in rows}
+    command = "python benchmarks/segmentation.py " + " ".join(sys.argv[1:])
+    write_report(results, summaries, Path(model_path), templates, len(cases), options, args.backend, command, args.out)
+    print(args.out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import pytest
 
 from app_support import (label_info, private_app, start_server, stop_server, tiny_case, wait_for_server,
                          free_port)
+from medlsam.errors import MedLSAMError
 from medlsam.volume import read_volume
 
 THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")
@@ -151,6 +152,9 @@ def test_medlsam_multipart_and_ohif_image(client, env):
     ohif = infer(client, "medlsam", "kbp1", {"result_extension": ".nrrd", "result_dtype": "uint8"}, output="image")
     assert ohif.status_code == 200 and ohif.headers["content-type"].startswith("application/")
     assert np.array_equal(_read_label(ohif.content, ".nrrd", env["folder"]), label)
+    prior_only = infer(client, "medlsam", "kbp2", {"prior_weight": 1})  # the template prior alone: no SAM
+    assert prior_only.status_code == 200 and prior_only.json()["encoder_calls"] == 0, prior_only.text
+    assert prior_only.json()["boxes"]["Brainstem"]["voxels"] > 0
     unknown = infer(client, "medlsam", "kbp1", {"organs": ["Liver"]})
     assert unknown.status_code == 400 and "Liver" in unknown.json()["detail"]
 
@@ -190,6 +194,9 @@ def test_sam_3d_propagates_from_the_clicked_slice(client):
     ("sam", "kbp2", {"background": [[3, 3, 3]]}, 400, "foreground"),
     ("sam_3d", "kbp2", {}, 400, "no prompt"),
     ("medlam", "kbp2", {"organs": "Brainstem,Heart"}, 400, "Heart"),
+    ("medlam", "kbp2", {"mode": "prior"}, 400, "mode"),
+    ("medlsam", "kbp1", {"prior_weight": "2"}, 400, "prior_weight"),
+    ("medlsam", "kbp1", {"mode": "boxes"}, 400, "mode"),
     ("nosuchmodel", "kbp2", {}, 404, "available"),
 ])
 def test_bad_input_gives_clear_http_errors(client, model, image, params, status, needle):
@@ -221,6 +228,10 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
         with pytest.raises(NoTemplatesError, match="save a final label"):
             store.bank()
         assert http_error(NoTemplatesError("x")).status_code == 409
+        for key, value, needle in (("mode", "boxes", "mode"), ("compile", "maybe", "compile"),
+                                   ("templates", "0", "templates")):
+            with pytest.raises(MedLSAMError, match=needle):
+                ModelStore(str(env["app"]), str(env["app"] / "model"), {key: value})
     finally:
         sys.path.remove(str(env["app"]))
 

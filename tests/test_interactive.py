@@ -136,3 +136,65 @@ def test_lite_medsam_click_and_propagation_on_a_real_liver(data_dir):
     for s in result.slices:
         assert dice(result.mask[:, :, s], liver[:, :, s]) > 0.65, s
     assert emb.encoder_calls == 3
+    # a later foreground click on a missed slice adds that part and keeps the slices done before
+    far = k + 4
+    dist = ndimage.distance_transform_edt(liver[:, :, far])
+    fi, fj = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    more = segment_volume(emb, parse_prompts(ct.shape, foreground=[[i, j, k], [fi, fj, far]], roi=roi),
+                          PropagationOptions(max_slices=1))
+    print("Dice on the missed slice", dice(more.mask[:, :, far], liver[:, :, far]))
+    assert more.anchors == [k, far] and more.slices == [k - 1, k, k + 1, far - 1, far, far + 1], more.stop_reasons
+    assert np.array_equal(more.mask[:, :, :far - 1], result.mask[:, :, :far - 1])
+    assert dice(more.mask[:, :, far], liver[:, :, far]) > 0.5
+    assert dice(more.mask, liver) > dice(result.mask, liver) + 0.05
+
+
+def _rod(segments: list[tuple[int, int]], shape=(40, 36, 30)):
+    """A CT of a bright rod of radius 4 around (i, j) = (14, 20) along the last axis over the inclusive k
+    ``segments``: the stand-in segmenter follows it slice by slice."""
+    from medlsam.volume import CTVolume
+
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    disc = (i - 14) ** 2 + (j - 20) ** 2 <= 16
+    rod = np.zeros(shape, dtype=bool)
+    for k0, k1 in segments:
+        rod[:, :, k0:k1 + 1] = disc[:, :, None]
+    hu = np.where(rod, 1000.0, 40.0).astype(np.float32)
+    return CTVolume(hu, np.diag([3.0, 3.0, 4.0, 1.0]), "rod"), rod
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def test_background_click_removes_the_spurious_slices_and_stops_propagation():
+    ct, rod = _rod([(5, 24)])
+    truth = rod.copy()
+    truth[:, :, 15:] = False  # the object ends at slice 14, the image goes on: propagation overshoots
+    emb = SliceEmbeddings(IdealSegmenter(), ct, axis=2)
+    one = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))
+    assert one.slices == list(range(5, 25))
+    two = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]], background=[[14, 20, 19]]))
+    assert two.slices == list(range(5, 19)) and two.stop_reasons["up"] == "background click on the carried mask"
+    assert np.array_equal(two.mask[:, :, :19], one.mask[:, :, :19])  # the slices before the click are kept
+    three = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]],
+                                              background=[[14, 20, 19], [14, 20, 15]]))
+    assert np.array_equal(three.mask, truth)
+    assert _dice(one.mask, truth) < _dice(two.mask, truth) < _dice(three.mask, truth) == 1.0
+
+
+def test_foreground_click_on_a_missed_slice_adds_it_and_keeps_the_first_result():
+    ct, rod = _rod([(4, 10), (14, 20)])  # one object with a gap propagation cannot cross
+    emb = SliceEmbeddings(IdealSegmenter(), ct, axis=2)
+    one = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 7]]))
+    assert one.slices == list(range(4, 11))
+    two = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 7], [14, 20, 17]]))
+    assert np.array_equal(two.mask, rod) and two.seed == 7 and two.anchors == [7, 17]
+    assert two.stop_reasons["up"] == "empty mask" and two.stop_reasons["down from 17"] == "empty mask"
+    assert _dice(one.mask, rod) < _dice(two.mask, rod) == 1.0
+    # a click on a slice the propagation reaches widens that slice instead of restarting from it
+    calls = emb.segmenter.decoder_calls
+    again = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 7], [12, 20, 9]]))
+    assert again.anchors == [7] and np.array_equal(again.mask, one.mask)
+    assert emb.encoder_calls == 18  # slices 3-11 and 13-21 once each: a repeated request costs decoder calls only
+    assert emb.segmenter.decoder_calls > calls

@@ -129,6 +129,38 @@ def test_pipeline_encodes_each_slice_once_and_assembles_the_label(abdomen, files
     assert {"encode", "decode", "assemble"} <= set(doc["timings_s"])
 
 
+def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(abdomen, files, segmenter):
+    """The template is the scan itself, so the matched prior is the organ: the prior alone reproduces the
+    label without any encoder call, and the blend with SAM (every 2nd slice encoded) stays close to it."""
+    ct, label, names = abdomen
+    _, model, bank = files
+    values = {n: v for v, n in names.items()}
+    truth = label.array == values["liver"]
+
+    def liver_dice(result) -> float:
+        liver = result.label == values["liver"]
+        return 2 * (liver & truth).sum() / (liver.sum() + truth.sum())
+
+    alone = MedLSAMPipeline(Localizer(model, bank), segmenter, SegmentOptions(mode="prior", prior_weight=1.0))
+    result = alone.segment(ct, ["liver", "stomach"])
+    assert result.encoder_calls == 0 and result.timings_s["encode"] == 0.0
+    assert liver_dice(result) > 0.9
+    blended = MedLSAMPipeline(Localizer(model, bank), segmenter,
+                              SegmentOptions(mode="prior", prior_weight=0.7, slice_spacing_mm=2 * ct.spacing[2]))
+    embeddings = SliceEmbeddings(segmenter, ct)
+    result = blended.segment(ct, ["liver"], embeddings=embeddings)
+    slices = np.flatnonzero(truth.any(axis=(0, 1)))
+    assert 0 < result.encoder_calls < len(slices)  # every 2nd slice of the liver's range (and its ends)
+    assert liver_dice(result) > 0.85
+    # without template matching there is no prior: the organ's box on every slice, SAM alone
+    from medlsam.localize import LocalizeOptions
+
+    no_prior = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(match=False)), segmenter,
+                               SegmentOptions(mode="prior", prior_weight=1.0))
+    result = no_prior.segment(ct, ["liver"], embeddings=embeddings)
+    assert result.reference_encoder_calls > 0 and result.boxes["liver"]["voxels"] > 0
+
+
 def test_write_segmentation_keeps_geometry_and_is_atomic(abdomen, tmp_path, monkeypatch):
     ct, label, _ = abdomen
     from medlsam.pipeline import SegmentationResult
@@ -176,6 +208,12 @@ def test_unknown_organ_and_backend_fail_before_any_work(abdomen, files, segmente
     assert "not in the template bank" in capsys.readouterr().err
     assert cli_main(base + ["--backend", "sam_vit_x"]) == 2
     assert "unknown segmentation backend" in capsys.readouterr().err
+    assert cli_main(base + ["--prior-weight", "1.5"]) == 2  # checked before the bank is opened
+    assert "prior_weight must be in [0, 1]" in capsys.readouterr().err
+    for bad, needle in ((dict(mode="boxes"), "mode must be one of"), (dict(slice_spacing_mm=-1), "slice_spacing_mm"),
+                        (dict(prior_weight=-0.1), "prior_weight")):
+        with pytest.raises(MedLSAMError, match=needle):
+            SegmentOptions(**bad)
     # the output path is checked first: a missing bank is not even opened
     assert cli_main(["segment", "x.nii.gz", "--templates", "nope.pt", "--out", str(folder / "no" / "s.nii.gz")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -240,3 +240,21 @@ def test_unknown_backend_and_bad_inputs(lite, lite_embedding):
         lite.encode(np.full((8, 8, 3), 300.0))
     with pytest.raises(MedLSAMError, match="Embedding"):
         lite.decode(Embedding(lite_embedding.features, (1, 1), (1, 1), "sam_vit_b"), boxes=np.zeros((1, 4)))
+
+
+def test_a_failing_torch_compile_falls_back_to_the_eager_encoder(tiny_registry, monkeypatch):
+    """compile=True wraps the encoder in torch.compile; without a working toolchain the first encode warns
+    and runs eagerly, with the eager encoder's result."""
+    def broken_compile(module, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = build_segmenter("sam_vit_b", checkpoint=str(tiny_registry))
+    compiled = build_segmenter("sam_vit_b", checkpoint=str(tiny_registry), compile=True)
+    image = slice_image()
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        embedding = compiled.encode(image)
+    torch.testing.assert_close(embedding.features, eager.encode(image).features)
+    compiled.encode(image)  # eager from now on: no second warning needed, no error

@@ -10,9 +10,10 @@ import torch
 
 from medlsam.cli import main as cli_main
 from medlsam.errors import TemplateError
-from medlsam.grid import to_localisation_grid
+from medlsam.grid import resample_to_grid, to_localisation_grid
 from medlsam.localize import Localizer, LocalizeOptions
 from medlsam.matching import cut_organ_patch, match_organ, match_patch
+from medlsam.metrics import dice
 from medlsam.network import MedLAM, MedLAMConfig, save_medlam
 from medlsam.templates import WPL_ROLES, build_bank, extreme_points, load_bank, organ_grid_coords
 from medlsam.volume import CTVolume, write_volume
@@ -222,11 +223,22 @@ def test_intensity_matching_recovers_a_known_shift(radius):
     query_grid = to_localisation_grid(CTVolume(shifted, image.affine, "shifted"))
     ball = organ_grid_coords(phantom(0)[1], 1, template_grid)
     low, high = ball.min(axis=0), ball.max(axis=0)
-    patch = cut_organ_patch(template_grid, low, high)
+    mask = resample_to_grid((phantom(0)[1].array == 1).astype(np.float32), image, template_grid.affine,
+                            template_grid.shape, fill=0.0)
+    patch = cut_organ_patch(template_grid, low, high, mask)
     shift = template_grid.from_file_index(np.array([[3.0, 0, 0]]))[0] - template_grid.from_file_index(np.zeros((1, 3)))[0]
     start = (low + high) / 2 + shift + np.array([0.0, 2.0, -radius])  # a first guess off by up to the radius
-    box, score = match_patch(query_grid.array, patch, start, radius)
+    box, score, corner = match_patch(query_grid.array, patch, start, radius)
     assert np.allclose(box, np.stack([low, high]) + shift, atol=1.01), (box, low + shift)
     assert score > 0.9
-    median_box, _ = match_organ(query_grid.array, [patch, patch], start, radius)
+    median_box, _, prior = match_organ(query_grid.array, [patch, patch], start, radius)
     assert np.allclose(median_box, box)
+    # the fused prior is the template's organ mask moved with the body: it covers the query's ball
+    truth = np.zeros(query_grid.shape, bool)
+    truth[tuple(np.round(ball + shift).astype(int).T)] = True
+    placed = np.zeros(query_grid.shape, np.float32)
+    lo = np.maximum(prior.origin, 0)
+    hi = np.minimum(prior.origin + np.array(prior.probabilities.shape), query_grid.shape)
+    src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, prior.origin))
+    placed[tuple(slice(a, b) for a, b in zip(lo, hi))] = prior.probabilities[src]
+    assert dice(placed >= 0.5, truth) > 0.8

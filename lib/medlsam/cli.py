@@ -93,6 +93,7 @@ def _segment(args: argparse.Namespace) -> None:
     from medlsam.volume import load_ct
 
     check_output_path(args.out)  # fail before any work
+    options = SegmentOptions(mode=args.mode, **({} if args.prior_weight is None else {"prior_weight": args.prior_weight}))
     if args.qc:
         check_png_path(args.qc)
     organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None
@@ -103,8 +104,7 @@ def _segment(args: argparse.Namespace) -> None:
     tic = time.perf_counter()
     volume = load_ct(args.image)
     load_s = time.perf_counter() - tic
-    pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=args.mode)), segmenter,
-                               SegmentOptions(mode=args.mode))
+    pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=options.localizer_mode)), segmenter, options)
     result = pipeline.segment(volume, organs, progress=not args.quiet)
     result.timings_s = {"load": load_s, **result.timings_s}
     write_segmentation(result, volume, args.out)
@@ -190,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--backend", default="lite_medsam", help="segmenter: lite_medsam (default), sam_vit_b|l|h, "
                          "medsam_vit_b")
     segment.add_argument("--checkpoint", help="segmenter weights (required for SAM/MedSAM backends)")
-    segment.add_argument("--mode", choices=["wpl", "spl"], default="wpl")
+    segment.add_argument("--mode", choices=["prior", "wpl", "spl"], default="prior",
+                         help="prompts: prior (per-slice boxes of the matched templates), wpl (one box), spl (slabs)")
+    segment.add_argument("--prior-weight", type=float, help="weight of the template prior against SAM's masks "
+                         "(default 0.8; 1: the prior alone, no SAM; 0: SAM alone)")
     segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
     segment.add_argument("--qc", help="write a PNG montage of each organ's middle slice with the masks")
     segment.add_argument("--device", default="cpu")

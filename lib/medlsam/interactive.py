@@ -9,11 +9,17 @@ its columns the second, so a voxel maps to SAM's pixel x = column index, y = row
 * ``segment_slice``: the clicks and box on one slice -> that slice's mask (one decoder call on the
   slice's cached embedding, so a second click on the same slice costs only the decoder). LiteMedSAM and
   MedSAM were trained with boxes only: for them clicks are turned into boxes (see ``_slice_mask``).
-* ``segment_volume``: the same prompts on a seed slice, then the mask is carried slice by slice in both
-  directions, each slice prompted with the box of its neighbour's mask (for point-trained SAMs also a
-  foreground point at the neighbour mask's most interior pixel; plus any user clicks on that slice), until the object
-  ends: an empty mask, a predicted IoU below ``min_iou``, an area collapse or blow-up against the
-  neighbour, too little overlap with the neighbour, the roi's extent along the axis, or ``max_slices``.
+* ``segment_volume``: the prompts on the first clicked slice (the seed), then the mask is carried slice
+  by slice in both directions, each slice prompted with the box of its neighbour's mask (for point-trained
+  SAMs also a foreground point at the neighbour mask's most interior pixel; plus any user clicks on that
+  slice), until the object ends: an empty mask, a predicted IoU below ``min_iou``, an area collapse or
+  blow-up against the neighbour, too little overlap with the neighbour, the roi's extent along the axis, or
+  ``max_slices``. Every slice with a foreground click anchors the result: one reached keeps the
+  propagation going with its box widened to its clicks (plus the object under a click SAM left out); one
+  not reached is prompted with the box of the nearest slice done, widened to its clicks, and carried both
+  ways into the slices still empty. A background click on the mask being carried ends that direction
+  there; elsewhere it pushes the box off and removes the component it falls in. So a later click changes
+  only the slices from its own outward, and the earlier clicks' result stays.
 """
 
 from __future__ import annotations
@@ -182,12 +188,13 @@ def _border_fraction(mask: np.ndarray, box: np.ndarray) -> float:
 
 
 def _best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, threshold: float,
-                   max_border: float = 0.15):
+                   max_border: float = 0.15, max_radius: float | None = None):
     """Boxes of several sizes around the foreground clicks, decoded in one batched call. Among the masks that
     hold a click and are not cut off by their box (a whole object fits in it) SAM's best-scored (predicted IoU)
     wins; failing any, the best predicted IoU minus penalties for a cut-off mask or a missed click."""
     shape = embeddings.slice_shape
-    radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 6)))
+    top = max(4.0, max(shape) / 3 if max_radius is None else max_radius)
+    radii = np.unique(np.round(np.geomspace(2, top, 6)))
     boxes = np.stack([_exclude(_box_around(foreground, r, shape), background, foreground) for r in radii])
     probs, ious = embeddings.decode(k, boxes=boxes)
     best, best_score = 0, -np.inf
@@ -331,96 +338,149 @@ class PropagationOptions:
 class VolumeResult:
     mask: np.ndarray  # bool, file array order
     axis: int
-    seed: int
+    seed: int  # the first clicked slice
+    anchors: list[int] = field(default_factory=list)  # clicked slices propagated from, in click order
     slices: list[int] = field(default_factory=list)  # slices holding mask, ascending
     stop_reasons: dict[str, str] = field(default_factory=dict)  # per direction: why propagation ended
     ious: dict[int, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"axis": self.axis, "seed_slice": self.seed,
+        return {"axis": self.axis, "seed_slice": self.seed, "anchor_slices": self.anchors,
                 "slices": [min(self.slices), max(self.slices)] if self.slices else [],
                 "voxels": int(self.mask.sum()), "stop": self.stop_reasons,
                 "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
 
 
+def _anchors(prompts: Prompts, axis: int) -> list[int]:
+    """Slices with foreground clicks, in the order of their first click (else the roi's middle)."""
+    if not len(prompts.foreground):
+        return [_seed_slice(prompts, axis)]
+    return list(dict.fromkeys(int(k) for k in prompts.foreground[:, axis]))
+
+
 def segment_volume(embeddings, prompts: Prompts, options: PropagationOptions | None = None) -> VolumeResult:
-    """3D mask from prompts on a seed slice, carried to the neighbouring slices in both directions."""
+    """3D mask from clicks on one or more slices. The first clicked slice (the seed) is segmented from its
+    prompts and carried to the neighbouring slices in both directions; a clicked slice reached on the way
+    widens its box to its foreground clicks and keeps the propagation going; a clicked slice not reached
+    becomes an anchor: prompted with the box of the nearest slice done, widened to its clicks, and carried
+    both ways into the slices no earlier anchor filled. A background click lying on the mask being carried
+    ends that direction there; elsewhere it pushes the box off and removes the component it falls in. So
+    a later click changes only the slices from its own outward."""
     opts = options or PropagationOptions()
     tic = time.perf_counter()
     axis, n = embeddings.axis, embeddings.num_slices
     _check_roi_size(prompts, axis)
-    seed = _seed_slice(prompts, axis)
-    first = segment_slice(embeddings, prompts, seed, opts.threshold)
+    anchors = _anchors(prompts, axis)
     out = np.zeros(embeddings.volume.shape, dtype=bool)
+    result = VolumeResult(out, axis, anchors[0], anchors=[])
     index = [slice(None)] * 3
 
-    def put(k: int, mask: np.ndarray) -> None:
+    def put(k: int, mask: np.ndarray, iou: float) -> None:
         index[axis] = k
         out[tuple(index)] = mask
+        result.ious[k] = iou
 
-    result = VolumeResult(out, axis, seed)
-    seed_mask = first["mask"]
-    result.timings_s["seed"] = time.perf_counter() - tic
-    if not seed_mask.any():
-        result.stop_reasons = {"seed": "empty mask on the seed slice"}
-        result.timings_s["total"] = time.perf_counter() - tic
-        return result
-    put(seed, seed_mask)
-    result.ious[seed] = first["iou"]
     lo_limit, hi_limit = 0, n - 1
     if prompts.roi is not None and prompts.roi[axis, 1] > prompts.roi[axis, 0]:
         lo_limit, hi_limit = int(prompts.roi[axis, 0]), int(prompts.roi[axis, 1])
-    roi_box = _slice_prompt(prompts, axis, seed)[2] if prompts.roi is not None else None
-    for step, name in ((1, "up"), (-1, "down")):
-        prev, k, reason, done = seed_mask, seed + step, "", 0
-        while True:
-            if k < lo_limit or k > hi_limit:
-                reason = "end of image" if k < 0 or k >= n else "end of roi"
-                break
-            if opts.max_slices and done >= opts.max_slices:
-                reason = f"max_slices {opts.max_slices}"
-                break
-            if opts.prefetch > 1:
-                ahead = [j for j in range(k, k + step * opts.prefetch, step) if lo_limit <= j <= hi_limit]
-                embeddings.prefetch(ahead, batch=len(ahead))
-            points, labels, _ = _slice_prompt(prompts, axis, k, roi_box=False)
-            user_fg = bool((labels == 1).any())  # the user asked for this slice: keep going
-            fg, bg = points[labels == 1], points[labels == 0]
-            box = _mask_box(prev, opts.box_margin)
-            if user_fg:  # the box must also cover the user's clicks on this slice
-                box = _box_around(np.concatenate([fg, box.reshape(2, 2)]), 0.0, embeddings.slice_shape)
-            if uses_points(embeddings.segmenter):
-                fg = np.concatenate([[_interior_point(prev)], fg])
-            mask, iou = _slice_mask(embeddings, k, fg, bg, box, opts.threshold)
-            if roi_box is not None:
-                mask = _clip_to_box(mask, roi_box)
-            mask = _largest_component(mask) if mask.any() and not user_fg else mask
-            area, prev_area = int(mask.sum()), int(prev.sum())
-            overlap = (mask & prev).sum() / max(1, (mask | prev).sum())
-            if area == 0:
-                reason = "empty mask"
-            elif not user_fg and iou < opts.min_iou:
-                reason = f"predicted IoU {iou:.2f} < {opts.min_iou}"
-            elif not user_fg and area < opts.min_area_ratio * prev_area:
-                reason = f"area collapsed ({area} < {opts.min_area_ratio} x {prev_area} px)"
-            elif not user_fg and area > opts.max_area_ratio * prev_area:
-                reason = f"area blew up ({area} > {opts.max_area_ratio} x {prev_area} px)"
-            elif not user_fg and overlap < opts.min_overlap:
-                reason = f"overlap with the neighbour slice {overlap:.2f} < {opts.min_overlap}"
-            if reason.startswith("area collapsed") and (mask & prev).sum() >= 0.5 * area:
-                put(k, mask)  # the object's tip, inside its neighbour: keep it, then stop
-                result.ious[k] = iou
-                reason = reason.replace("area collapsed", "object ends: area collapsed")
-            if reason:
-                break
-            put(k, mask)
-            result.ious[k] = iou
-            prev, k, done = mask, k + step, done + 1
-        result.stop_reasons[name] = reason
+    roi_box = _slice_prompt(prompts, axis, anchors[0])[2] if prompts.roi is not None else None
+    for a, seed in enumerate(anchors):
+        if seed in result.ious:  # reached (and widened to its clicks) from an earlier anchor
+            continue
+        suffix = "" if a == 0 else f" from {seed}"
+        mask = np.zeros(embeddings.slice_shape, dtype=bool)
+        if result.ious:  # the nearest slice done gives the object's box, widened to this slice's clicks
+            near = min(result.ious, key=lambda j: (abs(j - seed), j))
+            mask, iou = _carry(embeddings, prompts, opts, seed, np.take(out, near, axis=axis), roi_box)
+        if not mask.any():
+            first = segment_slice(embeddings, prompts, seed, opts.threshold)
+            mask, iou = first["mask"], first["iou"]
+        if a == 0:
+            result.timings_s["seed"] = time.perf_counter() - tic
+        if not mask.any():
+            result.stop_reasons["seed" + suffix] = "empty mask on the seed slice"
+            continue
+        put(seed, mask, iou)
+        result.anchors.append(seed)
+        for step, name in ((1, "up"), (-1, "down")):
+            result.stop_reasons[name + suffix] = _propagate(embeddings, prompts, opts, seed, step, mask,
+                                                            (lo_limit, hi_limit), roi_box, result.ious, put)
     result.slices = sorted(result.ious)
     result.timings_s["total"] = time.perf_counter() - tic
     return result
+
+
+def _user_clicks(prompts: Prompts, axis: int, k: int) -> tuple[bool, np.ndarray]:
+    """Whether slice k holds a foreground click, and its background clicks (x, y)."""
+    points, labels, _ = _slice_prompt(prompts, axis, k, roi_box=False)
+    return bool((labels == 1).any()), points[labels == 0]
+
+
+def _carry(embeddings, prompts: Prompts, opts: PropagationOptions, k: int, prev: np.ndarray,
+           roi_box: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """Slice k's mask prompted with the box of ``prev`` (a nearby slice's mask), widened to the foreground
+    clicks on slice k and pushed off its background clicks; the largest component unless k was clicked."""
+    points, labels, _ = _slice_prompt(prompts, embeddings.axis, k, roi_box=False)
+    fg, bg = points[labels == 1], points[labels == 0]
+    box = _mask_box(prev, opts.box_margin)
+    if len(fg):  # the box must also cover the user's clicks on this slice
+        box = _box_around(np.concatenate([fg, box.reshape(2, 2)]), 0.0, embeddings.slice_shape)
+    if uses_points(embeddings.segmenter):
+        fg = np.concatenate([[_interior_point(prev)], fg])
+    mask, iou = _slice_mask(embeddings, k, fg, bg, box, opts.threshold)
+    missed = np.array([p for p in points[labels == 1] if not mask[int(p[1]), int(p[0])]]).reshape(-1, 2)
+    if len(missed) and not uses_points(embeddings.segmenter):
+        # SAM left a clicked pixel out of the box's mask: add the object under it, boxes up to the carried size
+        _, extra, _ = _best_seed_box(embeddings, k, missed, bg, opts.threshold,
+                                     max_radius=max(box[2] - box[0], box[3] - box[1]) / 2)
+        mask = mask | _select_components(extra, missed, bg)
+    if roi_box is not None:
+        mask = _clip_to_box(mask, roi_box)
+    return (_largest_component(mask) if mask.any() and not (labels == 1).any() else mask), iou
+
+
+def _propagate(embeddings, prompts: Prompts, opts: PropagationOptions, seed: int, step: int, prev: np.ndarray,
+               limits: tuple[int, int], roi_box: np.ndarray | None, filled: dict, put) -> str:
+    """Carry ``prev`` (the mask of slice ``seed``) slice by slice in direction ``step`` until the object ends
+    or a slice in ``filled`` (done from another anchor) is reached; ``put(k, mask, iou)`` stores each
+    slice. Returns why it stopped."""
+    axis, (lo_limit, hi_limit), n = embeddings.axis, limits, embeddings.num_slices
+    k, done = seed + step, 0
+    while True:
+        if k < lo_limit or k > hi_limit:
+            return "end of image" if k < 0 or k >= n else "end of roi"
+        if k in filled:
+            return f"reached slice {k}, segmented from another click"
+        if opts.max_slices and done >= opts.max_slices:
+            return f"max_slices {opts.max_slices}"
+        if opts.prefetch > 1:
+            ahead = [j for j in range(k, k + step * opts.prefetch, step) if lo_limit <= j <= hi_limit]
+            embeddings.prefetch(ahead, batch=len(ahead))
+        user_fg, bg = _user_clicks(prompts, axis, k)
+        if not user_fg and any(prev[int(y), int(x)] for x, y in bg):  # "the object does not go on here"
+            return "background click on the carried mask"
+        mask, iou = _carry(embeddings, prompts, opts, k, prev, roi_box)
+        area, prev_area = int(mask.sum()), int(prev.sum())
+        overlap = (mask & prev).sum() / max(1, (mask | prev).sum())
+        reason = ""
+        if area == 0:
+            reason = "empty mask" + (" (background click)" if len(bg) else "")
+        elif not user_fg and iou < opts.min_iou:
+            reason = f"predicted IoU {iou:.2f} < {opts.min_iou}"
+        elif not user_fg and area < opts.min_area_ratio * prev_area:
+            reason = f"area collapsed ({area} < {opts.min_area_ratio} x {prev_area} px)"
+        elif not user_fg and area > opts.max_area_ratio * prev_area:
+            reason = f"area blew up ({area} > {opts.max_area_ratio} x {prev_area} px)"
+        elif not user_fg and overlap < opts.min_overlap:
+            reason = f"overlap with the neighbour slice {overlap:.2f} < {opts.min_overlap}"
+        if reason.startswith("area collapsed") and (mask & prev).sum() >= 0.5 * area:
+            put(k, mask, iou)  # the object's tip, inside its neighbour: keep it, then stop
+            return reason.replace("area collapsed", "object ends: area collapsed")
+        if reason:
+            return reason
+        put(k, mask, iou)
+        prev, k, done = mask, k + step, done + 1
 
 
 def slice_mask_to_volume(mask: np.ndarray, shape: tuple[int, int, int], axis: int, k: int) -> np.ndarray:

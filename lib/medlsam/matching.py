@@ -5,6 +5,10 @@ contributes the intensities of its organ's neighbourhood on the 3 mm grid (the o
 of context); normalised cross-correlation finds where that neighbourhood sits in the query within
 `radius` voxels of MedLAM's estimate, coarse (6 mm) to fine (3 mm). The organ box is the per-face median
 of the templates' matched boxes, so one template matched in the wrong place does not move it.
+
+Each neighbourhood also carries the template's organ mask (fraction of the voxel inside the organ); placed
+where its neighbourhood matched and averaged over the templates, the masks give the organ's prior
+(:class:`OrganPrior`): the per-slice prompts and the shape prior of the segmentation stage.
 """
 
 from __future__ import annotations
@@ -26,16 +30,38 @@ class OrganPatch:
 
     intensities: torch.Tensor  # (d, h, w) float16, HU mapped as on the grid
     box: torch.Tensor  # (2, 3) organ box (min and max voxel centres) in the patch's coordinates
+    mask: torch.Tensor  # (d, h, w) float16 in [0, 1]: the organ's share of each grid voxel
 
 
-def cut_organ_patch(grid: LocalisationGrid, low: np.ndarray, high: np.ndarray,
+@dataclass
+class OrganPrior:
+    """An organ's shape prior on the query grid: the mean of the templates' masks placed where they matched."""
+
+    origin: np.ndarray  # (3,) int grid index of probabilities[0, 0, 0] (may lie outside the grid)
+    probabilities: np.ndarray  # (d, h, w) float32 in [0, 1]
+
+
+def box_mask(shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """1 inside the box of voxel centres [low, high] (grid coordinates, rounded), 0 elsewhere."""
+    mask = np.zeros(shape, np.float32)
+    lo = np.clip(np.round(low).astype(int), 0, np.array(shape) - 1)
+    hi = np.clip(np.round(high).astype(int), 0, np.array(shape) - 1)
+    mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = 1.0
+    return mask
+
+
+def cut_organ_patch(grid: LocalisationGrid, low: np.ndarray, high: np.ndarray, mask: np.ndarray | None = None,
                     context: int = CONTEXT_VOXELS) -> OrganPatch:
-    """The grid neighbourhood of a box (grid coordinates) with `context` voxels around it, clipped to the grid."""
+    """The grid neighbourhood of a box (grid coordinates) with `context` voxels around it, clipped to the grid.
+    `mask`: the organ on the whole grid (from a label); without one (extreme points) the box is the mask."""
     start = np.maximum(np.floor(low).astype(int) - context, 0)
     stop = np.minimum(np.ceil(high).astype(int) + context + 1, grid.shape)
-    crop = grid.array[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+    region = tuple(slice(a, b) for a, b in zip(start, stop))
+    crop = grid.array[region]
     box = np.stack([np.asarray(low) - start, np.asarray(high) - start])
-    return OrganPatch(torch.from_numpy(np.ascontiguousarray(crop)).half(), torch.tensor(box, dtype=torch.float32))
+    organ = box_mask(crop.shape, box[0], box[1]) if mask is None else np.clip(mask[region], 0.0, 1.0)
+    return OrganPatch(torch.from_numpy(np.ascontiguousarray(crop)).half(), torch.tensor(box, dtype=torch.float32),
+                      torch.from_numpy(np.ascontiguousarray(organ, dtype=np.float32)).half())
 
 
 def _region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> torch.Tensor:
@@ -70,9 +96,9 @@ def _ncc(region: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     return numerator / std
 
 
-def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray, radius: int) -> tuple[np.ndarray, float]:
+def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray, radius: int) -> tuple[np.ndarray, float, np.ndarray]:
     """Where the patch's organ box lands in `array` (grid) when its centre starts at `centre` and the patch
-    moves by up to `radius` voxels: (2, 3) box and the NCC of the best position."""
+    moves by up to `radius` voxels: (2, 3) box, the NCC of the best position and the patch's corner there."""
     template = patch.intensities.float()
     size = np.array(template.shape)
     box = patch.box.numpy()
@@ -90,12 +116,58 @@ def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray, radius
     scores = _ncc(region, template)
     best = np.array(np.unravel_index(int(scores.argmax()), scores.shape))
     corner = start - fine + best
-    return box + corner, float(scores.max())
+    return box + corner, float(scores.max()), corner
 
 
-def match_organ(array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray,
-                radius: int) -> tuple[np.ndarray, float]:
-    """Median over templates of the matched organ boxes (2, 3) and the median NCC."""
+def match_slabs(array: np.ndarray, patch: OrganPatch, corner: np.ndarray, thickness: int,
+                radius: int) -> list[tuple[int, np.ndarray]]:
+    """Piecewise-rigid refinement of a matched patch: each slab of ``thickness`` slices (along the first,
+    cranio-caudal grid axis) is matched again within ``radius`` voxels of where the whole patch matched.
+    Returns (first slice of the slab in the patch, the slab's corner in the grid) per slab; slabs too thin
+    or too flat in intensity to be matched stay where the whole patch is."""
+    template = patch.intensities.float()
+    slabs = []
+    for z0 in range(0, template.shape[0], thickness):
+        part = template[z0:z0 + thickness]
+        start = np.asarray(corner) + np.array([z0, 0, 0])
+        if part.shape[0] < 2 or float(part.std()) < 1e-3 or radius < 1:
+            slabs.append((z0, start))
+            continue
+        region = _region(array, start - radius, np.array(part.shape) + 2 * radius)
+        scores = _ncc(region, part)
+        best = np.array(np.unravel_index(int(scores.argmax()), scores.shape))
+        slabs.append((z0, start - radius + best))
+    return slabs
+
+
+def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.ndarray]]]) -> OrganPrior:
+    """The mean of the patches' organ masks, each slab of a mask placed at its corner (grid indices);
+    ``placements[i]``: the (first slice, corner) of patch i's slabs (one slab: ``[(0, corner)]``)."""
+    pieces = []
+    for patch, slabs in zip(patches, placements):
+        mask = patch.mask.float().numpy()
+        edges = [z for z, _ in slabs] + [mask.shape[0]]
+        pieces += [(mask[edges[i]:edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
+    pieces = [(m, c) for m, c in pieces if m.size]
+    origin = np.min([c for _, c in pieces], axis=0)
+    end = np.max([c + np.array(m.shape) for m, c in pieces], axis=0)
+    total = np.zeros(end - origin, np.float32)
+    for mask, corner in pieces:
+        at = corner - origin
+        d, h, w = mask.shape
+        total[at[0]:at[0] + d, at[1]:at[1] + h, at[2]:at[2] + w] += mask
+    return OrganPrior(origin=origin, probabilities=total / len(patches))
+
+
+def match_organ(array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray, radius: int,
+                slab_thickness: int = 0, slab_radius: int = 2) -> tuple[np.ndarray, float, OrganPrior]:
+    """Median over templates of the matched organ boxes (2, 3), the median NCC and the fused mask prior
+    (with ``slab_thickness`` > 0, each template's mask follows its slabs' own matches)."""
     matches = [match_patch(array, p, centre, radius) for p in patches]
-    boxes = np.stack([b for b, _ in matches])
-    return np.median(boxes, axis=0), float(np.median([s for _, s in matches]))
+    boxes = np.stack([b for b, _, _ in matches])
+    if slab_thickness > 0:
+        placements = [match_slabs(array, p, c, slab_thickness, slab_radius) for p, (_, _, c) in zip(patches, matches)]
+    else:
+        placements = [[(0, c)] for _, _, c in matches]
+    prior = fuse_masks(patches, placements)
+    return np.median(boxes, axis=0), float(np.median([s for _, s, _ in matches])), prior

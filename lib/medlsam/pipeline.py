@@ -25,17 +25,22 @@ from scipy import ndimage
 
 from medlsam.errors import MedLSAMError
 from medlsam.localize import Localizer, OrganLocation
+from medlsam.prior import FilePrior, prior_on_file, prior_slice_boxes
 from medlsam.sam.slices import DEFAULT_WINDOW, Crop, SliceEmbeddings
 from medlsam.volume import CTVolume, write_volume
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+MODES = ("wpl", "spl", "prior")
 
 
 @dataclass
 class SegmentOptions:
     """Knobs of the segmentation stage; defaults are the measured best (benchmarks/results/segmentation.md)."""
 
-    mode: str = "wpl"  # wpl: one box per organ on all its slices; spl: the box of the slice's z-slab
+    # wpl: one box per organ on all its slices; spl: the box of the slice's z-slab; prior: on each slice the
+    # box of the organ prior (matched template masks x template intensities; wpl for organs without a prior).
+    # Measured on the 33 OpenKBP validation scans: see benchmarks/results/segmentation.md.
+    mode: str = "prior"
     # Keep only each organ's largest 3D connected component. Off: measured on OpenKBP train cases 59 / 60 (full
     # 3D, ground-truth boxes) it lowered mean Dice 0.270 -> 0.251 / raised it 0.301 -> 0.306 (3D box), and
     # 0.312 -> 0.273 on case 59 with slice boxes (thin esophagus / larynx masks are split across slices).
@@ -54,10 +59,33 @@ class SegmentOptions:
     # cases 34 / 60 unchanged. Not yet measured with MedLAM boxes (benchmark: --set empty_fallback=false).
     empty_fallback: bool = True
     encode_batch: int = 1  # slices per encoder pass (batches of 4 were not faster per slice on this CPU)
+    prior_box_threshold: float = 0.5  # mode prior: the prompt is the box of the prior at this level
+    # probability = (1 - w) SAM + w prior; 1: the prior alone (SAM is not run). With 0.8 the prior decides
+    # where it is confident (below 0.375 or above 0.625) and SAM draws the edge in the band between. OpenKBP
+    # train scans 2, 3, 5, 6 (not templates), mean Dice: prior alone 0.556, w 0.6 0.526, 0.7 0.545, 0.8 0.554;
+    # scan 1: SAM alone on the prior's boxes 0.376, w 0.5 0.437, 0.7 0.522, prior alone 0.505. So on these
+    # 4-5 mm slices SAM adds nothing measurable; 0.8 keeps it for the edges of finer scans at no cost here.
+    prior_weight: float = 0.8
+    # Encode slices about this many mm apart (0: every slice) and interpolate SAM's masks between them. OpenKBP
+    # train scans 2, 3, 5, 6 (2.5-3 mm slices, w 0.7): every slice 0.545, every 2nd 0.547, 3rd 0.546, 4th 0.545.
+    slice_spacing_mm: float = 10.0
+
+    @property
+    def localizer_mode(self) -> str:
+        """The localiser's box mode these prompts need (slab boxes for spl)."""
+        return "spl" if self.mode == "spl" else "wpl"
 
     def __post_init__(self):
-        if self.mode not in ("wpl", "spl"):
-            raise MedLSAMError(f"mode must be 'wpl' or 'spl', not {self.mode!r}")
+        if self.mode not in MODES:
+            raise MedLSAMError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not 0.0 <= self.prior_weight <= 1.0:
+            raise MedLSAMError(f"prior_weight must be in [0, 1], got {self.prior_weight}")
+        if not self.slice_spacing_mm >= 0:
+            raise MedLSAMError(f"slice_spacing_mm must be 0 or more, got {self.slice_spacing_mm}")
+
+    def slice_step(self, spacing_mm: float) -> int:
+        """Every how many slices of ``spacing_mm`` one is encoded."""
+        return max(1, int(np.floor(self.slice_spacing_mm / spacing_mm + 0.5))) if self.slice_spacing_mm > 0 else 1
         if not 0.0 < self.threshold < 1.0:
             raise MedLSAMError(f"threshold must be in (0, 1), got {self.threshold}")
 
@@ -80,12 +108,14 @@ class SegmentationResult:
 
 @dataclass
 class _Prompts:
-    """One organ's prompts: slice index -> (x0, y0, x1, y1) box, and the crop its slices are encoded in."""
+    """One organ's prompts: slice index -> (x0, y0, x1, y1) box, the crop its slices are encoded in, and its
+    prior on the file grid (when the localiser matched templates)."""
 
     name: str
     value: int
     boxes: dict[int, np.ndarray]
     crop: Crop | None = None
+    prior: FilePrior | None = None
 
 
 def _inplane(axis: int) -> tuple[int, int]:
@@ -145,6 +175,43 @@ def _ellipse(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
             + ((cols - (x0 + x1) / 2) / ((x1 - x0 + 1) / 2)) ** 2) <= 1.0
 
 
+def _box_mask(shape: tuple[int, int], box: np.ndarray, margin: int = 0) -> np.ndarray:
+    """1 inside the (x0, y0, x1, y1) box widened by ``margin`` pixels, 0 elsewhere."""
+    mask = np.zeros(shape, np.float32)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    mask[max(0, y0 - margin):y1 + margin + 1, max(0, x0 - margin):x1 + margin + 1] = 1.0
+    return mask
+
+
+def encoded_slices(organ_slices: list[list[int]], step: int) -> list[int]:
+    """The slices to encode: every ``step``-th slice of the organs' ranges (one lattice for all organs, so a
+    slice serves every organ on it) plus, for an organ that no lattice slice reaches, its middle slice."""
+    ks = sorted({k for organ in organ_slices for k in organ})
+    if step <= 1 or not ks:
+        return ks
+    chosen = {k for k in ks if (k - ks[0]) % step == 0}
+    for organ in organ_slices:
+        if organ and not chosen.intersection(organ):
+            chosen.add(organ[len(organ) // 2])
+    for organ in organ_slices:  # an organ's first and last slices: within step // 2 of an encoded one
+        for end in (organ[0], organ[-1]) if organ else ():
+            if min(abs(end - k) for k in chosen if k in organ) > step // 2:
+                chosen.add(end)
+    return sorted(chosen)
+
+
+def interpolate_slices(known: dict[int, np.ndarray], k: int) -> np.ndarray:
+    """Linear interpolation of slice probabilities between the nearest known slices around k (the nearest
+    one when k is beyond them)."""
+    below = [j for j in known if j < k]
+    above = [j for j in known if j > k]
+    if below and above:
+        lo, hi = max(below), min(above)
+        t = (k - lo) / (hi - lo)
+        return (1.0 - t) * known[lo] + t * known[hi]
+    return known[max(below)] if below else known[min(above)]
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a boolean mask (the mask itself when empty)."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
@@ -162,9 +229,10 @@ class MedLSAMPipeline:
         self.options = options or SegmentOptions()
 
     def _localizer(self) -> Localizer:
-        if self.localizer.options.mode == self.options.mode:
+        mode = self.options.localizer_mode
+        if self.localizer.options.mode == mode:
             return self.localizer
-        return Localizer(self.localizer.model, self.localizer.bank, replace(self.localizer.options, mode=self.options.mode))
+        return Localizer(self.localizer.model, self.localizer.bank, replace(self.localizer.options, mode=mode))
 
     def segment(self, volume: CTVolume, organs: list[str] | None = None, progress: bool = False,
                 embeddings: SliceEmbeddings | None = None) -> SegmentationResult:
@@ -189,76 +257,61 @@ class MedLSAMPipeline:
         axis, shape = embeddings.axis, embeddings.slice_shape
         calls0 = embeddings.encoder_calls
         timings = {"encode": 0.0, "decode": 0.0, "assemble": 0.0}
-
-        prompts: list[_Prompts] = []
-        for name, loc in locations.items():
-            boxes = organ_prompts(loc, axis, volume.shape, opt.mode)
-            if not boxes:
-                continue
-            crop = None
-            if opt.zoom_below_mm > 0:
-                r, c = _inplane(axis)
-                union = _slice_box(*loc.box_voxel, axis, shape)
-                side_mm = max((union[2] - union[0] + 1) * volume.spacing[c], (union[3] - union[1] + 1) * volume.spacing[r])
-                if side_mm < opt.zoom_below_mm:
-                    side_px = max(union[2] - union[0], union[3] - union[1]) + 1
-                    crop = _crop_window(list(boxes.values()), shape, max(opt.crop_side_px, opt.crop_factor * side_px))
-                    if crop == (0, 0, shape[0], shape[1]):
-                        crop = None
-            prompts.append(_Prompts(name, int(loc.value), boxes, crop))
-
-        max_value = max([int(loc.value) for loc in locations.values()] + [0])
-        label = np.zeros(volume.shape, dtype=np.uint16 if max_value > 255 else np.uint8)
-        slices_view = np.moveaxis(label, axis, 0)  # a view: slices_view[k] is np.take(label, k, axis)
-        voxels = {p.name: 0 for p in prompts}
+        tic = time.perf_counter()
+        prompts = [p for p in (self._organ_prompts(name, loc, volume, axis, shape) for name, loc in locations.items())
+                   if p.boxes]
+        timings["prompts"] = time.perf_counter() - tic
         ks = sorted({k for p in prompts for k in p.boxes})
+        with_sam = [p for p in prompts if opt.prior_weight < 1.0 or p.prior is None]  # prior_weight 1: no SAM
+        encoded = encoded_slices([sorted(p.boxes) for p in with_sam], opt.slice_step(float(volume.spacing[axis])))
+
         try:
             from tqdm import tqdm
         except ImportError:  # tqdm comes with MONAI; without it there is simply no bar
             tqdm = None
-        bar = tqdm(ks, desc="segmenting slices", unit="slice", disable=not progress) if tqdm else ks
+        bar = tqdm(encoded, desc="segmenting slices", unit="slice", disable=not progress) if tqdm else encoded
+        sam: dict[str, dict[int, np.ndarray]] = {p.name: {} for p in prompts}  # organ -> slice -> probabilities
         try:
             for k in bar:
-                here = [p for p in prompts if k in p.boxes]
-                probs = np.zeros((len(here), *shape), dtype=np.float32)
+                here = [p for p in with_sam if k in p.boxes]
                 for crop in dict.fromkeys(p.crop for p in here):  # one encoder input, one decoder call
-                    group = [i for i, p in enumerate(here) if p.crop == crop]
+                    group = [p for p in here if p.crop == crop]
                     tic = time.perf_counter()
                     embeddings.get(k, crop)
                     timings["encode"] += time.perf_counter() - tic
                     tic = time.perf_counter()
-                    boxes = np.array([here[i].boxes[k] for i in group])
+                    boxes = np.array([p.boxes[k] for p in group])
                     if crop is not None:
                         boxes = boxes - np.array([crop[1], crop[0], crop[1], crop[0]], dtype=np.float64)
                     masks, _ = embeddings.decode(k, crop, boxes=boxes)
                     timings["decode"] += time.perf_counter() - tic
-                    tic = time.perf_counter()
-                    for j, i in enumerate(group):
+                    for p, mask in zip(group, masks):
                         if crop is None:
-                            probs[i] = masks[j]
+                            sam[p.name][k] = mask
                         else:
-                            probs[i, crop[0]:crop[2], crop[1]:crop[3]] = masks[j]
+                            full = np.zeros(shape, np.float32)
+                            full[crop[0]:crop[2], crop[1]:crop[3]] = mask
+                            sam[p.name][k] = full
                     if own:
                         embeddings.discard(k, crop)
-                    timings["assemble"] += time.perf_counter() - tic
-                tic = time.perf_counter()
-                if opt.empty_fallback:
-                    for i, p in enumerate(here):
-                        if not (probs[i] > opt.threshold).any():
-                            ellipse = _ellipse(shape, p.boxes[k])
-                            probs[i][ellipse] = np.maximum(probs[i][ellipse], opt.threshold + 1e-3)
-                best = probs.argmax(axis=0)
-                keep = probs.max(axis=0) > opt.threshold
-                values = np.array([p.value for p in here], dtype=label.dtype)
-                slices_view[k] = np.where(keep, values[best], 0)
-                timings["assemble"] += time.perf_counter() - tic
         finally:
             if progress and tqdm:
                 bar.close()
 
         tic = time.perf_counter()
+        max_value = max([int(loc.value) for loc in locations.values()] + [0])
+        label = np.zeros(volume.shape, dtype=np.uint16 if max_value > 255 else np.uint8)
+        slices_view = np.moveaxis(label, axis, 0)  # a view: slices_view[k] is np.take(label, k, axis)
+        for k in ks:
+            here = [p for p in prompts if k in p.boxes]
+            probs = np.stack([self._slice_probability(p, k, sam[p.name], axis, shape) for p in here])
+            best = probs.argmax(axis=0)
+            keep = probs.max(axis=0) > opt.threshold
+            values = np.array([p.value for p in here], dtype=label.dtype)
+            slices_view[k] = np.where(keep, values[best], 0)
+
+        voxels = {}
         for p in prompts:
-            r, c = _inplane(axis)
             ks_p = sorted(p.boxes)
             region = [slice(None)] * 3
             region[axis] = slice(ks_p[0], ks_p[-1] + 1)
@@ -283,6 +336,52 @@ class MedLSAMPipeline:
             label=label, label_names={name: int(loc.value) for name, loc in locations.items()}, boxes=boxes_json,
             not_found=not_found, timings_s=timings, encoder_calls=embeddings.encoder_calls - calls0,
             reference_encoder_calls=sum(len(p.boxes) for p in prompts))
+
+    def _organ_prompts(self, name: str, loc: OrganLocation, volume: CTVolume, axis: int,
+                       shape: tuple[int, int]) -> _Prompts:
+        """The organ's per-slice boxes (mode), the crop it is encoded in (zoom) and its prior on the file grid."""
+        opt = self.options
+        prior = None
+        if loc.found and loc.prior is not None and loc.grid is not None:
+            prior = prior_on_file(loc.prior, loc.grid)
+        if opt.mode == "prior" and prior is not None:
+            boxes = prior_slice_boxes(prior, axis, opt.prior_box_threshold)
+        else:
+            boxes = organ_prompts(loc, axis, volume.shape, "spl" if opt.mode == "spl" else "wpl")
+        crop = None
+        if opt.zoom_below_mm > 0 and boxes:
+            r, c = _inplane(axis)
+            union = np.array([min(b[0] for b in boxes.values()), min(b[1] for b in boxes.values()),
+                              max(b[2] for b in boxes.values()), max(b[3] for b in boxes.values())])
+            side_mm = max((union[2] - union[0] + 1) * volume.spacing[c], (union[3] - union[1] + 1) * volume.spacing[r])
+            if side_mm < opt.zoom_below_mm:
+                side_px = max(union[2] - union[0], union[3] - union[1]) + 1
+                crop = _crop_window(list(boxes.values()), shape, max(opt.crop_side_px, opt.crop_factor * side_px))
+                if crop == (0, 0, shape[0], shape[1]):
+                    crop = None
+        return _Prompts(name, int(loc.value), boxes, crop, prior)
+
+    def _slice_probability(self, p: _Prompts, k: int, sam: dict[int, np.ndarray], axis: int,
+                           shape: tuple[int, int]) -> np.ndarray:
+        """Organ probability on slice k: SAM's mask (interpolated between encoded slices, kept to the slice's
+        box), with the empty-mask fallback, blended with the template prior; the prior alone when SAM is not
+        run (prior_weight 1)."""
+        opt = self.options
+        box = p.boxes[k]
+        if not sam:
+            prior = p.prior.slice(axis, k, shape)
+            return np.zeros(shape, np.float32) if prior is None else prior
+        if k in sam:
+            prob = sam[k]
+        else:
+            prob = interpolate_slices(sam, k) * _box_mask(shape, box, margin=2)
+        if opt.empty_fallback and not (prob > opt.threshold).any():
+            prob = np.maximum(prob, np.where(_ellipse(shape, box), opt.threshold + 1e-3, 0.0)).astype(np.float32)
+        if opt.prior_weight > 0 and p.prior is not None:
+            prior = p.prior.slice(axis, k, shape)
+            if prior is not None:
+                prob = (1.0 - opt.prior_weight) * prob + opt.prior_weight * prior
+        return prob
 
 
 # ----------------------------------------------------------------------------------------------- output

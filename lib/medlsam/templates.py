@@ -17,7 +17,7 @@ import torch
 
 from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches
 from medlsam.errors import TemplateError
-from medlsam.grid import LocalisationGrid, to_localisation_grid
+from medlsam.grid import LocalisationGrid, resample_to_grid, to_localisation_grid
 from medlsam.matching import OrganPatch, cut_organ_patch
 from medlsam.network import MedLAM, atomic_torch_save, model_fingerprint
 from medlsam.volume import CTVolume, load_ct, read_volume
@@ -25,7 +25,7 @@ from medlsam.volume import CTVolume, load_ct, read_volume
 SLABS = 6
 WPL_ROLES = ("z-", "z+", "y-", "y+", "x-", "x+")
 SLAB_ROLES = tuple(f"s{s}{axis}" for s in range(SLABS) for axis in ("y-", "y+", "x-", "x+"))
-BANK_VERSION = 2  # 2: organ neighbourhood intensities per template
+BANK_VERSION = 3  # 2: organ neighbourhood intensities per template; 3: and the organ masks in them
 KERNEL_REACH = 16  # a patch serves points within this many voxels of its centre
 
 
@@ -91,7 +91,8 @@ class TemplateBank:
             "organs": {name: {"value": o.value, "roles": o.roles, "latent": o.latent, "offset": o.offset,
                               "kernels": o.kernels, "count": o.count, "size_mm": o.size_mm,
                               "neighbourhoods": [p.intensities for p in o.neighbourhoods],
-                              "neighbourhood_boxes": [p.box for p in o.neighbourhoods]} for name, o in self.organs.items()},
+                              "neighbourhood_boxes": [p.box for p in o.neighbourhoods],
+                              "neighbourhood_masks": [p.mask for p in o.neighbourhoods]} for name, o in self.organs.items()},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -126,7 +127,8 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
         organs={name: OrganTemplate(value=int(o["value"]), roles=list(o["roles"]), latent=o["latent"],
                                     offset=o["offset"], kernels=list(o["kernels"]), count=int(o["count"]),
                                     size_mm=list(o["size_mm"]),
-                                    neighbourhoods=[OrganPatch(t, b) for t, b in zip(o["neighbourhoods"], o["neighbourhood_boxes"])])
+                                    neighbourhoods=[OrganPatch(t, b, m) for t, b, m in zip(
+                                        o["neighbourhoods"], o["neighbourhood_boxes"], o["neighbourhood_masks"])])
                 for name, o in data["organs"].items()},
         model_fingerprint=data["model_fingerprint"], sources=list(data["sources"]))
     if model is not None and model_fingerprint(model) != bank.model_fingerprint:
@@ -156,6 +158,15 @@ def _template_points(label: CTVolume | None, points_json: dict | None, grid: Loc
         organs[name] = {role: coords[np.argmin(coords[:, a]) if sign == "-" else np.argmax(coords[:, a])]
                         for role, a, sign in ((r, "zyx".index(r[0]), r[1]) for r in WPL_ROLES)}
     return organs
+
+
+def _organ_masks(label: CTVolume | None, grid: LocalisationGrid, names: dict[int, str]) -> dict[str, np.ndarray]:
+    """Per organ of a template label, its mask on the grid (the organ's share of each grid voxel)."""
+    if label is None:
+        return {}
+    values = [int(v) for v in np.unique(label.array) if v != 0]
+    return {names.get(v, f"label_{v}"): resample_to_grid((label.array == v).astype(np.float32), label, grid.affine,
+                                                          grid.shape, fill=0.0) for v in values}
 
 
 def _encode_template(model: MedLAM, grid: LocalisationGrid, organs: dict[str, dict[str, np.ndarray]]) -> dict:
@@ -191,6 +202,7 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
         label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
         grid = to_localisation_grid(volume)
         organs = _template_points(label_volume, pts, grid, names)
+        masks = _organ_masks(label_volume, grid, names)
         encoded = _encode_template(model, grid, organs)
         sources.append(volume.source)
         for name, roles in organs.items():
@@ -204,7 +216,8 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
                                            "neighbourhoods": []})
             entry["count"] += 1
             wpl = np.array([roles[r] for r in WPL_ROLES])
-            entry["neighbourhoods"].append(cut_organ_patch(grid, wpl.min(axis=0), wpl.max(axis=0)))
+            entry["neighbourhoods"].append(cut_organ_patch(
+                grid, wpl.min(axis=0), wpl.max(axis=0), None if name in (pts or {}) else masks.get(name)))
             entry["size"] += (coords.max(axis=0) - coords.min(axis=0)) * 3.0
             for role in roles:
                 latent, remainder, kernels = encoded[(name, role)]

@@ -49,16 +49,22 @@ class ModelStore:
         self.backend = conf.get("backend", BACKEND_DEFAULT)
         self.checkpoint = conf.get("checkpoint") or None
         self.medlam_conf = conf.get("medlam") or None
-        self.mode = conf.get("mode", "wpl")
+        self.mode = conf.get("mode", "prior")
         self.max_templates = _conf_int(conf, "templates", 5, 1)
         self.device = conf.get("device", "cpu")
         self.labels_path = conf.get("labels") or None
         self.cache_size = _conf_int(conf, "embedding_cache", 2, 1)
+        compile_conf = str(conf.get("compile", "false")).strip().lower()
+        if compile_conf not in ("true", "false", "1", "0", "yes", "no"):
+            raise MedLSAMError(f"--conf compile must be true or false, not {conf.get('compile')!r}")
+        self.compile = compile_conf in ("true", "1", "yes")  # torch.compile of the SAM encoder
         threads = _conf_int(conf, "threads", 0, 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        if self.mode not in ("wpl", "spl"):
-            raise MedLSAMError(f"--conf mode must be wpl or spl, not {self.mode!r}")
+        from medlsam.pipeline import MODES
+
+        if self.mode not in MODES:
+            raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         self.datastore = None  # set by the app once its datastore exists
         self._lock = threading.RLock()
         self._bank_lock = threading.Lock()
@@ -115,7 +121,7 @@ class ModelStore:
                         f"backend {self.backend} needs its weights: start the server with --conf checkpoint "
                         f"<path to the {self.backend} checkpoint> (only lite_medsam has bundled weights)")
                 tic = time.perf_counter()
-                self._segmenter = build_segmenter(self.backend, self.checkpoint, self.device)
+                self._segmenter = build_segmenter(self.backend, self.checkpoint, self.device, compile=self.compile)
                 logger.info(f"segmenter {self.backend} built in {time.perf_counter() - tic:.2f} s")
             return self._segmenter
 

@@ -13,15 +13,23 @@ from lib.infers.common import DynamicLabels, MedLSAMInferTask, organs_option
 LOCALIZE_SWITCHES = ("refine", "match")  # boolean LocalizeOptions a request may switch
 
 
-def localise(store, request: dict, volume):
-    """(Localizer, bank, bank info, timings) for the request; unknown organs are refused."""
+BOX_MODES = ["wpl", "spl"]  # the localiser's: one box per organ, or also one per z-slab
+
+
+def request_mode(request: dict, default: str, choices: list[str]) -> str:
+    """The request's `mode` (a client echoing the config's choice list sends that list: its first entry)."""
+    mode = request.get("mode") or default
+    if isinstance(mode, (list, tuple)):
+        mode = mode[0] if mode else default
+    if mode not in choices:
+        raise HTTPException(status_code=400, detail=f"mode must be one of {', '.join(choices)}, not {mode!r}")
+    return mode
+
+
+def localise(store, request: dict, mode: str):
+    """(Localizer, bank, bank info, timings) for the request and a box mode; unknown organs are refused."""
     from medlsam.localize import Localizer, LocalizeOptions
 
-    mode = request.get("mode") or store.mode
-    if isinstance(mode, (list, tuple)):  # a client echoing the config's choice list: its first entry
-        mode = mode[0] if mode else store.mode
-    if mode not in ("wpl", "spl"):
-        raise HTTPException(status_code=400, detail=f"mode must be wpl or spl, not {mode!r}")
     tic = time.perf_counter()
     model, _, _ = store.medlam()
     bank, info = store.bank()
@@ -34,11 +42,11 @@ def localise(store, request: dict, volume):
     return Localizer(model, bank, options), bank, info, timings
 
 
-def localize_config() -> dict:
+def localize_config(modes: list[str]) -> dict:
     from medlsam.localize import LocalizeOptions
 
     defaults = LocalizeOptions()
-    return {"mode": ["wpl", "spl"], "organs": "",
+    return {"mode": modes, "organs": "",
             **{key: getattr(defaults, key) for key in LOCALIZE_SWITCHES if hasattr(defaults, key)}}
 
 
@@ -46,11 +54,12 @@ class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, store):
         super().__init__(store, InferType.SEGMENTATION, None, 3,
                          "MedLAM localisation only: one box per organ of the template bank (a quick check of the "
-                         "templates)", config=localize_config())
+                         "templates)", config=localize_config(BOX_MODES))
 
     def run(self, request: dict, entry: dict):
         volume = entry["volume"]
-        localizer, bank, info, timings = localise(self.store, request, volume)
+        mode = request_mode(request, self.store.mode if self.store.mode in BOX_MODES else "wpl", BOX_MODES)
+        localizer, bank, info, timings = localise(self.store, request, mode)
         organs = organs_option(request)
         located = localizer.localize(volume, organs)
         label = np.zeros(volume.shape, dtype=np.int32)

@@ -49,7 +49,7 @@ class SAM2DInfer(MedLSAMInferTask):
 class SAM3DInfer(MedLSAMInferTask):
     def __init__(self, store):
         super().__init__(store, InferType.DEEPGROW, [], 3,
-                         "SAM in 3D: prompts on one slice, then the mask is carried slice by slice both ways",
+                         "SAM in 3D: the mask of the clicked slices is carried slice by slice both ways",
                          config={"max_slices": 0, "min_iou": 0.5})
 
     def run(self, request: dict, entry: dict):

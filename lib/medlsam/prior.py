@@ -1,0 +1,118 @@
+"""Organ priors: the templates' masks weighed by the templates' intensities, on the query file's own
+voxel grid, and the per-slice box prompts they give.
+
+The localiser's last stage places each template's organ mask where the template's neighbourhood matched
+(:class:`medlsam.matching.OrganPrior`, on the 3 mm grid). ``intensity_posterior`` turns that spatial prior
+into a posterior with an intensity model learnt from the same templates (histograms of the mapped HU
+inside and around the organ): bone stays in the mandible, fat leaves the parotid. ``prior_on_file``
+samples it at the query file's voxels (trilinear), so the segmentation stage can prompt SAM with its box on
+every slice (it follows oblique and curved organs, which one 3D box cannot) and weigh SAM's masks by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from medlsam.grid import LocalisationGrid
+from medlsam.matching import OrganPatch, OrganPrior
+
+HISTOGRAM_BINS = 32  # over the grid's mapped intensities [0, 1]
+
+
+@dataclass
+class FilePrior:
+    """An organ's prior probability on a box of the file's voxels (inclusive corners ``low``..``high``)."""
+
+    low: np.ndarray  # (3,) int
+    high: np.ndarray  # (3,) int
+    probabilities: np.ndarray  # float32, shape high - low + 1
+
+    def region(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(int(a), int(b) + 1) for a, b in zip(self.low, self.high))  # type: ignore[return-value]
+
+    def slice(self, axis: int, k: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """The prior on slice k along ``axis`` as a full (rows, cols) slice, or None outside the box."""
+        if not self.low[axis] <= k <= self.high[axis]:
+            return None
+        out = np.zeros(shape, np.float32)
+        part = np.take(self.probabilities, k - int(self.low[axis]), axis=axis)
+        r, c = (a for a in range(3) if a != axis)
+        out[self.low[r]:self.high[r] + 1, self.low[c]:self.high[c] + 1] = part
+        return out
+
+
+def intensity_histograms(patches: list[OrganPatch]) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised histograms of the templates' grid intensities inside the organ and around it (in its
+    neighbourhood), lightly smoothed, with a floor so that no intensity is impossible."""
+    organ, around = np.zeros(HISTOGRAM_BINS), np.zeros(HISTOGRAM_BINS)
+    for patch in patches:
+        bins = np.clip((patch.intensities.float().numpy() * HISTOGRAM_BINS).astype(int), 0, HISTOGRAM_BINS - 1).ravel()
+        inside = patch.mask.float().numpy().ravel()
+        organ += np.bincount(bins, weights=inside, minlength=HISTOGRAM_BINS)
+        around += np.bincount(bins, weights=1.0 - inside, minlength=HISTOGRAM_BINS)
+    out = []
+    for hist in (organ, around):
+        hist = ndimage.gaussian_filter1d(hist, 1.0) + 1e-3 * max(hist.sum(), 1.0) / HISTOGRAM_BINS
+        out.append(hist / hist.sum())
+    return out[0], out[1]
+
+
+def intensity_posterior(prior: OrganPrior, grid_array: np.ndarray, patches: list[OrganPatch],
+                        power: float = 2.0) -> OrganPrior:
+    """P(organ | position, intensity) on the prior's region: prior x likelihood ratio ** power, normalised.
+
+    ``power`` > 1 trusts intensities more than the few templates' fused masks; 2 was the best of 0.7, 1,
+    1.5, 2 and 3 on 30 OpenKBP train scans that are not templates (mean Dice of the posterior alone 0.512, 0.535, 0.557, 0.563, 0.553)."""
+    organ_hist, around_hist = intensity_histograms(patches)
+    shape = np.array(prior.probabilities.shape)
+    intensities = np.zeros(prior.probabilities.shape, np.float32)  # outside the grid: air
+    lo, hi = np.maximum(prior.origin, 0), np.minimum(prior.origin + shape, grid_array.shape)
+    if np.all(hi > lo):
+        inner = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, prior.origin))
+        intensities[inner] = grid_array[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    bins = np.clip((intensities * HISTOGRAM_BINS).astype(int), 0, HISTOGRAM_BINS - 1)
+    ratio = (organ_hist[bins] / around_hist[bins]) ** power
+    p = np.clip(prior.probabilities, 0.0, 1.0)
+    posterior = p * ratio / (p * ratio + (1.0 - p) + 1e-12)
+    return OrganPrior(origin=prior.origin, probabilities=posterior.astype(np.float32))
+
+
+def prior_on_file(prior: OrganPrior, grid: LocalisationGrid, floor: float = 0.05) -> FilePrior | None:
+    """Sample a grid prior at the file's voxel centres; the box covers the prior's voxels above ``floor``.
+    None when the prior lies outside the file."""
+    above = np.argwhere(prior.probabilities > floor)
+    if len(above) == 0:
+        return None
+    low_g = above.min(axis=0) + prior.origin - 1.0
+    high_g = above.max(axis=0) + prior.origin + 1.0
+    corners = np.array([[a[0], b[1], c[2]] for a in (low_g, high_g) for b in (low_g, high_g) for c in (low_g, high_g)])
+    index = grid.to_file_index(corners)
+    shape = np.array(grid.source.shape)
+    low = np.clip(np.floor(index.min(axis=0)), 0, shape - 1).astype(int)
+    high = np.clip(np.ceil(index.max(axis=0)), 0, shape - 1).astype(int)
+    if np.any(index.max(axis=0) < 0) or np.any(index.min(axis=0) > shape - 1):
+        return None
+    axes = [np.arange(a, b + 1) for a, b in zip(low, high)]
+    voxels = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    coords = grid.from_file_index(voxels) - prior.origin  # fractional indices into prior.probabilities
+    values = ndimage.map_coordinates(prior.probabilities, coords.T, order=1, mode="constant", cval=0.0)
+    return FilePrior(low, high, values.reshape(high - low + 1).astype(np.float32))
+
+
+def prior_slice_boxes(prior: FilePrior, axis: int, threshold: float = 0.5) -> dict[int, np.ndarray]:
+    """Per slice along ``axis``, the (x0, y0, x1, y1) box (x = column, y = row) of the prior above
+    ``threshold``; slices where nothing reaches it get no box."""
+    r, c = (a for a in range(3) if a != axis)
+    boxes = {}
+    for i in range(prior.probabilities.shape[axis]):
+        part = np.take(prior.probabilities, i, axis=axis) >= threshold
+        if not part.any():
+            continue
+        rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
+        boxes[int(prior.low[axis]) + i] = np.array(
+            [cols[0] + prior.low[c], rows[0] + prior.low[r], cols[-1] + prior.low[c], rows[-1] + prior.low[r]],
+            dtype=np.float64)
+    return boxes

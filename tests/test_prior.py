@@ -1,0 +1,102 @@
+"""Organ priors on the file grid (any orientation), their per-slice boxes, and the slice lattice of the
+pipeline's encoder with the interpolation between encoded slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medlsam.grid import resample_to_grid, to_localisation_grid
+from medlsam.matching import OrganPrior
+from medlsam.metrics import dice
+from medlsam.pipeline import encoded_slices, interpolate_slices
+from medlsam.prior import prior_on_file, prior_slice_boxes
+from medlsam.volume import CTVolume
+
+
+def _reoriented(volume: CTVolume, order: tuple[int, int, int], flip: int | None) -> CTVolume:
+    """The same scan stored with permuted (and one flipped) file axes; the world geometry is unchanged."""
+    array, affine = volume.array.transpose(order), np.eye(4)
+    affine[:3, :3], affine[:3, 3] = volume.affine[:3, :3][:, list(order)], volume.affine[:3, 3]
+    if flip is not None:
+        array = np.flip(array, axis=flip)
+        affine[:3, 3] = affine[:3, 3] + affine[:3, flip] * (array.shape[flip] - 1)
+        affine[:3, flip] *= -1
+    return CTVolume(np.ascontiguousarray(array), affine, volume.source)
+
+
+@pytest.mark.parametrize("order,flip", [((0, 1, 2), None), ((2, 0, 1), 1), ((1, 2, 0), 0)])
+def test_a_grid_prior_lands_on_the_organ_in_the_file_for_any_orientation(make_ct, order, flip):
+    ct, label = make_ct(shape=(48, 44, 36), ball_centre=(20.0, 22.0, 16.0), ball_radius=7.0)
+    ct, label = _reoriented(ct, order, flip), _reoriented(label, order, flip)
+    grid = to_localisation_grid(ct)
+    on_grid = resample_to_grid(label.array.astype(np.float32), label, grid.affine, grid.shape, fill=0.0)
+    prior = prior_on_file(OrganPrior(origin=np.zeros(3, int), probabilities=on_grid), grid)
+    placed = np.zeros(ct.shape, bool)
+    placed[prior.region()] = prior.probabilities >= 0.5
+    assert dice(placed, label.array > 0) > 0.9
+
+    # the per-slice boxes are the label's own slice boxes (within a voxel), on every axis
+    for axis in range(3):
+        boxes = prior_slice_boxes(prior, axis)
+        truth_slices = np.flatnonzero((label.array > 0).any(axis=tuple(a for a in range(3) if a != axis)))
+        assert abs(min(boxes) - truth_slices[0]) <= 1 and abs(max(boxes) - truth_slices[-1]) <= 1
+        k = int(truth_slices[len(truth_slices) // 2])
+        on_slice = np.argwhere(np.take(label.array > 0, k, axis=axis))
+        expected = [on_slice[:, 1].min(), on_slice[:, 0].min(), on_slice[:, 1].max(), on_slice[:, 0].max()]
+        assert np.abs(boxes[k] - expected).max() <= 1.0, (axis, boxes[k], expected)
+        full = prior.slice(axis, k, tuple(s for a, s in enumerate(ct.shape) if a != axis))
+        assert dice(full >= 0.5, np.take(label.array > 0, k, axis=axis)) > 0.85
+
+
+def test_a_prior_outside_the_scan_gives_nothing(make_ct):
+    ct, _ = make_ct()
+    grid = to_localisation_grid(ct)
+    far = OrganPrior(origin=np.array([500, 500, 500]), probabilities=np.ones((4, 4, 4), np.float32))
+    assert prior_on_file(far, grid) is None
+    assert prior_on_file(OrganPrior(np.zeros(3, int), np.zeros((4, 4, 4), np.float32)), grid) is None
+
+
+def test_encoded_slices_cover_every_organ_with_a_shared_lattice():
+    organs = [list(range(10, 30)), list(range(21, 23)), list(range(40, 47))]
+    assert encoded_slices(organs, 1) == sorted(set(range(10, 30)) | {21, 22} | set(range(40, 47)))
+    chosen = encoded_slices(organs, 3)
+    assert len(chosen) < 20
+    for organ in organs:
+        inside = [k for k in chosen if k in organ]
+        assert inside, organ  # the short organ 21..22, between lattice slices, gets one of its own
+        for end in (organ[0], organ[-1]):  # no organ end is more than step // 2 slices from an encoded slice
+            assert min(abs(end - k) for k in inside) <= 1
+    assert set(range(10, 30, 3)) <= set(chosen)  # one lattice: slices shared by the organs
+
+
+def test_interpolation_between_encoded_slices():
+    known = {2: np.zeros((3, 3), np.float32), 6: np.ones((3, 3), np.float32)}
+    assert np.allclose(interpolate_slices(known, 3), 0.25)
+    assert np.allclose(interpolate_slices(known, 5), 0.75)
+    assert np.allclose(interpolate_slices(known, 0), 0.0) and np.allclose(interpolate_slices(known, 9), 1.0)
+
+
+def test_the_intensity_model_keeps_the_organs_intensities_and_drops_the_rest():
+    """Templates whose organ is bright (bone-like) in a dark neighbourhood: where the spatial prior is
+    undecided, bright voxels become likely and dark ones unlikely; a certain 0 stays 0."""
+    import torch
+
+    from medlsam.matching import OrganPatch
+    from medlsam.prior import intensity_posterior
+
+    rng = np.random.default_rng(0)
+    intensities = np.full((10, 10, 10), 0.45, np.float32) + rng.normal(0, 0.01, (10, 10, 10)).astype(np.float32)
+    mask = np.zeros((10, 10, 10), np.float32)
+    mask[3:7, 3:7, 3:7] = 1.0
+    intensities[mask > 0] = 0.85
+    patch = OrganPatch(torch.from_numpy(intensities).half(), torch.tensor([[3.0] * 3, [6.0] * 3]),
+                       torch.from_numpy(mask).half())
+    query = np.full((12, 12, 12), 0.45, np.float32)
+    query[:6] = 0.85  # the upper half of the query is bright
+    prior = OrganPrior(origin=np.array([1, 1, 1]), probabilities=np.full((10, 10, 10), 0.5, np.float32))
+    prior.probabilities[:, :, :2] = 0.0
+    post = intensity_posterior(prior, query, [patch]).probabilities
+    bright, dark = post[:5, :, 2:], post[6:, :, 2:]  # query rows 1..5 are bright, 7..10 dark
+    assert bright.min() > 0.9 and dark.max() < 0.1
+    assert post[:, :, :2].max() == 0.0
