@@ -93,7 +93,8 @@ def _segment(args: argparse.Namespace) -> None:
     from medlsam.volume import load_ct
 
     check_output_path(args.out)  # fail before any work
-    options = SegmentOptions(mode=args.mode, **({} if args.prior_weight is None else {"prior_weight": args.prior_weight}))
+    weight = {} if args.prior_weight is None else {"prior_weight": args.prior_weight}
+    options = SegmentOptions(mode=args.mode, **weight)
     if args.qc:
         check_png_path(args.qc)
     organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None

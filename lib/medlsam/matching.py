@@ -96,7 +96,8 @@ def _ncc(region: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     return numerator / std
 
 
-def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray, radius: int) -> tuple[np.ndarray, float, np.ndarray]:
+def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray,
+                radius: int) -> tuple[np.ndarray, float, np.ndarray]:
     """Where the patch's organ box lands in `array` (grid) when its centre starts at `centre` and the patch
     moves by up to `radius` voxels: (2, 3) box, the NCC of the best position and the patch's corner there."""
     template = patch.intensities.float()

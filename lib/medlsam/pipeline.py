@@ -1,13 +1,17 @@
 """The MedLSAM pipeline: localise every organ of a template bank (MedLAM), prompt a SAM-family slice
 segmenter with the boxes on every slice of each organ, assemble one label volume in the input's grid.
 
-- Prompts. WPL: the organ's box on every slice of its cranio-caudal range. SPL: on each slice, the box of
-  the localiser's z-slab holding that slice (``OrganLocation.slabs``). Boxes are inclusive voxel indices;
-  on a slice ``np.take(array, k, axis)`` the box's x is the column index, y the row index.
-- Work. Each encoder input (a slice, or a crop of one for zoomed organs) is encoded once
-  (:class:`SliceEmbeddings`), and all the boxes sharing it are decoded in one call.
-- Assembly. Per voxel the organ with the highest mask probability wins if that probability is above the
-  threshold; organs not localised are left out and listed in ``not_found``.
+- Prompts. prior (default): on each slice, the box of the organ's prior (the matched templates' masks
+  weighed by their intensities, ``medlsam.prior``). WPL: the organ's box on every slice of its cranio-caudal
+  range. SPL: on each slice, the box of the localiser's z-slab holding that slice (``OrganLocation.slabs``).
+  Boxes are inclusive voxel indices; on a slice ``np.take(array, k, axis)`` the box's x is the column index,
+  y the row index.
+- Work. One slice about every ``slice_spacing_mm`` of the organs' ranges is encoded, each encoder input (a
+  slice, or a crop of one for zoomed organs) once (:class:`SliceEmbeddings`), and all the boxes sharing it are
+  decoded in one call; SAM's masks are interpolated between the encoded slices.
+- Assembly. An organ's probability is (1 - prior_weight) SAM + prior_weight prior; per voxel the most
+  probable organ wins if its probability is above the threshold; organs not localised are left out and
+  listed in ``not_found``.
 - The query's labels are never read.
 """
 

@@ -92,7 +92,8 @@ class TemplateBank:
                               "kernels": o.kernels, "count": o.count, "size_mm": o.size_mm,
                               "neighbourhoods": [p.intensities for p in o.neighbourhoods],
                               "neighbourhood_boxes": [p.box for p in o.neighbourhoods],
-                              "neighbourhood_masks": [p.mask for p in o.neighbourhoods]} for name, o in self.organs.items()},
+                              "neighbourhood_masks": [p.mask for p in o.neighbourhoods]}
+                      for name, o in self.organs.items()},
         }
 
     def save(self, path: str | os.PathLike) -> None:
