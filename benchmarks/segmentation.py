@@ -187,7 +187,7 @@ def write_report(results: dict, summaries: dict, model_path: Path, templates: li
               f"(one encoder call per organ per slice): {ref / max(enc, 1):.1f}x fewer.", "",
               "![Dice per organ](segmentation.png)", ""]
     notes = RESULTS.parent / "notes" / "segmentation.md"
-    if notes.is_file() and out == RESULTS / "segmentation":  # the account of what was tried and what limits it
+    if notes.is_file() and out.resolve() == RESULTS / "segmentation":  # the account of what was tried
         lines += ["", notes.read_text()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines))
