@@ -98,8 +98,7 @@ def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: Segme
     timing split and encoder calls are reported; later rows reuse the cached slices."""
     pipelines = {}
     for key in rows:
-        fields = {**options.__dict__, **ROWS[key][2]} if key != "default" else dict(options.__dict__)
-        opts = SegmentOptions(**fields)
+        opts = SegmentOptions(**{**options.__dict__, **ROWS[key][2]})
         pipelines[key] = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=opts.localizer_mode)), segmenter, opts)
     names = [ROWS[key][0] for key in rows]
     results: dict = {name: {} for name in names}

@@ -141,7 +141,9 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
         liver = result.label == values["liver"]
         return 2 * (liver & truth).sum() / (liver.sum() + truth.sum())
 
-    alone = MedLSAMPipeline(Localizer(model, bank), segmenter, SegmentOptions(mode="prior", prior_weight=1.0))
+    plain = Localizer(model, bank)  # boxes only: the prior is computed only when the pipeline asks for it
+    assert plain.localize(ct, ["liver"])["organs"]["liver"].prior is None
+    alone = MedLSAMPipeline(plain, segmenter, SegmentOptions(mode="prior", prior_weight=1.0))
     result = alone.segment(ct, ["liver", "stomach"])
     assert result.encoder_calls == 0 and result.timings_s["encode"] == 0.0
     assert liver_dice(result) > 0.9

@@ -12,7 +12,7 @@ from medlsam.cli import main as cli_main
 from medlsam.errors import TemplateError
 from medlsam.grid import resample_to_grid, to_localisation_grid
 from medlsam.localize import Localizer, LocalizeOptions
-from medlsam.matching import cut_organ_patch, match_organ, match_patch
+from medlsam.matching import cut_organ_patch, match_organ, match_patch, organ_prior
 from medlsam.metrics import dice
 from medlsam.network import MedLAM, MedLAMConfig, save_medlam
 from medlsam.templates import WPL_ROLES, build_bank, extreme_points, load_bank, organ_grid_coords
@@ -231,8 +231,9 @@ def test_intensity_matching_recovers_a_known_shift(radius):
     box, score, corner = match_patch(query_grid.array, patch, start, radius)
     assert np.allclose(box, np.stack([low, high]) + shift, atol=1.01), (box, low + shift)
     assert score > 0.9
-    median_box, _, prior = match_organ(query_grid.array, [patch, patch], start, radius)
-    assert np.allclose(median_box, box)
+    median_box, _, corners = match_organ(query_grid.array, [patch, patch], start, radius)
+    assert np.allclose(median_box, box) and all(np.array_equal(c, corner) for c in corners)
+    prior = organ_prior(query_grid.array, [patch, patch], corners, slab_thickness=3)
     # the fused prior is the template's organ mask moved with the body: it covers the query's ball
     truth = np.zeros(query_grid.shape, bool)
     truth[tuple(np.round(ball + shift).astype(int).T)] = True

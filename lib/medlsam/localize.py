@@ -15,7 +15,7 @@ import torch
 from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
 from medlsam.grid import GRID_SPACING_MM, LocalisationGrid, to_localisation_grid
 from medlsam.losses import DISTANCE_RATIO_MM
-from medlsam.matching import OrganPrior, match_organ
+from medlsam.matching import OrganPrior, match_organ, organ_prior
 from medlsam.network import MedLAM
 from medlsam.patches import BODY_THRESHOLD
 from medlsam.prior import intensity_posterior
@@ -37,10 +37,12 @@ class LocalizeOptions:
     jump_reach: int = 8  # re-jumps share one patch among targets within this many voxels
     match: bool = True  # last stage: match the templates' organ neighbourhoods by intensity (NCC)
     match_radius: int = 14  # search of that stage, voxels of the 3 mm grid (42 mm)
-    # The organ prior (fused template masks): each template's neighbourhood is re-matched in slabs of this
+    # The organ prior (fused template masks, for the segmentation stage; not needed for boxes, so off here and
+    # switched on by MedLSAMPipeline): each template's neighbourhood is re-matched in slabs of this
     # many grid slices within prior_slab_radius voxels, so its mask bends with the organ (0: rigid). Mean Dice
     # of the fused masks alone, 33 validation scans: rigid 0.371, slabs of 4 / 6 / 8 within 2 voxels 0.404 /
     # 0.413 / 0.416 (benchmarks/notes/segmentation.md).
+    prior: bool = False
     prior_slab: int = 6
     prior_slab_radius: int = 2
     # The prior weighs the template masks by the templates' intensity model (medlsam.prior.intensity_posterior);
@@ -179,13 +181,15 @@ class Localizer:
         elif self.options.refine and score < self.options.min_score:
             result.found, result.reason = False, f"similarity {score:.2f} below {self.options.min_score}"
         elif self.options.match and organ.neighbourhoods:
-            box, result.match_score, result.prior = match_organ(
-                grid.array, organ.neighbourhoods, (low + high) / 2, self.options.match_radius,
-                self.options.prior_slab, self.options.prior_slab_radius)
-            if self.options.intensity_power > 0:
-                result.prior = intensity_posterior(result.prior, grid.array, organ.neighbourhoods,
-                                                   self.options.intensity_power)
-            result.grid = grid
+            box, result.match_score, corners = match_organ(grid.array, organ.neighbourhoods, (low + high) / 2,
+                                                           self.options.match_radius)
+            if self.options.prior:
+                result.prior = organ_prior(grid.array, organ.neighbourhoods, corners, self.options.prior_slab,
+                                           self.options.prior_slab_radius)
+                if self.options.intensity_power > 0:
+                    result.prior = intensity_posterior(result.prior, grid.array, organ.neighbourhoods,
+                                                       self.options.intensity_power)
+                result.grid = grid
             points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
             result.grid_points, (low, high) = points, box
             if outside(low, high):

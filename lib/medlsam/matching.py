@@ -160,15 +160,20 @@ def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.nd
     return OrganPrior(origin=origin, probabilities=total / len(patches))
 
 
-def match_organ(array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray, radius: int,
-                slab_thickness: int = 0, slab_radius: int = 2) -> tuple[np.ndarray, float, OrganPrior]:
-    """Median over templates of the matched organ boxes (2, 3), the median NCC and the fused mask prior
-    (with ``slab_thickness`` > 0, each template's mask follows its slabs' own matches)."""
+def match_organ(array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray,
+                radius: int) -> tuple[np.ndarray, float, list[np.ndarray]]:
+    """Median over templates of the matched organ boxes (2, 3), the median NCC, and each patch's corner."""
     matches = [match_patch(array, p, centre, radius) for p in patches]
     boxes = np.stack([b for b, _, _ in matches])
+    return np.median(boxes, axis=0), float(np.median([s for _, s, _ in matches])), [c for _, _, c in matches]
+
+
+def organ_prior(array: np.ndarray, patches: list[OrganPatch], corners: list[np.ndarray], slab_thickness: int = 0,
+                slab_radius: int = 2) -> OrganPrior:
+    """The templates' masks fused where their patches matched (``corners``, from match_organ); with
+    ``slab_thickness`` > 0 each mask follows its slabs' own matches."""
     if slab_thickness > 0:
-        placements = [match_slabs(array, p, c, slab_thickness, slab_radius) for p, (_, _, c) in zip(patches, matches)]
+        placements = [match_slabs(array, p, c, slab_thickness, slab_radius) for p, c in zip(patches, corners)]
     else:
-        placements = [[(0, c)] for _, _, c in matches]
-    prior = fuse_masks(patches, placements)
-    return np.median(boxes, axis=0), float(np.median([s for _, s, _ in matches])), prior
+        placements = [[(0, c)] for c in corners]
+    return fuse_masks(patches, placements)
