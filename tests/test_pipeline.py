@@ -213,7 +213,7 @@ def test_unknown_organ_and_backend_fail_before_any_work(abdomen, files, segmente
     assert cli_main(base + ["--prior-weight", "1.5"]) == 2  # checked before the bank is opened
     assert "prior_weight must be in [0, 1]" in capsys.readouterr().err
     for bad, needle in ((dict(mode="boxes"), "mode must be one of"), (dict(slice_spacing_mm=-1), "slice_spacing_mm"),
-                        (dict(prior_weight=-0.1), "prior_weight")):
+                        (dict(prior_weight=-0.1), "prior_weight"), (dict(threshold=1.5), "threshold")):
         with pytest.raises(MedLSAMError, match=needle):
             SegmentOptions(**bad)
     # the output path is checked first: a missing bank is not even opened
