@@ -34,7 +34,8 @@ from medlsam.localize import Localizer, LocalizeOptions, OrganLocation  # noqa: 
 from medlsam.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
 from medlsam.network import load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions, write_segmentation  # noqa: E402
+from medlsam.outputs import write_segmentation  # noqa: E402
+from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
 from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402

@@ -77,14 +77,12 @@ def main(argv=None) -> int:
     scan = tmp / name
     scan.write_bytes(response.content)
 
-    from medlsam.pipeline import SegmentationResult, qc_montage
+    from medlsam.qc import qc_montage
     from medlsam.volume import load_ct, read_volume
 
     volume = load_ct(scan)
-    label = read_volume(label_path).array
-    qc = out / f"{image}_{args.model}.png"
-    qc_montage(volume, SegmentationResult(label=label, label_names=result.get("label_names", {}),
-                                          boxes=result.get("boxes", {}), not_found=result.get("not_found", [])), qc)
+    qc = qc_montage(volume, read_volume(label_path).array, result.get("label_names", {}),
+                    out / f"{image}_{args.model}.png")
     shutil.rmtree(tmp, ignore_errors=True)
     found = [n for n, b in result.get("boxes", {}).items() if b.get("found")]
     print(f"done in {elapsed:.1f} s: {len(found)} organ(s) found {found}, not found {result.get('not_found', [])}")

@@ -14,7 +14,8 @@ import pytest
 from medlsam.cli import main as cli_main
 from medlsam.errors import MedLSAMError, TemplateError
 from medlsam.localize import Localizer, OrganLocation
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions, check_output_path, organ_prompts, write_segmentation
+from medlsam.outputs import check_output_path, write_segmentation
+from medlsam.pipeline import MedLSAMPipeline, SegmentOptions, organ_prompts
 from medlsam.sam import build_segmenter
 from medlsam.sam.slices import SliceEmbeddings
 from medlsam.volume import CTVolume, read_volume, write_volume
@@ -179,7 +180,7 @@ def test_write_segmentation_keeps_geometry_and_is_atomic(abdomen, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("medlsam.pipeline.json.dump", interrupted)
+    monkeypatch.setattr("medlsam.outputs.json.dump", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_segmentation(result, ct, tmp_path / "other.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written, no temporary left

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from medlsam.grid import LocalisationGrid
 from medlsam.network import MedLAM
 from medlsam.patches import cut_patch
+from medlsam.precision import use_bf16
 
 KERNEL_SIZES = (3, 5, 5)  # feature kernel per scale (1/4, 1/2, full): 36, 30 and 15 mm
 STRIDES = (4, 2, 1)
@@ -36,15 +37,17 @@ def cluster_points(points: np.ndarray, reach: int) -> list[tuple[np.ndarray, np.
     return clusters
 
 
-def precision(model: MedLAM, bf16: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on the model's device when asked (inference only), else nothing."""
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def precision(model: MedLAM, bf16: bool | None) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the model's device when asked (None: where it is native; inference only), else
+    nothing."""
+    device = next(model.parameters()).device
+    enabled = use_bf16(bf16, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @torch.no_grad()
 def encode_latents(model: MedLAM, grid: LocalisationGrid, centres: np.ndarray, batch: int = 8,
-                   bf16: bool = False) -> np.ndarray:
+                   bf16: bool | None = False) -> np.ndarray:
     """(N, 3) latent points of the patches centred at (N, 3) integer grid positions."""
     size = model.config.patch_size
     device = next(model.parameters()).device
@@ -91,7 +94,7 @@ class PatchFeatures:
 
 @torch.no_grad()
 def encode_patches(model: MedLAM, grid: LocalisationGrid, centres: list[np.ndarray], batch: int = 4,
-                   scales: int = 3, bf16: bool = False) -> list[PatchFeatures]:
+                   scales: int = 3, bf16: bool | None = False) -> list[PatchFeatures]:
     """Feature maps (the first `scales` of 1/4, 1/2, full) of patches centred at the given grid positions."""
     size = np.array(model.config.patch_size)
     device = next(model.parameters()).device

@@ -32,7 +32,7 @@ class LocalizeOptions:
     jumps: int = 1  # coarse latent jumps (1 = the reference's single jump)
     search_radius: int = 8  # refinement search, voxels of the 3 mm grid
     scales: int = 3  # feature scales used by refinement (1/4, 1/2, full): 2 skips the full-resolution decoder
-    bf16: bool = False  # bfloat16 autocast for the network
+    bf16: bool | None = False  # bfloat16 autocast for the network (boxes move: off; None = where native)
     start_patches: int = START_PATCHES  # patches around the body centre that start the coarse jump
     jump_reach: int = 8  # re-jumps share one patch among targets within this many voxels
     match: bool = True  # last stage: match the templates' organ neighbourhoods by intensity (NCC)

@@ -17,12 +17,8 @@ segmenter with the boxes on every slice of each organ, assemble one label volume
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -31,9 +27,8 @@ from medlsam.errors import MedLSAMError
 from medlsam.localize import Localizer, OrganLocation
 from medlsam.prior import FilePrior, prior_on_file, prior_slice_boxes
 from medlsam.sam.slices import DEFAULT_WINDOW, Crop, SliceEmbeddings
-from medlsam.volume import CTVolume, write_volume
+from medlsam.volume import CTVolume
 
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 MODES = ("wpl", "spl", "prior")
 
 
@@ -395,114 +390,3 @@ class MedLSAMPipeline:
             if prior is not None:
                 prob = (1.0 - opt.prior_weight) * prob + opt.prior_weight * prior
         return prob
-
-
-# ----------------------------------------------------------------------------------------------- output
-
-def _label_suffix(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((s for s in LABEL_SUFFIXES if name.endswith(s)), None)
-
-
-def _check_folder(folder: Path, what: str) -> None:
-    if not folder.is_dir():
-        raise MedLSAMError(f"cannot write {what}: folder {folder} does not exist")
-    probe = folder / f".tmp-{uuid.uuid4().hex}.probe"
-    try:
-        probe.open("w").close()
-    except OSError as exc:
-        raise MedLSAMError(f"cannot write {what} in {folder}: {exc.strerror or exc}") from None
-    probe.unlink(missing_ok=True)
-
-
-def check_output_path(out_path) -> None:
-    """Raise MedLSAMError now if a label cannot be written to ``out_path`` (bad extension, missing or
-    read-only folder, a folder in the way), so that no work is wasted."""
-    path = Path(out_path).expanduser()
-    if _label_suffix(path) is None:
-        raise MedLSAMError(f"output {path}: the label must be NIfTI or NRRD ({', '.join(LABEL_SUFFIXES)})")
-    if path.is_dir():
-        raise MedLSAMError(f"output {path} is a folder")
-    _check_folder(path.parent, f"the label {path.name}")
-
-
-def check_png_path(png_path) -> None:
-    path = Path(png_path).expanduser()
-    if path.suffix.lower() != ".png":
-        raise MedLSAMError(f"QC montage {path}: must be a .png file")
-    if path.is_dir():
-        raise MedLSAMError(f"QC montage {path} is a folder")
-    _check_folder(path.parent, f"the QC montage {path.name}")
-
-
-def write_segmentation(result: SegmentationResult, volume: CTVolume, out_path) -> None:
-    """Write the label (NIfTI/NRRD by extension, the input's geometry) and ``out_path + ".json"``.
-
-    Both go to temporary files first and are renamed into place once both are complete, so an error or
-    an interrupt leaves neither a partial label nor a label without its JSON."""
-    path = Path(out_path).expanduser()
-    check_output_path(path)
-    json_path = path.parent / (path.name + ".json")
-    suffix = _label_suffix(path)
-    tmp_label = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
-    tmp_json = path.parent / f".tmp-{uuid.uuid4().hex}.json"
-    try:
-        tic = time.perf_counter()
-        write_volume(result.label, volume, tmp_label)
-        result.timings_s["write"] = time.perf_counter() - tic
-        with open(tmp_json, "w") as handle:
-            json.dump(result.to_json(), handle, indent=2)
-        os.replace(tmp_label, path)
-        os.replace(tmp_json, json_path)
-    except BaseException:
-        tmp_label.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
-        raise
-
-
-def qc_montage(volume: CTVolume, result: SegmentationResult, png_path, window: tuple[float, float] = (-160, 240)) -> None:
-    """PNG montage: for each segmented organ its middle slice, CT in a soft-tissue window, masks overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colors
-
-    from medlsam.metrics import cranio_caudal_axis
-
-    path = Path(png_path).expanduser()
-    check_png_path(path)
-    axis = cranio_caudal_axis(volume.affine)
-    present = [(n, v) for n, v in result.label_names.items() if (result.label == v).any()]
-    cols = max(1, min(4, len(present)))
-    rows = max(1, int(np.ceil(len(present) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
-    values = sorted(result.label_names.values())
-    cmap = plt.get_cmap("tab10", max(10, len(values)))
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (name, value) in zip(axes.ravel(), present):
-        ks = np.nonzero(np.moveaxis(result.label == value, axis, 0).any(axis=(1, 2)))[0]
-        k = int(ks[len(ks) // 2])
-        ct = np.take(volume.array, k, axis=axis)
-        lab = np.take(result.label, k, axis=axis)
-        ax.imshow(np.clip(ct, *window), cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
-        overlay = np.zeros((*lab.shape, 4))
-        for i, v in enumerate(values):
-            colour = colors.to_rgba(cmap(i % cmap.N), alpha=0.65 if v == value else 0.3)
-            overlay[lab == v] = colour
-        ax.imshow(overlay, interpolation="nearest")
-        ax.contour(lab == value, levels=[0.5], colors=[cmap(values.index(value) % cmap.N)], linewidths=0.8)
-        ax.set_title(f"{name} (slice {k})", fontsize=9)
-    if not present:
-        axes[0, 0].text(0.5, 0.5, "no organ segmented", ha="center", va="center")
-    fig.tight_layout()
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)

@@ -7,7 +7,6 @@ Each organ has 6 whole-organ extreme points (WPL) and, for SPL, 4 in-plane extre
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +102,12 @@ class TemplateBank:
     def labels(self) -> dict[str, int]:
         return {name: o.value for name, o in self.organs.items()}
 
+    def summary(self) -> dict:
+        """What the bank holds, for people: version, MedLAM fingerprint, source scans, organs."""
+        return {"version": BANK_VERSION, "model_fingerprint": self.model_fingerprint, "sources": list(self.sources),
+                "organs": {name: {"value": o.value, "templates": o.count, "size_mm": o.size_mm}
+                           for name, o in sorted(self.organs.items(), key=lambda kv: kv[1].value)}}
+
     def select(self, names: list[str] | None) -> dict[str, OrganTemplate]:
         """The chosen organs (all when None); an unknown name raises TemplateError listing the known ones."""
         if not names:
@@ -122,8 +127,11 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise TemplateError(f"{path}: not a readable template bank ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("version") != BANK_VERSION:
-        raise TemplateError(f"{path}: not a template bank of version {BANK_VERSION}")
+    if not isinstance(data, dict) or "organs" not in data:
+        raise TemplateError(f"{path}: not a template bank")
+    if data.get("version") != BANK_VERSION:
+        raise TemplateError(f"{path}: template bank version {data.get('version')}, this medlsam reads version "
+                            f"{BANK_VERSION}; rebuild it with `medlsam templates build`")
     bank = TemplateBank(
         organs={name: OrganTemplate(value=int(o["value"]), roles=list(o["roles"]), latent=o["latent"],
                                     offset=o["offset"], kernels=list(o["kernels"]), count=int(o["count"]),
@@ -247,12 +255,3 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
     if not organs_out:
         raise TemplateError("no organ found in the templates")
     return TemplateBank(organs=organs_out, model_fingerprint=model_fingerprint(model), sources=sources)
-
-
-def read_names(path: str | os.PathLike | None) -> dict[int, str]:
-    """Organ names from JSON: {"1": "Brainstem", ...} or a dataset.json with a "labels" entry."""
-    if path is None:
-        return {}
-    data = json.loads(Path(path).read_text())
-    data = data.get("labels", data)
-    return {int(k): str(v) for k, v in data.items()}
