@@ -1,9 +1,11 @@
 # MedLSAM Label. `make test` is what CI runs (.ci/run); `make serve` starts the app on the sample datastore.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(abspath ../shared/data)
 PORT ?= 8000
+HOST ?= 127.0.0.1
 SAMPLE ?= sample-datastore
 CONF ?= --conf models medlsam
 
@@ -13,8 +15,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@echo "Installing the pinned stack into $(VENV) (torch, MONAI Label, LiteMedSAM...): first run only," \
+	      "about 5 minutes; later runs reuse it."
+	@start=$$(date +%s); \
+	  $(BIN)/pip install -q -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" ; \
+	  test $${PIPESTATUS[0]} -eq 0 && $(BIN)/pip install -q --no-deps --no-build-isolation -e . && \
+	  echo "Installed in $$(( $$(date +%s) - start )) s."
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv when missing (reused when present) and install everything
@@ -23,11 +29,11 @@ test: setup  ## run the test suite (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q tests
 
 sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans
-	MEDLSAM_DATA=$(DATA) $(BIN)/python scripts/make_sample_datastore.py --out $(SAMPLE)
+	$(BIN)/python scripts/make_sample_datastore.py --data $(DATA) --out $(SAMPLE)
 
-serve: sample-datastore  ## start the app on the sample datastore (http://127.0.0.1:$(PORT); Slicer/OHIF connect there)
+serve: sample-datastore  ## start the app on the sample datastore (http://$(HOST):$(PORT), loopback only unless HOST=0.0.0.0)
 	PATH=$(abspath $(BIN)):$$PATH MONAILABEL_PYEXE=$(abspath $(BIN))/python \
-	  $(BIN)/monailabel start_server --app apps/medlsam --studies $(SAMPLE) $(CONF) -p $(PORT)
+	  $(BIN)/monailabel start_server --app apps/medlsam --studies $(SAMPLE) $(CONF) -i $(HOST) -p $(PORT)
 
 demo: setup  ## ask the running server (make serve) for an auto-segmentation like Slicer; writes runs/demo/
 	$(BIN)/python scripts/demo.py --server http://127.0.0.1:$(PORT) --out runs/demo

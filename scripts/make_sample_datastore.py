@@ -33,7 +33,9 @@ def main(argv=None) -> int:
 
     kbp = Path(args.data) / "openkbp"
     if not (kbp / "dataset.json").is_file():
-        print(f"error: {kbp}/dataset.json not found; pass --data or set MEDLSAM_DATA", file=sys.stderr)
+        print(f"error: {kbp}/dataset.json not found: the data folder must hold openkbp/. With make, give it as "
+              f"`make sample-datastore DATA=/path/to/data` (or `make serve DATA=...`); running this script, pass "
+              f"--data /path/to/data", file=sys.stderr)
         return 2
     dataset = json.loads((kbp / "dataset.json").read_text())
     names = {int(k): v for k, v in dataset["labels"].items()}

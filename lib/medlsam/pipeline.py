@@ -17,6 +17,7 @@ segmenter with the boxes on every slice of each organ, assemble one label volume
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +31,9 @@ from medlsam.sam.slices import DEFAULT_WINDOW, Crop, SliceEmbeddings
 from medlsam.volume import CTVolume
 
 MODES = ("wpl", "spl", "prior")
+LOG_EVERY_SLICES = 10  # without a progress bar, one log line per this many slices
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -277,10 +281,13 @@ class MedLSAMPipeline:
             from tqdm import tqdm
         except ImportError:  # tqdm comes with MONAI; without it there is simply no bar
             tqdm = None
-        bar = tqdm(encoded, desc="segmenting slices", unit="slice", disable=not progress) if tqdm else encoded
+        bar = tqdm(encoded, desc="segmenting slices", unit="slice", disable=not (progress and encoded)) if tqdm \
+            else encoded
         sam: dict[str, dict[int, np.ndarray]] = {p.name: {} for p in prompts}  # organ -> slice -> probabilities
         try:
-            for k in bar:
+            for n, k in enumerate(bar, 1):
+                if not progress and (n % LOG_EVERY_SLICES == 0 or n == len(encoded)):  # a log line, not a bar
+                    logger.info(f"SAM: slice {n}/{len(encoded)} ({timings['encode']:.1f} s encoding so far)")
                 here = [p for p in with_sam if k in p.boxes]
                 for crop in dict.fromkeys(p.crop for p in here):  # one encoder input, one decoder call
                     group = [p for p in here if p.crop == crop]

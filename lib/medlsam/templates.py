@@ -7,7 +7,9 @@ Each organ has 6 whole-organ extreme points (WPL) and, for SPL, 4 in-plane extre
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from medlsam.grid import LocalisationGrid, resample_to_grid, to_localisation_gri
 from medlsam.matching import OrganPatch, cut_organ_patch
 from medlsam.network import MedLAM, atomic_torch_save, model_fingerprint
 from medlsam.volume import CTVolume, load_ct, read_volume
+
+logger = logging.getLogger(__name__)
 
 SLABS = 6
 WPL_ROLES = ("z-", "z+", "y-", "y+", "x-", "x+")
@@ -204,9 +208,10 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
     names = {int(k): v for k, v in (names or {}).items()}
     sums: dict[str, dict] = {}
     sources = []
-    for image, label, pts in zip(images, labels, points_json):
+    for number, (image, label, pts) in enumerate(zip(images, labels, points_json), 1):
         if label is None and pts is None:
             raise TemplateError(f"template {image}: needs a label or extreme points")
+        tic = time.perf_counter()
         volume = image if isinstance(image, CTVolume) else load_ct(image)
         label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
         grid = to_localisation_grid(volume)
@@ -214,6 +219,8 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
         masks = _organ_masks(label_volume, grid, names)
         encoded = _encode_template(model, grid, organs)
         sources.append(volume.source)
+        logger.info(f"template {number}/{len(images)} {Path(str(volume.source)).name}: {len(organs)} organ(s) "
+                    f"in {time.perf_counter() - tic:.1f} s")
         for name, roles in organs.items():
             value = next((v for v, n in names.items() if n == name), None)
             if value is None and isinstance(pts, dict) and isinstance(pts.get(name), dict):

@@ -1,0 +1,84 @@
+"""Precision chosen by what the hardware runs natively: the choice on this machine, the user's word winning,
+the probe where CPU flags are unknown, and a training step that is not slower than float32."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from medlsam import precision
+from medlsam.network import MedLAMConfig
+from medlsam.training import Trainer, TrainOptions
+from medlsam.volume import write_volume
+
+
+def test_the_choice_on_this_machine_follows_its_cpu_flags():
+    support = precision.cpu_bf16_support()
+    flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo")
+                  if line.startswith("flags")), set())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert support.native is native
+    assert precision.use_bf16(None, "cpu") is native
+    line = precision.describe(None, "cpu")
+    assert ("bfloat16 autocast" if native else "float32") in line
+    assert precision.cpu_capability() in line and precision.cpu_model() in line
+    print(line)
+
+
+def test_an_explicit_choice_wins():
+    assert precision.use_bf16(True, "cpu") is True
+    assert precision.use_bf16(False, "cpu") is False
+    assert "chosen by the user" in precision.describe(False, "cpu")
+    assert [precision.parse_precision(v) for v in ("auto", "fp32", "bf16", None)] == [None, False, True, None]
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        precision.parse_precision("half")
+
+
+def test_without_cpu_flags_a_timed_probe_decides(monkeypatch):
+    monkeypatch.setattr(precision, "_cpuinfo", lambda: "")
+    precision.cpu_bf16_support.cache_clear()
+    try:
+        support = precision.cpu_bf16_support()
+        assert "probe" in support.reason
+        assert support.native == (float(support.reason.split("probe bf16 ")[1].split("x")[0]) >= 1.0)
+    finally:
+        precision.cpu_bf16_support.cache_clear()
+
+
+def test_cuda_without_a_gpu_is_not_bf16():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: its own answer is used")
+    assert precision.use_bf16(None, "cuda") is False
+
+
+@pytest.mark.slow
+def test_the_default_training_step_is_not_slower_than_float32(tmp_path, make_ct):
+    """The default 64^3 patch, one scan per step: the step the default precision picks takes at most
+    float32's time (with 25 % slack for a busy machine)."""
+    paths = []
+    for n, centre in enumerate([(14.0, 20.0, 10.0), (24.0, 14.0, 18.0)]):
+        ct, _ = make_ct(ball_centre=centre, ball_radius=5.0)
+        write_volume(ct.array.astype(np.int16), ct, tmp_path / f"scan{n}.nii.gz")
+        paths.append(tmp_path / f"scan{n}.nii.gz")
+    config = MedLAMConfig()  # the default: 64^3 patches
+    options = dict(epochs=1, iterations_per_epoch=1, batch_size=1, mss_points=8, validation_pairs=2)
+
+    def median_step(bf16: bool | None) -> tuple[float, Trainer]:
+        trainer = Trainer(paths, tmp_path / f"{bf16}" / "medlam.pt", config, TrainOptions(bf16=bf16, **options))
+        trainer.step()  # warm-up
+        times = []
+        for _ in range(3):
+            tic = time.perf_counter()
+            trainer.step()
+            times.append(time.perf_counter() - tic)
+        return statistics.median(times), trainer
+
+    default_s, trainer = median_step(None)
+    fp32_s, _ = median_step(False)
+    assert trainer.autocast is precision.use_bf16(None, "cpu")
+    print(f"{trainer.precision}: {default_s:.2f} s per step, float32 {fp32_s:.2f} s")
+    assert default_s <= 1.25 * fp32_s
