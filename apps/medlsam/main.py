@@ -5,7 +5,10 @@
 --conf keys (all optional): backend (lite_medsam | sam_vit_b|l|h | medsam_vit_b), checkpoint (SAM/MedSAM
 weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu),
 labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
-(torch.compile the SAM encoder, false).
+(torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2).
+
+Requests name datastore images by id only; uploads and labels are checked (lib/datastore.py); inference runs in
+worker threads, so /info/ and light requests answer while it runs (lib/server.py).
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ except ImportError:  # pragma: no cover
     sys.path.append(_REPO_LIB)
 
 import lib.configs
+from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
+
+from lib.datastore import GatedDatastore, valid_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,19 @@ class MedLSAMApp(MONAILabelApp):
     def _stores(self):
         return [getattr(c, "store", None) for c in self.models.values() if getattr(c, "store", None)]
 
+    def init_datastore(self) -> Datastore:
+        """MONAI Label's local datastore behind the id/tag gate and label checks (remote stores unchanged)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        studies, app_dir = os.path.realpath(self.studies), os.path.realpath(self.app_dir)
+        if studies == app_dir or studies.startswith(app_dir + os.sep):
+            raise ValueError(f"the datastore {self.studies} lies inside the app folder {self.app_dir}: uploads could "
+                             "overwrite the app's code or weights; use a separate folder")
+        logger.info(f"Init Datastore for: {self.studies} (ids and tags gated, labels checked on save)")
+        return GatedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                              read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, on_label_change=self._labels_changed)
+
     def init_infers(self) -> Dict[str, InferTask]:
         for store in self._stores():
             store.datastore = self.datastore()
@@ -79,26 +100,69 @@ class MedLSAMApp(MONAILabelApp):
 
         return {"random": Random(), "first": First()}
 
-    def infer(self, request, datastore=None):
-        from fastapi import HTTPException
+    def on_init_complete(self):
+        """The server is up: its heavy endpoints run off the event loop, with parameter checks."""
+        if "monailabel.app" in sys.modules:
+            from lib.server import install
 
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            store = datastore or self.datastore()
-            if not store.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore "
-                                                            "(GET /datastore/?output=all lists the image ids)")
+            install(sys.modules["monailabel.app"].app)
+        super().on_init_complete()
+
+    def infer(self, request, datastore=None):
+        """Only datastore images (by id) or this server's sessions are read; a final label is never written."""
+        request = dict(request)
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"no model {model!r}; available: {sorted(self._infers)}")
-        return super().infer(request, datastore)
+            raise HTTPException(status_code=404, detail=f"no model {str(model)[:80]!r}; available: "
+                                                        f"{sorted(self._infers)}")
+        save = str(request.pop("save_label", "")).strip().lower() in ("true", "1", "yes")
+        tag = request.pop("label_tag", None) or DefaultLabelTag.ORIGINAL.value
+        if save and tag != DefaultLabelTag.ORIGINAL.value:
+            raise HTTPException(status_code=400, detail=f"label_tag {str(tag)[:80]!r}: inference saves only "
+                                                        "'original' labels; submit a final label with PUT "
+                                                        "/datastore/label")
+        store = datastore or self.datastore()
+        image = request.get("image")
+        session = self._session_image(request)
+        if session:
+            request["image"], request["image_id"], save = session, "session", False
+        else:
+            path = store.get_image_uri(image) if valid_name(image) else ""
+            if not path:
+                raise HTTPException(status_code=404, detail=f"image {str(image)[:80]!r} not found in the datastore "
+                                                            "(GET /datastore/?output=all lists the image ids)")
+            request["image"], request["image_id"] = path, image
+        result = super().infer(request, store)
+        if save and result.get("file"):
+            result["label"] = store.save_label(image, result["file"], DefaultLabelTag.ORIGINAL.value,
+                                               {"model": model})
+        return result
+
+    def _session_image(self, request: dict) -> str:
+        """The image of the request's session when it is a real session of this server, else ""."""
+        session = request.get("session")
+        session_id = session.get("session_id") if isinstance(session, dict) else None
+        if not valid_name(session_id) or self.sessions() is None:
+            return ""
+        info = self.sessions().get_session(session_id, update_ts=False)
+        return info.image if info is not None and info.image == request.get("image") else ""
+
+    def model_file(self, model, validate=True):
+        """Weights are published only by the trainer: PUT /model/<name> (which asks validate=False) is refused."""
+        if not validate:
+            raise HTTPException(status_code=403, detail="model weights are published only by training "
+                                                        "(POST /train/medlam); uploading them is disabled")
+        return super().model_file(model, validate)
 
     def on_save_label(self, image_id, label_id):
         """A final label is a new template: rebuild the bank now, in the background."""
         result = super().on_save_label(image_id, label_id)
+        self._labels_changed()
+        return result
+
+    def _labels_changed(self) -> None:
         for store in self._stores():
             store.rebuild_bank_in_background()
-        return result
 
 
 def get_class_of(qualified: str):

@@ -6,10 +6,12 @@ Nothing heavy happens at construction: MONAI Label re-creates the app in every t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 BACKEND_DEFAULT = "lite_medsam"
 LABELS_FILE = "labels.json"  # optional organ names at the datastore root: {"1": "Brainstem", ...}
+MAX_WAITING = 16  # inference requests waiting for a slot; more are refused (429)
+SLOT_TIMEOUT_S = 600
+MAX_TEMPLATE_ORGANS = 64  # organs of one template (bounds a bank build; the datastore refuses more at save)
+MAX_ORGAN_FRACTION = 0.5  # one organ covers at most this fraction of its scan
 
 
 class NoTemplatesError(TemplateError):
@@ -54,6 +60,9 @@ class ModelStore:
         self.device = conf.get("device", "cpu")
         self.labels_path = conf.get("labels") or None
         self.cache_size = _conf_int(conf, "embedding_cache", 2, 1)
+        self.infer_concurrency = _conf_int(conf, "infer_concurrency", 2, 1)
+        self._slots = threading.BoundedSemaphore(self.infer_concurrency)
+        self._waiting = 0
         compile_conf = str(conf.get("compile", "false")).strip().lower()
         if compile_conf not in ("true", "false", "1", "0", "yes", "no"):
             raise MedLSAMError(f"--conf compile must be true or false, not {conf.get('compile')!r}")
@@ -67,12 +76,12 @@ class ModelStore:
             raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         self.datastore = None  # set by the app once its datastore exists
         self._lock = threading.RLock()
-        self._bank_lock = threading.Lock()
         self._medlam = None  # (key, path, model)
         self._segmenter = None
         self._bank = None  # (key, bank, info)
         self._volumes: OrderedDict = OrderedDict()
-        self._rebuild_thread: threading.Thread | None = None
+        self._build: _Build | None = None  # the bank build in progress
+        self._unusable: dict[str, str] = {}  # template digest -> why it cannot serve
 
     # ------------------------------------------------------------------ MedLAM
     @property
@@ -83,32 +92,52 @@ class ModelStore:
     def shipped_medlam(self) -> Path:
         return self.model_dir / "pretrained_medlam.pt"
 
+    def _medlam_candidates(self) -> list[Path]:
+        return [self.published_medlam, Path(self.medlam_conf) if self.medlam_conf else self.shipped_medlam]
+
     def medlam_path(self) -> Path:
-        """model/medlam.pt (published by training) if present, else --conf medlam, else the shipped model."""
-        candidates = [self.published_medlam]
-        candidates.append(Path(self.medlam_conf) if self.medlam_conf else self.shipped_medlam)
-        for path in candidates:
-            if path.is_file():
-                return path
-        raise CheckpointError(
-            f"no MedLAM weights: none of {[str(c) for c in candidates]} exists. Pass --conf medlam <checkpoint> "
-            "or train one with POST /train/medlam; the app never runs with random weights")
+        """model/medlam.pt (published by training) if it loads, else --conf medlam, else the shipped model."""
+        return self.medlam()[1]
 
     def medlam(self):
-        """(model, path, fingerprint); reloaded when the checkpoint file changes."""
+        """(model, path, fingerprint); reloaded when the checkpoint file changes. A published model that cannot
+        be loaded is set aside (model/medlam.pt.rejected) and the next candidate serves."""
         from medlsam.network import load_medlam, model_fingerprint
 
-        path = self.medlam_path()
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
         with self._lock:
-            if self._medlam is None or self._medlam[0] != key:
+            for path in self._medlam_candidates():
+                if not path.is_file():
+                    continue
+                stat = path.stat()
+                key = (str(path), stat.st_mtime_ns, stat.st_size)
+                if self._medlam is not None and self._medlam[0] == key:
+                    return self._medlam[2], self._medlam[1], self._medlam[3]
                 tic = time.perf_counter()
-                model = load_medlam(path, device=self.device)
+                try:
+                    model = load_medlam(path, device=self.device)
+                except CheckpointError as exc:
+                    if path != self.published_medlam:
+                        raise
+                    self._set_aside(path, exc)
+                    continue
                 self._medlam = (key, path, model, model_fingerprint(model))
-                logger.info(f"MedLAM loaded from {path} in {time.perf_counter() - tic:.2f} s "
+                logger.info(f"MedLAM loaded from {path.name} in {time.perf_counter() - tic:.2f} s "
                             f"(fingerprint {self._medlam[3]})")
-            return self._medlam[2], self._medlam[1], self._medlam[3]
+                return model, path, self._medlam[3]
+        raise CheckpointError(
+            f"no MedLAM weights: none of {[c.name for c in self._medlam_candidates()]} is usable. Pass --conf medlam "
+            "<checkpoint> or train one with POST /train/medlam; the app never runs with random weights")
+
+    @staticmethod
+    def _set_aside(path: Path, exc: Exception) -> None:
+        aside = path.with_name(path.name + ".rejected")
+        try:
+            os.replace(path, aside)
+        except OSError as error:
+            logger.error(f"published MedLAM {path.name} cannot be loaded and cannot be set aside ({error}): {exc}")
+            return
+        logger.error(f"published MedLAM {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
+                     "the shipped/configured MedLAM serves instead")
 
     # ------------------------------------------------------------------ SAM
     def segmenter(self):
@@ -124,6 +153,30 @@ class ModelStore:
                 self._segmenter = build_segmenter(self.backend, self.checkpoint, self.device, compile=self.compile)
                 logger.info(f"segmenter {self.backend} built in {time.perf_counter() - tic:.2f} s")
             return self._segmenter
+
+    # ------------------------------------------------------------------ inference slots
+    @contextlib.contextmanager
+    def infer_slot(self):
+        """At most ``infer_concurrency`` inferences run at once (each in a server worker thread, never on the event
+        loop); up to MAX_WAITING more wait, beyond that a request is refused with 429."""
+        from fastapi import HTTPException
+
+        with self._lock:
+            if self._waiting >= MAX_WAITING:
+                raise HTTPException(status_code=429, detail=f"server busy: {self._waiting} inferences waiting; "
+                                                            "try again shortly")
+            self._waiting += 1
+        try:
+            acquired = self._slots.acquire(timeout=SLOT_TIMEOUT_S)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        if not acquired:
+            raise HTTPException(status_code=503, detail=f"server busy: no inference slot within {SLOT_TIMEOUT_S} s")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     # ------------------------------------------------------------------ volumes and embeddings
     def volume_entry(self, path: str) -> dict:
@@ -161,7 +214,7 @@ class ModelStore:
 
     # ------------------------------------------------------------------ organ names
     def _labels_file(self) -> dict[int, str]:
-        from medlsam.templates import read_names
+        from medlsam.names import read_names
 
         paths = [Path(self.labels_path)] if self.labels_path else []
         studies = getattr(self.datastore, "_datastore_path", None)
@@ -176,23 +229,21 @@ class ModelStore:
         return {}
 
     def labelled_images(self) -> list[dict]:
-        """Images with a final label: [{id, image, label, label_info {value: name}, ts}], ids sorted."""
+        """Images with a final label: [{id, image, label, label_info {value: name}, ts}], ids sorted.
+        Never raises: a malformed entry is skipped with a warning (a label can never break /info/)."""
         if self.datastore is None:
             return []
         out = []
         for image_id in sorted(self.datastore.get_labeled_images()):
-            label = self.datastore.get_label_uri(image_id, "final")
-            if not label or not os.path.exists(label):
-                continue
-            info = self.datastore.get_label_info(image_id, "final") or {}
-            names = {}
-            for item in info.get("label_info") or []:
-                if isinstance(item, dict) and item.get("name") and item.get("idx") is not None:
-                    name = str(item["name"])
-                    if name.lower() not in ("background", "foreground_scribbles", "background_scribbles"):
-                        names[int(item["idx"])] = name
-            out.append({"id": image_id, "image": self.datastore.get_image_uri(image_id), "label": label,
-                        "label_info": names, "ts": info.get("ts", 0)})
+            try:
+                label = self.datastore.get_label_uri(image_id, "final")
+                if not label or not os.path.exists(label):
+                    continue
+                info = self.datastore.get_label_info(image_id, "final") or {}
+                out.append({"id": image_id, "image": self.datastore.get_image_uri(image_id), "label": label,
+                            "label_info": _label_names(info.get("label_info")), "ts": _number(info.get("ts"))})
+            except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the others
+                logger.warning(f"final label of {image_id} ignored: {exc}")
         return out
 
     def label_names(self, labelled: list[dict] | None = None) -> dict[str, int]:
@@ -214,11 +265,9 @@ class ModelStore:
         return {v: item["label_info"].get(v) or file_names.get(v) or f"label_{v}" for v in values}
 
     # ------------------------------------------------------------------ template bank
-    def chosen_templates(self) -> list[dict]:
-        """The newest ``templates`` labelled images (by label save time), in id order."""
-        labelled = self.labelled_images()
-        newest = sorted(labelled, key=lambda item: (item["ts"], item["id"]), reverse=True)[: self.max_templates]
-        return sorted(newest, key=lambda item: item["id"])
+    def candidate_templates(self) -> list[dict]:
+        """All labelled images, newest label first: the bank takes the first ``templates`` usable ones."""
+        return sorted(self.labelled_images(), key=lambda item: (item["ts"], item["id"]), reverse=True)
 
     @staticmethod
     def _file_key(path: str) -> str:
@@ -226,39 +275,80 @@ class ModelStore:
         return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def bank(self):
-        """(TemplateBank, info) for the current templates and MedLAM; rebuilt when either changed."""
-        model, model_path, fingerprint = self.medlam()
-        templates = self.chosen_templates()
-        if not templates:
-            raise NoTemplatesError(
-                "no template yet: save a final label (organ segmentation) on at least one image - e.g. segment "
-                "organs in Slicer or OHIF and submit the label - then run medlsam again")
-        names = self.label_names()
-        key = (fingerprint, json.dumps([[t["id"], self._file_key(t["image"]), self._file_key(t["label"]),
-                                          sorted(t["label_info"].items())] for t in templates]),
-               json.dumps(names))
-        with self._bank_lock:
-            if self._bank is not None and self._bank[0] == key:
-                return self._bank[1], self._bank[2]
-            tic = time.perf_counter()
-            bank, info = self._build_bank(model, fingerprint, templates, names)
-            info.update({"medlam": str(model_path), "medlam_fingerprint": fingerprint,
+        """(TemplateBank, info) for the current templates and MedLAM; rebuilt when either changed.
+
+        One build runs at a time, outside the store's lock; a request needing another bank (a label was saved
+        or deleted meanwhile) cancels it between templates and starts its own."""
+        while True:
+            model, model_path, fingerprint = self.medlam()
+            candidates = self.candidate_templates()
+            if not candidates:
+                raise NoTemplatesError(
+                    "no template yet: save a final label (organ segmentation) on at least one image - e.g. segment "
+                    "organs in Slicer or OHIF and submit the label - then run medlsam again")
+            names = self.label_names(candidates)
+            key = (fingerprint, json.dumps([[t["id"], self._file_key(t["image"]), self._file_key(t["label"]),
+                                              sorted(t["label_info"].items())] for t in candidates]),
+                   json.dumps(names))
+            with self._lock:
+                if self._bank is not None and self._bank[0] == key:
+                    return self._bank[1], self._bank[2]
+                build = self._build
+                owner = build is None or build.key != key
+                if owner:
+                    if build is not None:
+                        build.cancel.set()
+                    build = self._build = _Build(key)
+            if owner:
+                self._run_build(build, model, model_path, fingerprint, candidates, names)
+            else:
+                build.done.wait()
+            if isinstance(build.error, BuildCancelled):
+                continue  # the templates changed meanwhile: build for the current ones
+            if build.error is not None:
+                raise build.error
+            return build.result
+
+    def _run_build(self, build: "_Build", model, model_path: Path, fingerprint: str, candidates: list[dict],
+                   names: dict[str, int]) -> None:
+        tic = time.perf_counter()
+        try:
+            bank, info = self._build_bank(model, fingerprint, candidates, names, build.cancel)
+            info.update({"medlam": model_path.name, "medlam_fingerprint": fingerprint,
                          "build_s": round(time.perf_counter() - tic, 2)})
             bank.save(self.model_dir / "templates.pt")
             _write_json_atomic(info, self.model_dir / "templates.json")
-            logger.info(f"template bank: {len(info['templates'])} template(s), organs {sorted(bank.organs)}, "
-                        f"{info['build_s']} s")
-            self._bank = (key, bank, info)
-            return bank, info
+            logger.info(f"template bank: {len(info['templates'])} template(s) {info['templates']}, organs "
+                        f"{sorted(bank.organs)}, {info['build_s']} s")
+            build.result = (bank, info)
+            with self._lock:
+                self._bank = (build.key, bank, info)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            build.error = exc
+            if isinstance(exc, BuildCancelled):
+                logger.info("template bank: build cancelled (the templates changed)")
+        finally:
+            with self._lock:
+                if self._build is build:
+                    self._build = None
+            build.done.set()
+
+    def cancel_build(self) -> None:
+        """Stop the running bank build at the next template (the server is stopping or the labels changed)."""
+        with self._lock:
+            if self._build is not None:
+                self._build.cancel.set()
 
     def _template_bank(self, model, fingerprint: str, item: dict):
-        """One template's bank (cached on disk per image, label and model)."""
+        """One template's bank (cached on disk per image, label and model; refusals cached in memory)."""
         from medlsam.templates import build_bank, load_bank
         from medlsam.volume import read_volume
 
         digest = hashlib.sha1(json.dumps([fingerprint, self._file_key(item["image"]), self._file_key(item["label"]),
                                           sorted(item["label_info"].items()),
                                           sorted(self._labels_file().items())]).encode()).hexdigest()[:12]
+        if digest in self._unusable:
+            raise TemplateError(self._unusable[digest])
         folder = self.model_dir / "templates"
         path = folder / f"{item['id']}-{digest}.pt"
         if path.is_file():
@@ -266,48 +356,113 @@ class ModelStore:
                 return load_bank(path, model)
             except TemplateError:
                 path.unlink(missing_ok=True)
-        label = read_volume(item["label"])
-        values = [int(v) for v in np.unique(label.array) if v != 0]
-        if not values:
-            raise TemplateError(f"final label of {item['id']} is empty")
-        bank = build_bank(model, [item["image"]], [label], self.template_names(item, values))
+        try:
+            label = read_volume(item["label"])
+            values, counts = np.unique(label.array, return_counts=True)
+            organs = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+            if not organs:
+                raise TemplateError(f"final label of {item['id']} is empty")
+            if len(organs) > MAX_TEMPLATE_ORGANS:
+                raise TemplateError(f"final label of {item['id']} has {len(organs)} values (at most "
+                                    f"{MAX_TEMPLATE_ORGANS} organs)")
+            big = [v for v, c in organs.items() if c > MAX_ORGAN_FRACTION * label.array.size]
+            if big:
+                raise TemplateError(f"final label of {item['id']}: value(s) {big} cover over "
+                                    f"{MAX_ORGAN_FRACTION:.0%} of the scan")
+            bank = build_bank(model, [item["image"]], [label], self.template_names(item, sorted(organs)))
+        except MedLSAMError as exc:
+            self._unusable[digest] = str(exc)
+            raise
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob(f"{item['id']}-*.pt"):
             old.unlink(missing_ok=True)
         bank.save(path)
         return bank
 
-    def _build_bank(self, model, fingerprint: str, templates: list[dict], names: dict[str, int]):
+    def _build_bank(self, model, fingerprint: str, candidates: list[dict], names: dict[str, int],
+                    cancel: threading.Event | None = None):
+        """The bank of the newest ``templates`` usable candidates (unusable ones are skipped and reported)."""
         from medlsam.templates import TemplateBank
 
         banks, used, skipped = [], [], {}
-        for item in templates:
+        for item in candidates:
+            if len(banks) >= self.max_templates:
+                break
+            if cancel is not None and cancel.is_set():
+                raise BuildCancelled()
+            tic = time.perf_counter()
             try:
                 banks.append(self._template_bank(model, fingerprint, item))
                 used.append(item["id"])
+                logger.info(f"template bank: building {len(banks)}/{self.max_templates} ({item['id']}) ... "
+                            f"{time.perf_counter() - tic:.1f} s")
             except MedLSAMError as exc:
                 logger.warning(f"template {item['id']} skipped: {exc}")
-                skipped[item["id"]] = str(exc)
+                skipped[item["id"]] = _scrub(str(exc))
         if not banks:
             raise NoTemplatesError("no usable template: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         organs = merge_organs(banks, names)
         bank = TemplateBank(organs=organs, model_fingerprint=fingerprint,
                             sources=[s for b in banks for s in b.sources])
-        info = {"templates": used, "skipped": skipped,
+        info = {"templates": sorted(used), "skipped": skipped,
                 "organs": {n: {"value": o.value, "templates": o.count} for n, o in organs.items()}}
         return bank, info
 
     def rebuild_bank_in_background(self) -> None:
-        """Start building the bank now (after a label save) so that the next medlsam finds it ready."""
+        """Start building the bank now (after a label change) so that the next medlsam finds it ready; a build
+        for outdated templates is cancelled."""
         def run():
             try:
                 self.bank()
             except Exception as exc:  # noqa: BLE001 - reported again, clearly, by the next inference
-                logger.warning(f"template bank rebuild failed: {exc}")
+                logger.warning(f"template bank rebuild failed: {_scrub(str(exc))}")
 
-        if self._rebuild_thread is None or not self._rebuild_thread.is_alive():
-            self._rebuild_thread = threading.Thread(target=run, name="template-bank", daemon=True)
-            self._rebuild_thread.start()
+        threading.Thread(target=run, name="template-bank", daemon=True).start()
+
+
+class BuildCancelled(TemplateError):
+    """A bank build stopped because the templates changed."""
+
+
+class _Build:
+    """One bank build: its key, a cancel flag, and its outcome for the requests waiting on it."""
+
+    def __init__(self, key):
+        self.key = key
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+def _label_names(label_info) -> dict[int, str]:
+    """{value: name} from a saved label_info; malformed entries are skipped."""
+    names = {}
+    for item in label_info if isinstance(label_info, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            continue
+        try:
+            value = int(item.get("idx"))
+        except (TypeError, ValueError, OverflowError):
+            logger.debug(f"label_info entry {item!r} ignored: idx is not an integer")
+            continue
+        name = item["name"].strip()
+        if value > 0 and name.lower() not in ("background", "foreground_scribbles", "background_scribbles"):
+            names.setdefault(value, name)
+    return names
+
+
+def _number(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if np.isfinite(number) else 0.0
+
+
+def _scrub(text: str) -> str:
+    """Absolute server paths in a message reduced to their file names."""
+    return re.sub(r"(?:/[^/\s'\",;:()\[\]]+)+/([^/\s'\",;:()\[\]]+)", r"\1", text)
 
 
 def merge_organs(banks: list, names: dict[str, int]) -> dict:

@@ -14,7 +14,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
 
-from lib.store import ModelStore, NoTemplatesError
+from lib.store import ModelStore, NoTemplatesError, _scrub
 
 logger = logging.getLogger(__name__)
 
@@ -23,20 +23,68 @@ RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 
 
 def http_error(exc: Exception) -> HTTPException:
-    """A clear HTTP error for a failure the user can fix (the server keeps serving)."""
+    """A clear HTTP error for a failure the user can fix (the server keeps serving); no server path in it."""
     if isinstance(exc, HTTPException):
-        return exc
+        return HTTPException(status_code=exc.status_code, detail=_scrub(str(exc.detail)))
     if isinstance(exc, NoTemplatesError):
-        return HTTPException(status_code=409, detail=str(exc))
-    if isinstance(exc, CheckpointError):
-        return HTTPException(status_code=503, detail=f"model weights unavailable: {exc}")
-    if isinstance(exc, InvalidImageError):
-        return HTTPException(status_code=400, detail=f"unusable image: {exc}")
-    if isinstance(exc, TemplateError):
-        return HTTPException(status_code=400, detail=str(exc))
-    if isinstance(exc, MedLSAMError):
-        return HTTPException(status_code=400, detail=str(exc))
-    return HTTPException(status_code=500, detail=f"{type(exc).__name__}: {exc}")
+        status, detail = 409, str(exc)
+    elif isinstance(exc, CheckpointError):
+        status, detail = 503, f"model weights unavailable: {exc}"
+    elif isinstance(exc, InvalidImageError):
+        status, detail = 400, f"unusable image: {exc}"
+    elif isinstance(exc, (TemplateError, MedLSAMError)):
+        status, detail = 400, str(exc)
+    else:
+        status, detail = 500, f"internal error ({type(exc).__name__}); the server log has the details"
+    return HTTPException(status_code=status, detail=_scrub(detail))
+
+
+def output_dtype(requested: str, label: np.ndarray) -> str:
+    """The requested result dtype, widened when the label's values do not fit it (never wrapped)."""
+    if not label.size:
+        return requested
+    low, high = int(label.min()), int(label.max())
+    for dtype in [requested] + [d for d in ("uint16", "int32") if d != requested]:
+        info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+        if info is None or info.min <= low and high <= info.max:
+            return dtype
+    return "int32"
+
+
+def flag(request: dict, key: str):
+    """A boolean request option (true/false, 1/0, yes/no, on/off); None when absent; else 400 naming it."""
+    value = request.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise HTTPException(status_code=400, detail=f"{key} must be true or false, not {value!r}")
+
+
+def number(request: dict, key: str, default, cast=float, low=None, high=None):
+    """A finite number option within [low, high] (default when absent); else 400 naming it."""
+    value = request.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        result = cast(float(value)) if cast is float else cast(value)
+        if cast is int and float(value) != result:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        result = None
+    if result is None or not np.isfinite(result) or (low is not None and result < low) or (
+            high is not None and result > high):
+        bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else ""
+        kind = "an integer" if cast is int else "a number"
+        raise HTTPException(status_code=400, detail=f"{key} must be {kind}{bounds}, not {value!r}")
+    return result
 
 
 class MedLSAMInferTask(InferTask):
@@ -52,37 +100,45 @@ class MedLSAMInferTask(InferTask):
     def image_path(self, request: dict) -> str:
         path = request.get("image")
         if not isinstance(path, str) or not path or not os.path.exists(path):
-            raise HTTPException(status_code=404, detail=f"image {request.get('image_id', path)!r} not found in the "
+            raise HTTPException(status_code=404, detail=f"image {request.get('image_id', '')!r} not found in the "
                                                         "datastore (GET /datastore/?output=all lists the image ids)")
         return path
 
     def __call__(self, request: dict):
-        tic = time.perf_counter()
-        try:
-            path = self.image_path(request)
-            entry = self.store.volume_entry(path)
-            loaded = time.perf_counter()
-            with entry["lock"]:  # one inference per image at a time: embeddings are shared
-                label, result = self.run(request, entry)
-            inferred = time.perf_counter()
-            out = self.write(label, entry["volume"], request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP error
-            error = http_error(exc)
-            if error.status_code >= 500 and not isinstance(exc, (HTTPException, MedLSAMError)):
-                logger.exception(f"{self.__class__.__name__} failed")
-            else:
-                logger.warning(f"{self.__class__.__name__}: {error.status_code} {error.detail}")
-            raise error from None
+        name = request.get("model") or self.__class__.__name__
+        image_id = request.get("image_id") or os.path.basename(str(request.get("image", "")))
+        with self.store.infer_slot():
+            tic = time.perf_counter()
+            try:
+                path = self.image_path(request)
+                entry = self.store.volume_entry(path)
+                loaded = time.perf_counter()
+                with entry["lock"]:  # one inference per image at a time: embeddings are shared
+                    label, result = self.run(request, entry)
+                inferred = time.perf_counter()
+                out, dtype = self.write(label, entry["volume"], request)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP error
+                error = http_error(exc)
+                if error.status_code >= 500 and not isinstance(exc, (HTTPException, MedLSAMError)):
+                    logger.exception(f"{name} image={image_id} failed")
+                else:
+                    logger.warning(f"{name} image={image_id}: {error.status_code} {error.detail}")
+                raise error from None
         done = time.perf_counter()
         result["latencies"] = {"pre": round(loaded - tic, 3), "infer": round(inferred - loaded, 3),
                                "post": round(done - inferred, 3), "total": round(done - tic, 3)}
+        result["result_dtype"] = dtype
+        logger.info(f"{name} image={image_id} done in {done - tic:.1f} s ("
+                    + ", ".join(f"{k} {v:.1f}" for k, v in stages(loaded - tic, inferred - loaded, done - inferred,
+                                                                 result.get("timings_s"))) + ")")
         return out, result
 
     def run(self, request: dict, entry: dict) -> tuple[np.ndarray, dict]:
         raise NotImplementedError
 
     @staticmethod
-    def write(label: np.ndarray, volume, request: dict) -> str:
+    def write(label: np.ndarray, volume, request: dict) -> tuple[str, str]:
+        """(result file, its dtype): the requested dtype, widened when the label's values need it."""
         from medlsam.volume import write_volume
 
         ext = request.get("result_extension") or ".nii.gz"
@@ -93,9 +149,21 @@ class MedLSAMInferTask(InferTask):
         if dtype not in RESULT_DTYPES:
             raise HTTPException(status_code=400, detail=f"result_dtype {dtype!r} not supported; use one of "
                                                         f"{list(RESULT_DTYPES)}")
+        dtype = output_dtype(dtype, label)
         path = os.path.join(tempfile.gettempdir(), f"medlsam-{uuid.uuid4().hex}{ext}")
         write_volume(label.astype(dtype), volume, path)
-        return path
+        return path, dtype
+
+
+def stages(load: float, infer: float, write: float, timings: dict | None) -> list[tuple[str, float]]:
+    """Seconds by stage for the request's log line, from the library's timings_s where it gives them."""
+    timings = timings or {}
+    known = [("bank", timings.get("models_and_bank")),
+             ("localize", timings.get("localize", timings.get("total"))),
+             ("encode", timings.get("encode")), ("decode", timings.get("decode"))]
+    known = [(k, float(v)) for k, v in known if v is not None]
+    rest = infer - sum(v for _, v in known)
+    return [("load", load), *known, ("other" if known else "infer", max(rest, 0.0)), ("write", write)]
 
 
 def organs_option(request: dict) -> list[str] | None:

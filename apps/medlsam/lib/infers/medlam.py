@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from lib.infers.common import DynamicLabels, MedLSAMInferTask, organs_option
+from lib.infers.common import DynamicLabels, MedLSAMInferTask, flag, organs_option
 
 LOCALIZE_SWITCHES = ("refine", "match")  # boolean LocalizeOptions a request may switch
 
@@ -37,8 +37,9 @@ def localise(store, request: dict, mode: str):
     timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
     options = LocalizeOptions(mode=mode)  # the library's measured defaults, unless the request says otherwise
     for key in LOCALIZE_SWITCHES:
-        if key in request and request[key] not in (None, "") and hasattr(options, key):
-            setattr(options, key, str(request[key]).strip().lower() not in ("false", "0", "no", "off"))
+        value = flag(request, key)
+        if value is not None and hasattr(options, key):
+            setattr(options, key, value)
     return Localizer(model, bank, options), bank, info, timings
 
 
@@ -76,5 +77,5 @@ class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
             "not_found": [n for n, loc in located["organs"].items() if not loc.found],
             "timings_s": {**timings, **located["timings_s"]},
             "templates": info.get("templates", []),
-            "medlam": {"path": str(medlam_path), "fingerprint": fingerprint},
+            "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
         }

@@ -58,7 +58,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             "label_names": self.labels,
             "timings_s": {**timings, **{k: round(float(v), 3) for k, v in result.timings_s.items()}},
             "templates": info.get("templates", []),
-            "medlam": {"path": str(medlam_path), "fingerprint": fingerprint},
+            "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
             "backend": segmenter.name,
         })
         return result.label, report

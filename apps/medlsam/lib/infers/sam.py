@@ -9,11 +9,13 @@ an encoded slice costs only SAM's decoder.
 
 from __future__ import annotations
 
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from lib.infers.common import MedLSAMInferTask
+from lib.infers.common import MedLSAMInferTask, number
 
 SLICER_SLICE_AXIS = 2
+MAX_SLICES = 10000  # sam_3d max_slices (per direction; 0 = until the object ends)
 
 
 def _prompts(request: dict, shape):
@@ -37,6 +39,10 @@ class SAM2DInfer(MedLSAMInferTask):
 
         volume = entry["volume"]
         prompts = _prompts(request, volume.shape)
+        clicked = sorted({int(p[SLICER_SLICE_AXIS]) for p in [*prompts.foreground, *prompts.background]})
+        if len(clicked) > 1:
+            raise HTTPException(status_code=400, detail=f"foreground/background: the 2D task takes clicks on one "
+                                                        f"slice, got slices {clicked}; use sam_3d for several")
         embeddings = self.store.embeddings(entry, axis=SLICER_SLICE_AXIS)
         calls = embeddings.encoder_calls
         out = segment_slice(embeddings, prompts)
@@ -57,15 +63,10 @@ class SAM3DInfer(MedLSAMInferTask):
 
         volume = entry["volume"]
         prompts = _prompts(request, volume.shape)
+        options = PropagationOptions(max_slices=number(request, "max_slices", 0, int, 0, MAX_SLICES),
+                                     min_iou=number(request, "min_iou", 0.5, float, 0.0, 1.0))
         embeddings = self.store.embeddings(entry)
         calls = embeddings.encoder_calls
-        try:
-            options = PropagationOptions(max_slices=int(request.get("max_slices", 0) or 0),
-                                         min_iou=float(request.get("min_iou", 0.5)))
-        except (TypeError, ValueError) as exc:
-            from fastapi import HTTPException
-
-            raise HTTPException(status_code=400, detail=f"bad max_slices/min_iou: {exc}") from None
         result = segment_volume(embeddings, prompts, options)
         return result.mask, {"label_names": {_label_name(request): 1}, **result.to_json(),
                              "encoder_calls": embeddings.encoder_calls - calls}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +22,18 @@ from medlsam.errors import MedLSAMError
 
 logger = logging.getLogger(__name__)
 
+MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description")  # request keys MONAI Label adds
+BOUNDS = {"epochs": (1, 1000), "iterations_per_epoch": (1, 100000), "batch_size": (1, 64),
+          "learning_rate": (0.0, 1.0), "validation_pairs": (1, 10000), "max_images": (0, 100000),
+          "threads": (0, 1024), "base_channels": (1, 64)}
+
 
 class MedLAMTrainer(TrainTask):
     def __init__(self, store):
         super().__init__("Self-supervised MedLAM training (relative distance + multi-scale similarity) on all "
                          "datastore images; publishes model/medlam.pt when the validation error improves")
         self.store = store
+        self.running = False  # a training runs in this process (run_sync)
         self._config = {
             "epochs": 4,
             "iterations_per_epoch": 50,
@@ -49,10 +56,93 @@ class MedLAMTrainer(TrainTask):
         return self.store.model_dir / "train_stats.json"
 
     def stats(self):
+        """train_stats.json; a "running" left by a run that was killed (DELETE /train/) reads "stopped"."""
         try:
-            return json.loads(self.stats_path.read_text())
+            stats = json.loads(self.stats_path.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+        if isinstance(stats, dict) and stats.get("status") == "running" and not self._training_alive():
+            stats["status"] = "stopped"
+            self._write_stats(stats)
+        return stats
+
+    def _training_alive(self) -> bool:
+        from monailabel.utils.async_tasks.utils import processes
+
+        return self.running or bool(processes("train"))
+
+    def _write_stats(self, stats: dict) -> None:
+        from medlsam.training import write_json_atomic
+
+        try:
+            write_json_atomic(stats, self.stats_path)
+        except OSError as exc:
+            logger.warning(f"cannot update {self.stats_path.name}: {exc}")
+
+    def validate(self, request: dict) -> dict:
+        """The request's train options, checked: unknown keys and out-of-range values raise MedLSAMError naming
+        the key (the server answers 400 before any training starts)."""
+        unknown = sorted(k for k in request if k not in self._config and k not in MONAI_KEYS)
+        if unknown:
+            raise MedLSAMError(f"unknown train option(s) {unknown}; accepted: {sorted(self._config)}")
+        options = {}
+        for key, default in self._config.items():
+            value = request.get(key, default)
+            if isinstance(value, list):  # a "choose one" option left at its list default
+                value = value[0] if value else None
+            if isinstance(default, list):
+                choices = default if key != "device" else None
+                if not isinstance(value, str) or (choices and value not in choices) or (
+                        key == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value)):
+                    allowed = choices or ["cpu", "cuda", "cuda:<n>"]
+                    raise MedLSAMError(f"train option {key}={value!r} must be one of {allowed}")
+            elif key in BOUNDS:
+                low, high = BOUNDS[key]
+                cast = float if isinstance(default, float) else int
+                try:
+                    if isinstance(value, bool) or value is None:
+                        raise ValueError
+                    number = float(value)
+                    if cast is int and number != int(number):
+                        raise ValueError
+                    value = cast(number)
+                except (TypeError, ValueError, OverflowError):
+                    kind = "an integer" if cast is int else "a number"
+                    raise MedLSAMError(f"train option {key}={value!r} must be {kind} in [{low}, {high}]") from None
+                if not (low <= value <= high) or (cast is float and value == 0):
+                    raise MedLSAMError(f"train option {key}={value!r} must lie in "
+                                       f"{'(' if cast is float else '['}{low}, {high}]")
+            options[key] = value
+        return options
+
+    def __call__(self, request, datastore):
+        """Validated options, then training; train_stats.json always ends done, stopped or failed."""
+        self.validate(request)
+        self.running = True
+        try:
+            summary = self.run_training(request, datastore)
+        except BaseException as exc:
+            stopped = isinstance(exc, KeyboardInterrupt)
+            self._finish("stopped" if stopped else "failed", None if stopped else f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.running = False
+        self._finish("done", None)
+        return summary
+
+    def _finish(self, status: str, error) -> None:
+        try:
+            stats = json.loads(self.stats_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stats = {}
+        if not isinstance(stats, dict):
+            stats = {}
+        if status == "done" and stats.get("status") == "stopped":
+            status = "stopped"  # the library stopped early (time limit)
+        stats.update({"status": status, **({"error": error} if error else {})})
+        if error:
+            stats.setdefault("epoch", 0)
+        self._write_stats(stats)
 
     def _option(self, request: dict, key: str, cast):
         value = request.get(key, self._config[key])
@@ -63,7 +153,7 @@ class MedLAMTrainer(TrainTask):
         except (TypeError, ValueError):
             raise MedLSAMError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
 
-    def __call__(self, request, datastore):
+    def run_training(self, request, datastore):
         from medlsam.network import MedLAMConfig, load_medlam
         from medlsam.patches import cached_grid_array
         from medlsam.training import Trainer, TrainOptions

@@ -1,0 +1,120 @@
+"""What MONAI Label 0.8.5's HTTP layer leaves to the app: its endpoints are ``async def`` functions that call the
+blocking app (an inference of tens of seconds stops the event loop, so ``/info/`` and every other request wait,
+even with MONAI_LABEL_INFER_CONCURRENCY, whose pool is awaited on the loop), and a ``params`` form field that is not
+a JSON object fails with a bare 500.
+
+``install(app)`` re-registers the heavy endpoints (infer, datastore uploads, label/image info, training) as plain
+``def`` endpoints, which FastAPI runs in its worker threads, after checking their parameters (400 naming the
+parameter). The original handlers, with their authentication dependencies, do the work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from typing import Any, Callable, Dict, Optional
+
+from fastapi import HTTPException
+from fastapi.routing import APIRoute
+
+from lib.datastore import valid_name
+
+logger = logging.getLogger(__name__)
+
+
+def json_object(value: Any, key: str) -> Dict[str, Any]:
+    """A form field holding a JSON object ("" or absent: {}); else 400 naming the field."""
+    if value is None or value == "":
+        return {}
+    try:
+        data = json.loads(value) if isinstance(value, (str, bytes)) else value
+    except ValueError:
+        raise HTTPException(status_code=400, detail=f"{key} must be a JSON object, got text that is not JSON") from None
+    if not isinstance(data, dict):
+        raise HTTPException(status_code=400, detail=f"{key} must be a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def check_infer(kwargs: Dict[str, Any]) -> None:
+    json_object(kwargs.get("params"), "params")
+    if kwargs.get("file") is not None:
+        raise HTTPException(status_code=400, detail="file: infer takes the id of a datastore image (upload it with "
+                                                    "PUT /datastore/image) or a session_id, not an uploaded file")
+    session = kwargs.get("session_id")
+    if session and not valid_name(session):
+        raise HTTPException(status_code=404, detail=f"session {str(session)[:80]!r} not found")
+
+
+def check_form(key: str) -> Callable[[Dict[str, Any]], None]:
+    return lambda kwargs: json_object(kwargs.get(key), key) and None
+
+
+def check_train(kwargs: Dict[str, Any]) -> None:
+    """Train options checked by the trainer before a subprocess starts; run_sync only when nothing trains."""
+    from monailabel.interfaces.utils.app import app_instance
+    from monailabel.utils.async_tasks.utils import processes
+
+    from medlsam.errors import MedLSAMError
+
+    trainers = app_instance()._trainers
+    model = kwargs.get("model")
+    params = kwargs.get("params") or {}
+    if not isinstance(params, dict):
+        raise HTTPException(status_code=400, detail="params must be a JSON object")
+    requests = {model: params} if model else {name: params.get(name) or {} for name in trainers}
+    for name, options in requests.items():
+        if name not in trainers:
+            raise HTTPException(status_code=404, detail=f"no trainer {name!r}; available: {sorted(trainers)}")
+        if not isinstance(options, dict):
+            raise HTTPException(status_code=400, detail=f"params for {name} must be a JSON object")
+        validate = getattr(trainers[name], "validate", None)
+        if validate is not None:
+            try:
+                validate(options)
+            except MedLSAMError as exc:
+                raise HTTPException(status_code=400, detail=str(exc)) from None
+    if kwargs.get("run_sync") and (processes("train") or any(getattr(t, "running", False) for t in trainers.values())):
+        raise HTTPException(status_code=429, detail="a training is already running")
+
+
+def _offload(endpoint: Callable, check: Optional[Callable[[Dict[str, Any]], None]]) -> Callable:
+    """A sync endpoint (run in a worker thread) with the original's signature: check, then the original."""
+
+    @functools.wraps(endpoint)
+    def run(**kwargs):
+        if check is not None:
+            check(kwargs)
+        return asyncio.run(endpoint(**kwargs))  # the original only wraps blocking calls: no await inside
+
+    return run
+
+
+def install(app) -> int:
+    """Re-register the heavy MONAI Label endpoints of ``app`` as checked worker-thread endpoints (idempotent)."""
+    from monailabel.endpoints import datastore, infer, train
+
+    targets = {
+        infer.api_run_inference: check_infer,
+        datastore.api_add_image: check_form("params"),
+        datastore.api_save_label: check_form("params"),
+        datastore.api_put_image_info: check_form("info"),
+        datastore.api_put_label_info: check_form("info"),
+        datastore.api_update_label_info: check_form("params"),
+        datastore.api_remove_image: None,
+        datastore.api_remove_label: None,
+        train.api_run: check_train,
+        train.api_run_model: check_train,
+    }
+    replaced = 0
+    for i, route in enumerate(app.router.routes):
+        if isinstance(route, APIRoute) and route.endpoint in targets:
+            app.router.routes[i] = APIRoute(
+                route.path, _offload(route.endpoint, targets[route.endpoint]), methods=list(route.methods),
+                name=route.name, summary=route.summary, tags=route.tags, responses=route.responses,
+                deprecated=route.deprecated, include_in_schema=route.include_in_schema)
+            replaced += 1
+    app.openapi_schema = None
+    logger.info(f"{replaced} endpoints run off the event loop with parameter checks")
+    return replaced
