@@ -11,13 +11,17 @@ from pathlib import Path
 from medlsam.errors import MedLSAMError
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
+    from medlsam.distributed import close_distributed, env_world, init_distributed, launch_torchrun, strip_option
     from medlsam.network import CONFIGS, MedLAMConfig
     from medlsam.patches import list_images
     from medlsam.training import Trainer, TrainOptions
 
+    if args.nproc > 1 and env_world()[1] == 1:  # launch torchrun, which runs this command in every rank
+        return launch_torchrun(args.nproc, strip_option(args.argv, "--nproc"))
     base = CONFIGS[args.config]
-    config = MedLAMConfig(base_channels=args.base_channels or base.base_channels, patch_size=base.patch_size,
+    patch = (args.patch_size,) * 3 if args.patch_size else base.patch_size
+    config = MedLAMConfig(base_channels=args.base_channels or base.base_channels, patch_size=patch,
                           num_classes=base.num_classes, dropout=base.dropout)
     options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)
                               if getattr(args, f.name, None) is not None})
@@ -31,15 +35,23 @@ def _train(args: argparse.Namespace) -> None:
         validator = LocalisationValidator(list_images(args.val_templates), list_images(args.val_template_labels),
                                           list_images(args.val_images), list_images(args.val_labels),
                                           read_names(args.names))
-    trainer = Trainer(list_images(args.images), Path(args.out), config, options,
-                      val_images=list_images(args.val_images) if args.val_images else None,
-                      cache_dir=Path(args.cache) if args.cache else None,
-                      stats_path=Path(args.stats) if args.stats else None, validator=validator)
-    if args.resume:
-        trainer.resume(Path(args.resume))
-    result = trainer.run()
-    print(f"trained {result['epoch']} epochs in {result['total_time']:.0f} s; best validation error "
-          f"{result['best_metric']:.2f} mm; weights: {args.out}")
+    ctx = init_distributed(options.device)  # one process, or this rank of a torchrun group
+    options.device = ctx.device
+    print(f"medlsam train: {ctx.describe()}", flush=True)
+    try:
+        trainer = Trainer(list_images(args.images), Path(args.out), config, options,
+                          val_images=list_images(args.val_images) if args.val_images else None,
+                          cache_dir=Path(args.cache) if args.cache else None,
+                          stats_path=Path(args.stats) if args.stats else None, validator=validator, dist=ctx)
+        if args.resume:
+            trainer.resume(Path(args.resume))
+        result = trainer.run()
+    finally:
+        close_distributed()
+    if ctx.is_main:
+        print(f"trained {result['epoch']} epochs in {result['total_time']:.0f} s; best validation error "
+              f"{result['best_metric']:.2f} mm; weights: {args.out}")
+    return 0
 
 
 def _model(path: str | None):
@@ -82,9 +94,11 @@ def _localize(args: argparse.Namespace) -> None:
         print(f"{name:16s} {'found' if loc['found'] else 'NOT FOUND'} {loc['box_voxel'] or loc.get('reason', '')}")
 
 
-def _segment(args: argparse.Namespace) -> None:
+def _segment(args: argparse.Namespace) -> int | None:
     import time
 
+    from medlsam.batch import is_batch, run_batch
+    from medlsam.devices import check_device
     from medlsam.localize import Localizer, LocalizeOptions
     from medlsam.pipeline import (MedLSAMPipeline, SegmentOptions, check_output_path, check_png_path, qc_montage,
                                   write_segmentation)
@@ -92,6 +106,10 @@ def _segment(args: argparse.Namespace) -> None:
     from medlsam.templates import load_bank
     from medlsam.volume import load_ct
 
+    args.device = check_device(args.device)
+    if is_batch(args.images, args.out):
+        return run_batch(args, args.argv)
+    args.image = args.images[0]
     check_output_path(args.out)  # fail before any work
     weight = {} if args.prior_weight is None else {"prior_weight": args.prior_weight}
     options = SegmentOptions(mode=args.mode, **weight)
@@ -156,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", dest="batch_size", type=int)
     train.add_argument("--learning-rate", dest="learning_rate", type=float)
     train.add_argument("--seed", type=int)
-    train.add_argument("--device")
+    train.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine: launches torchrun "
+                       "(for several machines run `torchrun --nnodes M ... -m medlsam.cli train ...` yourself)")
+    train.add_argument("--workers", type=int, help="DataLoader processes sampling patches (default 0: in-process)")
+    train.add_argument("--patch-size", dest="patch_size", type=int, help="cubic patch side (multiple of 16)")
     train.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop after this many seconds")
     train.set_defaults(func=_train)
 
@@ -184,9 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     localize.set_defaults(func=_localize)
 
     segment = commands.add_parser("segment", help="localise and segment the bank's organs in a scan")
-    segment.add_argument("image")
+    segment.add_argument("images", nargs="+", metavar="IMAGE", help="a scan, or several scans / folders (batch)")
     segment.add_argument("--templates", required=True, help="template bank file")
-    segment.add_argument("--out", required=True, help="label file (.nii.gz, .nii or .nrrd); LABEL.json beside it")
+    segment.add_argument("--out", required=True, help="label file (.nii.gz, .nii or .nrrd); LABEL.json beside it. "
+                         "Batch (a folder or several scans): a folder getting NAME.nii.gz + NAME.nii.gz.json per scan")
+    segment.add_argument("--workers", type=int, default=1, help="batch: processes sharing the scans (torchrun "
+                         "ranks share them too, by RANK / WORLD_SIZE)")
     segment.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
     segment.add_argument("--backend", default="lite_medsam", help="segmenter: lite_medsam (default), sam_vit_b|l|h, "
                          "medsam_vit_b")
@@ -197,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 0.8; 1: the prior alone, no SAM; 0: SAM alone)")
     segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
     segment.add_argument("--qc", help="write a PNG montage of each organ's middle slice with the masks")
-    segment.add_argument("--device", default="cpu")
+    segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=_segment)
 
@@ -211,15 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the launchers (torchrun, --workers)
     try:
-        args.func(args)
+        code = args.func(args)
     except MedLSAMError as exc:
         print(f"medlsam: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medlsam: interrupted (outputs are written atomically: no partial file is left)", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +29,25 @@ def list_images(sources: str | os.PathLike | list) -> list[Path]:
     return [path]
 
 
-def cached_grid_array(path: Path, cache_dir: Path | None) -> np.ndarray:
-    """The scan's localisation-grid array (float16), read from `cache_dir` when present."""
+def cached_grid_array(path: Path, cache_dir: Path | None, mmap: bool = False) -> np.ndarray:
+    """The scan's localisation-grid array (float16), read from `cache_dir` when present; with `mmap` a cached
+    array is memory-mapped read-only (processes and DataLoader workers share the page cache)."""
     if cache_dir is None:
         return to_localisation_grid(load_ct(path)).array.astype(np.float16)
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     cached = cache_dir / f"{path.name.split('.')[0]}-{key}.npy"
     if cached.exists():
-        return np.load(cached)
+        return np.load(cached, mmap_mode="r" if mmap else None)
     array = to_localisation_grid(load_ct(path)).array.astype(np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, cached)
+    tmp = cache_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.npy"  # unique: several ranks may cache at once
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, cached)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return array
 
 

@@ -14,14 +14,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medlsam.augment import augment_crop
+from medlsam.devices import cuda_autocast_dtype
+from medlsam.distributed import DistContext, TrainingLock, barrier, broadcast_floats, mean_over_ranks, rank_seed
 from medlsam.errors import MedLSAMError
 from medlsam.grid import GRID_SPACING_MM
 from medlsam.losses import predicted_offset_mm, mss_loss, rdr_loss
 from medlsam.network import MedLAM, MedLAMConfig, atomic_torch_save, save_medlam
 from medlsam.patches import body_voxels, cached_grid_array, cut_patch
+from medlsam.sampling import TrainingBatches
 
 
 @dataclass
@@ -39,6 +42,7 @@ class TrainOptions:
     bf16: bool = True  # bfloat16 autocast on CPU: 1.6x faster here
     validation_pairs: int = 8  # per validation scan
     time_limit_s: float = 0.0  # stop cleanly after this many seconds (0: no limit)
+    workers: int = 0  # DataLoader processes drawing and augmenting patches (0: in the training process)
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
@@ -92,7 +96,9 @@ class Trainer:
     def __init__(self, train_images: list[Path], out: Path, config: MedLAMConfig, options: TrainOptions,
                  val_images: list[Path] | None = None, cache_dir: Path | None = None,
                  stats_path: Path | None = None,
-                 validator: Callable[[MedLAM], float] | None = None):
+                 validator: Callable[[MedLAM], float] | None = None, dist: DistContext | None = None):
+        """`dist`: this process's place in a torch.distributed run (medlsam.distributed.init_distributed);
+        `options.batch_size` is per process, and rank 0 alone validates and writes files."""
         if not train_images:
             raise MedLSAMError("no training images given")
         self.out, self.options, self.config = Path(out), options, config
@@ -102,11 +108,20 @@ class Trainer:
         random.seed(options.seed)
         np.random.seed(options.seed)
         torch.manual_seed(options.seed)
-        load = lambda paths: [cached_grid_array(p, cache_dir) for p in tqdm(paths, desc="preparing scans", leave=False)]  # noqa: E731
+        self.dist = dist or DistContext(device=options.device)
+        load = lambda paths: [cached_grid_array(p, cache_dir, mmap=True)
+                              for p in tqdm(paths, desc="preparing scans", leave=False, disable=not self.dist.is_main)]
         rng = np.random.default_rng(options.seed)
         patch = config.patch_size[0]
         self.sampler = PatchSampler(load(train_images), patch, options.crop_margin, rng)
         self.val_sampler = PatchSampler(load(val_images), patch, 0, rng) if val_images else None
+        self.batches = TrainingBatches(self.sampler.arrays, self.sampler.bodies, patch, options.crop_margin,
+                                       options.batch_size, options.mss_points, options.iterations_per_epoch,
+                                       options.seed, self.dist.rank, self.dist.world_size)
+        self.iteration = 0  # within the epoch
+        self._ddp: DistributedDataParallel | None = None
+        self.amp_dtype = cuda_autocast_dtype(options.device) if options.bf16 is not False else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.model = MedLAM(config).to(options.device).to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.learning_rate,
                                            weight_decay=options.weight_decay)
@@ -122,9 +137,8 @@ class Trainer:
             "config": self.config.to_dict(), "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_metric": self.best_metric,
             "elapsed": self.elapsed, "history": json.dumps(self.history), "options": json.dumps(asdict(self.options)),
-            "torch_rng": torch.get_rng_state(), "generator": self.generator.get_state(),
-            "numpy_rng": json.dumps(self.sampler.rng.bit_generator.state),
-        }, self.state_path)
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+        }, self.state_path)  # no RNG state: every epoch's randomness derives from (seed, epoch, rank), any world size
 
     def resume(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -134,9 +148,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.best_metric, self.elapsed = int(state["epoch"]), float(state["best_metric"]), float(state["elapsed"])
         self.history = json.loads(state["history"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["generator"])
-        self.sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def write_stats(self, status: str) -> None:
         write_json_atomic({
@@ -152,43 +165,56 @@ class Trainer:
         return self.options.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
     def step(self) -> dict[str, float]:
-        opts, sampler, patch = self.options, self.sampler, self.sampler.patch
-        crop_size = patch + 2 * opts.crop_margin
-        queries, seconds, augmented, sources, offsets = [], [], [], [], []
-        for _ in range(opts.batch_size):
-            scan = int(sampler.rng.integers(len(sampler.arrays)))
-            c_q, c_s = sampler.centre(scan), sampler.centre(scan)
-            crop = sampler.crop(scan, c_q, crop_size)[None]
-            aug, source = augment_crop(crop, patch, self.generator)
-            inner = slice(opts.crop_margin, opts.crop_margin + patch)  # not m:-m, which is empty for m = 0
-            queries.append(crop[:, inner, inner, inner])
-            seconds.append(sampler.crop(scan, c_s, patch)[None])
-            augmented.append(aug)
-            sources.append(source)
-            centre_shift = source[:, patch // 2, patch // 2, patch // 2].numpy() - patch // 2
-            offsets.append([(c_s - c_q) * GRID_SPACING_MM, (c_s - c_q - centre_shift) * GRID_SPACING_MM])
-        batch = torch.stack(queries + augmented + seconds).to(opts.device).to(memory_format=torch.channels_last_3d)
-        n = opts.batch_size
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(batch)
+        """One optimisation step on this rank's next batch of the epoch."""
+        batch = self.batches[self.iteration % len(self.batches)]
+        self.iteration += 1
+        return self.train_step(batch)
+
+    def _network(self) -> torch.nn.Module:
+        """The model, wrapped in DistributedDataParallel when there are several processes."""
+        if not self.dist.distributed:
+            return self.model
+        if self._ddp is None:
+            ids = [torch.device(self.options.device).index] if self.dist.backend == "nccl" else None
+            # the reference config's segmentation head takes no part in the losses
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids,
+                                                find_unused_parameters=self.config.num_classes > 0)
+        return self._ddp
+
+    def _autocast(self):
+        if self.amp_dtype is not None:  # CUDA: bfloat16 where supported, else float16 with loss scaling
+            return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """Forward, backward and update on one batch (medlsam.sampling.draw_batch). Every loss is a mean
+        over samples, so DDP's averaged gradients make this the step of one process with all ranks' samples."""
+        opts, device = self.options, self.options.device
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        n = len(batch["query"])
+        dtype = next(self.model.parameters()).dtype  # float32; float64 in the DDP equivalence test
+        images = torch.cat([batch["query"], batch["augmented"], batch["second"]]).to(dtype)
+        with self._autocast():
+            out = self._network()(images.contiguous(memory_format=torch.channels_last_3d))
         latent = out["latent"].float()
-        offsets_t = torch.tensor(np.array(offsets), dtype=torch.float32, device=opts.device)
-        loss_rdr = 0.5 * (rdr_loss(latent[:n], latent[2 * n:], offsets_t[:, 0])
-                          + rdr_loss(latent[n:2 * n], latent[2 * n:], offsets_t[:, 1]))
-        mss = []
-        for i in range(n):
-            points = torch.randint(4, patch - 4, (opts.mss_points, 3), generator=self.generator)
-            mss.append(mss_loss([f[i] for f in out["features"]], [f[n + i] for f in out["features"]],
-                                sources[i].to(opts.device), points.to(opts.device), GRID_SPACING_MM))
+        offsets = batch["offsets"]
+        loss_rdr = 0.5 * (rdr_loss(latent[:n], latent[2 * n:], offsets[:, 0])
+                          + rdr_loss(latent[n:2 * n], latent[2 * n:], offsets[:, 1]))
+        mss = [mss_loss([f[i] for f in out["features"]], [f[n + i] for f in out["features"]], batch["source"][i],
+                        batch["points"][i], GRID_SPACING_MM) for i in range(n)]
         loss_mss = torch.stack(mss).mean()
         loss = loss_rdr + opts.mss_weight * loss_mss
+        # zero, but keeps every decoder scale in the graph when MSS skips one (DDP expects every gradient)
+        loss = loss + 0.0 * sum(f.float().mean() for f in out["features"])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.optimizer.step()
-        rdr_mm = float((predicted_offset_mm(latent[:n].detach(), latent[2 * n:].detach()) - offsets_t[:, 0]).norm(dim=1).mean())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        rdr_mm = (predicted_offset_mm(latent[:n].detach(), latent[2 * n:].detach()) - offsets[:, 0]).norm(dim=1)
         return {"loss": float(loss.detach()), "rdr": float(loss_rdr.detach()), "mss": float(loss_mss.detach()),
-                "rdr_mm": rdr_mm}
+                "rdr_mm": float(rdr_mm.mean())}
 
     # -- the loop ------------------------------------------------------------------------------------
     def validate(self) -> float:
@@ -202,32 +228,66 @@ class Trainer:
             self.model.train()
 
     def run(self) -> dict:
-        opts = self.options
+        """Train to options.epochs (or the time limit). Rank 0 holds the lock beside `out` for the whole run."""
+        lock = TrainingLock(self.out.with_name(self.out.stem + ".lock")) if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
+        opts, ctx = self.options, self.dist
         started = time.time() - self.elapsed
         self.model.train()
-        self.write_stats("running")
+        if ctx.is_main:
+            self.write_stats("running")
+        tqdm.write(f"MedLAM training, {ctx.describe()}: {len(self.batches.scans)} of {len(self.sampler.arrays)} "
+                   f"scans per epoch on this rank, {opts.batch_size} samples per step "
+                   f"({opts.batch_size * ctx.world_size} over all ranks), {opts.workers} loader workers")
         while self.epoch < opts.epochs:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._learning_rate()
+            self.batches.set_epoch(self.epoch)
+            torch.manual_seed(rank_seed(opts.seed, self.epoch, ctx.rank))  # dropout
+            self.iteration = 0
             sums: dict[str, float] = {}
-            bar = tqdm(range(opts.iterations_per_epoch), desc=f"epoch {self.epoch + 1}/{opts.epochs}", leave=False)
-            for _ in bar:
-                for key, value in self.step().items():
+            loader = self.batches.loader(opts.workers, pin_memory=opts.device.startswith("cuda"))
+            bar = tqdm(loader, total=opts.iterations_per_epoch, desc=f"epoch {self.epoch + 1}/{opts.epochs}",
+                       leave=False, disable=not ctx.is_main)
+            for batch in bar:
+                for key, value in self.train_step(batch).items():
                     sums[key] = sums.get(key, 0.0) + value
-                bar.set_postfix(loss=f"{sums['loss'] / (bar.n + 1):.3f}", rdr_mm=f"{sums['rdr_mm'] / (bar.n + 1):.1f}")
+                self.iteration += 1
+                bar.set_postfix(loss=f"{sums['loss'] / self.iteration:.3f}",
+                                rdr_mm=f"{sums['rdr_mm'] / self.iteration:.1f}")
             self.epoch += 1
-            metric = self.validate()
-            self.elapsed = time.time() - started
+            means = dict(zip(sums, mean_over_ranks([v / opts.iterations_per_epoch for v in sums.values()], ctx)))
+            metric, stop = 0.0, 0.0
+            if ctx.is_main:  # the others wait in the broadcast
+                metric = self.validate()
+                self.elapsed = time.time() - started
+                stop = float(bool(opts.time_limit_s and self.elapsed >= opts.time_limit_s))
+            metric, stop, self.elapsed = broadcast_floats([metric, stop, self.elapsed], ctx)
             record = {"epoch": self.epoch, "time_s": round(self.elapsed, 1), "val_error_mm": round(metric, 2),
-                      **{k: round(v / opts.iterations_per_epoch, 4) for k, v in sums.items()}}
+                      **{k: round(v, 4) for k, v in means.items()}}
+            if ctx.distributed:
+                record["world_size"] = ctx.world_size
             self.history.append(record)
-            tqdm.write(json.dumps(record))
+            if ctx.is_main:
+                tqdm.write(json.dumps(record))
             if metric < self.best_metric:
                 self.best_metric = metric
-                save_medlam(self.model, self.out, epoch=self.epoch, val_error_mm=metric)
-            self.save_state()
-            self.write_stats("running")
-            if opts.time_limit_s and self.elapsed >= opts.time_limit_s:
+                if ctx.is_main:
+                    save_medlam(self.model, self.out, epoch=self.epoch, val_error_mm=metric)
+            if ctx.is_main:
+                self.save_state()
+                self.write_stats("running")
+            barrier(ctx)
+            if stop:
                 break
-        self.write_stats("finished" if self.epoch >= opts.epochs else "stopped")
+        if ctx.is_main:
+            self.write_stats("finished" if self.epoch >= opts.epochs else "stopped")
         return {"epoch": self.epoch, "best_metric": self.best_metric, "total_time": self.elapsed}
