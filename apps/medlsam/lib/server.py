@@ -11,7 +11,7 @@ parameter). The original handlers, with their authentication dependencies, do th
 from __future__ import annotations
 
 import asyncio
-import functools
+import inspect
 import json
 import logging
 from typing import Any, Callable, Dict, Optional
@@ -82,12 +82,13 @@ def check_train(kwargs: Dict[str, Any]) -> None:
 def _offload(endpoint: Callable, check: Optional[Callable[[Dict[str, Any]], None]]) -> Callable:
     """A sync endpoint (run in a worker thread) with the original's signature: check, then the original."""
 
-    @functools.wraps(endpoint)
     def run(**kwargs):
         if check is not None:
             check(kwargs)
         return asyncio.run(endpoint(**kwargs))  # the original only wraps blocking calls: no await inside
 
+    run.__signature__ = inspect.signature(endpoint)  # FastAPI reads the parameters (and auth) from it
+    run.__name__, run.__doc__ = endpoint.__name__, endpoint.__doc__
     return run
 
 
@@ -108,13 +109,28 @@ def install(app) -> int:
         train.api_run_model: check_train,
     }
     replaced = 0
-    for i, route in enumerate(app.router.routes):
-        if isinstance(route, APIRoute) and route.endpoint in targets:
-            app.router.routes[i] = APIRoute(
-                route.path, _offload(route.endpoint, targets[route.endpoint]), methods=list(route.methods),
-                name=route.name, summary=route.summary, tags=route.tags, responses=route.responses,
-                deprecated=route.deprecated, include_in_schema=route.include_in_schema)
-            replaced += 1
+    for router in _routers(app.router):
+        for i, route in enumerate(router.routes):
+            if isinstance(route, APIRoute) and route.endpoint in targets:
+                router.routes[i] = APIRoute(
+                    route.path, _offload(route.endpoint, targets[route.endpoint]), methods=list(route.methods),
+                    name=route.name, summary=route.summary, tags=route.tags, responses=route.responses,
+                    deprecated=route.deprecated, include_in_schema=route.include_in_schema)
+                replaced += 1
+        getattr(router, "_mark_routes_changed", lambda: None)()  # FastAPI >= 0.160 caches included routes
     app.openapi_schema = None
     logger.info(f"{replaced} endpoints run off the event loop with parameter checks")
     return replaced
+
+
+def _routers(router, seen=None) -> list:
+    """``router`` and every router included in it (FastAPI keeps included routers by reference since 0.160)."""
+    seen = seen if seen is not None else set()
+    if id(router) in seen:
+        return []
+    seen.add(id(router))
+    found = [router]
+    for route in router.routes:
+        if hasattr(route, "original_router"):
+            found += _routers(route.original_router, seen)
+    return found

@@ -358,6 +358,10 @@ class ModelStore:
                 path.unlink(missing_ok=True)
         try:
             label = read_volume(item["label"])
+            size = _image_size(item["image"])
+            if label.shape != size:
+                raise TemplateError(f"final label of {item['id']} has shape {list(label.shape)}, its image "
+                                    f"{list(size)}")
             values, counts = np.unique(label.array, return_counts=True)
             organs = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
             if not organs:
@@ -396,7 +400,9 @@ class ModelStore:
                 used.append(item["id"])
                 logger.info(f"template bank: building {len(banks)}/{self.max_templates} ({item['id']}) ... "
                             f"{time.perf_counter() - tic:.1f} s")
-            except MedLSAMError as exc:
+            except Exception as exc:  # noqa: BLE001 - a bad template is skipped, never fatal
+                if not isinstance(exc, MedLSAMError):
+                    exc = TemplateError(f"{item['id']}: unusable template ({type(exc).__name__}: {exc})")
                 logger.warning(f"template {item['id']} skipped: {exc}")
                 skipped[item["id"]] = _scrub(str(exc))
         if not banks:
@@ -450,6 +456,19 @@ def _label_names(label_info) -> dict[int, str]:
         if value > 0 and name.lower() not in ("background", "foreground_scribbles", "background_scribbles"):
             names.setdefault(value, name)
     return names
+
+
+def _image_size(path: str) -> tuple[int, ...]:
+    """The voxel shape of an image file from its header (file order, as read_volume's arrays)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise TemplateError(f"{Path(path).name}: cannot be read as an image") from None
+    return tuple(int(s) for s in reader.GetSize())[:3]
 
 
 def _number(value) -> float:

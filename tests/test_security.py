@@ -1,0 +1,298 @@
+"""Issue 15, probed as an outside client would: a real `monailabel start_server` on a private app copy.
+
+Every attack is refused with the right 4xx; afterwards no file appeared outside the datastore, the app's
+weights are byte-identical, /info/ answers 200 and the good template still serves. One server for the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app_support import (label_info, private_app, start_server, stop_server, tiny_case, wait_for_server,
+                         free_port)
+from medlsam.volume import CTVolume, read_volume, write_volume
+
+requests = pytest.importorskip("requests")
+THREADS = "1"
+JUNK = ["j1", "j2", "j3", "j4", "j5"]  # five images whose (newer) final labels cannot serve as templates
+
+
+def _save(store, image: str, label: Path, info: dict | None = None) -> None:
+    store.save_label(image, str(label), "final", info if info is not None else label_info([1]))
+
+
+def _datastore(folder: Path, data_dir: Path) -> tuple[Path, dict]:
+    from monailabel.datastore.local import LocalDatastore
+
+    src = folder / "src"
+    kbp1 = tiny_case(data_dir, 1, [1], src)
+    kbp2 = tiny_case(data_dir, 2, None, src)
+    kbp3 = tiny_case(data_dir, 3, [1], src)
+    studies = folder / "studies"
+    studies.mkdir()
+    for name, path in (("kbp1", kbp1[0]), ("kbp2", kbp2[0]), ("kbp3", kbp3[0]), ("lat", kbp2[0]),
+                       *((j, kbp2[0]) for j in JUNK)):
+        shutil.copy(path, studies / f"{name}.nii.gz")
+    image = read_volume(kbp2[0])
+    junk = src / "junk"
+    junk.mkdir()
+    write_volume(np.zeros(image.shape, np.uint8), image, junk / "zeros.nii.gz")
+    write_volume(np.ones(image.shape, np.uint8), image, junk / "ones.nii.gz")
+    write_volume(np.clip(image.array, -1000, 3000).astype(np.int16) + 1000, image, junk / "ct.nii.gz")
+    small = CTVolume(np.zeros((20, 20, 10), np.uint8), image.affine)
+    small.array[5:10, 5:10, 3:6] = 1
+    write_volume(small.array, small, junk / "small.nii.gz")
+    (junk / "text.nii.gz").write_text("not an image\n")
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    _save(store, "kbp1", kbp1[1])
+    # written before the gate existed: the five newest final labels are junk, one with a malformed label_info
+    _save(store, "j1", junk / "zeros.nii.gz", {"label_info": [{"name": "Brainstem", "idx": "abc"}]})
+    for name, file in zip(JUNK[1:], ("ones", "ct", "small", "text")):
+        _save(store, name, junk / f"{file}.nii.gz")
+    store.update_label_info("kbp1", "final", {"ts": 1})  # the oldest
+    return studies, {"kbp1": kbp1, "kbp2": kbp2, "kbp3": kbp3, "junk": junk}
+
+
+def _tree(folder: Path, skip: list[Path]) -> dict[str, str]:
+    """sha1 of every file under folder, except those under skip."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not any(path == s or s in path.parents for s in skip):
+            out[str(path.relative_to(folder))] = hashlib.sha1(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    folder = tmp_path_factory.mktemp("security")
+    studies, files = _datastore(folder, data_dir)
+    app = private_app(folder)
+    (folder / "outside").mkdir()
+    (app / "model" / "train_stats.json").write_text(json.dumps({"epoch": 1, "total_epochs": 4, "status": "running"}))
+    port = free_port()
+    log = folder / "server.log"
+    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS}, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, process, log=log)
+        model = app / "model"
+        skip = [studies, model / "templates", model / "templates.pt", model / "templates.json",
+                model / "train_stats.json", app / "logs", app / "bin", log]
+        env = {"url": url, "folder": folder, "studies": studies, "app": app, "files": files, "log": log,
+               "process": process, "skip": skip}
+        env["before"] = _tree(folder, skip)
+        yield env
+    finally:
+        stop_server(process)
+
+
+def _unchanged(server) -> None:
+    """Nothing written outside the datastore, model/ byte-identical, /info/ 200."""
+    assert _tree(server["folder"], server["skip"]) == server["before"]
+    assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+
+
+def _infer(server, model: str, image: str, params: dict | None = None, **kwargs):
+    return requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "json"},
+                         data={"params": json.dumps(params or {})}, timeout=300, **kwargs)
+
+
+def _put_label(server, image: str, file: Path | bytes, info: dict | None, tag: str = "final", name=None):
+    content = file if isinstance(file, bytes) else file.read_bytes()
+    return requests.put(f"{server['url']}/datastore/label", params={"image": image, "tag": tag},
+                        data={"params": json.dumps(info or {})},
+                        files={"label": (name or "label.nii.gz", content)}, timeout=60)
+
+
+def test_info_and_templates_survive_junk_labels_saved_before(server):
+    """Five newer junk final labels (one with idx "abc") neither break /info/ nor crowd out the good template."""
+    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    assert info["models"]["medlsam"]["labels"]["Brainstem"] == 1
+    assert info["train_stats"]["medlam"]["status"] == "stopped"  # a "running" left by a killed run
+    result = _infer(server, "medlam", "kbp2")
+    assert result.status_code == 200, result.text
+    assert result.json()["templates"] == ["kbp1"] and result.json()["boxes"]["Brainstem"]["found"]
+    assert "/" not in result.json()["medlam"]["path"]
+    _unchanged(server)
+
+
+def test_infer_reads_only_datastore_images(server):
+    outside_ct = str(server["files"]["kbp2"][0])  # a real CT, outside the datastore
+    answers = []
+    for image in (outside_ct, "/etc/passwd", "/etc/nonexistent", "../studies/kbp2", "kbp2/../kbp2"):
+        response = _infer(server, "sam", image, {"foreground": [[32, 34, 8]]})
+        assert response.status_code == 404, (image, response.text)
+        answers.append(response.json()["detail"].replace(image, "<id>"))
+        via_params = _infer(server, "sam", "kbp2", {"image": image, "foreground": [[32, 34, 8]]})
+        assert via_params.status_code == 404, (image, via_params.text)
+    assert len(set(answers)) == 1  # existing and missing files answer alike
+    upload = requests.post(f"{server['url']}/infer/sam", data={"params": "{}"},
+                           files={"file": ("x.nii.gz", Path(outside_ct).read_bytes())}, timeout=60)
+    assert upload.status_code == 400 and "file" in upload.json()["detail"]
+    _unchanged(server)
+
+
+def test_uploads_cannot_leave_the_datastore(server):
+    url, app, ct = server["url"], server["app"], server["files"]["kbp2"][0].read_bytes()
+    escaped = requests.put(f"{url}/datastore/", params={"image": "../escaped_img"},
+                           files={"file": ("x.nii.gz", ct)}, timeout=60)
+    assert escaped.status_code == 400 and "image id" in escaped.json()["detail"], escaped.text
+    script = requests.put(f"{url}/datastore/image", params={"image": "evil"}, files={"file": ("evil.sh", b"#!")})
+    assert script.status_code == 400, script.text
+    existing = requests.put(f"{url}/datastore/image", params={"image": "kbp1"}, files={"file": ("k.nii.gz", ct)})
+    assert existing.status_code == 409, existing.text  # a template's image is not silently replaced
+    for tag in (str(server["folder"] / "outside"), str(app / "model"), "../../outside", "final/../../x"):
+        response = _put_label(server, "kbp2", server["files"]["kbp1"][1], label_info([1]), tag=tag, name="medlam.pt")
+        assert response.status_code == 400 and "tag" in response.json()["detail"], (tag, response.text)
+    weights = requests.put(f"{url}/model/medlsam", files={"file": ("medlam.pt", b"junk")}, timeout=30)
+    assert weights.status_code == 403, weights.text
+    assert not list((server["folder"] / "outside").iterdir()) and not (app / "model" / "medlam.pt").exists()
+    _unchanged(server)
+
+
+def test_bad_labels_are_refused_and_nothing_is_written(server):
+    junk, good = server["files"]["junk"], server["files"]["kbp3"][1]
+    cases = [  # (image, label file, label_info, what the refusal names); junk/* are on kbp2's (= lat's) grid
+        ("kbp3", good, {"label_info": [{"name": "Brainstem", "idx": "abc"}]}, "idx"),
+        ("kbp3", good, {"label_info": [{"name": "Brainstem", "idx": 1}, {"name": "Brainstem", "idx": 2}]}, "twice"),
+        ("kbp3", good, {"label_info": [{"name": "", "idx": 1}]}, "name"),
+        ("kbp3", good, {"label_info": [{"name": "Liver", "idx": 5}]}, "no entry in label_info"),
+        ("kbp3", server["files"]["kbp3"][0], label_info([1]), "values"),  # the CT itself (negative HU)
+        ("kbp3", junk / "zeros.nii.gz", label_info([1]), "grid"),  # another image's grid
+        ("lat", junk / "zeros.nii.gz", label_info([1]), "empty"),
+        ("lat", junk / "ones.nii.gz", label_info([1]), "cover"),
+        ("lat", junk / "ct.nii.gz", label_info([1]), "distinct values"),
+        ("lat", junk / "small.nii.gz", label_info([1]), "shape"),
+        ("lat", junk / "text.nii.gz", label_info([1]), "cannot be read"),
+    ]
+    for image, file, info, needle in cases:
+        response = _put_label(server, image, file, info)
+        assert response.status_code == 400 and needle in response.json()["detail"], (file.name, info, response.text)
+    assert not list(server["studies"].glob("labels/final/kbp3*")) and not list(
+        server["studies"].glob("labels/final/lat*"))
+    unknown = _put_label(server, "nosuch", good, label_info([1]))
+    assert unknown.status_code == 404, unknown.text
+    relabel = requests.put(f"{server['url']}/datastore/label/info", params={"label": "kbp1", "tag": "final"},
+                           data={"info": json.dumps({"label_info": [{"name": "X", "idx": "abc"}]})}, timeout=30)
+    assert relabel.status_code == 400, relabel.text
+    planted = _infer(server, "medlam", "kbp2", {"save_label": True, "label_tag": "final"})
+    assert planted.status_code == 400 and "label_tag" in planted.json()["detail"], planted.text
+    assert not list(server["studies"].glob("labels/final/kbp2*"))
+    served = _infer(server, "medlam", "kbp2")
+    assert served.status_code == 200 and served.json()["templates"] == ["kbp1"], served.text
+    _unchanged(server)
+
+
+@pytest.mark.parametrize("model,params,needle", [
+    ("sam_3d", {"foreground": [[32, 34, 8]], "min_iou": "NaN"}, "min_iou"),
+    ("sam_3d", {"foreground": [[32, 34, 8]], "max_slices": -5}, "max_slices"),
+    ("medlam", {"refine": "maybe"}, "refine"),
+    ("sam", {"foreground": [[32, 34, 8], [30, 30, 9]]}, "one slice"),
+    ("medlam", {"result_dtype": "complex64"}, "result_dtype"),
+])
+def test_bad_infer_parameters_are_400(server, model, params, needle):
+    response = _infer(server, model, "kbp2", params)
+    assert response.status_code == 400 and needle in response.json()["detail"], response.text
+
+
+def test_bad_requests_are_400_naming_the_parameter(server):
+    url = server["url"]
+    for raw, needle in (("not json", "params"), ("[1, 2]", "params")):
+        response = requests.post(f"{url}/infer/sam", params={"image": "kbp2"}, data={"params": raw}, timeout=30)
+        assert response.status_code == 400 and needle in response.json()["detail"], response.text
+        label = requests.put(f"{url}/datastore/label", params={"image": "kbp3"}, data={"params": raw},
+                             files={"label": ("l.nii.gz", b"x")}, timeout=30)
+        assert label.status_code == 400 and needle in label.json()["detail"], label.text
+    assert requests.delete(f"{url}/datastore/", params={"id": "nosuch"}, timeout=30).status_code == 404
+    assert requests.delete(f"{url}/datastore/label", params={"id": "kbp2", "tag": "final"}).status_code == 404
+    for options, needle in (({"epochs": -1}, "epochs"), ({"epochs": 10**9}, "epochs"), ({"epochs": "abc"}, "epochs"),
+                            ({"batch_size": 0}, "batch_size"), ({"epoch": 2}, "accepted")):
+        response = requests.post(f"{url}/train/medlam", json=options, timeout=30)
+        assert response.status_code == 400 and needle in response.json()["detail"], (options, response.text)
+    assert requests.post(f"{url}/train/nosuch", json={}, timeout=30).status_code == 404
+    assert requests.get(f"{url}/train/", timeout=30).status_code == 404  # nothing was started
+    _unchanged(server)
+
+
+def test_info_answers_while_medlsam_runs(server):
+    """/info/ and a light request answer within seconds while an inference of a fresh image runs."""
+    result = {}
+
+    def run():
+        tic = time.perf_counter()
+        result["response"] = _infer(server, "medlsam", "lat", {"prior_weight": 0})
+        result["seconds"] = time.perf_counter() - tic
+
+    worker = threading.Thread(target=run)
+    tic = time.perf_counter()
+    worker.start()
+    time.sleep(0.5)
+    latencies = []
+    while worker.is_alive():
+        start = time.perf_counter()
+        assert requests.get(f"{server['url']}/info/", timeout=60).status_code == 200
+        if worker.is_alive():  # answered while the inference still ran
+            latencies.append(time.perf_counter() - start)
+        time.sleep(0.2)
+    worker.join()
+    assert result["response"].status_code == 200, result["response"].text
+    assert latencies, f"the inference ({time.perf_counter() - tic:.1f} s) ended before /info/ could be probed"
+    assert max(latencies) < 3.0, (latencies, result["seconds"])
+    log = server["log"].read_text()
+    assert "medlsam image=lat done in" in log and "encode" in log
+
+
+def test_label_values_beyond_uint8_are_not_wrapped(server):
+    label = read_volume(server["files"]["kbp3"][1])
+    jaw = server["folder"] / "src" / "jaw.nii.gz"
+    write_volume(np.where(label.array == 1, 300, 0).astype(np.uint16), label, jaw)
+    saved = _put_label(server, "kbp3", jaw, {"label_info": [{"name": "Jaw", "idx": 300}]})
+    assert saved.status_code == 200, saved.text
+    response = requests.post(f"{server['url']}/infer/medlam", params={"image": "kbp2", "output": "image"},
+                             data={"params": json.dumps({"result_dtype": "uint8", "organs": ["Jaw"]})}, timeout=300)
+    assert response.status_code == 200, response.text
+    path = server["folder"] / "jaw_result.nii.gz"
+    path.write_bytes(response.content)
+    values = set(np.unique(read_volume(path).array).tolist())
+    path.unlink()
+    assert values == {0, 300}, values
+
+
+def test_a_bad_published_model_is_set_aside(server):
+    model = server["app"] / "model"
+    shipped = (model / "pretrained_medlam.pt").read_bytes()
+    (model / "medlam.pt").write_bytes(shipped[: len(shipped) // 2])  # a truncated publication
+    response = _infer(server, "medlam", "kbp2")
+    assert response.status_code == 200, response.text
+    assert response.json()["medlam"]["path"] == "pretrained_medlam.pt"
+    assert not (model / "medlam.pt").exists() and (model / "medlam.pt.rejected").is_file()
+    assert "set aside as medlam.pt.rejected" in server["log"].read_text()
+
+
+def test_a_failed_training_ends_failed(server, tmp_path):
+    """Training that fails writes status "failed" with the error (in process: no subprocess needed)."""
+    from monailabel.datastore.local import LocalDatastore
+
+    sys.path.insert(0, str(server["app"]))
+    try:
+        from lib.store import ModelStore
+        from lib.trainers.medlam import MedLAMTrainer
+
+        store = ModelStore(str(server["app"]), str(tmp_path), {})
+        trainer = MedLAMTrainer(store)
+        empty = LocalDatastore(str(tmp_path / "empty"), extensions=("*.nii.gz",), auto_reload=False)
+        with pytest.raises(Exception, match="no usable CT"):
+            trainer({"epochs": 1}, empty)
+        stats = json.loads((tmp_path / "train_stats.json").read_text())
+        assert stats["status"] == "failed" and "no usable CT" in stats["error"]
+    finally:
+        sys.path.remove(str(server["app"]))
