@@ -82,3 +82,25 @@ def test_the_default_training_step_is_not_slower_than_float32(tmp_path, make_ct)
     assert trainer.autocast is precision.use_bf16(None, "cpu")
     print(f"{trainer.precision}: {default_s:.2f} s per step, float32 {fp32_s:.2f} s")
     assert default_s <= 1.25 * fp32_s
+
+
+@pytest.mark.slow
+def test_training_on_a_cpu_without_native_bf16_picks_float32_and_finishes(tmp_path, make_ct):
+    """Issue 14's AVX2 EPYC, emulated by limiting oneDNN to AVX2: `medlsam train` for one step used to sit at
+    0 % for minutes under bfloat16; now it says float32 and finishes."""
+    import os
+    import subprocess
+    import sys
+
+    ct, _ = make_ct(ball_radius=5.0)
+    write_volume(ct.array.astype(np.int16), ct, tmp_path / "scan.nii.gz")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MEDLSAM_TEST_THREADS": "1"}
+    tic = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "medlsam.cli", "train", "--images", str(tmp_path / "scan.nii.gz"),
+                           "--out", str(tmp_path / "medlam.pt"), "--epochs", "1", "--iterations-per-epoch", "1",
+                           "--batch-size", "1"], env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - tic
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision float32" in done.stderr and "oneDNN limited to AVX2" in done.stderr
+    assert (tmp_path / "medlam.pt").is_file()
+    print(f"one-step training under AVX2 emulation: {elapsed:.1f} s")
