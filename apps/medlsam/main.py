@@ -94,6 +94,11 @@ class MedLSAMApp(MONAILabelApp):
                 trainers["medlam" if name == "medlsam" else name] = task
         return trainers
 
+    def init_batch_infer(self):
+        from lib.batch_infer import MedLSAMBatchInfer
+
+        return MedLSAMBatchInfer()
+
     def init_strategies(self):
         from monailabel.tasks.activelearning.first import First
         from monailabel.tasks.activelearning.random import Random

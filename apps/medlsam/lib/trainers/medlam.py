@@ -3,6 +3,11 @@
 Runs in MONAI Label's training subprocess (POST /train/medlam). By default it continues from the model in
 use and publishes model/medlam.pt (atomically) only when the validation error beats that model's; the
 running server then loads it and rebuilds the template bank on the next inference, without a restart.
+
+Several processes (MONAI Label's `multi_gpu` / `gpus` on CUDA, `processes` on CPU) train with
+torch.distributed as children of that subprocess, so DELETE /train/ (which kills its process tree) stops them
+all; the subprocess and its workers end when their parent dies (the server stopped or killed), and a lock
+beside model/medlam.pt keeps two trainings from writing the same files.
 """
 
 from __future__ import annotations
@@ -11,21 +16,24 @@ import json
 import logging
 import math
 import re
+import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
+from medlsam.devices import check_device, cuda_count, device_choices
 from medlsam.errors import MedLSAMError
 
 logger = logging.getLogger(__name__)
 
-MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description")  # request keys MONAI Label adds
+MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")  # MONAI Label adds these
 BOUNDS = {"epochs": (1, 1000), "iterations_per_epoch": (1, 100000), "batch_size": (1, 64),
           "learning_rate": (0.0, 1.0), "validation_pairs": (1, 10000), "max_images": (0, 100000),
-          "threads": (0, 1024), "base_channels": (1, 64)}
+          "threads": (0, 1024), "base_channels": (1, 64), "processes": (1, 64), "workers": (0, 64)}
 
 
 class MedLAMTrainer(TrainTask):
@@ -39,7 +47,11 @@ class MedLAMTrainer(TrainTask):
             "iterations_per_epoch": 50,
             "batch_size": 3,
             "learning_rate": 1e-4,
-            "device": ["cpu"],
+            "device": device_choices(),  # cpu, and cuda, cuda:0, ... where GPUs are visible
+            "multi_gpu": True,  # MONAI Label's: on cuda, one process per GPU of `gpus`
+            "gpus": "all",  # MONAI Label's: "all" or "0,1" (it sets CUDA_VISIBLE_DEVICES)
+            "processes": 1,  # on cpu: torch.distributed (gloo) processes
+            "workers": 0,  # DataLoader processes sampling patches per training process (0: in-process)
             "init": ["current", "scratch"],
             "publish": ["if_better", "always"],
             "validation_pairs": 8,
@@ -118,6 +130,10 @@ class MedLAMTrainer(TrainTask):
     def __call__(self, request, datastore):
         """Validated options, then training; train_stats.json always ends done, stopped or failed."""
         self.validate(request)
+        if _in_monailabel_subprocess():
+            from medlsam.distributed import die_with_parent
+
+            die_with_parent()  # never outlive the server: no orphan training at full CPU
         self.running = True
         try:
             summary = self.run_training(request, datastore)
@@ -154,9 +170,10 @@ class MedLAMTrainer(TrainTask):
             raise MedLSAMError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
 
     def run_training(self, request, datastore):
+        from medlsam.distributed import spawn_training, train_job
         from medlsam.network import MedLAMConfig, load_medlam
         from medlsam.patches import cached_grid_array
-        from medlsam.training import Trainer, TrainOptions
+        from medlsam.training import TrainOptions
 
         opt = lambda key, cast: self._option(request, key, cast)  # noqa: E731
         threads = opt("threads", int)
@@ -179,9 +196,12 @@ class MedLAMTrainer(TrainTask):
             images = images[:max_images]
         if not images:
             raise MedLSAMError("no usable CT image in the datastore to train on")
+        device = check_device(opt("device", str))
         options = TrainOptions(epochs=opt("epochs", int), iterations_per_epoch=opt("iterations_per_epoch", int),
                                batch_size=opt("batch_size", int), learning_rate=opt("learning_rate", float),
-                               device=opt("device", str), validation_pairs=opt("validation_pairs", int))
+                               device=device, validation_pairs=opt("validation_pairs", int),
+                               workers=opt("workers", int))
+        world = self.world_size(request, device)
         current = None
         if init == "current":
             current = load_medlam(self.store.medlam_path())
@@ -190,21 +210,36 @@ class MedLAMTrainer(TrainTask):
             config = MedLAMConfig(base_channels=opt("base_channels", int))
         out = self.store.published_medlam
         tic = time.time()
-        # all scans train; validation uses fixed patch pairs of the same scans (self-supervised: no labels)
-        trainer = Trainer(images, out, config, options, cache_dir=cache, stats_path=self.stats_path)
-        if current is not None:
-            trainer.model.load_state_dict(current.state_dict())
-        baseline = None
-        if publish == "if_better" and current is not None:
-            baseline = trainer.validate()
-            trainer.best_metric = baseline
-            logger.info(f"current model's validation error {baseline:.2f} mm: publishing only below it")
-        logger.info(f"MedLAM training on {len(images)} images: {options}")
-        result = trainer.run()
+        job = {"images": [str(p) for p in images], "out": str(out), "config": config.to_dict(),
+               "options": asdict(options), "cache_dir": str(cache), "stats_path": str(self.stats_path),
+               "init_weights": str(self.store.medlam_path()) if current is not None else None,
+               "baseline": publish == "if_better" and current is not None, "threads": threads}
+        logger.info(f"MedLAM training on {len(images)} images, {world} process(es): {options}")
+        if world > 1:  # children of this process: DELETE /train/ kills them with it
+            result = spawn_training(world, train_job, job)
+        else:
+            result = train_job(job)
+        baseline = result["baseline"]
         published = out.is_file() and out.stat().st_mtime >= tic
         summary = {"images": len(images), "epochs": result["epoch"], "total_time": round(time.time() - tic, 1),
                    "best_metric": None if math.isinf(result["best_metric"]) else round(result["best_metric"], 3),
                    "baseline_metric": None if baseline is None else round(baseline, 3),
-                   "published": str(out) if published else None}
+                   "published": str(out) if published else None, "processes": world}
         logger.info(f"MedLAM training finished: {summary}")
         return summary
+
+    def world_size(self, request: dict, device: str) -> int:
+        """Processes to train with: on cuda with multi_gpu, one per GPU of `gpus` (as MONAI Label's
+        BasicTrainTask); on cpu, `processes`."""
+        if device.startswith("cuda"):
+            gpus = str(request.get("gpus") or "all")
+            count = cuda_count() if gpus == "all" else len([g for g in gpus.split(",") if g.strip()])
+            multi = request.get("multi_gpu", self._config["multi_gpu"])
+            multi = multi if isinstance(multi, bool) else str(multi).lower() in ("true", "1", "yes")
+            return max(1, min(count, cuda_count())) if multi and device == "cuda" else 1
+        return self._option(request, "processes", int)
+
+
+def _in_monailabel_subprocess() -> bool:
+    """True in `python -m monailabel.interfaces.utils.app -m train` (not in a server running run_sync)."""
+    return Path(sys.argv[0] if sys.argv else "").as_posix().endswith("monailabel/interfaces/utils/app.py")

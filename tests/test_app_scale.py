@@ -1,0 +1,127 @@
+"""Issue 13 through a real server: batch inference over the datastore, and the training process tree
+(workers in the trainer's own tree: DELETE /train/ stops them all, and killing the server leaves no orphan)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from app_support import label_info, private_app, start_server, stop_server, tiny_case, wait_for_server, free_port
+
+psutil = pytest.importorskip("psutil")
+requests = pytest.importorskip("requests")
+THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")
+LONG_TRAIN = {"epochs": 1000, "iterations_per_epoch": 100000, "batch_size": 1, "validation_pairs": 1,
+              "max_images": 2, "threads": 1, "init": "scratch", "base_channels": 2, "publish": "always",
+              "processes": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    import shutil
+
+    from monailabel.datastore.local import LocalDatastore
+
+    folder = tmp_path_factory.mktemp("scale")
+    src = folder / "src"
+    cases = {"kbp1": tiny_case(data_dir, 1, [1], src), "kbp2": tiny_case(data_dir, 2, None, src),
+             "kbp3": tiny_case(data_dir, 3, None, src)}
+    studies = folder / "studies"
+    studies.mkdir()
+    for name, (image, _) in cases.items():
+        shutil.copy(image, studies / f"{name}.nii.gz")
+    LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False).save_label(
+        "kbp1", str(cases["kbp1"][1]), "final", label_info([1]))
+    app = private_app(folder)
+    port = free_port()
+    log = folder / "server.log"
+    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS}, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, process, log=log)
+        yield {"url": url, "process": process, "app": app, "studies": studies, "log": log}
+    finally:
+        stop_server(process)
+
+
+def _poll(url: str, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = requests.get(url).json()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            return status
+        time.sleep(1)
+    raise TimeoutError(f"{url} still running after {timeout} s")
+
+
+@pytest.mark.slow
+def test_batch_infer_labels_every_datastore_image(server):
+    """POST /batch/infer/medlsam with MONAI Label's defaults (device cuda, multi_gpu) works on a CPU server."""
+    url = server["url"]
+    started = requests.post(f"{url}/batch/infer/medlsam", json={"max_workers": 1})
+    assert started.status_code == 200, started.text
+    status = _poll(f"{url}/batch/infer", 300)
+    assert status["status"] == "DONE", (status, server["log"].read_text()[-3000:])
+    listing = requests.get(f"{url}/datastore/?output=all").json()
+    for image in ("kbp1", "kbp2", "kbp3"):
+        assert "original" in listing["objects"][image]["labels"], listing["objects"][image]
+
+
+def _tree(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _trainers(server) -> list:
+    return [p for p in _tree(server["process"].pid) if "monailabel.interfaces.utils.app" in " ".join(p.cmdline())]
+
+
+def _wait_for_training(server, timeout: float = 150) -> list:
+    """Until the lock of a running training exists and the trainer has its two worker processes."""
+    lock = server["app"] / "model" / "medlam.lock"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        trainers = _trainers(server)
+        if trainers and lock.is_file():
+            workers = [c for c in _tree(trainers[0].pid) if "multiprocessing" in " ".join(c.cmdline())]
+            if len(workers) >= 2:
+                return [trainers[0], *_tree(trainers[0].pid)]
+        time.sleep(1)
+    raise TimeoutError(f"no running training after {timeout} s: {server['log'].read_text()[-3000:]}")
+
+
+def _gone(processes: list, timeout: float) -> list:
+    deadline = time.time() + timeout
+    alive = processes
+    while time.time() < deadline:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return alive
+
+
+@pytest.mark.slow
+def test_training_workers_are_owned_stopped_and_never_orphaned(server):
+    url, model_dir = server["url"], server["app"] / "model"
+    # two processes (gloo) in the trainer's tree; DELETE /train/ stops every one of them
+    assert requests.post(f"{url}/train/medlam", json=LONG_TRAIN).status_code == 200
+    tree = _wait_for_training(server)
+    assert json.loads((model_dir / "medlam.lock").read_text())["pid"] in [p.pid for p in tree]
+    assert requests.delete(f"{url}/train/").status_code == 200
+    assert not _gone(tree, 30), "DELETE /train/ left training processes running"
+    # again, then the server dies without a word (SIGKILL): the training and its workers end with it
+    assert requests.post(f"{url}/train/medlam", json=LONG_TRAIN).status_code == 200
+    tree = _wait_for_training(server)
+    os.kill(server["process"].pid, signal.SIGKILL)
+    alive = _gone(tree, 30)
+    for process in alive:  # clean up before failing
+        process.kill()
+    assert not alive, f"orphans after the server died: {[p.cmdline() for p in alive]}"
