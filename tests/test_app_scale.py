@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -125,3 +124,24 @@ def test_training_workers_are_owned_stopped_and_never_orphaned(server):
     for process in alive:  # clean up before failing
         process.kill()
     assert not alive, f"orphans after the server died: {[p.cmdline() for p in alive]}"
+
+
+def test_conf_device_cuda_without_a_gpu_is_a_clear_error():
+    """--conf device cuda on a machine without CUDA: the app refuses to start, saying why."""
+    import subprocess
+    import sys
+
+    from app_support import APP_SOURCE
+    from medlsam.devices import cuda_count
+
+    if cuda_count():
+        pytest.skip("a GPU is present")
+    code = ("from lib.store import ModelStore\nfor d in ('cpu', 'CPU', 'cuda', 'cuda:1', 'gpu'):\n"
+            "    try:\n        print(d, 'ok', ModelStore('.', 'model', {'device': d}).device)\n"
+            "    except Exception as e:\n        print(d, type(e).__name__, e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=APP_SOURCE, capture_output=True, text=True, timeout=120,
+                          check=True)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["cpu"] == lines["CPU"] == "ok cpu"
+    assert lines["cuda"].startswith("MedLSAMError") and "CUDA is not available" in lines["cuda"]
+    assert "CUDA is not available" in lines["cuda:1"] and "cpu, cuda or cuda:N" in lines["gpu"]

@@ -3,7 +3,7 @@
     monailabel start_server --app apps/medlsam --studies <datastore> --conf models medlsam
 
 --conf keys (all optional): backend (lite_medsam | sam_vit_b|l|h | medsam_vit_b), checkpoint (SAM/MedSAM
-weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu),
+weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu | cuda | cuda:N),
 labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
 (torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2).
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlsam.devices import check_device
 from medlsam.errors import CheckpointError, MedLSAMError, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ModelStore:
         self.medlam_conf = conf.get("medlam") or None
         self.mode = conf.get("mode", "prior")
         self.max_templates = _conf_int(conf, "templates", 5, 1)
-        self.device = conf.get("device", "cpu")
+        self.device = check_device(conf.get("device", "cpu"))  # cpu, cuda, cuda:N: a clear error if absent
         self.labels_path = conf.get("labels") or None
         self.cache_size = _conf_int(conf, "embedding_cache", 2, 1)
         self.infer_concurrency = _conf_int(conf, "infer_concurrency", 2, 1)
