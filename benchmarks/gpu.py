@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ORGANS, RESULTS, OpenKBP  # noqa: E402
+from common import RESULTS, OpenKBP  # noqa: E402
 
 from medlsam.devices import cuda_autocast_dtype  # noqa: E402
 from medlsam.localize import Localizer, LocalizeOptions  # noqa: E402

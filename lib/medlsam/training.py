@@ -109,7 +109,7 @@ class Trainer:
         np.random.seed(options.seed)
         torch.manual_seed(options.seed)
         self.dist = dist or DistContext(device=options.device)
-        load = lambda paths: [cached_grid_array(p, cache_dir, mmap=True)
+        load = lambda paths: [cached_grid_array(p, cache_dir, mmap=True)  # noqa: E731
                               for p in tqdm(paths, desc="preparing scans", leave=False, disable=not self.dist.is_main)]
         rng = np.random.default_rng(options.seed)
         patch = config.patch_size[0]
