@@ -296,3 +296,65 @@ def test_a_failed_training_ends_failed(server, tmp_path):
         assert stats["status"] == "failed" and "no usable CT" in stats["error"]
     finally:
         sys.path.remove(str(server["app"]))
+
+
+class _FakeDatastore:
+    """get_labeled_images & co. over a dict {id: ts}; every id has a final label (files from `files`)."""
+
+    def __init__(self, files: tuple[Path, Path], stamps: dict[str, int]):
+        self.files, self.stamps = files, stamps
+
+    def get_labeled_images(self):
+        return list(self.stamps)
+
+    def get_label_uri(self, image_id, tag):
+        return str(self.files[1])
+
+    def get_image_uri(self, image_id):
+        return str(self.files[0])
+
+    def get_label_info(self, image_id, tag):
+        return {"label_info": [{"name": "Brainstem", "idx": 1}], "ts": self.stamps[image_id]}
+
+
+def test_a_bank_build_for_outdated_labels_is_cancelled(tmp_path, data_dir):
+    """A build whose templates changed stops at the next template, and /info/'s names never wait for it."""
+    app = private_app(tmp_path)
+    files = tiny_case(data_dir, 1, [1], tmp_path / "src")
+    sys.path.insert(0, str(app))
+    try:
+        from lib.store import ModelStore, NoTemplatesError
+        from medlsam.errors import TemplateError
+
+        store = ModelStore(str(app), str(app / "model"), {})
+        store.datastore = _FakeDatastore(files, {"a": 3, "b": 2, "c": 1})
+        calls = []
+
+        def slow_template(model, fingerprint, item):
+            calls.append(item["id"])
+            time.sleep(1.0)
+            raise TemplateError(f"{item['id']}: not usable")
+
+        store._template_bank = slow_template
+        first = {}
+        worker = threading.Thread(target=lambda: first.setdefault("error", _raises(store.bank)))
+        worker.start()
+        time.sleep(0.3)
+        store.datastore.stamps = {"d": 4}  # the labels changed: the running build is outdated
+        tic = time.perf_counter()
+        assert store.label_names() == {"Brainstem": 1} and time.perf_counter() - tic < 0.5
+        with pytest.raises(NoTemplatesError):
+            store.bank()
+        worker.join(timeout=10)
+        assert isinstance(first["error"], NoTemplatesError)
+        assert calls[0] == "a" and "b" not in calls and "c" not in calls, calls  # stopped after its first template
+    finally:
+        sys.path.remove(str(app))
+
+
+def _raises(function):
+    try:
+        function()
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
