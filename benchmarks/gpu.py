@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--budget-s", type=float, default=420, help="the training stage shrinks to stay within it")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny run of every stage on the CPU, no report")
     parser.add_argument("--out", default=str(RESULTS / "gpu.md"))
     args = parser.parse_args(argv)
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     report = {"machine": gpu_info(args.device), "args": vars(args)}
     stage("segmentation", lambda: segmentation(data, args.device, args.scans), report)
+    used = time.perf_counter() - tic
+    if not args.cpu_dry_run and used > 0.5 * args.budget_s:  # stay within the budget: a shorter epoch
+        scale = max(0.25, (args.budget_s - used) / args.budget_s)
+        args.iterations, args.train_scans = max(4, int(args.iterations * scale)), max(4, int(args.train_scans * scale))
+        print(f"{used:.0f} s used: training shortened to {args.iterations} steps on {args.train_scans} scans")
     stage("training", lambda: training(data, args.device, args.train_scans, args.iterations, args.batch_size,
                                        args.workers), report)
     report["total_s"] = time.perf_counter() - tic

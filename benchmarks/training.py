@@ -8,6 +8,8 @@ Sections:
   and under bfloat16 autocast, on this CPU as it is and with oneDNN limited by ONEDNN_MAX_CPU_ISA to
   AVX512_CORE (AVX-512 without bf16 instructions) and to AVX2 (like the 2-core EPYC of issue 14), and which
   precision `medlsam.precision` picks by default in each case.
+- throughput: training patches/s with 1 process and with 2 torch.distributed (gloo) processes, and the patch
+  loader alone with 0, 1 and 2 DataLoader workers against what a training step consumes.
 """
 
 from __future__ import annotations
@@ -101,6 +103,92 @@ def precision_section(steps: int, threads: int) -> dict:
     return {"rows": rows, "markdown": "\n".join(lines)}
 
 
+THROUGHPUT_SCRIPT = textwrap.dedent("""
+    import json, os, sys, tempfile, time
+    from pathlib import Path
+    import numpy as np, torch
+    from medlsam.distributed import barrier, close_distributed, init_distributed
+    from medlsam.network import MedLAMConfig
+    from medlsam.training import Trainer, TrainOptions
+    from medlsam.volume import CTVolume, write_volume
+    steps, batch, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    ctx = init_distributed("cpu")
+    folder = Path(tempfile.mkdtemp())
+    paths = []
+    for n in range(4):  # synthetic 200 x 200 x 160 mm CTs: a body and a bone ball in different places
+        shape = (64, 64, 48)
+        i, j, k = np.meshgrid(*(np.arange(s, dtype=np.float32) for s in shape), indexing="ij")
+        hu = np.where(((i - 32) / 28) ** 2 + ((j - 32) / 26) ** 2 < 1, 40.0, -1000.0)
+        hu[(i - 20 - 5 * n) ** 2 + (j - 30) ** 2 + (k - 16 - 5 * n) ** 2 < 36] = 1000.0
+        write_volume(hu.astype(np.int16), CTVolume(hu, np.diag([3.2, 3.2, 3.3, 1.0]), "synthetic"),
+                     folder / f"scan{n}.nii.gz")
+        paths.append(folder / f"scan{n}.nii.gz")
+    options = TrainOptions(epochs=1, iterations_per_epoch=steps + 1, batch_size=batch, mss_points=20)
+    trainer = Trainer(paths, folder / "medlam.pt", MedLAMConfig(), options, cache_dir=folder / "cache", dist=ctx)
+    trainer.step()  # warm-up
+    barrier(ctx)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        trainer.step()
+    barrier(ctx)
+    seconds = time.perf_counter() - tic
+    result = {"world": ctx.world_size, "threads": threads, "step_s": seconds / steps,
+              "patches_per_s": 3 * batch * ctx.world_size * steps / seconds, "precision": trainer.precision}
+    loader = {}
+    if ctx.world_size == 1:  # the DataLoader alone: patches/s it can feed, with 0 (in-process), 1, 2 workers
+        trainer.batches.iterations = 24
+        for workers in (0, 1, 2):
+            tic = time.perf_counter()
+            count = 3 * sum(len(b["query"]) for b in trainer.batches.loader(workers))
+            loader[workers] = count / (time.perf_counter() - tic)
+    result["loader"] = loader
+    if ctx.is_main:
+        print("RESULT " + json.dumps(result))
+    close_distributed()
+""")
+
+
+def throughput_section(steps: int, threads: int, batch: int = 2) -> dict:
+    """Training patches/s with 1 process (all threads) and 2 gloo processes (threads split), and the patch
+    loader alone with 0-2 DataLoader workers."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    load = os.getloadavg()[0]
+    runs = []
+    for world in (1, 2):
+        per_rank = max(1, threads // world)
+        cmd = [sys.executable, "-c", THROUGHPUT_SCRIPT] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+             "--no-python", sys.executable, "-c", THROUGHPUT_SCRIPT]
+        done = subprocess.run([*cmd, str(steps), str(batch), str(per_rank)], env={**env, "OMP_NUM_THREADS":
+                              str(per_rank)}, capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        runs.append(result)
+        print(f"{world} process(es) x {per_rank} threads: {result['patches_per_s']:.1f} patches/s", flush=True)
+    loader = runs[0]["loader"]
+    step_rate = runs[0]["patches_per_s"]
+    lines = [
+        "## Throughput: processes and the patch loader",
+        "",
+        f"The default MedLAM (width 6, 64^3 patches), {batch} samples (x 3 patches) per process and step, "
+        f"mean over {steps} steps after a warm-up, {threads} CPU threads in all; {runs[0]['precision']}. "
+        f"Synthetic 64 x 64 x 48 CTs. This machine was shared with other jobs (1-minute load average "
+        f"{load:.1f} on {os.cpu_count()} cores when the section started): the figures are indicative, the ratios "
+        "more than the absolute rates.",
+        "",
+        "| processes | threads each | s/step | patches/s (all ranks) |",
+        "|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(f"| {r['world']} | {r['threads']} | {r['step_s']:.2f} | {r['patches_per_s']:.1f} |")
+    lines += ["", "The loader alone (patch cutting + tracked augmentation, no network), against what one "
+              f"training process consumes ({step_rate:.1f} patches/s):", "",
+              "| DataLoader workers | patches/s | x training's consumption |", "|---|---|---|"]
+    for workers, rate in loader.items():
+        lines.append(f"| {workers} | {rate:.0f} | {rate / step_rate:.0f}x |")
+    return {"rows": runs, "markdown": "\n".join(lines)}
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -149,6 +237,8 @@ def main(argv=None) -> int:
     for name in args.sections.split(","):
         if name == "precision":
             data["precision"] = precision_section(args.steps, args.threads)
+        elif name == "throughput":
+            data["throughput"] = throughput_section(max(3, args.steps), args.threads)
         else:
             raise SystemExit(f"unknown section {name!r}")
     DATA.write_text(json.dumps(data, indent=2))
