@@ -121,7 +121,7 @@ def test_info_and_templates_survive_junk_labels_saved_before(server):
     result = _infer(server, "medlam", "kbp2")
     assert result.status_code == 200, result.text
     assert result.json()["templates"] == ["kbp1"] and result.json()["boxes"]["Brainstem"]["found"]
-    assert "/" not in result.json()["medlam"]["path"]
+    assert "/" not in result.json()["medlam"]["path"] and str(server["folder"]) not in result.text  # no server path
     _unchanged(server)
 
 
@@ -148,6 +148,8 @@ def test_uploads_cannot_leave_the_datastore(server):
     assert escaped.status_code == 400 and "image id" in escaped.json()["detail"], escaped.text
     script = requests.put(f"{url}/datastore/image", params={"image": "evil"}, files={"file": ("evil.sh", b"#!")})
     assert script.status_code == 400, script.text
+    not_ct = requests.put(f"{url}/datastore/image", params={"image": "notct"}, files={"file": ("n.nii.gz", b"x")})
+    assert not_ct.status_code == 400 and "/tmp" not in not_ct.text and "/" not in not_ct.json()["detail"], not_ct.text
     existing = requests.put(f"{url}/datastore/image", params={"image": "kbp1"}, files={"file": ("k.nii.gz", ct)})
     assert existing.status_code == 409, existing.text  # a template's image is not silently replaced
     for tag in (str(server["folder"] / "outside"), str(app / "model"), "../../outside", "final/../../x"):
@@ -245,6 +247,7 @@ def test_info_answers_while_medlsam_runs(server):
         time.sleep(0.2)
     worker.join()
     assert result["response"].status_code == 200, result["response"].text
+    assert str(server["folder"]) not in result["response"].text
     assert latencies, f"the inference ({time.perf_counter() - tic:.1f} s) ended before /info/ could be probed"
     assert max(latencies) < 3.0, (latencies, result["seconds"])
     log = server["log"].read_text()
