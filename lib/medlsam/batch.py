@@ -121,7 +121,13 @@ def _segmenter(args: argparse.Namespace):
     model = _model(args.model)
     bank = load_bank(args.templates, model)
     bank.select(organs)
-    segmenter = build_segmenter(args.backend, args.checkpoint, device=args.device)
+    device = args.device
+    if device == "cuda" and env_world()[1] > 1:  # one GPU per rank / worker, by its local rank
+        from medlsam.devices import cuda_count
+
+        device = f"cuda:{env_world()[2] % cuda_count()}"
+    model = model.to(device)
+    segmenter = build_segmenter(args.backend, args.checkpoint, device=device)
     pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=options.localizer_mode)), segmenter, options)
 
     def segment_one(scan: Path, label: Path) -> None:
