@@ -41,9 +41,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
-
 from app_support import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
+from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
+from medlsam.metrics import dice  # noqa: E402
 
 
 def post(url: str, model: str, image: str, params: dict) -> tuple[float, dict]:
@@ -97,10 +97,6 @@ def error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[list[int], bool] |
         return None
     dist = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1, 1:-1]
     return [int(v) for v in np.unravel_index(int(np.argmax(dist)), best[1].shape)], best[2]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
 def interactive_dice(kbp: OpenKBP, cases: list[dict], organs: list[str], clicks: list[int], max_slices: int) -> dict:

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
+from registration_baseline import register_and_fuse  # noqa: E402
 
 from medlsam.grid import to_localisation_grid  # noqa: E402
 from medlsam.localize import Localizer, LocalizeOptions  # noqa: E402
@@ -121,8 +122,6 @@ REGISTRATION_CACHE = RESULTS / "localization_registration.json"
 
 def run_registration(data: OpenKBP, cases: list[dict], templates: list[str]) -> dict:
     """Per-scan registration results; scans already in REGISTRATION_CACHE (same templates) are reused."""
-    from registration_baseline import register_and_fuse
-
     cache = json.loads(REGISTRATION_CACHE.read_text()) if REGISTRATION_CACHE.exists() else {}
     if cache.get("templates") != templates:
         cache = {"templates": templates, "cases": {}}
@@ -191,7 +190,7 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
     if default:
         stages = ("resample", "coarse", "refine", "match")
         medians = {k: np.median([c["timings"].get(k, 0.0) for c in default.values()]) for k in stages}
-        lines += ["", f"Default configuration, median seconds per stage: "
+        lines += ["", "Default configuration, median seconds per stage: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()) + "."]
     lines += ["", "## Per organ (default configuration and registration)", "",
               "| organ | " + " | ".join(f"{n} IoU | {n} wall mm" for n in summaries if n in (

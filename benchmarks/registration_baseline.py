@@ -6,20 +6,15 @@ warped labels are fused per organ by majority vote over the templates that conta
 of each organ's fused mask is the prediction. Everything is in the query's own voxel grid, in file
 index order (i, j, k) as nibabel and MedLSAM use (SimpleITK's arrays transposed).
 
-    python benchmarks/registration_baseline.py [--data DIR] [--cases 3] [--threads 1]
-
-prints per-organ box IoU and wall distances against the ground truth for the first N validation cases,
-using the protocol's templates (the first five train cases, by case number, with all seven organs).
+Run and scored by ``python benchmarks/localization.py [--registration-only] [--cases N]`` with the protocol's
+templates (the first five train cases, by case number, with all seven organs).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -248,34 +243,3 @@ def register_and_fuse(query_image_path: str | os.PathLike, template_image_paths:
     if timings is not None:
         timings.update(stages, cpu=time.process_time() - cpu_start)
     return fused, boxes, time.perf_counter() - start
-
-
-# -- standalone run on the OpenKBP validation split (scored as in benchmarks/localization.py) ------------
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from localization import run_registration, summarise
-
-    from common import OpenKBP
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="openkbp folder (default: $MEDLSAM_DATA/openkbp)")
-    parser.add_argument("--cases", type=int, default=3, help="the first N validation cases (0: all)")
-    parser.add_argument("--threads", type=int, default=1, help="SimpleITK threads")
-    args = parser.parse_args(argv)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    data = OpenKBP(args.data)
-    templates = data.templates(5)
-    print(f"templates: {', '.join(templates)}; threads: {args.threads}; params: {asdict(RegistrationParams())}")
-    summary = summarise(run_registration(data, data.split("validation")[: args.cases or None], templates))
-    print(f"\n{'organ':<13} {'n':>2} {'miss':>4} {'IoU':>6} {'wall mm':>8} {'z mm':>6} {'inpl mm':>8}")
-    for organ, o in summary["organs"].items():
-        walls = [np.mean(o[k]) if o[k] else float("nan") for k in ("wd_mean", "wd_z", "wd_inplane")]
-        print(f"{organ:<13} {o['n']:>2} {o['missed']:>4} {np.mean(o['iou']):>6.3f} {walls[0]:>8.1f} "
-              f"{walls[1]:>6.1f} {walls[2]:>8.1f}")
-    print(f"{'mean (organs)':<20} {summary['iou']:>6.3f} {summary['wd_mean']:>8.1f} {summary['wd_z']:>6.1f} "
-          f"{summary['wd_inplane']:>8.1f}\nseconds per scan: median {summary['seconds_median']:.1f}")
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.exit(main())

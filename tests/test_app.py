@@ -167,11 +167,8 @@ def test_sam_second_click_costs_only_the_decoder(client, env):
     assert params["label_names"] == {"Brainstem": 1} and params["slice"] == 8 and params["axis"] == 2
     label = _read_label(image, ".nii.gz", env["folder"])
     assert label.shape == (64, 64, 24) and not label[:, :, [k for k in range(24) if k != 8]].any()
-    tic = time.perf_counter()
     second = infer(client, "sam", "kbp2", {"foreground": [seed], "background": [[20, 20, 8]]})
-    elapsed = time.perf_counter() - tic
-    assert second.status_code == 200 and second.json()["encoder_calls"] == 0, second.text
-    assert elapsed < 3.0  # decoder only (< 0.5 s on an idle CPU; loose here for a shared machine)
+    assert second.status_code == 200 and second.json()["encoder_calls"] == 0, second.text  # decoder only
     roi = infer(client, "sam", "kbp2", {"roi": [26, 38, 28, 40, 8, 8]})
     assert roi.status_code == 200 and roi.json()["encoder_calls"] == 0
 
@@ -181,8 +178,9 @@ def test_sam_3d_propagates_from_the_clicked_slice(client):
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["seed_slice"] == 8 and result["axis"] == 2 and set(result["stop"]) <= {"up", "down", "seed"}
-    if result["slices"]:
-        assert result["slices"][0] >= 6 and result["slices"][1] <= 10
+    # the mask left the clicked slice, in at most max_slices steps each way
+    assert result["slices"] and result["slices"][1] > result["slices"][0], result
+    assert result["slices"][0] >= 6 and result["slices"][1] <= 10 and result["slices"][0] <= 8 <= result["slices"][1]
 
 
 @pytest.mark.parametrize("model,image,params,status,needle", [
@@ -305,7 +303,7 @@ def test_real_server_slicer_ohif_and_background_training(tmp_path, data_dir):
         # background training through /train/, polled to completion as the clients do
         started = requests.post(f"{url}/train/medlam", json=TINY_TRAIN)
         assert started.status_code == 200, started.text
-        deadline = time.time() + 240
+        deadline = time.time() + 1200  # a generous ceiling: the trainer's state decides, not a time budget
         while time.time() < deadline:
             status = requests.get(f"{url}/train/").json()
             if status["status"] not in ("SUBMITTED", "RUNNING"):

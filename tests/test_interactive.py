@@ -6,12 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
-
-from medlsam.interactive import (PromptError, PropagationOptions, parse_prompts, segment_slice, segment_volume,
-                                 slice_mask_to_volume)
+from medlsam.interactive import (
+    PromptError,
+    PropagationOptions,
+    parse_prompts,
+    segment_slice,
+    segment_volume,
+    slice_mask_to_volume,
+)
+from medlsam.metrics import dice
 from medlsam.sam.segmenter import Embedding
 from medlsam.sam.slices import SliceEmbeddings
+from scipy import ndimage
 
 
 class IdealSegmenter:
@@ -163,10 +169,6 @@ def _rod(segments: list[tuple[int, int]], shape=(40, 36, 30)):
     return CTVolume(hu, np.diag([3.0, 3.0, 4.0, 1.0]), "rod"), rod
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
-
-
 def test_background_click_removes_the_spurious_slices_and_stops_propagation():
     ct, rod = _rod([(5, 24)])
     truth = rod.copy()
@@ -180,7 +182,7 @@ def test_background_click_removes_the_spurious_slices_and_stops_propagation():
     three = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]],
                                               background=[[14, 20, 19], [14, 20, 15]]))
     assert np.array_equal(three.mask, truth)
-    assert _dice(one.mask, truth) < _dice(two.mask, truth) < _dice(three.mask, truth) == 1.0
+    assert dice(one.mask, truth) < dice(two.mask, truth) < dice(three.mask, truth) == 1.0
 
 
 def test_foreground_click_on_a_missed_slice_adds_it_and_keeps_the_first_result():
@@ -191,7 +193,7 @@ def test_foreground_click_on_a_missed_slice_adds_it_and_keeps_the_first_result()
     two = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 7], [14, 20, 17]]))
     assert np.array_equal(two.mask, rod) and two.seed == 7 and two.anchors == [7, 17]
     assert two.stop_reasons["up"] == "empty mask" and two.stop_reasons["down from 17"] == "empty mask"
-    assert _dice(one.mask, rod) < _dice(two.mask, rod) == 1.0
+    assert dice(one.mask, rod) < dice(two.mask, rod) == 1.0
     # a click on a slice the propagation reaches widens that slice instead of restarting from it
     calls = emb.segmenter.decoder_calls
     again = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 7], [12, 20, 9]]))

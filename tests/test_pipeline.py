@@ -15,7 +15,9 @@ from medlsam.cli import main as cli_main
 from medlsam.errors import MedLSAMError, TemplateError
 from medlsam.localize import Localizer, OrganLocation
 from medlsam.outputs import check_output_path, write_segmentation
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions, organ_prompts
+from medlsam.assemble import interpolate_slices
+from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
+from medlsam.prompts import encoded_slices, organ_prompts
 from medlsam.sam import build_segmenter
 from medlsam.sam.slices import SliceEmbeddings
 from medlsam.volume import CTVolume, read_volume, write_volume
@@ -144,6 +146,12 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
 
     plain = Localizer(model, bank)  # boxes only: the prior is computed only when the pipeline asks for it
     assert plain.localize(ct, ["liver"])["organs"]["liver"].prior is None
+    prior = plain.localize(ct, ["liver"], prior=True)["organs"]["liver"].prior  # in the file's own frame
+    assert prior.probabilities.shape == tuple(prior.high - prior.low + 1)
+    assert np.all(prior.low >= 0) and np.all(prior.high < np.array(ct.shape))
+    region = prior.region()
+    assert 2 * ((prior.probabilities > 0.5) & truth[region]).sum() / ((prior.probabilities > 0.5).sum()
+                                                                      + truth.sum()) > 0.9
     alone = MedLSAMPipeline(plain, segmenter, SegmentOptions(mode="prior", prior_weight=1.0))
     result = alone.segment(ct, ["liver", "stomach"])
     assert result.encoder_calls == 0 and result.timings_s["encode"] == 0.0
@@ -298,3 +306,23 @@ def test_slices_are_shown_to_the_encoder_in_radiological_orientation(x_axis, sig
     assert masks.shape == (1, *shape[:2]) and np.array_equal(masks[0] > 0.5, expected)
     masks, _ = emb.decode(2, (2, 1, 20, 25), boxes=box)  # the box is relative to the crop
     assert masks.shape == (1, 18, 24) and np.array_equal(masks[0] > 0.5, expected[:18, :24])
+
+
+def test_encoded_slices_cover_every_organ_with_a_shared_lattice():
+    organs = [list(range(10, 30)), list(range(21, 23)), list(range(40, 47))]
+    assert encoded_slices(organs, 1) == sorted(set(range(10, 30)) | {21, 22} | set(range(40, 47)))
+    chosen = encoded_slices(organs, 3)
+    assert len(chosen) < 20
+    for organ in organs:
+        inside = [k for k in chosen if k in organ]
+        assert inside, organ  # the short organ 21..22, between lattice slices, gets one of its own
+        for end in (organ[0], organ[-1]):  # no organ end is more than step // 2 slices from an encoded slice
+            assert min(abs(end - k) for k in inside) <= 1
+    assert set(range(10, 30, 3)) <= set(chosen)  # one lattice: slices shared by the organs
+
+
+def test_interpolation_between_encoded_slices():
+    known = {2: np.zeros((3, 3), np.float32), 6: np.ones((3, 3), np.float32)}
+    assert np.allclose(interpolate_slices(known, 3), 0.25)
+    assert np.allclose(interpolate_slices(known, 5), 0.75)
+    assert np.allclose(interpolate_slices(known, 0), 0.0) and np.allclose(interpolate_slices(known, 9), 1.0)

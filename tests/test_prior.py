@@ -1,5 +1,5 @@
-"""Organ priors on the file grid (any orientation), their per-slice boxes, and the slice lattice of the
-pipeline's encoder with the interpolation between encoded slices."""
+"""Organ priors on the file grid (any orientation), their per-slice boxes, and the templates' intensity
+model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 
 from medlsam.grid import resample_to_grid, to_localisation_grid
-from medlsam.matching import OrganPrior
 from medlsam.metrics import dice
-from medlsam.pipeline import encoded_slices, interpolate_slices
-from medlsam.prior import prior_on_file, prior_slice_boxes
+from medlsam.prior import OrganPrior, prior_on_file, prior_slice_boxes
 from medlsam.volume import CTVolume
 
 
@@ -55,26 +53,6 @@ def test_a_prior_outside_the_scan_gives_nothing(make_ct):
     far = OrganPrior(origin=np.array([500, 500, 500]), probabilities=np.ones((4, 4, 4), np.float32))
     assert prior_on_file(far, grid) is None
     assert prior_on_file(OrganPrior(np.zeros(3, int), np.zeros((4, 4, 4), np.float32)), grid) is None
-
-
-def test_encoded_slices_cover_every_organ_with_a_shared_lattice():
-    organs = [list(range(10, 30)), list(range(21, 23)), list(range(40, 47))]
-    assert encoded_slices(organs, 1) == sorted(set(range(10, 30)) | {21, 22} | set(range(40, 47)))
-    chosen = encoded_slices(organs, 3)
-    assert len(chosen) < 20
-    for organ in organs:
-        inside = [k for k in chosen if k in organ]
-        assert inside, organ  # the short organ 21..22, between lattice slices, gets one of its own
-        for end in (organ[0], organ[-1]):  # no organ end is more than step // 2 slices from an encoded slice
-            assert min(abs(end - k) for k in inside) <= 1
-    assert set(range(10, 30, 3)) <= set(chosen)  # one lattice: slices shared by the organs
-
-
-def test_interpolation_between_encoded_slices():
-    known = {2: np.zeros((3, 3), np.float32), 6: np.ones((3, 3), np.float32)}
-    assert np.allclose(interpolate_slices(known, 3), 0.25)
-    assert np.allclose(interpolate_slices(known, 5), 0.75)
-    assert np.allclose(interpolate_slices(known, 0), 0.0) and np.allclose(interpolate_slices(known, 9), 1.0)
 
 
 def test_the_intensity_model_keeps_the_organs_intensities_and_drops_the_rest():

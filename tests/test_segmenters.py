@@ -8,16 +8,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-
 from medlsam.errors import CheckpointError, MedLSAMError
+from medlsam.metrics import dice
 from medlsam.paths import data_dir
 from medlsam.sam import BACKENDS, Embedding, build_segmenter, ct_slice_to_image
 
 LIVER = 5
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
 def box_of(mask: np.ndarray) -> list[float]:

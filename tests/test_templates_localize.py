@@ -7,15 +7,21 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from medlsam.cli import main as cli_main
 from medlsam.errors import TemplateError
 from medlsam.grid import resample_to_grid, to_localisation_grid
-from medlsam.localize import Localizer, LocalizeOptions
-from medlsam.matching import cut_organ_patch, match_organ, match_patch, organ_prior
+from medlsam.localize import LocalizeOptions, Localizer
+from medlsam.matching import cut_organ_patch, match_organ, match_patch
 from medlsam.metrics import dice
 from medlsam.network import MedLAM, MedLAMConfig, save_medlam
-from medlsam.templates import WPL_ROLES, build_bank, extreme_points, load_bank, organ_grid_coords
+from medlsam.prior import placed_masks
+from medlsam.templates import (
+    WPL_ROLES,
+    build_bank,
+    extreme_points,
+    load_bank,
+    organ_grid_coords,
+)
 from medlsam.volume import CTVolume, write_volume
 
 NAMES = {1: "Ball", 2: "Bar", 3: "Blob"}
@@ -140,8 +146,8 @@ def test_boxes_are_the_same_in_world_for_a_permuted_flipped_copy(bank, model, mo
     second = Localizer(model, bank, options).localize(copy)["organs"]
     assert mode == "spl" or any(first[name].found for name in NAMES.values())
     for name in NAMES.values():
-        # the world-aligned grids coincide, so the points do; boxes agree in world mm within a voxel
-        assert np.allclose(first[name].grid_points, second[name].grid_points, atol=1e-4), name
+        # the world-aligned grids coincide, so the matches do; boxes agree in world mm within a voxel
+        assert first[name].match_score == pytest.approx(second[name].match_score, abs=1e-4), name
         assert first[name].found == second[name].found
         if first[name].found:
             assert np.allclose(first[name].box_mm, second[name].box_mm, atol=3.0 + 1e-6), name
@@ -195,7 +201,8 @@ def test_localisation_validator_scores_wall_distance(model, tmp_path):
         paths[shift] = (tmp_path / f"ct{shift}.nii.gz", tmp_path / f"label{shift}.nii.gz")
     validator = LocalisationValidator([paths[0][0]], [paths[0][1]], [paths[2][0]], [paths[2][1]], NAMES)
     error = validator(model)
-    assert 0.0 < error <= LocalisationValidator.MISSED_MM
+    # found organs score their wall distance (14.3 mm here); a missed one would count MISSED_MM (50 mm)
+    assert 0.0 < error < 0.5 * LocalisationValidator.MISSED_MM
 
 
 def test_refinement_finds_a_point_from_its_own_features(model):
@@ -233,7 +240,7 @@ def test_intensity_matching_recovers_a_known_shift(radius):
     assert score > 0.9
     median_box, _, corners = match_organ(query_grid.array, [patch, patch], start, radius)
     assert np.allclose(median_box, box) and all(np.array_equal(c, corner) for c in corners)
-    prior = organ_prior(query_grid.array, [patch, patch], corners, slab_thickness=3)
+    prior = placed_masks(query_grid.array, [patch, patch], corners, slab_thickness=3)
     # the fused prior is the template's organ mask moved with the body: it covers the query's ball
     truth = np.zeros(query_grid.shape, bool)
     truth[tuple(np.round(ball + shift).astype(int).T)] = True

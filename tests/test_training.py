@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from medlsam.augment import augment_crop, random_rotation
+from medlsam.errors import MedLSAMError
 from medlsam.grid import to_localisation_grid
-from medlsam.losses import DISTANCE_RATIO_MM, RDR_SCALE_MM, mss_loss, predicted_offset_mm, rdr_loss
+from medlsam.losses import (
+    DISTANCE_RATIO_MM,
+    RDR_SCALE_MM,
+    mss_loss,
+    predicted_offset_mm,
+    rdr_loss,
+)
 from medlsam.network import MedLAMConfig, load_medlam
 from medlsam.patches import cached_grid_array, cut_patch, list_images
 from medlsam.training import Trainer, TrainOptions
@@ -289,7 +295,7 @@ def test_zero_crop_margin_trains(scans, tmp_path):
 
 
 def test_no_training_images_is_an_error(tmp_path):
-    with pytest.raises(Exception, match="no training images"):
+    with pytest.raises(MedLSAMError, match="no training images"):
         Trainer([], tmp_path / "medlam.pt", TINY, _options())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,7 @@ def _train(args: argparse.Namespace) -> int:
     from medlsam.distributed import close_distributed, env_world, init_distributed, launch_torchrun, strip_option
     from medlsam.network import CONFIGS, MedLAMConfig
     from medlsam.patches import list_images
+    from medlsam.precision import parse_precision
     from medlsam.training import Trainer, TrainOptions
 
     if args.nproc > 1 and env_world()[1] == 1:  # launch torchrun, which runs this command in every rank
@@ -24,10 +26,10 @@ def _train(args: argparse.Namespace) -> int:
     config = MedLAMConfig(base_channels=args.base_channels or base.base_channels, patch_size=patch,
                           num_classes=base.num_classes, dropout=base.dropout)
     options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)
-                              if getattr(args, f.name, None) is not None})
+                              if getattr(args, f.name, None) is not None}, bf16=parse_precision(args.precision))
     validator = None
     if args.val_templates:
-        from medlsam.templates import read_names
+        from medlsam.names import read_names
         from medlsam.validation import LocalisationValidator
 
         if not (args.val_template_labels and args.val_images and args.val_labels):
@@ -61,14 +63,38 @@ def _model(path: str | None):
     return load_medlam(path or default_medlam_path())
 
 
+def _templates_show(args: argparse.Namespace) -> None:
+    from medlsam.network import model_fingerprint
+    from medlsam.paths import default_medlam_path
+    from medlsam.templates import load_bank
+
+    summary = load_bank(args.bank).summary()
+    model_path = args.model or default_medlam_path()
+    matches = summary["model_fingerprint"] == model_fingerprint(_model(args.model))
+    if args.json:
+        print(json.dumps({**summary, "medlam": str(model_path), "matches_medlam": matches}, indent=2))
+        return
+    print(f"template bank {args.bank} (version {summary['version']})")
+    verdict = f"matches {model_path}" if matches else f"does NOT match {model_path}: rebuild the bank for it"
+    print(f"  MedLAM fingerprint {summary['model_fingerprint']}: {verdict}")
+    print(f"  source scans ({len(summary['sources'])}): " + ", ".join(Path(s).name for s in summary["sources"]))
+    print(f"  organs ({len(summary['organs'])}):")
+    print(f"    {'value':>5s}  {'organ':16s} {'templates':>9s}  mean extent (mm, z x y x x)")
+    for name, organ in summary["organs"].items():
+        size = " x ".join(f"{v:.0f}" for v in organ["size_mm"])
+        print(f"    {organ['value']:5d}  {name:16s} {organ['templates']:9d}  {size}")
+
+
 def _templates_build(args: argparse.Namespace) -> None:
-    from medlsam.templates import build_bank, read_names
+    from medlsam.names import read_names
+    from medlsam.templates import build_bank
 
     labels = args.labels or [None] * len(args.images)
     points = [json.loads(Path(p).read_text()) for p in args.points] if args.points else [None] * len(args.images)
     if len(labels) != len(args.images) or len(points) != len(args.images):
         raise MedLSAMError(f"{len(args.images)} images need as many --labels or --points files")
-    bank = build_bank(_model(args.model), args.images, labels, read_names(args.names), points)
+    names = read_names(args.names)  # a bad names file fails before any work
+    bank = build_bank(_model(args.model), args.images, labels, names, points)
     bank.save(args.out)
     summary = ", ".join(f"{n} ({o.count})" for n, o in bank.organs.items())
     print(f"template bank {args.out}: {summary}")
@@ -77,7 +103,7 @@ def _templates_build(args: argparse.Namespace) -> None:
 def _localize(args: argparse.Namespace) -> None:
     from medlsam.localize import Localizer, LocalizeOptions
     from medlsam.templates import load_bank
-    from medlsam.training import write_json_atomic
+    from medlsam.atomic import write_json_atomic
     from medlsam.volume import load_ct
 
     out = Path(args.out)
@@ -100,11 +126,12 @@ def _segment(args: argparse.Namespace) -> int | None:
     from medlsam.batch import is_batch, run_batch
     from medlsam.devices import check_device
     from medlsam.localize import Localizer, LocalizeOptions
-    from medlsam.pipeline import (MedLSAMPipeline, SegmentOptions, check_output_path, check_png_path, qc_montage,
-                                  write_segmentation)
+    from medlsam.outputs import check_output_path, check_png_path, write_segmentation
+    from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
+    from medlsam.qc import qc_montage
     from medlsam.sam import build_segmenter
     from medlsam.templates import load_bank
-    from medlsam.volume import load_ct
+    from medlsam.volume import load_ct, read_volume
 
     args.device = check_device(args.device)
     if is_batch(args.images, args.out):
@@ -115,6 +142,9 @@ def _segment(args: argparse.Namespace) -> int | None:
     options = SegmentOptions(mode=args.mode, **weight)
     if args.qc:
         check_png_path(args.qc)
+    if args.qc_reference and not args.qc:
+        raise MedLSAMError("--qc-reference needs --qc PICTURE.png")
+    reference = read_volume(args.qc_reference).array if args.qc_reference else None
     organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None
     model = _model(args.model)
     bank = load_bank(args.templates, model)
@@ -124,18 +154,18 @@ def _segment(args: argparse.Namespace) -> int | None:
     volume = load_ct(args.image)
     load_s = time.perf_counter() - tic
     pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=options.localizer_mode)), segmenter, options)
-    result = pipeline.segment(volume, organs, progress=not args.quiet)
-    result.timings_s = {"load": load_s, **result.timings_s}
+    result = pipeline.segment(volume, organs, progress=not args.quiet, timings={"load": load_s})
     write_segmentation(result, volume, args.out)
-    if args.qc:
-        qc_montage(volume, result, args.qc)
     for name, value in result.label_names.items():
         box = result.boxes[name]
         state = f"{box['voxels']} voxels" if name not in result.not_found else f"NOT FOUND ({box.get('reason', '')})"
         print(f"{name:16s} label {value:3d}  {state}")
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings_s.items())
-    print(f"{args.out}: {timings}; {result.encoder_calls} encoder calls "
-          f"(reference approach: {result.reference_encoder_calls})")
+    print(f"{timings}; {result.encoder_calls} encoder calls (reference approach: {result.reference_encoder_calls})")
+    print(f"label   {Path(args.out).expanduser().resolve()}\nresult  {Path(args.out).expanduser().resolve()}.json")
+    if args.qc:
+        qc = qc_montage(volume, result.label, result.label_names, args.qc, reference=reference)
+        print(f"QC      {qc.resolve()}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -180,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="DataLoader processes sampling patches (default 0: in-process)")
     train.add_argument("--patch-size", dest="patch_size", type=int, help="cubic patch side (multiple of 16)")
     train.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop after this many seconds")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto (default): bfloat16 autocast only where the CPU/GPU runs it natively")
     train.set_defaults(func=_train)
 
     templates = commands.add_parser("templates", help="template banks").add_subparsers(dest="action", required=True)
@@ -191,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
     build.add_argument("--out", required=True)
     build.set_defaults(func=_templates_build)
+    show = templates.add_parser("show", help="what a template bank holds: organs, templates per organ, sources, MedLAM")
+    show.add_argument("bank")
+    show.add_argument("--model", help="MedLAM checkpoint to check the bank against (default: the shipped model)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_templates_show)
 
     localize = commands.add_parser("localize", help="localise the bank's organs in a scan")
     localize.add_argument("image")
@@ -221,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--prior-weight", type=float, help="weight of the template prior against SAM's masks "
                          "(default 0.8; 1: the prior alone, no SAM; 0: SAM alone)")
     segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
-    segment.add_argument("--qc", help="write a PNG montage of each organ's middle slice with the masks")
+    segment.add_argument("--qc", help="write a QC picture (PNG): each organ's middle axial slice, cropped, outlined")
+    segment.add_argument("--qc-reference", help="a reference label on the scan's grid (same values as the bank's "
+                         "organs) shown beside each organ in the QC picture, with the Dice")
     segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=_segment)
@@ -237,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the launchers (torchrun, --workers)
+    logging.basicConfig(level=logging.INFO, format="medlsam: %(message)s")
     try:
         code = args.func(args)
     except MedLSAMError as exc:

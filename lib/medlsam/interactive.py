@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from medlsam.errors import MedLSAMError
+from medlsam.geometry import inplane_axes, largest_component
 
 
 class PromptError(MedLSAMError):
@@ -44,10 +45,6 @@ class Prompts:
     foreground: np.ndarray  # (N, 3) int
     background: np.ndarray  # (M, 3) int
     roi: np.ndarray | None = None  # (3, 2) inclusive low/high index per file axis
-
-    @property
-    def points(self) -> np.ndarray:
-        return np.concatenate([self.foreground, self.background]).reshape(-1, 3)
 
 
 def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -91,15 +88,9 @@ def parse_prompts(shape: tuple[int, int, int], foreground=None, background=None,
     return Prompts(fg, bg, box)
 
 
-def _in_plane(axis: int) -> tuple[int, int]:
-    """The file axes of a slice's rows and columns."""
-    rows, cols = (a for a in range(3) if a != axis)
-    return rows, cols
-
-
 def _slice_prompt(prompts: Prompts, axis: int, k: int, roi_box: bool = True):
     """SAM points (P, 2) x, y with labels (P,) and box (4,) or None for the prompts lying on slice k."""
-    rows, cols = _in_plane(axis)
+    rows, cols = inplane_axes(axis)
     pts, labels = [], []
     for arr, lab in ((prompts.foreground, 1), (prompts.background, 0)):
         for p in arr[arr[:, axis] == k]:
@@ -115,7 +106,7 @@ def _slice_prompt(prompts: Prompts, axis: int, k: int, roi_box: bool = True):
 def _check_roi_size(prompts: Prompts, axis: int) -> None:
     if prompts.roi is None:
         return
-    rows, cols = _in_plane(axis)
+    rows, cols = inplane_axes(axis)
     if prompts.roi[rows, 1] <= prompts.roi[rows, 0] or prompts.roi[cols, 1] <= prompts.roi[cols, 0]:
         raise PromptError(f"roi {prompts.roi.ravel().tolist()} has zero size in the slice plane: draw a box "
                           "spanning at least two voxels along each in-plane axis")
@@ -314,14 +305,6 @@ def _mask_box(mask: np.ndarray, margin: float) -> np.ndarray:
                      min(w - 1.0, cols.max() + margin), min(h - 1.0, rows.max() + margin)])
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum(mask, labels, range(1, n + 1))
-    return labels == (1 + int(np.argmax(sizes)))
-
-
 @dataclass
 class PropagationOptions:
     threshold: float = 0.5  # mask probability threshold
@@ -331,7 +314,6 @@ class PropagationOptions:
     min_overlap: float = 0.1  # stop when IoU with the neighbour's mask falls below this
     box_margin: float = 2.0  # pixels added around the neighbour's mask box
     max_slices: int = 0  # per direction, 0 = no limit
-    prefetch: int = 1  # slices encoded per encoder call during propagation
 
 
 @dataclass
@@ -437,7 +419,7 @@ def _carry(embeddings, prompts: Prompts, opts: PropagationOptions, k: int, prev:
         mask = mask | _select_components(extra, missed, bg)
     if roi_box is not None:
         mask = _clip_to_box(mask, roi_box)
-    return (_largest_component(mask) if mask.any() and not (labels == 1).any() else mask), iou
+    return (largest_component(mask, connectivity=1) if mask.any() and not (labels == 1).any() else mask), iou
 
 
 def _propagate(embeddings, prompts: Prompts, opts: PropagationOptions, seed: int, step: int, prev: np.ndarray,
@@ -454,9 +436,6 @@ def _propagate(embeddings, prompts: Prompts, opts: PropagationOptions, seed: int
             return f"reached slice {k}, segmented from another click"
         if opts.max_slices and done >= opts.max_slices:
             return f"max_slices {opts.max_slices}"
-        if opts.prefetch > 1:
-            ahead = [j for j in range(k, k + step * opts.prefetch, step) if lo_limit <= j <= hi_limit]
-            embeddings.prefetch(ahead, batch=len(ahead))
         user_fg, bg = _user_clicks(prompts, axis, k)
         if not user_fg and any(prev[int(y), int(x)] for x, y in bg):  # "the object does not go on here"
             return "background click on the carried mask"

@@ -1,7 +1,9 @@
-"""Localise template organs in a query scan: coarse latent jump, optional re-jumps, MSS refinement.
+"""Localise template organs in a query scan: coarse latent jump, optional re-jumps, MSS refinement,
+template matching, and on request the organ prior.
 
-Points live on the canonical 3 mm grid; boxes are returned in the query file's own voxel indices
-(inclusive) and in world mm. The query's labels are never read.
+Points live on the canonical 3 mm grid; everything handed over (boxes, slab boxes, the prior) is mapped to
+the query file's own voxel indices here, once (boxes inclusive, also in world mm). The query's labels are
+never read.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import torch
 from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
 from medlsam.grid import GRID_SPACING_MM, LocalisationGrid, to_localisation_grid
 from medlsam.losses import DISTANCE_RATIO_MM
-from medlsam.matching import OrganPrior, match_organ, organ_prior
+from medlsam.matching import match_organ
 from medlsam.network import MedLAM
 from medlsam.patches import BODY_THRESHOLD
-from medlsam.prior import intensity_posterior
+from medlsam.prior import FilePrior, file_prior
 from medlsam.templates import SLABS, WPL_ROLES, OrganTemplate, TemplateBank
 from medlsam.volume import CTVolume
 
@@ -27,7 +29,7 @@ START_PATCHES = 8  # patches around the body centre that start the coarse jump
 
 @dataclass
 class LocalizeOptions:
-    mode: str = "wpl"  # wpl: one box per organ; spl: also one in-plane box per z-slab
+    mode: str = "wpl"  # wpl: one box per organ; spl: also one in-plane box per z-slab (also per call)
     refine: bool = False  # multi-scale similarity refinement (measured: no gain once `match` is on)
     jumps: int = 1  # coarse latent jumps (1 = the reference's single jump)
     search_radius: int = 8  # refinement search, voxels of the 3 mm grid
@@ -37,12 +39,11 @@ class LocalizeOptions:
     jump_reach: int = 8  # re-jumps share one patch among targets within this many voxels
     match: bool = True  # last stage: match the templates' organ neighbourhoods by intensity (NCC)
     match_radius: int = 14  # search of that stage, voxels of the 3 mm grid (42 mm)
-    # The organ prior (fused template masks, for the segmentation stage; not needed for boxes, so off here and
-    # switched on by MedLSAMPipeline): each template's neighbourhood is re-matched in slabs of this
+    # The organ prior (fused template masks, for the segmentation stage; asked per call, `localize(prior=True)`,
+    # since boxes do not need it): each template's neighbourhood is re-matched in slabs of this
     # many grid slices within prior_slab_radius voxels, so its mask bends with the organ (0: rigid). Mean Dice
     # of the fused masks alone, 33 validation scans: rigid 0.371, slabs of 4 / 6 / 8 within 2 voxels 0.404 /
     # 0.413 / 0.416 (benchmarks/notes/segmentation.md).
-    prior: bool = False
     prior_slab: int = 6
     prior_slab_radius: int = 2
     # The prior weighs the template masks by the templates' intensity model (medlsam.prior.intensity_posterior);
@@ -69,9 +70,7 @@ class OrganLocation:
     match_score: float | None = None  # median NCC of the templates' neighbourhoods, when matched
     reason: str = ""
     slabs: list[dict] = field(default_factory=list)  # SPL: per z-slab box_voxel
-    grid_points: np.ndarray | None = field(default=None, repr=False)
-    prior: OrganPrior | None = field(default=None, repr=False)  # fused template masks where they matched
-    grid: LocalisationGrid | None = field(default=None, repr=False)  # the grid of grid_points and prior
+    prior: FilePrior | None = field(default=None, repr=False)  # when asked for and found: the organ prior
 
     def to_json(self) -> dict:
         out = {"found": self.found, "label": self.value, "box_voxel": self.box_voxel, "box_mm": self.box_mm,
@@ -112,19 +111,26 @@ class Localizer:
         if self.options.mode not in ("wpl", "spl"):
             raise ValueError(f"mode must be 'wpl' or 'spl', not {self.options.mode!r}")
 
-    def _roles(self, organ: OrganTemplate) -> list[int]:
-        wanted = WPL_ROLES if self.options.mode == "wpl" else organ.roles
+    @staticmethod
+    def _roles(organ: OrganTemplate, mode: str) -> list[int]:
+        wanted = WPL_ROLES if mode == "wpl" else organ.roles
         return [i for i, r in enumerate(organ.roles) if r in wanted]
 
     @torch.no_grad()
-    def localize(self, volume: CTVolume | LocalisationGrid, organs: list[str] | None = None) -> dict:
-        """Boxes of the chosen organs (all by default): {"organs": {name: OrganLocation}, "timings_s": ...}."""
+    def localize(self, volume: CTVolume | LocalisationGrid, organs: list[str] | None = None, *,
+                 mode: str | None = None, prior: bool = False) -> dict:
+        """Boxes of the chosen organs (all by default): {"organs": {name: OrganLocation}, "timings_s": ...}.
+        ``mode`` overrides the options' box mode for this call; ``prior`` also builds each found organ's prior
+        (needs template matching)."""
+        mode = mode or self.options.mode
+        if mode not in ("wpl", "spl"):
+            raise ValueError(f"mode must be 'wpl' or 'spl', not {mode!r}")
         timings: dict[str, float] = {}
         tic = time.perf_counter()
         grid = volume if isinstance(volume, LocalisationGrid) else to_localisation_grid(volume)
         timings["resample"] = time.perf_counter() - tic
         chosen = self.bank.select(organs)
-        keys = [(name, i) for name, organ in chosen.items() for i in self._roles(organ)]
+        keys = [(name, i) for name, organ in chosen.items() for i in self._roles(organ, mode)]
         latents = np.array([chosen[n].latent[i].numpy() for n, i in keys])
         offsets = np.array([chosen[n].offset[i].numpy() for n, i in keys])
 
@@ -159,16 +165,17 @@ class Localizer:
         for name, organ in chosen.items():
             rows = [k for k, (n, _) in enumerate(keys) if n == name]
             roles = [organ.roles[keys[k][1]] for k in rows]
-            results[name] = self._organ_result(name, organ, grid, points[rows], scores[rows], roles)
+            results[name] = self._organ_result(name, organ, grid, points[rows], scores[rows], roles, mode, prior)
         timings["match"] = time.perf_counter() - tic  # intensity matching (and box mapping)
         timings["total"] = sum(timings.values())
         return {"organs": results, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
     def _organ_result(self, name: str, organ: OrganTemplate, grid: LocalisationGrid, points: np.ndarray,
-                      scores: np.ndarray, roles: list[str]) -> OrganLocation:
+                      scores: np.ndarray, roles: list[str], mode: str, prior: bool) -> OrganLocation:
         wpl = np.array([points[roles.index(r)] for r in WPL_ROLES])
         score = float(scores[[roles.index(r) for r in WPL_ROLES]].mean()) if self.options.refine else 1.0
-        result = OrganLocation(name=name, value=organ.value, found=True, score=score, grid_points=points)
+        result = OrganLocation(name=name, value=organ.value, found=True, score=score)
+        corners = None
         low, high = wpl.min(axis=0), wpl.max(axis=0)
         shape = np.array(grid.source.shape)
 
@@ -183,15 +190,8 @@ class Localizer:
         elif self.options.match and organ.neighbourhoods:
             box, result.match_score, corners = match_organ(grid.array, organ.neighbourhoods, (low + high) / 2,
                                                            self.options.match_radius)
-            if self.options.prior:
-                result.prior = organ_prior(grid.array, organ.neighbourhoods, corners, self.options.prior_slab,
-                                           self.options.prior_slab_radius)
-                if self.options.intensity_power > 0:
-                    result.prior = intensity_posterior(result.prior, grid.array, organ.neighbourhoods,
-                                                       self.options.intensity_power)
-                result.grid = grid
             points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
-            result.grid_points, (low, high) = points, box
+            low, high = box
             if outside(low, high):
                 result.found, result.reason = False, "box centre outside the scan's field of view"
             elif result.match_score < self.options.min_match_score:
@@ -201,11 +201,15 @@ class Localizer:
         low, high = low - margin, high + margin
         if not result.found:
             return result
+        if prior and corners is not None:
+            opts = self.options
+            result.prior = file_prior(grid, organ.neighbourhoods, corners, opts.prior_slab, opts.prior_slab_radius,
+                                      opts.intensity_power)
         lo, hi = grid.box_to_file(low, high)
         result.box_voxel = [lo.tolist(), hi.tolist()]
         world = grid.source.index_to_world(np.array([lo, hi]))
         result.box_mm = [world.min(axis=0).round(2).tolist(), world.max(axis=0).round(2).tolist()]
-        if self.options.mode == "spl" and any(r.startswith("s") for r in roles):
+        if mode == "spl" and any(r.startswith("s") for r in roles):
             edges = np.linspace(low[0], high[0], SLABS + 1)
             for s in range(SLABS):
                 slab = np.array([points[roles.index(f"s{s}{a}")] for a in ("y-", "y+", "x-", "x+") if f"s{s}{a}" in roles])

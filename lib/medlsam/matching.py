@@ -6,9 +6,8 @@ of context); normalised cross-correlation finds where that neighbourhood sits in
 `radius` voxels of MedLAM's estimate, coarse (6 mm) to fine (3 mm). The organ box is the per-face median
 of the templates' matched boxes, so one template matched in the wrong place does not move it.
 
-Each neighbourhood also carries the template's organ mask (fraction of the voxel inside the organ); placed
-where its neighbourhood matched and averaged over the templates, the masks give the organ's prior
-(:class:`OrganPrior`): the per-slice prompts and the shape prior of the segmentation stage.
+Each neighbourhood also carries the template's organ mask (fraction of the voxel inside the organ), which
+``medlsam.prior`` places where the neighbourhood matched (``match_slabs`` lets it bend with the organ).
 """
 
 from __future__ import annotations
@@ -31,14 +30,6 @@ class OrganPatch:
     intensities: torch.Tensor  # (d, h, w) float16, HU mapped as on the grid
     box: torch.Tensor  # (2, 3) organ box (min and max voxel centres) in the patch's coordinates
     mask: torch.Tensor  # (d, h, w) float16 in [0, 1]: the organ's share of each grid voxel
-
-
-@dataclass
-class OrganPrior:
-    """An organ's shape prior on the query grid: the mean of the templates' masks placed where they matched."""
-
-    origin: np.ndarray  # (3,) int grid index of probabilities[0, 0, 0] (may lie outside the grid)
-    probabilities: np.ndarray  # (d, h, w) float32 in [0, 1]
 
 
 def box_mask(shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -141,39 +132,9 @@ def match_slabs(array: np.ndarray, patch: OrganPatch, corner: np.ndarray, thickn
     return slabs
 
 
-def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.ndarray]]]) -> OrganPrior:
-    """The mean of the patches' organ masks, each slab of a mask placed at its corner (grid indices);
-    ``placements[i]``: the (first slice, corner) of patch i's slabs (one slab: ``[(0, corner)]``)."""
-    pieces = []
-    for patch, slabs in zip(patches, placements):
-        mask = patch.mask.float().numpy()
-        edges = [z for z, _ in slabs] + [mask.shape[0]]
-        pieces += [(mask[edges[i]:edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
-    pieces = [(m, c) for m, c in pieces if m.size]
-    origin = np.min([c for _, c in pieces], axis=0)
-    end = np.max([c + np.array(m.shape) for m, c in pieces], axis=0)
-    total = np.zeros(end - origin, np.float32)
-    for mask, corner in pieces:
-        at = corner - origin
-        d, h, w = mask.shape
-        total[at[0]:at[0] + d, at[1]:at[1] + h, at[2]:at[2] + w] += mask
-    return OrganPrior(origin=origin, probabilities=total / len(patches))
-
-
 def match_organ(array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray,
                 radius: int) -> tuple[np.ndarray, float, list[np.ndarray]]:
     """Median over templates of the matched organ boxes (2, 3), the median NCC, and each patch's corner."""
     matches = [match_patch(array, p, centre, radius) for p in patches]
     boxes = np.stack([b for b, _, _ in matches])
     return np.median(boxes, axis=0), float(np.median([s for _, s, _ in matches])), [c for _, _, c in matches]
-
-
-def organ_prior(array: np.ndarray, patches: list[OrganPatch], corners: list[np.ndarray], slab_thickness: int = 0,
-                slab_radius: int = 2) -> OrganPrior:
-    """The templates' masks fused where their patches matched (``corners``, from match_organ); with
-    ``slab_thickness`` > 0 each mask follows its slabs' own matches."""
-    if slab_thickness > 0:
-        placements = [match_slabs(array, p, c, slab_thickness, slab_radius) for p, c in zip(patches, corners)]
-    else:
-        placements = [[(0, c)] for c in corners]
-    return fuse_masks(patches, placements)

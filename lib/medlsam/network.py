@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlsam.atomic import torch_save_atomic
 from medlsam.errors import CheckpointError
 
 
@@ -235,20 +235,7 @@ def save_medlam(model: MedLAM, path: str | os.PathLike, half: bool = False, **ex
     """Save config + weights (optionally fp16) atomically; `extra` entries are stored alongside."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
              for k, v in model.state_dict().items()}
-    atomic_torch_save({"config": model.config.to_dict(), "state_dict": state, **extra}, path)
-
-
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{path.suffix}"  # not mkstemp: its files are private (0600)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    torch_save_atomic({"config": model.config.to_dict(), "state_dict": state, **extra}, path)
 
 
 def model_fingerprint(model: MedLAM) -> str:
@@ -256,4 +243,4 @@ def model_fingerprint(model: MedLAM) -> str:
 
 
 __all__ = ["MedLAM", "MedLAMConfig", "CONFIGS", "build_medlam", "load_medlam", "save_medlam",
-           "model_fingerprint", "atomic_torch_save"]
+           "model_fingerprint"]

@@ -4,12 +4,12 @@ made before any work."""
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medlsam.atomic import atomic_path
 from medlsam.errors import MedLSAMError
 from medlsam.volume import CTVolume, write_volume
 
@@ -65,18 +65,9 @@ def write_segmentation(result: SegmentationResult, volume: CTVolume, out_path) -
     path = Path(out_path).expanduser()
     check_output_path(path)
     json_path = path.parent / (path.name + ".json")
-    suffix = _label_suffix(path)
-    tmp_label = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
-    tmp_json = path.parent / f".tmp-{uuid.uuid4().hex}.json"
-    try:
+    with atomic_path(path) as tmp_label, atomic_path(json_path) as tmp_json:  # both complete, then both renamed
         tic = time.perf_counter()
         write_volume(result.label, volume, tmp_label)
         result.timings_s["write"] = time.perf_counter() - tic
         with open(tmp_json, "w") as handle:
             json.dump(result.to_json(), handle, indent=2)
-        os.replace(tmp_label, path)
-        os.replace(tmp_json, json_path)
-    except BaseException:
-        tmp_label.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
-        raise

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from medlsam.atomic import atomic_path
 from medlsam.grid import to_localisation_grid
 from medlsam.volume import is_image_path, load_ct
 
@@ -41,13 +41,8 @@ def cached_grid_array(path: Path, cache_dir: Path | None, mmap: bool = False) ->
         return np.load(cached, mmap_mode="r" if mmap else None)
     array = to_localisation_grid(load_ct(path)).array.astype(np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.npy"  # unique: several ranks may cache at once
-    try:
+    with atomic_path(cached) as tmp:  # unique temporary names: several ranks may cache at once
         np.save(tmp, array)
-        os.replace(tmp, cached)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return array
 
 

@@ -1,12 +1,13 @@
-"""Organ priors: the templates' masks weighed by the templates' intensities, on the query file's own
-voxel grid, and the per-slice box prompts they give.
+"""The organ prior, built in one place and handed over in the query file's frame: ``file_prior``.
 
-The localiser's last stage places each template's organ mask where the template's neighbourhood matched
-(:class:`medlsam.matching.OrganPrior`, on the 3 mm grid). ``intensity_posterior`` turns that spatial prior
-into a posterior with an intensity model learnt from the same templates (histograms of the mapped HU
-inside and around the organ): bone stays in the mandible, fat leaves the parotid. ``prior_on_file``
-samples it at the query file's voxels (trilinear), so the segmentation stage can prompt SAM with its box on
-every slice (it follows oblique and curved organs, which one 3D box cannot) and weigh SAM's masks by it.
+1. Each template's organ mask is placed where its neighbourhood matched (``medlsam.matching``), slab by slab
+   so that it bends with the organ, and the placed masks are averaged (:class:`OrganPrior`, on the 3 mm grid).
+2. ``intensity_posterior`` weighs that spatial prior by an intensity model learnt from the same templates
+   (histograms of the mapped HU inside and around the organ): bone stays in the mandible, fat leaves the
+   parotid.
+3. ``prior_on_file`` samples it at the query file's voxels (trilinear): a :class:`FilePrior`, from which the
+   segmentation stage takes a box prompt on every slice (it follows oblique and curved organs, which one 3D
+   box cannot) and against which it weighs SAM's masks.
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from medlsam.geometry import inplane_axes
 from medlsam.grid import LocalisationGrid
-from medlsam.matching import OrganPatch, OrganPrior
+from medlsam.matching import OrganPatch, match_slabs
 
 HISTOGRAM_BINS = 32  # over the grid's mapped intensities [0, 1]
+
+
+@dataclass
+class OrganPrior:
+    """An organ's prior on the query's 3 mm grid: the mean of the templates' masks placed where they matched."""
+
+    origin: np.ndarray  # (3,) int grid index of probabilities[0, 0, 0] (may lie outside the grid)
+    probabilities: np.ndarray  # (d, h, w) float32 in [0, 1]
 
 
 @dataclass
@@ -39,9 +49,49 @@ class FilePrior:
             return None
         out = np.zeros(shape, np.float32)
         part = np.take(self.probabilities, k - int(self.low[axis]), axis=axis)
-        r, c = (a for a in range(3) if a != axis)
+        r, c = inplane_axes(axis)
         out[self.low[r]:self.high[r] + 1, self.low[c]:self.high[c] + 1] = part
         return out
+
+
+def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.ndarray]]]) -> OrganPrior:
+    """The mean of the patches' organ masks, each slab of a mask placed at its corner (grid indices);
+    ``placements[i]``: the (first slice, corner) of patch i's slabs (one slab: ``[(0, corner)]``)."""
+    pieces = []
+    for patch, slabs in zip(patches, placements):
+        mask = patch.mask.float().numpy()
+        edges = [z for z, _ in slabs] + [mask.shape[0]]
+        pieces += [(mask[edges[i]:edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
+    pieces = [(m, c) for m, c in pieces if m.size]
+    origin = np.min([c for _, c in pieces], axis=0)
+    end = np.max([c + np.array(m.shape) for m, c in pieces], axis=0)
+    total = np.zeros(end - origin, np.float32)
+    for mask, corner in pieces:
+        at = corner - origin
+        d, h, w = mask.shape
+        total[at[0]:at[0] + d, at[1]:at[1] + h, at[2]:at[2] + w] += mask
+    return OrganPrior(origin=origin, probabilities=total / len(patches))
+
+
+def placed_masks(array: np.ndarray, patches: list[OrganPatch], corners: list[np.ndarray], slab_thickness: int = 0,
+                 slab_radius: int = 2) -> OrganPrior:
+    """The templates' masks fused where their patches matched (``corners``, from match_organ); with
+    ``slab_thickness`` > 0 each mask follows its slabs' own matches."""
+    if slab_thickness > 0:
+        placements = [match_slabs(array, p, c, slab_thickness, slab_radius) for p, c in zip(patches, corners)]
+    else:
+        placements = [[(0, c)] for c in corners]
+    return fuse_masks(patches, placements)
+
+
+def file_prior(grid: LocalisationGrid, patches: list[OrganPatch], corners: list[np.ndarray], slab_thickness: int,
+               slab_radius: int, intensity_power: float) -> FilePrior | None:
+    """The organ's prior on the query file's voxels (None when it lies outside the file): the templates' masks
+    placed where they matched, weighed by their intensities when ``intensity_power`` > 0."""
+    prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius)
+    if intensity_power > 0:
+        prior = intensity_posterior(prior, grid.array, patches, intensity_power)
+    return prior_on_file(prior, grid)
 
 
 def intensity_histograms(patches: list[OrganPatch]) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +156,7 @@ def prior_on_file(prior: OrganPrior, grid: LocalisationGrid, floor: float = 0.05
 def prior_slice_boxes(prior: FilePrior, axis: int, threshold: float = 0.5) -> dict[int, np.ndarray]:
     """Per slice along ``axis``, the (x0, y0, x1, y1) box (x = column, y = row) of the prior above
     ``threshold``; slices where nothing reaches it get no box."""
-    r, c = (a for a in range(3) if a != axis)
+    r, c = inplane_axes(axis)
     boxes = {}
     for i in range(prior.probabilities.shape[axis]):
         part = np.take(prior.probabilities, i, axis=axis) >= threshold

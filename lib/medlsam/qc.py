@@ -5,11 +5,11 @@ and optionally the reference label beside it with the Dice."""
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from medlsam.atomic import atomic_path
 from medlsam.errors import MedLSAMError
 from medlsam.metrics import cranio_caudal_axis, dice
 from medlsam.outputs import check_png_path
@@ -115,13 +115,9 @@ def qc_montage(volume: CTVolume, label: np.ndarray, names: dict[str, int], png_p
     handles = [Line2D([], [], color=colours[n], linewidth=2, label=f"{names[n]} {n}") for n in organs]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
     try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150)
     finally:
         plt.close(fig)
     return path

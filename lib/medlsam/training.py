@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import random
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,14 +16,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from medlsam.atomic import torch_save_atomic, write_json_atomic
 from medlsam.devices import cuda_autocast_dtype
 from medlsam.distributed import DistContext, TrainingLock, barrier, broadcast_floats, mean_over_ranks, rank_seed
 from medlsam.errors import MedLSAMError
 from medlsam.grid import GRID_SPACING_MM
-from medlsam.losses import predicted_offset_mm, mss_loss, rdr_loss
-from medlsam.network import MedLAM, MedLAMConfig, atomic_torch_save, save_medlam
+from medlsam.losses import mss_loss, predicted_offset_mm, rdr_loss
+from medlsam.network import MedLAM, MedLAMConfig, save_medlam
 from medlsam.patches import body_voxels, cached_grid_array, cut_patch
+from medlsam.precision import describe, use_bf16
 from medlsam.sampling import TrainingBatches
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,22 +42,10 @@ class TrainOptions:
     crop_margin: int = 8  # the augmented crop is patch + 2 * margin
     seed: int = 2023
     device: str = "cpu"
-    bf16: bool = True  # bfloat16 autocast on CPU: 1.6x faster here
+    bf16: bool | None = None  # bfloat16 autocast: None = where the device runs it natively (medlsam.precision)
     validation_pairs: int = 8  # per validation scan
     time_limit_s: float = 0.0  # stop cleanly after this many seconds (0: no limit)
     workers: int = 0  # DataLoader processes drawing and augmenting patches (0: in the training process)
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.json"  # not mkstemp: its files are private (0600)
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class PatchSampler:
@@ -128,12 +119,17 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(options.seed)
         # oneDNN's bfloat16 Conv3d weight gradient is garbage (huge, even inf, and different run to run) when
         # the input depth is 2: the bottleneck of patches under 64 voxels. Autocast only from 64 up.
-        self.autocast = options.bf16 and options.device == "cpu" and min(config.patch_size) >= 64
+        self.autocast = (use_bf16(options.bf16, options.device) and options.device == "cpu"
+                         and min(config.patch_size) >= 64)
+        self.precision = describe(options.bf16, options.device)
+        if use_bf16(options.bf16, options.device) and not self.autocast:
+            self.precision += "; float32 used: bfloat16 gradients are unsound under 64-voxel patches"
+        logger.info(self.precision)
         self.epoch, self.best_metric, self.elapsed, self.history = 0, math.inf, 0.0, []
 
     # -- checkpointing -------------------------------------------------------------------------------
     def save_state(self) -> None:
-        atomic_torch_save({
+        torch_save_atomic({
             "config": self.config.to_dict(), "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_metric": self.best_metric,
             "elapsed": self.elapsed, "history": json.dumps(self.history), "options": json.dumps(asdict(self.options)),

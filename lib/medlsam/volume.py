@@ -7,13 +7,13 @@ pynrrd for NRRD and of MONAI Label's prompts. World coordinates are ITK's LPS mi
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from medlsam.atomic import atomic_path
 from medlsam.errors import InvalidImageError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -160,12 +160,5 @@ def write_volume(array: np.ndarray, reference: CTVolume, path: str | os.PathLike
     image.SetSpacing(spacing.tolist())
     image.SetDirection((reference.affine[:3, :3] / spacing[None, :]).ravel().tolist())
     image.SetOrigin(reference.affine[:3, 3].tolist())
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    # A fresh name rather than mkstemp's file, which is private (0600): labels must get normal permissions.
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{suffix}"
-    try:
+    with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from medlsam.errors import MedLSAMError
+from medlsam.geometry import inplane_axes
 from medlsam.metrics import cranio_caudal_axis
 from medlsam.sam.images import ct_slice_to_image
 from medlsam.sam.segmenter import Embedding
@@ -113,9 +114,6 @@ class SliceEmbeddings:
                                            multimask=multimask)
         return self._from_display(masks), iou
 
-    def cached(self, k: int, crop: Crop | None = None) -> bool:
-        return (int(k), crop) in self._cache
-
     def get(self, k: int, crop: Crop | None = None) -> Embedding:
         """The embedding of slice k (or of ``crop`` of it), encoded on first use."""
         key = (self._check(k), None if crop is None else tuple(int(c) for c in crop))
@@ -147,7 +145,7 @@ class SliceEmbeddings:
 def display_orientation(affine: np.ndarray, axis: int) -> tuple[bool, bool, bool]:
     """(transpose, flip rows, flip columns) that turn slices along `axis` into the radiological view:
     rows run anterior to posterior (+y of LPS), columns patient right to left (+x)."""
-    rows_axis, cols_axis = (a for a in range(3) if a != axis)
+    rows_axis, cols_axis = inplane_axes(axis)
     rows_dir, cols_dir = affine[:3, rows_axis], affine[:3, cols_axis]
     transpose = abs(rows_dir[0]) > abs(cols_dir[0])  # file rows run along x: swap rows and columns
     if transpose:

@@ -84,7 +84,7 @@ class MedLAMTrainer(TrainTask):
         return self.running or bool(processes("train"))
 
     def _write_stats(self, stats: dict) -> None:
-        from medlsam.training import write_json_atomic
+        from medlsam.atomic import write_json_atomic
 
         try:
             write_json_atomic(stats, self.stats_path)

@@ -1,0 +1,23 @@
+"""Small geometry helpers shared by the pipeline, the prior, the interactive tools and the QC picture."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def inplane_axes(axis: int) -> tuple[int, int]:
+    """The file axes of the rows and the columns of a slice ``np.take(array, k, axis)``."""
+    rows, cols = (a for a in range(3) if a != axis)
+    return rows, cols
+
+
+def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
+    """The largest connected component of a boolean mask (the mask itself when it has at most one).
+    ``connectivity``: 1 for face neighbours only, up to ``mask.ndim`` (the default) for all neighbours."""
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity or mask.ndim)
+    labels, count = ndimage.label(mask, structure=structure)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
