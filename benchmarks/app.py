@@ -100,7 +100,8 @@ def error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[list[int], bool] |
 
 
 def interactive_dice(kbp: OpenKBP, cases: list[dict], organs: list[str], clicks: list[int], max_slices: int) -> dict:
-    from medlsam.interactive import PropagationOptions, parse_prompts, segment_volume
+    from medlsam.interactive import parse_prompts
+    from medlsam.propagation import PropagationOptions, segment_volume
     from medlsam.sam import build_segmenter
     from medlsam.sam.slices import SliceEmbeddings
     from medlsam.volume import load_ct, read_volume

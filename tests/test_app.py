@@ -209,27 +209,29 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
 
     sys.path.insert(0, str(env["app"]))
     try:
+        from lib.configs.medlsam import MedLSAM
         from lib.infers.common import http_error
-        from lib.store import ModelStore, NoTemplatesError
+        from lib.models import Models
+        from lib.template_source import NoTemplatesError, TemplateSource
         from monailabel.datastore.local import LocalDatastore
 
-        store = ModelStore(str(env["app"]), str(env["app"] / "model"), {"backend": "sam_vit_b"})
+        models = Models(env["app"] / "model", {"backend": "sam_vit_b"})
         with pytest.raises(Exception) as caught:
-            store.segmenter()
+            models.segmenter()
         error = http_error(caught.value)
         assert isinstance(error, HTTPException) and error.status_code == 503 and "checkpoint" in error.detail
         empty = tmp_path / "studies"
         empty.mkdir()
         shutil.copy(env["images"]["kbp2"][0], empty / "kbp2.nii.gz")
-        store = ModelStore(str(env["app"]), str(env["app"] / "model"), {})
-        store.datastore = LocalDatastore(str(empty), extensions=("*.nii.gz",), auto_reload=False)
+        datastore = LocalDatastore(str(empty), extensions=("*.nii.gz",), auto_reload=False)
+        templates = TemplateSource(Models(env["app"] / "model", {}), env["app"] / "model", lambda: datastore, 5)
         with pytest.raises(NoTemplatesError, match="save a final label"):
-            store.bank()
+            templates.bank()
         assert http_error(NoTemplatesError("x")).status_code == 409
         for key, value, needle in (("mode", "boxes", "mode"), ("compile", "maybe", "compile"),
                                    ("templates", "0", "templates")):
             with pytest.raises(MedLSAMError, match=needle):
-                ModelStore(str(env["app"]), str(env["app"] / "model"), {key: value})
+                MedLSAM().init("medlsam", str(env["app"] / "model"), {key: value}, None, datastore=lambda: None)
     finally:
         sys.path.remove(str(env["app"]))
 

@@ -137,8 +137,8 @@ def test_conf_device_cuda_without_a_gpu_is_a_clear_error():
 
     if cuda_count():
         pytest.skip("a GPU is present")
-    code = ("from lib.store import ModelStore\nfor d in ('cpu', 'CPU', 'cuda', 'cuda:1', 'gpu'):\n"
-            "    try:\n        print(d, 'ok', ModelStore('.', 'model', {'device': d}).device)\n"
+    code = ("from lib.models import Models\nfor d in ('cpu', 'CPU', 'cuda', 'cuda:1', 'gpu'):\n"
+            "    try:\n        print(d, 'ok', Models('model', {'device': d}).device)\n"
             "    except Exception as e:\n        print(d, type(e).__name__, e)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=APP_SOURCE, capture_output=True, text=True, timeout=120,
                           check=True)

@@ -6,15 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medlsam.interactive import (
-    PromptError,
-    PropagationOptions,
-    parse_prompts,
-    segment_slice,
-    segment_volume,
-    slice_mask_to_volume,
-)
+from medlsam.interactive import PromptError, parse_prompts, segment_slice, slice_mask_to_volume
 from medlsam.metrics import dice
+from medlsam.propagation import PropagationOptions, segment_volume
 from medlsam.sam.segmenter import Embedding
 from medlsam.sam.slices import SliceEmbeddings
 from scipy import ndimage

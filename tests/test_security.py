@@ -287,11 +287,10 @@ def test_a_failed_training_ends_failed(server, tmp_path):
 
     sys.path.insert(0, str(server["app"]))
     try:
-        from lib.store import ModelStore
+        from lib.models import Models
         from lib.trainers.medlam import MedLAMTrainer
 
-        store = ModelStore(str(server["app"]), str(tmp_path), {})
-        trainer = MedLAMTrainer(store)
+        trainer = MedLAMTrainer(Models(tmp_path, {}))
         empty = LocalDatastore(str(tmp_path / "empty"), extensions=("*.nii.gz",), auto_reload=False)
         with pytest.raises(Exception, match="no usable CT"):
             trainer({"epochs": 1}, empty)
@@ -326,11 +325,12 @@ def test_a_bank_build_for_outdated_labels_is_cancelled(tmp_path, data_dir):
     files = tiny_case(data_dir, 1, [1], tmp_path / "src")
     sys.path.insert(0, str(app))
     try:
-        from lib.store import ModelStore, NoTemplatesError
+        from lib.models import Models
+        from lib.template_source import NoTemplatesError, TemplateSource
         from medlsam.errors import TemplateError
 
-        store = ModelStore(str(app), str(app / "model"), {})
-        store.datastore = _FakeDatastore(files, {"a": 3, "b": 2, "c": 1})
+        datastore = _FakeDatastore(files, {"a": 3, "b": 2, "c": 1})
+        store = TemplateSource(Models(app / "model", {}), app / "model", lambda: datastore, 5)
         calls = []
 
         def slow_template(model, fingerprint, item):
@@ -343,7 +343,7 @@ def test_a_bank_build_for_outdated_labels_is_cancelled(tmp_path, data_dir):
         worker = threading.Thread(target=lambda: first.setdefault("error", _raises(store.bank)))
         worker.start()
         time.sleep(0.3)
-        store.datastore.stamps = {"d": 4}  # the labels changed: the running build is outdated
+        datastore.stamps = {"d": 4}  # the labels changed: the running build is outdated
         tic = time.perf_counter()
         assert store.label_names() == {"Brainstem": 1} and time.perf_counter() - tic < 0.5
         with pytest.raises(NoTemplatesError):

@@ -35,6 +35,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
 
 from lib.datastore import GatedDatastore, valid_name
+from lib.template_source import TemplateSource
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,13 @@ class MedLSAMApp(MONAILabelApp):
         self.models: Dict[str, TaskConfig] = {}
         for name in models:
             config = get_class_of(configs[name])()
-            config.init(name, self.model_dir, conf or {}, None, app_dir=app_dir)
+            config.init(name, self.model_dir, conf or {}, None, app_dir=app_dir, datastore=self.datastore)
             self.models[name] = config
         logger.info(f"+++ Using models: {list(self.models)}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf or {}, name="MedLSAM Label",
                          description="CT organ segmentation from a few templates: MedLAM localisation + SAM, "
                                      "interactive SAM clicks, self-supervised MedLAM training",
                          version="0.1.0")
-
-    def _stores(self):
-        return [getattr(c, "store", None) for c in self.models.values() if getattr(c, "store", None)]
 
     def init_datastore(self) -> Datastore:
         """MONAI Label's local datastore behind the id/tag gate and label checks (remote stores unchanged)."""
@@ -78,8 +76,6 @@ class MedLSAMApp(MONAILabelApp):
                               read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, on_label_change=self._labels_changed)
 
     def init_infers(self) -> Dict[str, InferTask]:
-        for store in self._stores():
-            store.datastore = self.datastore()
         infers: Dict[str, InferTask] = {}
         for config in self.models.values():
             tasks = config.infer()
@@ -89,9 +85,9 @@ class MedLSAMApp(MONAILabelApp):
     def init_trainers(self) -> Dict[str, TrainTask]:
         trainers: Dict[str, TrainTask] = {}
         for name, config in self.models.items():
-            task = config.trainer()
-            if task is not None:
-                trainers["medlam" if name == "medlsam" else name] = task
+            tasks = config.trainer()
+            if tasks is not None:
+                trainers.update(tasks if isinstance(tasks, dict) else {name: tasks})
         return trainers
 
     def init_batch_infer(self):
@@ -166,8 +162,9 @@ class MedLSAMApp(MONAILabelApp):
         return result
 
     def _labels_changed(self) -> None:
-        for store in self._stores():
-            store.rebuild_bank_in_background()
+        for config in self.models.values():
+            if isinstance(getattr(config, "templates", None), TemplateSource):
+                config.templates.rebuild_in_background()
 
 
 def get_class_of(qualified: str):

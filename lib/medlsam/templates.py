@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlsam.atomic import torch_save_atomic
 from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches
 from medlsam.errors import TemplateError
 from medlsam.grid import LocalisationGrid, resample_to_grid, to_localisation_grid
 from medlsam.matching import OrganPatch, cut_organ_patch
-from medlsam.network import MedLAM, atomic_torch_save, model_fingerprint
+from medlsam.network import MedLAM, model_fingerprint
 from medlsam.volume import CTVolume, load_ct, read_volume
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class TemplateBank:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_torch_save(self.to_dict(), path)
+        torch_save_atomic(self.to_dict(), path)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -206,59 +207,86 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
     if not (len(images) == len(labels) == len(points_json)):
         raise TemplateError(f"{len(images)} template images but {len(labels)} labels / {len(points_json)} point sets")
     names = {int(k): v for k, v in (names or {}).items()}
-    sums: dict[str, dict] = {}
-    sources = []
+    banks = []
     for number, (image, label, pts) in enumerate(zip(images, labels, points_json), 1):
         if label is None and pts is None:
             raise TemplateError(f"template {image}: needs a label or extreme points")
         tic = time.perf_counter()
-        volume = image if isinstance(image, CTVolume) else load_ct(image)
-        label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
-        grid = to_localisation_grid(volume)
-        organs = _template_points(label_volume, pts, grid, names)
-        masks = _organ_masks(label_volume, grid, names)
-        encoded = _encode_template(model, grid, organs)
-        sources.append(volume.source)
-        logger.info(f"template {number}/{len(images)} {Path(str(volume.source)).name}: {len(organs)} organ(s) "
-                    f"in {time.perf_counter() - tic:.1f} s")
-        for name, roles in organs.items():
-            value = next((v for v, n in names.items() if n == name), None)
-            if value is None and isinstance(pts, dict) and isinstance(pts.get(name), dict):
-                value = pts[name].get("value")
-            if value is None:
-                value = int(name.split("_")[-1]) if name.startswith("label_") else len(names) + len(sums) + 1
-            coords = np.array(list(roles.values()))
-            entry = sums.setdefault(name, {"value": int(value), "count": 0, "size": np.zeros(3), "points": {},
-                                           "neighbourhoods": []})
-            entry["count"] += 1
-            wpl = np.array([roles[r] for r in WPL_ROLES])
-            entry["neighbourhoods"].append(cut_organ_patch(
-                grid, wpl.min(axis=0), wpl.max(axis=0), None if name in (pts or {}) else masks.get(name)))
-            entry["size"] += (coords.max(axis=0) - coords.min(axis=0)) * 3.0
-            for role in roles:
-                latent, remainder, kernels = encoded[(name, role)]
-                acc = entry["points"].setdefault(role, {"n": 0, "latent": np.zeros(3), "offset": np.zeros(3),
-                                                        "kernels": None})
-                acc["n"] += 1
-                acc["latent"] += latent
-                acc["offset"] += remainder
-                acc["kernels"] = kernels if acc["kernels"] is None else [a + k for a, k in zip(acc["kernels"], kernels)]
-    organs_out = {}
-    for name, entry in sums.items():
-        roles = [r for r in WPL_ROLES + SLAB_ROLES if r in entry["points"]]
-        if not all(r in roles for r in WPL_ROLES):
-            raise TemplateError(f"organ {name!r}: its templates lack some of the six extreme points")
-        points = [entry["points"][r] for r in roles]
-        organs_out[name] = OrganTemplate(
-            value=entry["value"], roles=roles,
-            latent=torch.tensor(np.array([p["latent"] / p["n"] for p in points]), dtype=torch.float32),
-            offset=torch.tensor(np.array([p["offset"] / p["n"] for p in points]), dtype=torch.float32),
-            kernels=[torch.stack([p["kernels"][s] / p["n"] for p in points]) for s in range(len(KERNEL_SIZES))],
-            count=entry["count"], size_mm=(entry["size"] / entry["count"]).round(1).tolist(),
-            neighbourhoods=entry["neighbourhoods"])
-    absent = [n for n in names.values() if n not in organs_out]
+        banks.append(_one_template(model, image, label, pts, names))
+        logger.info(f"template {number}/{len(images)} {Path(str(banks[-1].sources[0])).name}: "
+                    f"{len(banks[-1].organs)} organ(s) in {time.perf_counter() - tic:.1f} s")
+    bank = merge_banks(banks)
+    absent = [n for n in names.values() if n not in bank.organs]
     if absent:
         raise TemplateError(f"organ(s) {absent} named in the label names are in none of the templates")
-    if not organs_out:
+    if not bank.organs:
         raise TemplateError("no organ found in the templates")
-    return TemplateBank(organs=organs_out, model_fingerprint=model_fingerprint(model), sources=sources)
+    return bank
+
+
+def _one_template(model: MedLAM, image, label, pts: dict | None, names: dict[int, str]) -> TemplateBank:
+    """The bank of one template scan (its organs' points, kernels and neighbourhood)."""
+    volume = image if isinstance(image, CTVolume) else load_ct(image)
+    label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
+    grid = to_localisation_grid(volume)
+    organs = _template_points(label_volume, pts, grid, names)
+    masks = _organ_masks(label_volume, grid, names)
+    encoded = _encode_template(model, grid, organs)
+    out = {}
+    for number, (name, roles) in enumerate(organs.items(), 1):
+        value = next((v for v, n in names.items() if n == name), None)
+        if value is None and isinstance(pts, dict) and isinstance(pts.get(name), dict):
+            value = pts[name].get("value")
+        if value is None:
+            value = int(name.split("_")[-1]) if name.startswith("label_") else len(names) + number
+        coords = np.array(list(roles.values()))
+        wpl = np.array([roles[r] for r in WPL_ROLES])
+        neighbourhood = cut_organ_patch(grid, wpl.min(axis=0), wpl.max(axis=0),
+                                        None if name in (pts or {}) else masks.get(name))
+        ordered = [r for r in WPL_ROLES + SLAB_ROLES if r in roles]
+        out[name] = OrganTemplate(
+            value=int(value), roles=ordered,
+            latent=torch.tensor(np.array([encoded[(name, r)][0] for r in ordered]), dtype=torch.float32),
+            # float64 until merged: the mean of several templates' sub-voxel offsets is taken at full precision
+            offset=torch.tensor(np.array([encoded[(name, r)][1] for r in ordered]), dtype=torch.float64),
+            kernels=[torch.stack([encoded[(name, r)][2][s] for r in ordered]) for s in range(len(KERNEL_SIZES))],
+            count=1, size_mm=((coords.max(axis=0) - coords.min(axis=0)) * 3.0).tolist(),
+            neighbourhoods=[neighbourhood])
+    return TemplateBank(organs=out, model_fingerprint=model_fingerprint(model), sources=[volume.source])
+
+
+def merge_banks(banks: list[TemplateBank], names: dict[str, int] | None = None) -> TemplateBank:
+    """One bank from several (of the same MedLAM): per organ and point role, the mean of the latent points,
+    offsets and kernels over the templates that have that role (each bank weighing by its template count);
+    the templates' neighbourhoods pooled; the mean extent. ``names`` (organ -> value) renumbers organs.
+    The one rule for every bank: ``build_bank`` and the app's datastore banks both merge this way."""
+    if len({b.model_fingerprint for b in banks}) > 1:
+        raise TemplateError("template banks of different MedLAM models cannot be merged")
+    organs = {}
+    for name in dict.fromkeys(n for b in banks for n in b.organs):
+        parts = [b.organs[name] for b in banks if name in b.organs]
+        roles = [r for r in WPL_ROLES + SLAB_ROLES if any(r in p.roles for p in parts)]
+        if not all(r in roles for r in WPL_ROLES):
+            raise TemplateError(f"organ {name!r}: its templates lack some of the six extreme points")
+        latent, offset, kernels = [], [], []
+        for role in roles:
+            having = [(p, p.roles.index(role)) for p in parts if role in p.roles]
+            n = sum(p.count for p, _ in having)
+            latent.append(sum(p.latent[i].double().numpy() * p.count for p, i in having) / n)
+            offset.append(sum(p.offset[i].double().numpy() * p.count for p, i in having) / n)
+            sums = None
+            for p, i in having:
+                add = [k[i] * p.count if p.count != 1 else k[i] for k in p.kernels]
+                sums = add if sums is None else [a + b for a, b in zip(sums, add)]
+            kernels.append([k / n for k in sums])
+        count = sum(p.count for p in parts)
+        size = sum(np.array(p.size_mm, dtype=np.float64) * p.count for p in parts) / count
+        organs[name] = OrganTemplate(
+            value=int((names or {}).get(name, parts[0].value)), roles=roles,
+            latent=torch.tensor(np.array(latent), dtype=torch.float32),
+            offset=torch.tensor(np.array(offset), dtype=torch.float32),
+            kernels=[torch.stack([k[s] for k in kernels]) for s in range(len(parts[0].kernels))],
+            count=count, size_mm=size.round(1).tolist(),
+            neighbourhoods=[n for p in parts for n in p.neighbourhoods])
+    return TemplateBank(organs=organs, model_fingerprint=banks[0].model_fingerprint,
+                        sources=[s for b in banks for s in b.sources])

@@ -1,5 +1,7 @@
 """The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), and the
-self-supervised MedLAM trainer. All share one ModelStore (lazy models, template bank, embedding cache)."""
+self-supervised MedLAM trainer. Each task gets what it needs of the app's shared state: the model cache
+(lib/models.py), the template source (datastore -> bank, lib/template_source.py), the volume cache with its
+slice embeddings and inference slots (lib/volumes.py)."""
 
 from __future__ import annotations
 
@@ -10,26 +12,43 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from medlsam.errors import MedLSAMError
+
+from lib.conf import conf_int
 from lib.infers import MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
-from lib.store import ModelStore
+from lib.models import Models
+from lib.template_source import TemplateSource
 from lib.trainers import MedLAMTrainer
+from lib.volumes import Volumes
 
 logger = logging.getLogger(__name__)
 
 
 class MedLSAM(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
+        """``kwargs["datastore"]``: a callable giving the app's datastore (MONAI Label creates it after this)."""
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.store = ModelStore(kwargs.get("app_dir", ""), model_dir, conf)
-        self.path = [str(self.store.published_medlam), str(self.store.shipped_medlam)]
+        from medlsam.pipeline import MODES
+
+        conf = conf or {}
+        self.mode = conf.get("mode", "prior")
+        if self.mode not in MODES:
+            raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        self.models = Models(model_dir, conf)
+        self.templates = TemplateSource(self.models, model_dir, kwargs["datastore"],
+                                        max_templates=conf_int(conf, "templates", 5, 1),
+                                        labels_path=conf.get("labels") or None)
+        self.volumes = Volumes(self.models, size=conf_int(conf, "embedding_cache", 2, 1),
+                               concurrency=conf_int(conf, "infer_concurrency", 2, 1))
+        self.path = [str(self.models.published_medlam), str(self.models.shipped_medlam)]
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
         return {
-            self.name: MedLSAMInfer(self.store),
-            "medlam": MedLAMInfer(self.store),
-            "sam": SAM2DInfer(self.store),
-            "sam_3d": SAM3DInfer(self.store),
+            self.name: MedLSAMInfer(self.models, self.templates, self.volumes, self.mode),
+            "medlam": MedLAMInfer(self.models, self.templates, self.volumes, self.mode),
+            "sam": SAM2DInfer(self.volumes),
+            "sam_3d": SAM3DInfer(self.volumes),
         }
 
-    def trainer(self) -> Optional[TrainTask]:
-        return MedLAMTrainer(self.store)
+    def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:
+        return {"medlam": MedLAMTrainer(self.models)}

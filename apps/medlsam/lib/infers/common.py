@@ -14,7 +14,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
 
-from lib.store import ModelStore, NoTemplatesError, _scrub
+from lib.conf import parse_bool, scrub_paths
+from lib.template_source import NoTemplatesError, TemplateSource
+from lib.volumes import Volumes
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 def http_error(exc: Exception) -> HTTPException:
     """A clear HTTP error for a failure the user can fix (the server keeps serving); no server path in it."""
     if isinstance(exc, HTTPException):
-        return HTTPException(status_code=exc.status_code, detail=_scrub(str(exc.detail)))
+        return HTTPException(status_code=exc.status_code, detail=scrub_paths(str(exc.detail)))
     if isinstance(exc, NoTemplatesError):
         status, detail = 409, str(exc)
     elif isinstance(exc, CheckpointError):
@@ -36,7 +38,7 @@ def http_error(exc: Exception) -> HTTPException:
         status, detail = 400, str(exc)
     else:
         status, detail = 500, f"internal error ({type(exc).__name__}); the server log has the details"
-    return HTTPException(status_code=status, detail=_scrub(detail))
+    return HTTPException(status_code=status, detail=scrub_paths(detail))
 
 
 def output_dtype(requested: str, label: np.ndarray) -> str:
@@ -56,14 +58,10 @@ def flag(request: dict, key: str):
     value = request.get(key)
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise HTTPException(status_code=400, detail=f"{key} must be true or false, not {value!r}")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise HTTPException(status_code=400, detail=f"{key} must be true or false, not {value!r}")
+    return parsed
 
 
 def number(request: dict, key: str, default, cast=float, low=None, high=None):
@@ -90,8 +88,8 @@ def number(request: dict, key: str, default, cast=float, low=None, high=None):
 class MedLSAMInferTask(InferTask):
     """Base: subclasses implement ``run(request, entry) -> (label array in file order, result json)``."""
 
-    def __init__(self, store: ModelStore, type, labels, dimension: int, description: str, config=None):
-        self.store = store
+    def __init__(self, volumes: Volumes, type, labels, dimension: int, description: str, config=None):
+        self.volumes = volumes
         super().__init__(type=type, labels=labels, dimension=dimension, description=description, config=config)
 
     def is_valid(self) -> bool:
@@ -107,11 +105,11 @@ class MedLSAMInferTask(InferTask):
     def __call__(self, request: dict):
         name = request.get("model") or self.__class__.__name__
         image_id = request.get("image_id") or os.path.basename(str(request.get("image", "")))
-        with self.store.infer_slot():
+        with self.volumes.infer_slot():
             tic = time.perf_counter()
             try:
                 path = self.image_path(request)
-                entry = self.store.volume_entry(path)
+                entry = self.volumes.volume_entry(path)
                 loaded = time.perf_counter()
                 with entry["lock"]:  # one inference per image at a time: embeddings are shared
                     label, result = self.run(request, entry)
@@ -166,25 +164,15 @@ def stages(load: float, infer: float, write: float, timings: dict | None) -> lis
     return [("load", load), *known, ("other" if known else "infer", max(rest, 0.0)), ("write", write)]
 
 
-def organs_option(request: dict) -> list[str] | None:
-    """``organs`` as a list or a comma-separated string; None for all."""
-    organs = request.get("organs")
-    if organs is None or organs == "" or organs == []:
-        return None
-    if isinstance(organs, str):
-        organs = [o.strip() for o in organs.split(",") if o.strip()]
-    if not isinstance(organs, (list, tuple)) or not all(isinstance(o, str) for o in organs):
-        raise HTTPException(status_code=400, detail=f"organs must be a list of organ names, got {organs!r}")
-    return list(organs) or None
-
-
 class DynamicLabels:
     """InferTask.labels that follows the datastore's organ names (the constructor's value is ignored)."""
+
+    templates: TemplateSource
 
     @property
     def labels(self):
         try:
-            return self.store.label_names()
+            return self.templates.label_names()
         except MedLSAMError as exc:
             logger.warning(f"organ names unavailable: {exc}")
             return {}

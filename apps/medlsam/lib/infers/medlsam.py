@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+import time
+
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from lib.infers.common import DynamicLabels, MedLSAMInferTask, organs_option
-from lib.infers.medlam import localise, localize_config, request_mode
+from lib.infers.common import DynamicLabels, MedLSAMInferTask
+from lib.infers.options import localize_config, localize_options, organs_option, prior_weight, request_mode
+from lib.models import Models
+from lib.template_source import TemplateSource
+from lib.volumes import Volumes
 
 
 def _modes(default: str) -> list[str]:
@@ -16,49 +20,36 @@ def _modes(default: str) -> list[str]:
     return [default] + [m for m in MODES if m != default]
 
 
-def _prior_weight(request: dict) -> float:
-    """The request's `prior_weight` (0: SAM alone, 1: the template prior alone), else the library default."""
-    from medlsam.pipeline import SegmentOptions
-
-    value = request.get("prior_weight")
-    if value in (None, ""):
-        return SegmentOptions().prior_weight
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        weight = float("nan")
-    if not 0.0 <= weight <= 1.0:
-        raise HTTPException(status_code=400, detail=f"prior_weight must be a number in [0, 1], not {value!r}")
-    return weight
-
-
 class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
-    def __init__(self, store):
+    def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes, mode: str):
         from medlsam.pipeline import SegmentOptions
 
-        super().__init__(store, InferType.SEGMENTATION, None, 3,
+        self.models, self.templates, self.modes = models, templates, _modes(mode)
+        super().__init__(volumes, InferType.SEGMENTATION, None, 3,
                          "MedLSAM: MedLAM and the templates localise every organ, SAM segments its slices from "
-                         "the organ prior's boxes", config={**localize_config(_modes(store.mode)),
+                         "the organ prior's boxes", config={**localize_config(self.modes),
                                                             "prior_weight": SegmentOptions().prior_weight})
 
     def run(self, request: dict, entry: dict):
+        from medlsam.localize import Localizer
         from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
 
-        volume = entry["volume"]
-        options = SegmentOptions(mode=request_mode(request, self.store.mode, _modes(self.store.mode)),
-                                 prior_weight=_prior_weight(request))
-        localizer, bank, info, timings = localise(self.store, request, options.localizer_mode)
-        segmenter = self.store.segmenter()
-        embeddings = self.store.embeddings(entry)
-        pipeline = MedLSAMPipeline(localizer, segmenter, options)
-        result = pipeline.segment(volume, organs=organs_option(request), embeddings=embeddings)
-        report = result.to_json()
-        _, medlam_path, fingerprint = self.store.medlam()
-        report.update({
+        options = SegmentOptions(mode=request_mode(request, self.modes[0], self.modes),
+                                 prior_weight=prior_weight(request))
+        localize = localize_options(request, options.localizer_mode)
+        organs = organs_option(request)
+        tic = time.perf_counter()
+        model, medlam_path, fingerprint = self.models.medlam()
+        bank, info = self.templates.bank()
+        segmenter = self.models.segmenter()
+        timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
+        pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
+        result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry),
+                                  timings=timings)
+        return result.label, {
+            **result.to_json(),
             "label_names": self.labels,
-            "timings_s": {**timings, **{k: round(float(v), 3) for k, v in result.timings_s.items()}},
             "templates": info.get("templates", []),
             "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
             "backend": segmenter.name,
-        })
-        return result.label, report
+        }

@@ -13,6 +13,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.common import MedLSAMInferTask, number
+from lib.volumes import Volumes
 
 SLICER_SLICE_AXIS = 2
 MAX_SLICES = 10000  # sam_3d max_slices (per direction; 0 = until the object ends)
@@ -30,8 +31,8 @@ def _label_name(request: dict) -> str:
 
 
 class SAM2DInfer(MedLSAMInferTask):
-    def __init__(self, store):
-        super().__init__(store, InferType.DEEPGROW, [], 2,
+    def __init__(self, volumes: Volumes):
+        super().__init__(volumes, InferType.DEEPGROW, [], 2,
                          "SAM on the current slice: foreground/background clicks and/or a roi box", config={})
 
     def run(self, request: dict, entry: dict):
@@ -43,7 +44,7 @@ class SAM2DInfer(MedLSAMInferTask):
         if len(clicked) > 1:
             raise HTTPException(status_code=400, detail=f"foreground/background: the 2D task takes clicks on one "
                                                         f"slice, got slices {clicked}; use sam_3d for several")
-        embeddings = self.store.embeddings(entry, axis=SLICER_SLICE_AXIS)
+        embeddings = self.volumes.embeddings(entry, axis=SLICER_SLICE_AXIS)
         calls = embeddings.encoder_calls
         out = segment_slice(embeddings, prompts)
         label = slice_mask_to_volume(out["mask"], volume.shape, out["axis"], out["slice"])
@@ -53,19 +54,19 @@ class SAM2DInfer(MedLSAMInferTask):
 
 
 class SAM3DInfer(MedLSAMInferTask):
-    def __init__(self, store):
-        super().__init__(store, InferType.DEEPGROW, [], 3,
+    def __init__(self, volumes: Volumes):
+        super().__init__(volumes, InferType.DEEPGROW, [], 3,
                          "SAM in 3D: the mask of the clicked slices is carried slice by slice both ways",
                          config={"max_slices": 0, "min_iou": 0.5})
 
     def run(self, request: dict, entry: dict):
-        from medlsam.interactive import PropagationOptions, segment_volume
+        from medlsam.propagation import PropagationOptions, segment_volume
 
         volume = entry["volume"]
         prompts = _prompts(request, volume.shape)
         options = PropagationOptions(max_slices=number(request, "max_slices", 0, int, 0, MAX_SLICES),
                                      min_iou=number(request, "min_iou", 0.5, float, 0.0, 1.0))
-        embeddings = self.store.embeddings(entry)
+        embeddings = self.volumes.embeddings(entry)
         calls = embeddings.encoder_calls
         result = segment_volume(embeddings, prompts, options)
         return result.mask, {"label_names": {_label_name(request): 1}, **result.to_json(),

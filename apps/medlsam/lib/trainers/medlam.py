@@ -28,6 +28,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from medlsam.devices import check_device, cuda_count, device_choices
 from medlsam.errors import MedLSAMError
 
+from lib.models import Models
+
 logger = logging.getLogger(__name__)
 
 MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")  # MONAI Label adds these
@@ -37,10 +39,10 @@ BOUNDS = {"epochs": (1, 1000), "iterations_per_epoch": (1, 100000), "batch_size"
 
 
 class MedLAMTrainer(TrainTask):
-    def __init__(self, store):
+    def __init__(self, models: Models):
         super().__init__("Self-supervised MedLAM training (relative distance + multi-scale similarity) on all "
                          "datastore images; publishes model/medlam.pt when the validation error improves")
-        self.store = store
+        self.models = models
         self.running = False  # a training runs in this process (run_sync)
         self._config = {
             "epochs": 4,
@@ -65,7 +67,7 @@ class MedLAMTrainer(TrainTask):
 
     @property
     def stats_path(self) -> Path:
-        return self.store.model_dir / "train_stats.json"
+        return self.models.model_dir / "train_stats.json"
 
     def stats(self):
         """train_stats.json; a "running" left by a run that was killed (DELETE /train/) reads "stopped"."""
@@ -204,15 +206,15 @@ class MedLAMTrainer(TrainTask):
         world = self.world_size(request, device)
         current = None
         if init == "current":
-            current = load_medlam(self.store.medlam_path())
+            current = load_medlam(self.models.medlam_path())
             config = current.config
         else:
             config = MedLAMConfig(base_channels=opt("base_channels", int))
-        out = self.store.published_medlam
+        out = self.models.published_medlam
         tic = time.time()
         job = {"images": [str(p) for p in images], "out": str(out), "config": config.to_dict(),
                "options": asdict(options), "cache_dir": str(cache), "stats_path": str(self.stats_path),
-               "init_weights": str(self.store.medlam_path()) if current is not None else None,
+               "init_weights": str(self.models.medlam_path()) if current is not None else None,
                "baseline": publish == "if_better" and current is not None, "threads": threads}
         logger.info(f"MedLAM training on {len(images)} images, {world} process(es): {options}")
         if world > 1:  # children of this process: DELETE /train/ kills them with it

@@ -1,0 +1,114 @@
+"""The app's model cache: MedLAM (the published model when it loads, else the configured or shipped one; reloaded
+when its file changes) and the SAM-family segmenter, both loaded on first use and shared by every task.
+
+Nothing heavy happens at construction: MONAI Label re-creates the app in every training subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from medlsam.devices import check_device
+from medlsam.errors import CheckpointError
+
+from lib.conf import conf_bool, conf_int
+
+logger = logging.getLogger(__name__)
+
+BACKEND_DEFAULT = "lite_medsam"
+
+
+class Models:
+    """Lazily loaded, thread-safe MedLAM and segmenter of one app instance."""
+
+    def __init__(self, model_dir: str | Path, conf: dict):
+        conf = conf or {}
+        self.model_dir = Path(model_dir)
+        self.backend = conf.get("backend", BACKEND_DEFAULT)
+        self.checkpoint = conf.get("checkpoint") or None
+        self.medlam_conf = conf.get("medlam") or None
+        self.device = check_device(conf.get("device", "cpu"))  # cpu, cuda, cuda:N: a clear error if absent
+        self.compile = conf_bool(conf, "compile", False)  # torch.compile of the SAM encoder
+        threads = conf_int(conf, "threads", 0, 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._lock = threading.RLock()
+        self._medlam = None  # (key, path, model, fingerprint)
+        self._segmenter = None
+
+    # ------------------------------------------------------------------ MedLAM
+    @property
+    def published_medlam(self) -> Path:
+        return self.model_dir / "medlam.pt"
+
+    @property
+    def shipped_medlam(self) -> Path:
+        return self.model_dir / "pretrained_medlam.pt"
+
+    def _medlam_candidates(self) -> list[Path]:
+        return [self.published_medlam, Path(self.medlam_conf) if self.medlam_conf else self.shipped_medlam]
+
+    def medlam_path(self) -> Path:
+        """model/medlam.pt (published by training) if it loads, else --conf medlam, else the shipped model."""
+        return self.medlam()[1]
+
+    def medlam(self):
+        """(model, path, fingerprint); reloaded when the checkpoint file changes. A published model that cannot
+        be loaded is set aside (model/medlam.pt.rejected) and the next candidate serves."""
+        from medlsam.network import load_medlam, model_fingerprint
+
+        with self._lock:
+            for path in self._medlam_candidates():
+                if not path.is_file():
+                    continue
+                stat = path.stat()
+                key = (str(path), stat.st_mtime_ns, stat.st_size)
+                if self._medlam is not None and self._medlam[0] == key:
+                    return self._medlam[2], self._medlam[1], self._medlam[3]
+                tic = time.perf_counter()
+                try:
+                    model = load_medlam(path, device=self.device)
+                except CheckpointError as exc:
+                    if path != self.published_medlam:
+                        raise
+                    self._set_aside(path, exc)
+                    continue
+                self._medlam = (key, path, model, model_fingerprint(model))
+                logger.info(f"MedLAM loaded from {path.name} in {time.perf_counter() - tic:.2f} s "
+                            f"(fingerprint {self._medlam[3]})")
+                return model, path, self._medlam[3]
+        raise CheckpointError(
+            f"no MedLAM weights: none of {[c.name for c in self._medlam_candidates()]} is usable. Pass --conf medlam "
+            "<checkpoint> or train one with POST /train/medlam; the app never runs with random weights")
+
+    @staticmethod
+    def _set_aside(path: Path, exc: Exception) -> None:
+        aside = path.with_name(path.name + ".rejected")
+        try:
+            os.replace(path, aside)
+        except OSError as error:
+            logger.error(f"published MedLAM {path.name} cannot be loaded and cannot be set aside ({error}): {exc}")
+            return
+        logger.error(f"published MedLAM {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
+                     "the shipped/configured MedLAM serves instead")
+
+    # ------------------------------------------------------------------ SAM
+    def segmenter(self):
+        from medlsam.sam import build_segmenter
+
+        with self._lock:
+            if self._segmenter is None:
+                if self.backend != BACKEND_DEFAULT and not self.checkpoint:
+                    raise CheckpointError(
+                        f"backend {self.backend} needs its weights: start the server with --conf checkpoint "
+                        f"<path to the {self.backend} checkpoint> (only lite_medsam has bundled weights)")
+                tic = time.perf_counter()
+                self._segmenter = build_segmenter(self.backend, self.checkpoint, self.device, compile=self.compile)
+                logger.info(f"segmenter {self.backend} built in {time.perf_counter() - tic:.2f} s")
+            return self._segmenter
