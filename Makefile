@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 SAMPLE ?= sample-datastore
 CONF ?= --conf models medlsam
 
-.PHONY: setup test sample-datastore serve demo clean
+.PHONY: setup lint test sample-datastore serve demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed  ## create .venv when missing (reused when present) and install everything
 
-test: setup  ## run the test suite (CPU only, no network)
+lint: setup  ## ruff: lint and format check (configured in pyproject.toml)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+test: setup lint  ## lint, then run the test suite (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q tests
 
 sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans

@@ -39,9 +39,9 @@ from scipy import ndimage
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "scripts"))
 
-from app_support import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
+from app_server import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
 from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
 from medlsam.metrics import dice  # noqa: E402
 
@@ -122,8 +122,9 @@ def interactive_dice(kbp: OpenKBP, cases: list[dict], organs: list[str], clicks:
             scores = {}
             for n in range(1, max(clicks) + 1):
                 tic = time.perf_counter()
-                result = segment_volume(embeddings, parse_prompts(volume.shape, fg, bg or None),
-                                        PropagationOptions(max_slices=max_slices))
+                result = segment_volume(
+                    embeddings, parse_prompts(volume.shape, fg, bg or None), PropagationOptions(max_slices=max_slices)
+                )
                 if n in clicks:
                     scores[n] = (dice(result.mask, truth), time.perf_counter() - tic)
                 nxt = error_click(result.mask, truth)
@@ -133,10 +134,18 @@ def interactive_dice(kbp: OpenKBP, cases: list[dict], organs: list[str], clicks:
                             scores[m] = scores[n]
                     break
                 (fg if nxt[1] else bg).append(nxt[0])
-            rows.append({"case": case["id"], "organ": organ, **{f"dice_{n}": round(scores[n][0], 4) for n in scores},
-                         **{f"time_{n}": round(scores[n][1], 2) for n in scores}})
-            print(f"  {case['id']} {organ}: " + ", ".join(f"{n} click(s) {scores[n][0]:.3f}" for n in sorted(scores)),
-                  flush=True)
+            rows.append(
+                {
+                    "case": case["id"],
+                    "organ": organ,
+                    **{f"dice_{n}": round(scores[n][0], 4) for n in scores},
+                    **{f"time_{n}": round(scores[n][1], 2) for n in scores},
+                }
+            )
+            print(
+                f"  {case['id']} {organ}: " + ", ".join(f"{n} click(s) {scores[n][0]:.3f}" for n in sorted(scores)),
+                flush=True,
+            )
         embeddings.clear()
     return {"rows": rows}
 
@@ -162,8 +171,9 @@ def main(argv=None) -> int:
     clicks = [int(c) for c in args.clicks.split(",")]
     organs = [o.strip() for o in args.organs.split(",") if o.strip()]
     kbp = OpenKBP()
-    lat: dict[str, list[float]] = {k: [] for k in ("medlsam_first", "medlsam", "medlam", "sam_first", "sam_later",
-                                                     "sam_3d")}
+    lat: dict[str, list[float]] = {
+        k: [] for k in ("medlsam_first", "medlsam", "medlam", "sam_first", "sam_later", "sam_3d")
+    }
     details, memory = {}, float("nan")
     if not args.dice_only:
         memory = server_part(args, kbp, organs, lat, details)
@@ -178,9 +188,21 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
     """Part 1: latencies through a real server on a sample datastore; returns the server's peak memory (MB)."""
     work = Path(tempfile.mkdtemp(prefix="medlsam-app-bench-"))
     studies = work / "studies"
-    subprocess.run([sys.executable, str(HERE.parent / "scripts" / "make_sample_datastore.py"), "--data",
-                    str(kbp.root.parent), "--out", str(studies), "--templates", str(args.templates),
-                    "--unlabeled", str(args.images)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "scripts" / "make_sample_datastore.py"),
+            "--data",
+            str(kbp.root.parent),
+            "--out",
+            str(studies),
+            "--templates",
+            str(args.templates),
+            "--unlabeled",
+            str(args.images),
+        ],
+        check=True,
+    )
     meta = json.loads((studies / "datastore_v2.json").read_text())["objects"]
     unlabeled = sorted(k for k, v in meta.items() if not v["labels"].get("final"))
     app = private_app(work)
@@ -198,10 +220,15 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
                 params["organs"] = organs
             elapsed, result = post(url, "medlsam", image, params)
             lat["medlsam_first" if n == 0 else "medlsam"].append(elapsed)
-            details.setdefault("medlsam", []).append({"image": image, "s": round(elapsed, 2),
-                                                      "timings_s": result.get("timings_s"),
-                                                      "encoder_calls": result.get("encoder_calls"),
-                                                      "not_found": result.get("not_found")})
+            details.setdefault("medlsam", []).append(
+                {
+                    "image": image,
+                    "s": round(elapsed, 2),
+                    "timings_s": result.get("timings_s"),
+                    "encoder_calls": result.get("encoder_calls"),
+                    "not_found": result.get("not_found"),
+                }
+            )
             print(f"medlsam {image}: {elapsed:.1f} s", flush=True)
         if len(unlabeled) == 1:  # the repeat reuses the cached embeddings: localisation + decoder only
             elapsed, _ = post(url, "medlsam", unlabeled[0], {"organs": organs} if args.tiny else {})
@@ -221,16 +248,22 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
             i, j = np.argwhere(plane)[len(np.argwhere(plane)) // 2]
             lat["sam_first"].append(post(url, "sam", image, {"foreground": [[int(i), int(j), k]]})[0])
             for extra in range(2):
-                lat["sam_later"].append(post(url, "sam", image, {"foreground": [[int(i), int(j), k]],
-                                                                  "background": [[2 + extra, 2, k]]})[0])
+                lat["sam_later"].append(
+                    post(url, "sam", image, {"foreground": [[int(i), int(j), k]], "background": [[2 + extra, 2, k]]})[0]
+                )
         for r in range(args.repeats):
             target = [o for o in organs if (truth == kbp.values[o]).any()][r % max(1, len(organs))]
             click = organ_centre_click(truth == kbp.values[target], 2)
             elapsed, result = post(url, "sam_3d", image, {"foreground": [click], "max_slices": args.max_slices})
             lat["sam_3d"].append(elapsed)
-            details.setdefault("sam_3d", []).append({"organ": target, "s": round(elapsed, 2),
-                                                     "encoder_calls": result.get("encoder_calls"),
-                                                     "slices": result.get("slices")})
+            details.setdefault("sam_3d", []).append(
+                {
+                    "organ": target,
+                    "s": round(elapsed, 2),
+                    "encoder_calls": result.get("encoder_calls"),
+                    "slices": result.get("slices"),
+                }
+            )
         memory = peak_memory_mb(server.pid)
     finally:
         stop_server(server)
@@ -249,39 +282,61 @@ def write_report(out: Path, args, lat, memory, details, rows, clicks, organs) ->
     import matplotlib.pyplot as plt
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = {"medlsam_first": "medlsam, first call (loads models, builds the template bank)",
-             "medlsam": "medlsam, each further image (with one image: the same image again, slices cached)", "medlam": "medlam (localisation only)",
-             "sam_first": "sam, first click on a slice (encoder + decoder)", "sam_later": "sam, later clicks (decoder)",
-             "sam_3d": "sam_3d, one click (propagation)"}
+    names = {
+        "medlsam_first": "medlsam, first call (loads models, builds the template bank)",
+        "medlsam": "medlsam, each further image (with one image: the same image again, slices cached)",
+        "medlam": "medlam (localisation only)",
+        "sam_first": "sam, first click on a slice (encoder + decoder)",
+        "sam_later": "sam, later clicks (decoder)",
+        "sam_3d": "sam_3d, one click (propagation)",
+    }
     lines = [
-        "# MONAI Label app benchmark", "",
+        "# MONAI Label app benchmark",
+        "",
         f"Machine: {machine_line()}; load average at the end {os.getloadavg()[0]:.1f}. Server: `monailabel "
         f"start_server` with `--conf threads {args.threads}`, LiteMedSAM, shipped MedLAM, {args.templates} "
         f"template(s) from the OpenKBP train split, {args.images} unlabeled validation scan(s); requests as Slicer "
         "(multipart, .nrrd, uint8)." + (" **--tiny run: checks the script, not the numbers.**" if args.tiny else ""),
-        "", "| request | median s | n |", "|---|---|---|"]
+        "",
+        "| request | median s | n |",
+        "|---|---|---|",
+    ]
     lines += [f"| {names[k]} | {_median(v)} | {len(v)} |" for k, v in lat.items()]
-    lines += ["", f"Server peak resident memory (VmHWM): {memory:.0f} MB.", "",
-              "Targets: later click < 0.5 s, medlam < 3 s.", "",
-              "## Interactive 3D: Dice vs simulated clicks (sam_3d algorithm, OpenKBP validation)", "",
-              "First click at the organ's centre on its middle slice; each later click at the most interior voxel "
-              "of the largest 3D error (foreground when missed, background when spurious). "
-              f"Propagation limit per direction: {args.max_slices or 'none'}.", "",
-              "| organ | n | " + " | ".join(f"Dice {c} click(s)" for c in clicks) + " |",
-              "|---|---|" + "---|" * len(clicks)]
+    lines += [
+        "",
+        f"Server peak resident memory (VmHWM): {memory:.0f} MB.",
+        "",
+        "Targets: later click < 0.5 s, medlam < 3 s.",
+        "",
+        "## Interactive 3D: Dice vs simulated clicks (sam_3d algorithm, OpenKBP validation)",
+        "",
+        "First click at the organ's centre on its middle slice; each later click at the most interior voxel "
+        "of the largest 3D error (foreground when missed, background when spurious). "
+        f"Propagation limit per direction: {args.max_slices or 'none'}.",
+        "",
+        "| organ | n | " + " | ".join(f"Dice {c} click(s)" for c in clicks) + " |",
+        "|---|---|" + "---|" * len(clicks),
+    ]
     for organ in organs + ["all"]:
         sel = [r for r in rows if organ in ("all", r["organ"])]
         if sel:
-            lines.append(f"| {organ} | {len(sel)} | " + " | ".join(
-                f"{np.mean([r[f'dice_{c}'] for r in sel]):.3f}" for c in clicks) + " |")
+            lines.append(
+                f"| {organ} | {len(sel)} | "
+                + " | ".join(f"{np.mean([r[f'dice_{c}'] for r in sel]):.3f}" for c in clicks)
+                + " |"
+            )
     lines += ["", "Raw: per-request details and per-organ rows in app.json."]
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
-    (out.with_suffix(".json")).write_text(json.dumps({"latencies_s": lat, "peak_memory_mb": memory,
-                                                      "details": details, "dice": rows}, indent=2))
+    (out.with_suffix(".json")).write_text(
+        json.dumps({"latencies_s": lat, "peak_memory_mb": memory, "details": details, "dice": rows}, indent=2)
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     keys = [k for k, v in lat.items() if v]
-    axes[0].barh([names[k].split(",")[0] + ("" if "," not in names[k] else "," + names[k].split(",")[1][:18])
-                  for k in keys], [statistics.median(lat[k]) for k in keys], color="tab:blue")
+    axes[0].barh(
+        [names[k].split(",")[0] + ("" if "," not in names[k] else "," + names[k].split(",")[1][:18]) for k in keys],
+        [statistics.median(lat[k]) for k in keys],
+        color="tab:blue",
+    )
     axes[0].set_xscale("log")
     axes[0].set_xlabel("median latency (s, log)")
     for organ in organs:

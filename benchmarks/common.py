@@ -49,8 +49,10 @@ class OpenKBP:
 
 
 def machine_line() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def mean_std(values: list[float]) -> str:

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, OpenKBP, machine_line  # noqa: E402
-
 from medlsam.metrics import cranio_caudal_axis, dice  # noqa: E402
 from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
@@ -53,8 +52,9 @@ def slice_boxes(label: np.ndarray, axis: int, count: int) -> dict[int, np.ndarra
     return out
 
 
-def run_variant(volume, boxes: dict[int, np.ndarray], threads: int, options: dict, batch: int,
-                repeats: int) -> tuple[float, float, dict[int, np.ndarray]]:
+def run_variant(
+    volume, boxes: dict[int, np.ndarray], threads: int, options: dict, batch: int, repeats: int
+) -> tuple[float, float, dict[int, np.ndarray]]:
     """(median seconds per slice, first-call seconds, masks per slice) of one encoder variant."""
     torch.set_num_threads(threads)
     segmenter = build_segmenter("lite_medsam", **options)
@@ -64,7 +64,7 @@ def run_variant(volume, boxes: dict[int, np.ndarray], threads: int, options: dic
     for repeat in range(repeats + 1):
         embeddings = SliceEmbeddings(segmenter, volume)
         for start in range(0, len(ks), batch):
-            group = ks[start:start + batch]
+            group = ks[start : start + batch]
             tic = time.perf_counter()
             embeddings.prefetch(group, batch=batch)
             elapsed = (time.perf_counter() - tic) / len(group)
@@ -94,24 +94,49 @@ def main() -> None:
         seconds, first, masks = run_variant(volume, boxes, threads, options, batch, args.repeats)
         if reference is None:
             reference = masks
-        scores = [dice(masks[k][i], reference[k][i]) for k in masks for i in range(len(masks[k]))
-                  if reference[k][i].any() or masks[k][i].any()]
-        rows.append({"variant": name, "threads": threads, "seconds": seconds, "first": first,
-                     "dice_vs_fp32": float(np.mean(scores)), "min_dice": float(np.min(scores))})
+        scores = [
+            dice(masks[k][i], reference[k][i])
+            for k in masks
+            for i in range(len(masks[k]))
+            if reference[k][i].any() or masks[k][i].any()
+        ]
+        rows.append(
+            {
+                "variant": name,
+                "threads": threads,
+                "seconds": seconds,
+                "first": first,
+                "dice_vs_fp32": float(np.mean(scores)),
+                "min_dice": float(np.min(scores)),
+            }
+        )
         print(rows[-1], flush=True)
     base = {t: next(r["seconds"] for r in rows if r["variant"] == "fp32 eager" and r["threads"] == t) for t in (1, 2)}
-    lines = ["# LiteMedSAM encoder speed on this CPU", "",
-             f"Machine: {machine_line().rsplit(',', 1)[0]}; case {args.case}, {len(boxes)} slices, {args.repeats} "
-             f"timed repeats after a warm-up pass (reported as first call). Masks: decoded from the same boxes "
-             f"(the organs' slice boxes) and compared with fp32 eager at 1 thread; the pipeline keeps a variant only "
-             f"if its mean Dice is at least 0.99.", "",
-             "| variant | threads | s per slice (median) | speed-up vs fp32 eager, same threads | first call s | "
-             "mask Dice vs fp32 (mean / min) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# LiteMedSAM encoder speed on this CPU",
+        "",
+        f"Machine: {machine_line().rsplit(',', 1)[0]}; case {args.case}, {len(boxes)} slices, {args.repeats} "
+        f"timed repeats after a warm-up pass (reported as first call). Masks: decoded from the same boxes "
+        f"(the organs' slice boxes) and compared with fp32 eager at 1 thread; the pipeline keeps a variant only "
+        f"if its mean Dice is at least 0.99.",
+        "",
+        "| variant | threads | s per slice (median) | speed-up vs fp32 eager, same threads | first call s | "
+        "mask Dice vs fp32 (mean / min) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['threads']} | {r['seconds']:.3f} | {base[r['threads']] / r['seconds']:.2f}x | "
-                     f"{r['first']:.2f} | {r['dice_vs_fp32']:.4f} / {r['min_dice']:.4f} |")
-    lines += ["", f"Command: `python benchmarks/encoder_speed.py --case {args.case} --slices {args.slices} "
-              f"--repeats {args.repeats}`", "", "![encoder speed](encoder_speed.png)", ""]
+        lines.append(
+            f"| {r['variant']} | {r['threads']} | {r['seconds']:.3f} | {base[r['threads']] / r['seconds']:.2f}x | "
+            f"{r['first']:.2f} | {r['dice_vs_fp32']:.4f} / {r['min_dice']:.4f} |"
+        )
+    lines += [
+        "",
+        f"Command: `python benchmarks/encoder_speed.py --case {args.case} --slices {args.slices} "
+        f"--repeats {args.repeats}`",
+        "",
+        "![encoder speed](encoder_speed.png)",
+        "",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines))
@@ -127,11 +152,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [f"{r['variant']}\n{r['threads']} thread(s)" for r in rows]
-    bars = ax.barh(names, [r["seconds"] for r in rows], color=["tab:green" if r["dice_vs_fp32"] >= 0.99 else "tab:red"
-                                                                for r in rows])
+    bars = ax.barh(
+        names,
+        [r["seconds"] for r in rows],
+        color=["tab:green" if r["dice_vs_fp32"] >= 0.99 else "tab:red" for r in rows],
+    )
     for bar, r in zip(bars, rows):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" Dice {r['dice_vs_fp32']:.3f}", va="center",
-                fontsize=8)
+        ax.text(
+            bar.get_width(),
+            bar.get_y() + bar.get_height() / 2,
+            f" Dice {r['dice_vs_fp32']:.3f}",
+            va="center",
+            fontsize=8,
+        )
     ax.invert_yaxis()
     ax.set_xlabel("seconds per slice (median); red: masks differ from fp32 (Dice < 0.99)")
     fig.tight_layout()

@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, OpenKBP  # noqa: E402
-
 from medlsam.devices import cuda_autocast_dtype  # noqa: E402
-from medlsam.localize import Localizer, LocalizeOptions  # noqa: E402
+from medlsam.localize import Localizer  # noqa: E402
 from medlsam.metrics import dice  # noqa: E402
 from medlsam.network import MedLAMConfig, load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
@@ -46,7 +45,7 @@ def sync(device: str) -> None:
 
 
 def peak_gb(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 def reset_peak(device: str) -> None:
@@ -56,13 +55,23 @@ def reset_peak(device: str) -> None:
 
 
 def gpu_info(device: str) -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine()}
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update({"gpu": props.name, "memory_gb": round(props.total_memory / 2 ** 30, 1),
-                     "capability": f"{props.major}.{props.minor}", "bf16": torch.cuda.is_bf16_supported(),
-                     "autocast": str(cuda_autocast_dtype(device)).replace("torch.", "")})
+        info.update(
+            {
+                "gpu": props.name,
+                "memory_gb": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}",
+                "bf16": torch.cuda.is_bf16_supported(),
+                "autocast": str(cuda_autocast_dtype(device)).replace("torch.", ""),
+            }
+        )
     return info
 
 
@@ -83,8 +92,7 @@ def segmentation(data: OpenKBP, device: str, scans: int) -> dict:
         truth = read_volume(data.label(case["id"])).array
         masks = {}
         for name, segmenter in segmenters.items():
-            pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=options.localizer_mode)),
-                                       segmenter, options)
+            pipeline = MedLSAMPipeline(Localizer(model, bank), segmenter, options)
             pipeline.segment(volume, ["Brainstem"])  # warm-up (cuDNN autotune, lazy init)
             reset_peak(device)
             sync(device)
@@ -93,9 +101,16 @@ def segmentation(data: OpenKBP, device: str, scans: int) -> dict:
             sync(device)
             total = time.perf_counter() - tic
             masks[name] = result
-            row = {"case": case["id"], "precision": name, "total_s": round(total, 2),
-                   "stages_s": {k: round(v, 3) for k, v in result.timings_s.items()}, "peak_gb": peak_gb(device),
-                   "encoder_calls": result.encoder_calls, "dice_truth": {}, "dice_vs_fp32": {}}
+            row = {
+                "case": case["id"],
+                "precision": name,
+                "total_s": round(total, 2),
+                "stages_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+                "peak_gb": peak_gb(device),
+                "encoder_calls": result.encoder_calls,
+                "dice_truth": {},
+                "dice_vs_fp32": {},
+            }
             for organ, value in result.label_names.items():
                 mask = result.label == value
                 if organ in case["contoured"]:
@@ -117,8 +132,15 @@ def training(data: OpenKBP, device: str, scans: int, iterations: int, batch: int
         if name == "autocast" and not device.startswith("cuda"):
             continue
         folder = Path(tempfile.mkdtemp())
-        options = TrainOptions(epochs=1, iterations_per_epoch=iterations, batch_size=batch, device=device,
-                               workers=workers, bf16=bf16, validation_pairs=2)
+        options = TrainOptions(
+            epochs=1,
+            iterations_per_epoch=iterations,
+            batch_size=batch,
+            device=device,
+            workers=workers,
+            bf16=bf16,
+            validation_pairs=2,
+        )
         trainer = Trainer(images, folder / "medlam.pt", config, options, cache_dir=cache)
         trainer.step()  # warm-up
         reset_peak(device)
@@ -128,8 +150,13 @@ def training(data: OpenKBP, device: str, scans: int, iterations: int, batch: int
         sync(device)
         seconds = time.perf_counter() - tic
         patches = iterations * batch * 3
-        row = {"precision": name, "amp_dtype": str(trainer.amp_dtype).replace("torch.", ""),
-               "epoch_s": round(seconds, 2), "patches_per_s": round(patches / seconds, 1), "peak_gb": peak_gb(device)}
+        row = {
+            "precision": name,
+            "amp_dtype": str(trainer.amp_dtype).replace("torch.", ""),
+            "epoch_s": round(seconds, 2),
+            "patches_per_s": round(patches / seconds, 1),
+            "peak_gb": peak_gb(device),
+        }
         out["rows"].append(row)
         print(f"training {name}: {seconds:.1f} s per epoch, {row['patches_per_s']} patches/s", flush=True)
         loader = trainer.batches
@@ -152,36 +179,53 @@ def stage(name: str, fn, report: dict) -> None:
 
 def markdown(report: dict) -> str:
     g = report["machine"]
-    lines = ["# MedLSAM on a GPU", "", f"GPU: {g.get('gpu')} ({g.get('memory_gb')} GB, compute {g.get('capability')}, "
-             f"bf16 {'yes' if g.get('bf16') else 'no'}: autocast {g.get('autocast')}); torch {g['torch']}, CUDA "
-             f"{g['cuda']}; CPU {g['cpu']}. Written by `python benchmarks/gpu.py` in {report['total_s']:.0f} s.", ""]
+    lines = [
+        "# MedLSAM on a GPU",
+        "",
+        f"GPU: {g.get('gpu')} ({g.get('memory_gb')} GB, compute {g.get('capability')}, "
+        f"bf16 {'yes' if g.get('bf16') else 'no'}: autocast {g.get('autocast')}); torch {g['torch']}, CUDA "
+        f"{g['cuda']}; CPU {g['cpu']}. Written by `python benchmarks/gpu.py` in {report['total_s']:.0f} s.",
+        "",
+    ]
     seg = report.get("segmentation", {})
     lines += ["## Segmentation (shipped MedLAM + LiteMedSAM, prior mode, all organs)", ""]
     if "error" in seg:
         lines.append(f"Failed: `{seg['error']}`")
     else:
-        lines += [f"Template bank of {len(seg['templates'])} templates built in {seg['bank_s']} s.", "",
-                  "| scan | precision | total s | stages (s) | peak GPU GB | encoder calls | mean Dice vs truth | "
-                  "min Dice vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Template bank of {len(seg['templates'])} templates built in {seg['bank_s']} s.",
+            "",
+            "| scan | precision | total s | stages (s) | peak GPU GB | encoder calls | mean Dice vs truth | "
+            "min Dice vs fp32 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in seg["rows"]:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items())
             truth = np.mean(list(r["dice_truth"].values())) if r["dice_truth"] else float("nan")
             vs = min(r["dice_vs_fp32"].values()) if r["dice_vs_fp32"] else None
-            lines.append(f"| {r['case']} | {r['precision']} | {r['total_s']:.2f} | {stages} | "
-                         f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} | {r['encoder_calls']} | "
-                         f"{truth:.3f} | {'-' if vs is None else f'{vs:.4f}'} |")
+            lines.append(
+                f"| {r['case']} | {r['precision']} | {r['total_s']:.2f} | {stages} | "
+                f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} | {r['encoder_calls']} | "
+                f"{truth:.3f} | {'-' if vs is None else f'{vs:.4f}'} |"
+            )
     tr = report.get("training", {})
     lines += ["", "## One MedLAM training epoch (default network, 64^3 patches)", ""]
     if "error" in tr:
         lines.append(f"Failed: `{tr['error']}`")
     else:
-        lines += [f"{tr['scans']} train scans, {tr['iterations']} steps of {tr['batch_size']} samples (3 patches "
-                  f"each), {tr['workers']} DataLoader workers. The loader alone delivers "
-                  f"**{tr['loader_patches_per_s']} patches/s**.", "",
-                  "| precision | autocast dtype | epoch s | patches/s | peak GPU GB |", "|---|---|---|---|---|"]
+        lines += [
+            f"{tr['scans']} train scans, {tr['iterations']} steps of {tr['batch_size']} samples (3 patches "
+            f"each), {tr['workers']} DataLoader workers. The loader alone delivers "
+            f"**{tr['loader_patches_per_s']} patches/s**.",
+            "",
+            "| precision | autocast dtype | epoch s | patches/s | peak GPU GB |",
+            "|---|---|---|---|---|",
+        ]
         for r in tr["rows"]:
-            lines.append(f"| {r['precision']} | {r['amp_dtype']} | {r['epoch_s']} | {r['patches_per_s']} | "
-                         f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} |")
+            lines.append(
+                f"| {r['precision']} | {r['amp_dtype']} | {r['epoch_s']} | {r['patches_per_s']} | "
+                f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -199,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "gpu.md"))
     args = parser.parse_args(argv)
     if args.cpu_dry_run:
-        args.device, args.scans, args.train_scans, args.iterations, args.batch_size, args.workers = \
-            "cpu", 1, 2, 2, 1, 1
+        args.device, args.scans, args.train_scans, args.iterations, args.batch_size, args.workers = "cpu", 1, 2, 2, 1, 1
     elif not torch.cuda.is_available():
-        print(f"benchmarks/gpu.py needs a CUDA GPU and none is visible here (torch {torch.__version__}, CUDA build "
-              f"{torch.version.cuda or 'none'}); nothing measured, nothing written. Run it on a GPU machine.")
+        print(
+            f"benchmarks/gpu.py needs a CUDA GPU and none is visible here (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}); nothing measured, nothing written. Run it on a GPU machine."
+        )
         return 0
     data = OpenKBP(Path(args.data) / "openkbp" if args.data else None)
     tic = time.perf_counter()
@@ -214,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         scale = max(0.25, (args.budget_s - used) / args.budget_s)
         args.iterations, args.train_scans = max(4, int(args.iterations * scale)), max(4, int(args.train_scans * scale))
         print(f"{used:.0f} s used: training shortened to {args.iterations} steps on {args.train_scans} scans")
-    stage("training", lambda: training(data, args.device, args.train_scans, args.iterations, args.batch_size,
-                                       args.workers), report)
+    stage(
+        "training",
+        lambda: training(data, args.device, args.train_scans, args.iterations, args.batch_size, args.workers),
+        report,
+    )
     report["total_s"] = time.perf_counter() - tic
     if args.cpu_dry_run:
         print(markdown(report))

@@ -25,14 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
-from registration_baseline import register_and_fuse  # noqa: E402
-
-from medlsam.grid import to_localisation_grid  # noqa: E402
-from medlsam.localize import Localizer, LocalizeOptions  # noqa: E402
+from medlsam.grid import to_localization_grid  # noqa: E402
+from medlsam.localize import LocalizeOptions, Localizer  # noqa: E402
 from medlsam.metrics import box_iou, cranio_caudal_axis, label_box, wall_distances  # noqa: E402
 from medlsam.network import load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
+from registration_baseline import register_and_fuse  # noqa: E402
 
 DEFAULT = "MedLAM jump + template matching (default)"
 CONFIGS = {  # name -> (templates, LocalizeOptions)
@@ -89,8 +88,10 @@ def score_boxes(boxes: dict[str, tuple | None], slabs: dict[str, list], label, c
 
 
 def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str], bank_folder: Path | None) -> dict:
-    banks = {count: template_bank(data, model, templates[:count], bank_folder / f"bank_{count}.pt" if bank_folder else None)
-             for count in sorted({c for c, _ in CONFIGS.values()})}
+    banks = {
+        count: template_bank(data, model, templates[:count], bank_folder / f"bank_{count}.pt" if bank_folder else None)
+        for count in sorted({c for c, _ in CONFIGS.values()})
+    }
     results = {name: {} for name in CONFIGS}
     for case in cases:
         volume = load_ct(data.image(case["id"]))
@@ -98,22 +99,34 @@ def run_medlam(data: OpenKBP, model, cases: list[dict], templates: list[str], ba
         z_axis, spacing = cranio_caudal_axis(volume.affine), volume.spacing
         for name, (count, options) in CONFIGS.items():
             tic = time.perf_counter()
-            grid = to_localisation_grid(volume)  # timed: part of localising a new scan
+            grid = to_localization_grid(volume)  # timed: part of localising a new scan
             grid_seconds = time.perf_counter() - tic
             out = Localizer(model, banks[count], options).localize(grid)
             seconds = time.perf_counter() - tic
             out["timings_s"]["resample"] = round(grid_seconds, 3)
-            boxes = {n: (np.array(o.box_voxel[0]), np.array(o.box_voxel[1])) if o.found else None
-                     for n, o in out["organs"].items()}
-            slabs = {n: [(np.array(s["box_voxel"][0]), np.array(s["box_voxel"][1])) for s in o.slabs]
-                     for n, o in out["organs"].items() if o.slabs}
+            boxes = {
+                n: (np.array(o.box_voxel[0]), np.array(o.box_voxel[1])) if o.found else None
+                for n, o in out["organs"].items()
+            }
+            slabs = {
+                n: [(np.array(s["box_voxel"][0]), np.array(s["box_voxel"][1])) for s in o.slabs]
+                for n, o in out["organs"].items()
+                if o.slabs
+            }
             rows = score_boxes(boxes, slabs, label, case["contoured"], data.values, z_axis, spacing)
             scores = {n: o.score for n, o in out["organs"].items()}
-            results[name][case["id"]] = {"organs": rows, "seconds": seconds, "scores": scores,
-                                         "timings": out["timings_s"]}
+            results[name][case["id"]] = {
+                "organs": rows,
+                "seconds": seconds,
+                "scores": scores,
+                "timings": out["timings_s"],
+            }
         main = results[DEFAULT][case["id"]]
-        print(f"{case['id']}: mean IoU {np.mean([r['iou'] for r in main['organs'].values()]):.3f} "
-              f"in {main['seconds']:.2f} s", flush=True)
+        print(
+            f"{case['id']}: mean IoU {np.mean([r['iou'] for r in main['organs'].values()]):.3f} "
+            f"in {main['seconds']:.2f} s",
+            flush=True,
+        )
     return results
 
 
@@ -133,16 +146,22 @@ def run_registration(data: OpenKBP, cases: list[dict], templates: list[str]) -> 
         volume = load_ct(data.image(case["id"]))
         label = read_volume(data.label(case["id"]))
         _, fused_boxes, seconds = register_and_fuse(
-            data.image(case["id"]), [data.image(t) for t in templates], [data.label(t) for t in templates],
-            list(data.names))
+            data.image(case["id"]),
+            [data.image(t) for t in templates],
+            [data.label(t) for t in templates],
+            list(data.names),
+        )
         boxes = {data.names[v]: b for v, b in fused_boxes.items()}
-        rows = score_boxes(boxes, {}, label, case["contoured"], data.values, cranio_caudal_axis(volume.affine),
-                           volume.spacing)
+        rows = score_boxes(
+            boxes, {}, label, case["contoured"], data.values, cranio_caudal_axis(volume.affine), volume.spacing
+        )
         results[case["id"]] = cache["cases"][case["id"]] = {"organs": rows, "seconds": seconds}
         RESULTS.mkdir(parents=True, exist_ok=True)
         REGISTRATION_CACHE.write_text(json.dumps(cache, indent=1, default=float))
-        print(f"registration {case['id']}: mean IoU {np.mean([r['iou'] for r in rows.values()]):.3f} "
-              f"in {seconds:.1f} s", flush=True)
+        print(
+            f"registration {case['id']}: mean IoU {np.mean([r['iou'] for r in rows.values()]):.3f} in {seconds:.1f} s",
+            flush=True,
+        )
     return results
 
 
@@ -155,8 +174,10 @@ def summarise(per_case: dict) -> dict:
             continue
         found = [r for r in rows if r["found"]]
         out["organs"][organ] = {
-            "n": len(rows), "missed": len(rows) - len(found),
-            "iou": [r["iou"] for r in rows], "slice_iou": [r["slice_iou"] for r in rows],
+            "n": len(rows),
+            "missed": len(rows) - len(found),
+            "iou": [r["iou"] for r in rows],
+            "slice_iou": [r["slice_iou"] for r in rows],
             **{k: [r[k] for r in found] for k in ("wd_mean", "wd_z", "wd_inplane")},
         }
     organs = out["organs"].values()
@@ -171,7 +192,8 @@ def summarise(per_case: dict) -> dict:
 def write_report(summaries: dict, model_path: Path, templates: list[str], cases: int, raw: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Localisation benchmark (OpenKBP validation split)", "",
+        "# Localisation benchmark (OpenKBP validation split)",
+        "",
         f"- Scans: {cases} validation cases; templates: {', '.join(templates)} (the first five train cases, "
         "by case number, with all seven organs); only contoured organs are scored.",
         f"- MedLAM model: `{model_path}`; machine: {machine_line()}.",
@@ -179,24 +201,41 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
         " mean |face difference| in mm over found organs (z = the two cranio-caudal faces). Slice IoU: mean 2D"
         " IoU, over the organ's slices, of the prompt box (WPL: the organ box, SPL: the slab box) with the"
         " slice's true box. Mean over scans per organ, then over organs (± std over organs).",
-        f"- Command: `python benchmarks/localization.py --model {model_path.name}`", "",
+        f"- Command: `python benchmarks/localization.py --model {model_path.name}`",
+        "",
         "| configuration | box IoU | slice IoU | wall mm | z faces mm | in-plane mm | missed | s/scan (median) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
-        lines.append(f"| {name} | {s['iou']:.3f} ± {s['iou_std']:.3f} | {s['slice_iou']:.3f} | {s['wd_mean']:.1f} | "
-                     f"{s['wd_z']:.1f} | {s['wd_inplane']:.1f} | {s['missed']} | {s['seconds_median']:.2f} |")
+        lines.append(
+            f"| {name} | {s['iou']:.3f} ± {s['iou_std']:.3f} | {s['slice_iou']:.3f} | {s['wd_mean']:.1f} | "
+            f"{s['wd_z']:.1f} | {s['wd_inplane']:.1f} | {s['missed']} | {s['seconds_median']:.2f} |"
+        )
     default = raw["medlam"].get(DEFAULT, {})
     if default:
         stages = ("resample", "coarse", "refine", "match")
         medians = {k: np.median([c["timings"].get(k, 0.0) for c in default.values()]) for k in stages}
-        lines += ["", "Default configuration, median seconds per stage: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()) + "."]
-    lines += ["", "## Per organ (default configuration and registration)", "",
-              "| organ | " + " | ".join(f"{n} IoU | {n} wall mm" for n in summaries if n in (
-                  DEFAULT, "registration (SimpleITK affine + B-spline, majority vote)")) + " |",
-              "|---|" + "---|---|" * sum(n in (DEFAULT,
-                                               "registration (SimpleITK affine + B-spline, majority vote)") for n in summaries)]
+        lines += [
+            "",
+            "Default configuration, median seconds per stage: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in medians.items())
+            + ".",
+        ]
+    lines += [
+        "",
+        "## Per organ (default configuration and registration)",
+        "",
+        "| organ | "
+        + " | ".join(
+            f"{n} IoU | {n} wall mm"
+            for n in summaries
+            if n in (DEFAULT, "registration (SimpleITK affine + B-spline, majority vote)")
+        )
+        + " |",
+        "|---|"
+        + "---|---|"
+        * sum(n in (DEFAULT, "registration (SimpleITK affine + B-spline, majority vote)") for n in summaries),
+    ]
     for organ in ORGANS:
         cells = []
         for name, s in summaries.items():

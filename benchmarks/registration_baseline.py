@@ -23,7 +23,6 @@ import SimpleITK as sitk
 from medlsam.metrics import label_box
 
 
-
 @dataclass(frozen=True)
 class RegistrationParams:
     """Every setting of the registration; the defaults are the benchmarked configuration.
@@ -66,9 +65,14 @@ def _valid_mask(image: sitk.Image, params: RegistrationParams) -> sitk.Image:
     return sitk.Cast(image > params.clamp_hu[0] + 0.5, sitk.sitkUInt8)
 
 
-def _method(params: RegistrationParams, shrink: Sequence[int], sigmas: Sequence[float],
-            sampling: Sequence[float], fixed_mask: sitk.Image | None,
-            metric: str = "mattes") -> sitk.ImageRegistrationMethod:
+def _method(
+    params: RegistrationParams,
+    shrink: Sequence[int],
+    sigmas: Sequence[float],
+    sampling: Sequence[float],
+    fixed_mask: sitk.Image | None,
+    metric: str = "mattes",
+) -> sitk.ImageRegistrationMethod:
     """A metric on random samples of the query's valid region, linear interpolation, a pyramid."""
     reg = sitk.ImageRegistrationMethod()
     if metric == "mattes":
@@ -104,8 +108,9 @@ def _centroid(mask: sitk.Image) -> np.ndarray:
     return np.array(stats.GetCentroid(1))
 
 
-def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
-                        params: RegistrationParams) -> tuple[np.ndarray, np.ndarray]:
+def initial_translation(
+    fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, params: RegistrationParams
+) -> tuple[np.ndarray, np.ndarray]:
     """Centre (query mm) and translation (query to template mm) to start the affine from.
 
     The centroids of the two valid regions are matched, then the anterior-posterior and cranio-caudal
@@ -119,8 +124,14 @@ def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.
     start = sitk.Euler3DTransform()
     start.SetCenter(centre.tolist())
     start.SetTranslation(translation.tolist())
-    reg = _method(params, params.affine_shrink[:1], params.affine_sigmas_mm[:1], [params.search_sampling], fixed_mask,
-                  params.search_metric)
+    reg = _method(
+        params,
+        params.affine_shrink[:1],
+        params.affine_sigmas_mm[:1],
+        [params.search_sampling],
+        fixed_mask,
+        params.search_metric,
+    )
     step = params.search_step_mm
     reg.SetOptimizerAsExhaustive([0, 0, 0] + [int(r // step) for r in params.search_mm], stepLength=step)
     reg.SetInitialTransform(start, inPlace=True)
@@ -131,44 +142,55 @@ def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.
     return centre, np.array(best[3:])
 
 
-def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
-                    params: RegistrationParams) -> sitk.Transform:
+def register_affine(
+    fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, params: RegistrationParams
+) -> sitk.Transform:
     """Affine map from fixed (query) to moving (template) physical points."""
     centre, translation = initial_translation(fixed, moving, fixed_mask, params)
     start = sitk.AffineTransform(3)
     start.SetCenter(centre.tolist())
     start.SetTranslation(translation.tolist())
-    reg = _method(params, params.affine_shrink, params.affine_sigmas_mm, params.affine_sampling, fixed_mask,
-                  params.metric)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=params.affine_learning_rate, minStep=1e-3,
-                                                 numberOfIterations=params.affine_iterations,
-                                                 gradientMagnitudeTolerance=1e-6)
+    reg = _method(
+        params, params.affine_shrink, params.affine_sigmas_mm, params.affine_sampling, fixed_mask, params.metric
+    )
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=params.affine_learning_rate,
+        minStep=1e-3,
+        numberOfIterations=params.affine_iterations,
+        gradientMagnitudeTolerance=1e-6,
+    )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(start, inPlace=False)
     return reg.Execute(fixed, moving)
 
 
-def register_bspline(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, affine: sitk.Transform,
-                     params: RegistrationParams) -> sitk.Transform:
+def register_bspline(
+    fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, affine: sitk.Transform, params: RegistrationParams
+) -> sitk.Transform:
     """The affine refined by a coarse B-spline deformation (composite: affine, then B-spline)."""
-    reg = _method(params, params.bspline_shrink, params.bspline_sigmas_mm, params.bspline_sampling, fixed_mask,
-                  params.metric)
+    reg = _method(
+        params, params.bspline_shrink, params.bspline_sigmas_mm, params.bspline_sampling, fixed_mask, params.metric
+    )
     domain = _mask_region(fixed, fixed_mask) if params.bspline_domain == "valid" else fixed
     bspline = sitk.BSplineTransformInitializer(domain, list(params.bspline_mesh), order=3)
     reg.SetMovingInitialTransform(affine)
     reg.SetInitialTransform(bspline, inPlace=True)
-    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=params.bspline_iterations,
-                             maximumNumberOfCorrections=5,
-                             maximumNumberOfFunctionEvaluations=params.bspline_evaluations,
-                             costFunctionConvergenceFactor=1e7)
+    reg.SetOptimizerAsLBFGSB(
+        gradientConvergenceTolerance=1e-5,
+        numberOfIterations=params.bspline_iterations,
+        maximumNumberOfCorrections=5,
+        maximumNumberOfFunctionEvaluations=params.bspline_evaluations,
+        costFunctionConvergenceFactor=1e7,
+    )
     reg.Execute(fixed, moving)
     composite = sitk.CompositeTransform(affine)
     composite.AddTransform(bspline)
     return composite
 
 
-def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform,
-               params: RegistrationParams) -> sitk.Image:
+def warp_label(
+    label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform, params: RegistrationParams
+) -> sitk.Image:
     """The template label on the query's grid, nearest neighbour.
 
     A B-spline is slow to evaluate at every query voxel, so its composite is first sampled as a
@@ -179,8 +201,9 @@ def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform,
         f = params.warp_field_shrink
         size = [(n + f - 1) // f for n in fixed.GetSize()]
         spacing = [s * f for s in fixed.GetSpacing()]
-        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, fixed.GetOrigin(),
-                                                  spacing, fixed.GetDirection())
+        field = sitk.TransformToDisplacementField(
+            transform, sitk.sitkVectorFloat64, size, fixed.GetOrigin(), spacing, fixed.GetDirection()
+        )
         transform = sitk.DisplacementFieldTransform(field)
     return sitk.Resample(label, fixed, transform, sitk.sitkNearestNeighbor, 0, label.GetPixelID())
 
@@ -190,10 +213,14 @@ def _to_file_order(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
 
 
-def register_and_fuse(query_image_path: str | os.PathLike, template_image_paths: Sequence[str | os.PathLike],
-                      template_label_paths: Sequence[str | os.PathLike], label_values: Sequence[int],
-                      params: RegistrationParams = RegistrationParams(),
-                      timings: dict | None = None) -> tuple[np.ndarray, dict[int, tuple | None], float]:
+def register_and_fuse(
+    query_image_path: str | os.PathLike,
+    template_image_paths: Sequence[str | os.PathLike],
+    template_label_paths: Sequence[str | os.PathLike],
+    label_values: Sequence[int],
+    params: RegistrationParams = RegistrationParams(),
+    timings: dict | None = None,
+) -> tuple[np.ndarray, dict[int, tuple | None], float]:
     """Register every template to the query, warp the template labels and fuse them by majority vote.
 
     Returns the fused label array (uint8, in the query's file index order (i, j, k)), per label value

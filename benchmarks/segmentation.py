@@ -29,12 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
-
-from medlsam.localize import Localizer, LocalizeOptions, OrganLocation  # noqa: E402
+from medlsam.localize import Localizer, OrganLocation  # noqa: E402
 from medlsam.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
 from medlsam.network import load_medlam  # noqa: E402
-from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.outputs import write_segmentation  # noqa: E402
+from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
 from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
@@ -48,13 +47,18 @@ ROWS = {
     "wpl": ("MedLAM boxes, WPL", "medlam", {"mode": "wpl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
     "spl": ("MedLAM boxes, SPL", "medlam", {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
     "gt3d": ("ground-truth 3D box (WPL)", "truth3d", {"mode": "wpl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
-    "gtslice": ("ground-truth box of every slice", "truthslice", {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}),
+    "gtslice": (
+        "ground-truth box of every slice",
+        "truthslice",
+        {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0},
+    ),
 }
 STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
 
 
-def truth_locations(label: np.ndarray, contoured: list[str], values: dict[str, int], axis: int,
-                    per_slice: bool) -> dict[str, OrganLocation]:
+def truth_locations(
+    label: np.ndarray, contoured: list[str], values: dict[str, int], axis: int, per_slice: bool
+) -> dict[str, OrganLocation]:
     """Ground-truth prompts: the organ's 3D box, and (per_slice) one 'slab' per slice with that slice's box."""
     out = {}
     for organ in ORGANS:
@@ -89,8 +93,11 @@ def score(pred: np.ndarray, label: np.ndarray, contoured: list[str], values: dic
         if not truth.any():
             continue
         mask = pred == values[organ]
-        rows[organ] = {"dice": dice(mask, truth), "hd95": hd95(mask, truth, spacing) if mask.any() else None,
-                       "missed": not mask.any()}
+        rows[organ] = {
+            "dice": dice(mask, truth),
+            "hd95": hd95(mask, truth, spacing) if mask.any() else None,
+            "missed": not mask.any(),
+        }
     return rows
 
 
@@ -100,7 +107,7 @@ def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: Segme
     pipelines = {}
     for key in rows:
         opts = SegmentOptions(**{**options.__dict__, **ROWS[key][2]})
-        pipelines[key] = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=opts.localizer_mode)), segmenter, opts)
+        pipelines[key] = MedLSAMPipeline(Localizer(model, bank), segmenter, opts)
     names = [ROWS[key][0] for key in rows]
     results: dict = {name: {} for name in names}
     results["timings"], results["encoder_calls"] = {}, {}
@@ -119,20 +126,28 @@ def run(data: OpenKBP, model, segmenter, cases: list[dict], bank, options: Segme
                 if prompts == "medlam":
                     out = pipeline.segment(volume, embeddings=embeddings)
                 else:
-                    out = pipeline.segment_locations(volume, truth_locations(
-                        label, case["contoured"], data.values, axis, prompts == "truthslice"), embeddings=embeddings)
+                    out = pipeline.segment_locations(
+                        volume,
+                        truth_locations(label, case["contoured"], data.values, axis, prompts == "truthslice"),
+                        embeddings=embeddings,
+                    )
                 if i == 0:
                     write_segmentation(out, volume, Path(scratch) / "label.nii.gz")
                     results["timings"][cid] = {"load": load_s, **out.timings_s}
-                    results["encoder_calls"][cid] = {"encoder_calls": out.encoder_calls,
-                                                     "reference_encoder_calls": out.reference_encoder_calls}
+                    results["encoder_calls"][cid] = {
+                        "encoder_calls": out.encoder_calls,
+                        "reference_encoder_calls": out.reference_encoder_calls,
+                    }
                     first = out
                 organs = score(out.label, label, case["contoured"], data.values, volume.spacing)
                 results[ROWS[key][0]][cid] = {"organs": organs, "encoder_calls": out.encoder_calls}
                 line.append(f"{key} {np.mean([o['dice'] for o in organs.values()]):.3f}")
             total = sum(results["timings"][cid][s] for s in STAGES if s in results["timings"][cid])
-            print(f"{cid}: mean Dice {', '.join(line)}; {rows[0]} scan {total:.1f} s, {first.encoder_calls} encoder "
-                  f"calls (reference {first.reference_encoder_calls})", flush=True)
+            print(
+                f"{cid}: mean Dice {', '.join(line)}; {rows[0]} scan {total:.1f} s, {first.encoder_calls} encoder "
+                f"calls (reference {first.reference_encoder_calls})",
+                flush=True,
+            )
     return results
 
 
@@ -141,18 +156,34 @@ def summarise(per_case: dict) -> dict:
     for organ in ORGANS:
         rows = [c["organs"][organ] for c in per_case.values() if organ in c["organs"]]
         if rows:
-            out["organs"][organ] = {"n": len(rows), "missed": sum(r["missed"] for r in rows),
-                                    "dice": [r["dice"] for r in rows],
-                                    "hd95": [r["hd95"] for r in rows if r["hd95"] is not None]}
+            out["organs"][organ] = {
+                "n": len(rows),
+                "missed": sum(r["missed"] for r in rows),
+                "dice": [r["dice"] for r in rows],
+                "hd95": [r["hd95"] for r in rows if r["hd95"] is not None],
+            }
     means = [np.mean(o["dice"]) for o in out["organs"].values()]
     hds = [np.mean(o["hd95"]) for o in out["organs"].values() if o["hd95"]]
-    out.update(dice=float(np.mean(means)), dice_std=float(np.std(means)), hd95=float(np.mean(hds)) if hds else None,
-               missed=sum(o["missed"] for o in out["organs"].values()))
+    out.update(
+        dice=float(np.mean(means)),
+        dice_std=float(np.std(means)),
+        hd95=float(np.mean(hds)) if hds else None,
+        missed=sum(o["missed"] for o in out["organs"].values()),
+    )
     return out
 
 
-def write_report(results: dict, summaries: dict, model_path: Path, templates: list[str], n_cases: int,
-                 options: SegmentOptions, backend: str, command: str, out: Path) -> None:
+def write_report(
+    results: dict,
+    summaries: dict,
+    model_path: Path,
+    templates: list[str],
+    n_cases: int,
+    options: SegmentOptions,
+    backend: str,
+    command: str,
+    out: Path,
+) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     timings = results["timings"]
     median = {s: float(np.median([t.get(s, 0.0) for t in timings.values()])) for s in STAGES}
@@ -161,31 +192,44 @@ def write_report(results: dict, summaries: dict, model_path: Path, templates: li
     enc = float(np.median([c["encoder_calls"] for c in calls.values()]))
     ref = float(np.median([c["reference_encoder_calls"] for c in calls.values()]))
     lines = [
-        "# Segmentation benchmark (OpenKBP validation split)", "",
+        "# Segmentation benchmark (OpenKBP validation split)",
+        "",
         f"- Scans: {n_cases} validation cases; templates: {', '.join(templates)} (as the localisation benchmark); "
         "only contoured organs are scored.",
         f"- MedLAM model: `{model_path}`; segmenter: `{backend}`; options: `{options}`; machine: {machine_line()}.",
         "- Dice: 3D on the scan's own grid, a missed organ (not found, empty mask) counts 0; HD95 in mm over the "
         "organs segmented (misses listed separately). Mean over scans per organ, then over organs (± std over organs).",
         f"- Command: `{command}`",
-        "", "| prompts | mean Dice | mean HD95 mm | missed | " + " | ".join(ORGANS) + " |",
-        "|---|---|---|---|" + "---|" * len(ORGANS)]
+        "",
+        "| prompts | mean Dice | mean HD95 mm | missed | " + " | ".join(ORGANS) + " |",
+        "|---|---|---|---|" + "---|" * len(ORGANS),
+    ]
     for row, s in summaries.items():
         cells = [f"{np.mean(s['organs'][o]['dice']):.3f}" if o in s["organs"] else "n/a" for o in ORGANS]
         hd = f"{s['hd95']:.1f}" if s["hd95"] is not None else "n/a"
-        lines.append(f"| {row} | {s['dice']:.3f} ± {s['dice_std']:.3f} | {hd} | {s['missed']} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row} | {s['dice']:.3f} ± {s['dice_std']:.3f} | {hd} | {s['missed']} | " + " | ".join(cells) + " |"
+        )
     first = next(iter(summaries))
     lines += ["", f"## Per organ: {first}", "", "| organ | scans | Dice | HD95 mm | missed |", "|---|---|---|---|---|"]
     for organ in ORGANS:
         o = summaries[first]["organs"].get(organ)
         if o:
             lines.append(f"| {organ} | {o['n']} | {mean_std(o['dice'])} | {mean_std(o['hd95'])} | {o['missed']} |")
-    lines += ["", f"## Time of one scan ({first}, median over scans, seconds)", "",
-              "| " + " | ".join(STAGES) + " | total |", "|" + "---|" * (len(STAGES) + 1),
-              "| " + " | ".join(f"{median[s]:.2f}" for s in STAGES) + f" | {total:.1f} |", "",
-              f"Encoder calls per scan (median): {enc:.0f}, against {ref:.0f} for the reference approach "
-              f"(one encoder call per organ per slice): {ref / max(enc, 1):.1f}x fewer.", "",
-              "![Dice per organ](segmentation.png)", ""]
+    lines += [
+        "",
+        f"## Time of one scan ({first}, median over scans, seconds)",
+        "",
+        "| " + " | ".join(STAGES) + " | total |",
+        "|" + "---|" * (len(STAGES) + 1),
+        "| " + " | ".join(f"{median[s]:.2f}" for s in STAGES) + f" | {total:.1f} |",
+        "",
+        f"Encoder calls per scan (median): {enc:.0f}, against {ref:.0f} for the reference approach "
+        f"(one encoder call per organ per slice): {ref / max(enc, 1):.1f}x fewer.",
+        "",
+        "![Dice per organ](segmentation.png)",
+        "",
+    ]
     notes = RESULTS.parent / "notes" / "segmentation.md"
     if notes.is_file() and out.resolve() == RESULTS / "segmentation":  # the account of what was tried
         lines += ["", notes.read_text()]
@@ -238,11 +282,20 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=0, help="only the first N validation cases")
     parser.add_argument("--backend", default="lite_medsam")
     parser.add_argument("--checkpoint", help="segmenter weights (SAM/MedSAM backends)")
-    parser.add_argument("--bank", type=Path, help="template bank file: reused if it exists (same model), else saved there")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a SegmentOptions field, e.g. --set empty_fallback=false --set zoom_below_mm=30")
+    parser.add_argument(
+        "--bank", type=Path, help="template bank file: reused if it exists (same model), else saved there"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a SegmentOptions field, e.g. --set empty_fallback=false --set zoom_below_mm=30",
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows, the first timed: {', '.join(ROWS)}")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma-separated rows, the first timed: {', '.join(ROWS)}"
+    )
     parser.add_argument("--first-case", type=int, default=0, help="skip the first N validation cases")
     parser.add_argument("--out", type=Path, default=RESULTS / "segmentation", help="report path without suffix")
     args = parser.parse_args()
@@ -255,7 +308,7 @@ def main() -> None:
     model_path = args.model or default_medlam_path()
     model = load_medlam(model_path)
     segmenter = build_segmenter(args.backend, args.checkpoint)
-    cases = data.split("validation")[args.first_case:][: args.cases or None]
+    cases = data.split("validation")[args.first_case :][: args.cases or None]
     templates = data.templates(5)
     options = SegmentOptions(**dict(_option(item) for item in args.set))
     results = run(data, model, segmenter, cases, template_bank(data, model, templates, args.bank), options, rows)

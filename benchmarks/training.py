@@ -61,8 +61,11 @@ STEP_SCRIPT = textwrap.dedent("""
     print("RESULT " + json.dumps(out))
 """)
 
-CASES = [("as it is", None), ("oneDNN limited to AVX512_CORE (no bf16 instructions)", "AVX512_CORE"),
-         ("oneDNN limited to AVX2 (the CPU of issue 14)", "AVX2")]
+CASES = [
+    ("as it is", None),
+    ("oneDNN limited to AVX512_CORE (no bf16 instructions)", "AVX512_CORE"),
+    ("oneDNN limited to AVX2 (the CPU of issue 14)", "AVX2"),
+]
 
 
 def machine() -> dict:
@@ -80,8 +83,13 @@ def precision_section(steps: int, threads: int) -> dict:
         env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})}
         if not isa:
             env.pop("ONEDNN_MAX_CPU_ISA", None)
-        done = subprocess.run([sys.executable, "-c", STEP_SCRIPT, str(steps), str(threads)], env=env,
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", STEP_SCRIPT, str(steps), str(threads)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = json.loads(done.stdout.split("RESULT ", 1)[1])
         rows.append({"case": name, **result})
         print(f"{name}: fp32 {result['fp32_s']:.2f} s, bf16 {result['bf16_s']:.2f} s; {result['default']}", flush=True)
@@ -98,8 +106,10 @@ def precision_section(steps: int, threads: int) -> dict:
     for row in rows:
         picked = "bf16" if row["default_bf16"] else "fp32"
         why = row["default"].split("(", 1)[1].rstrip(")")
-        lines.append(f"| {row['case']} | {row['fp32_s']:.2f} | {row['bf16_s']:.2f} | "
-                     f"{row['bf16_s'] / row['fp32_s']:.2f} | **{picked}** | {why} |")
+        lines.append(
+            f"| {row['case']} | {row['fp32_s']:.2f} | {row['bf16_s']:.2f} | "
+            f"{row['bf16_s'] / row['fp32_s']:.2f} | **{picked}** | {why} |"
+        )
     return {"rows": rows, "markdown": "\n".join(lines)}
 
 
@@ -157,11 +167,28 @@ def throughput_section(steps: int, threads: int, batch: int = 2) -> dict:
     runs = []
     for world in (1, 2):
         per_rank = max(1, threads // world)
-        cmd = [sys.executable, "-c", THROUGHPUT_SCRIPT] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-             "--no-python", sys.executable, "-c", THROUGHPUT_SCRIPT]
-        done = subprocess.run([*cmd, str(steps), str(batch), str(per_rank)], env={**env, "OMP_NUM_THREADS":
-                              str(per_rank)}, capture_output=True, text=True, check=True)
+        cmd = (
+            [sys.executable, "-c", THROUGHPUT_SCRIPT]
+            if world == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={world}",
+                "--no-python",
+                sys.executable,
+                "-c",
+                THROUGHPUT_SCRIPT,
+            ]
+        )
+        done = subprocess.run(
+            [*cmd, str(steps), str(batch), str(per_rank)],
+            env={**env, "OMP_NUM_THREADS": str(per_rank)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
         runs.append(result)
         print(f"{world} process(es) x {per_rank} threads: {result['patches_per_s']:.1f} patches/s", flush=True)
@@ -181,9 +208,14 @@ def throughput_section(steps: int, threads: int, batch: int = 2) -> dict:
     ]
     for r in runs:
         lines.append(f"| {r['world']} | {r['threads']} | {r['step_s']:.2f} | {r['patches_per_s']:.1f} |")
-    lines += ["", "The loader alone (patch cutting + tracked augmentation, no network), against what one "
-              f"training process consumes ({step_rate:.1f} patches/s):", "",
-              "| DataLoader workers | patches/s | x training's consumption |", "|---|---|---|"]
+    lines += [
+        "",
+        "The loader alone (patch cutting + tracked augmentation, no network), against what one "
+        f"training process consumes ({step_rate:.1f} patches/s):",
+        "",
+        "| DataLoader workers | patches/s | x training's consumption |",
+        "|---|---|---|",
+    ]
     for workers, rate in loader.items():
         lines.append(f"| {workers} | {rate:.0f} | {rate / step_rate:.0f}x |")
     return {"rows": runs, "markdown": "\n".join(lines)}
@@ -204,8 +236,7 @@ def plot(data: dict, path: Path) -> None:
     ax.bar([i + 0.2 for i in x], [r["bf16_s"] for r in rows], 0.4, label="bfloat16 autocast")
     for i, r in enumerate(rows):
         best = r["bf16_s"] if r["default_bf16"] else r["fp32_s"]
-        ax.annotate("default", (i + (0.2 if r["default_bf16"] else -0.2), best), ha="center", va="bottom",
-                    fontsize=8)
+        ax.annotate("default", (i + (0.2 if r["default_bf16"] else -0.2), best), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), [r["case"].split(" (")[0] for r in rows], fontsize=8)
     ax.set_ylabel("seconds per training step")
     ax.set_yscale("log")
@@ -218,9 +249,15 @@ def plot(data: dict, path: Path) -> None:
 
 def write_report(data: dict) -> None:
     m = data["machine"]
-    head = ["# MedLAM training on this machine", "",
-            f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU capability {m['capability']}). "
-            "Written by `python benchmarks/training.py`.", "", "![training](training.png)", ""]
+    head = [
+        "# MedLAM training on this machine",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU capability {m['capability']}). "
+        "Written by `python benchmarks/training.py`.",
+        "",
+        "![training](training.png)",
+        "",
+    ]
     body = [data[name]["markdown"] + "\n" for name in sorted(data) if name != "machine"]
     REPORT.write_text("\n".join(head + body))
     plot(data, REPORT.with_suffix(".png"))

@@ -38,12 +38,16 @@ def main(argv=None) -> int:
     try:
         info = requests.get(f"{server}/info/", timeout=30).json()
     except requests.RequestException as exc:
-        print(f"error: no MONAI Label server at {server} ({type(exc).__name__}); start one with `make serve` "
-              "(make demo asks the same PORT: after `PORT=8001 make serve`, run `PORT=8001 make demo`)",
-              file=sys.stderr)
+        print(
+            f"error: no MONAI Label server at {server} ({type(exc).__name__}); start one with `make serve` "
+            "(make demo asks the same PORT: after `PORT=8001 make serve`, run `PORT=8001 make demo`)",
+            file=sys.stderr,
+        )
         return 2
     if args.model not in info.get("models", {}):
-        print(f"error: the server has no model {args.model!r}; it has {sorted(info.get('models', {}))}", file=sys.stderr)
+        print(
+            f"error: the server has no model {args.model!r}; it has {sorted(info.get('models', {}))}", file=sys.stderr
+        )
         return 2
     datastore = requests.get(f"{server}/datastore/?output=all", timeout=30).json()
     objects = datastore.get("objects", {})
@@ -59,8 +63,11 @@ def main(argv=None) -> int:
     params = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what Slicer sends
     if args.organs:
         params["organs"] = [o.strip() for o in args.organs.split(",") if o.strip()]
-    print(f"{args.model} on {image} at {server} ... (the first request after a start loads the models and builds the "
-          "template bank: minutes; later ones take seconds)", flush=True)
+    print(
+        f"{args.model} on {image} at {server} ... (the first request after a start loads the models and builds the "
+        "template bank: minutes; later ones take seconds)",
+        flush=True,
+    )
     tic = time.perf_counter()
     try:
         result_file, result = client.infer(args.model, image, params)
@@ -83,18 +90,23 @@ def main(argv=None) -> int:
     from medlsam.volume import load_ct, read_volume
 
     volume = load_ct(scan)
-    qc = qc_montage(volume, read_volume(label_path).array, result.get("label_names", {}),
-                    out / f"{image}_{args.model}.png")
+    qc = qc_montage(
+        volume, read_volume(label_path).array, result.get("label_names", {}), out / f"{image}_{args.model}.png"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     found = [n for n, b in result.get("boxes", {}).items() if b.get("found")]
     print(f"done in {elapsed:.1f} s: {len(found)} organ(s) found {found}, not found {result.get('not_found', [])}")
     medlam = result.get("medlam") or {}
-    print(f"templates: {', '.join(result.get('templates', [])) or 'none reported'}; MedLAM {medlam.get('path', '?')} "
-          f"(fingerprint {medlam.get('fingerprint', '?')}); segmenter {result.get('backend', 'none')}")
+    print(
+        f"templates: {', '.join(result.get('templates', [])) or 'none reported'}; MedLAM {medlam.get('path', '?')} "
+        f"(fingerprint {medlam.get('fingerprint', '?')}); segmenter {result.get('backend', 'none')}"
+    )
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in (result.get("timings_s") or {}).items())
     if timings:
         print(f"server time by stage: {timings}")
-    print(f"label  {label_path.resolve()}\nresult {(out / f'{image}_{args.model}.json').resolve()}\nQC     {qc.resolve()}")
+    print(
+        f"label  {label_path.resolve()}\nresult {(out / f'{image}_{args.model}.json').resolve()}\nQC     {qc.resolve()}"
+    )
     return 0
 
 

@@ -23,8 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("MEDLSAM_DATA", REPO_ROOT.parent / "shared" / "data"),
-                        help="shared data folder holding openkbp/ (default: $MEDLSAM_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("MEDLSAM_DATA", REPO_ROOT.parent / "shared" / "data"),
+        help="shared data folder holding openkbp/ (default: $MEDLSAM_DATA or ../shared/data)",
+    )
     parser.add_argument("--out", default=REPO_ROOT / "sample-datastore")
     parser.add_argument("--templates", type=int, default=3)
     parser.add_argument("--unlabeled", type=int, default=5)
@@ -33,9 +36,12 @@ def main(argv=None) -> int:
 
     kbp = Path(args.data) / "openkbp"
     if not (kbp / "dataset.json").is_file():
-        print(f"error: {kbp}/dataset.json not found: the data folder must hold openkbp/. With make, give it as "
-              f"`make sample-datastore DATA=/path/to/data` (or `make serve DATA=...`); running this script, pass "
-              f"--data /path/to/data", file=sys.stderr)
+        print(
+            f"error: {kbp}/dataset.json not found: the data folder must hold openkbp/. With make, give it as "
+            f"`make sample-datastore DATA=/path/to/data` (or `make serve DATA=...`); running this script, pass "
+            f"--data /path/to/data",
+            file=sys.stderr,
+        )
         return 2
     dataset = json.loads((kbp / "dataset.json").read_text())
     names = {int(k): v for k, v in dataset["labels"].items()}
@@ -68,8 +74,10 @@ def main(argv=None) -> int:
         store.save_label(case["id"], str(kbp / "labels" / f"{case['id']}.nii.gz"), "final", {"label_info": info})
         saved = store.get_label_uri(case["id"], "final")
         os.chmod(saved, 0o644)  # the source labels are read-only: let users overwrite the saved copy
-    print(f"{out}: {len(templates)} template scans with final labels ({', '.join(c['id'] for c in templates)}), "
-          f"{len(unlabeled)} unlabeled scans; organ names in labels.json")
+    print(
+        f"{out}: {len(templates)} template scans with final labels ({', '.join(c['id'] for c in templates)}), "
+        f"{len(unlabeled)} unlabeled scans; organ names in labels.json"
+    )
     return 0
 
 

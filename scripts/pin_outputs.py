@@ -28,9 +28,17 @@ UNPINNED = ("timings_s", "image", "latencies")  # vary from run to run or machin
 
 def _run(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
-                           "from medlsam.cli import main; sys.exit(main(sys.argv[1:]))", *args],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; torch.set_num_threads(1); from medlsam.cli import main; sys.exit(main(sys.argv[1:]))",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"medlsam {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
@@ -43,8 +51,12 @@ def _label_digest(path: Path) -> dict:
     from medlsam.volume import read_volume
 
     array = read_volume(path).array
-    return {"sha256": hashlib.sha256(array.tobytes()).hexdigest(), "dtype": str(array.dtype),
-            "shape": list(array.shape), "voxels": int((array > 0).sum())}
+    return {
+        "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+        "voxels": int((array > 0).sum()),
+    }
 
 
 def pin(data: Path, scans: tuple[str, ...] = SCANS) -> dict:
@@ -53,9 +65,20 @@ def pin(data: Path, scans: tuple[str, ...] = SCANS) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         bank = Path(tmp) / "bank.pt"
-        _run(["templates", "build", "--images", *(str(kbp / "images" / f"{t}.nii.gz") for t in TEMPLATES),
-              "--labels", *(str(kbp / "labels" / f"{t}.nii.gz") for t in TEMPLATES),
-              "--names", str(kbp / "dataset.json"), "--out", str(bank)])
+        _run(
+            [
+                "templates",
+                "build",
+                "--images",
+                *(str(kbp / "images" / f"{t}.nii.gz") for t in TEMPLATES),
+                "--labels",
+                *(str(kbp / "labels" / f"{t}.nii.gz") for t in TEMPLATES),
+                "--names",
+                str(kbp / "dataset.json"),
+                "--out",
+                str(bank),
+            ]
+        )
         for scan in scans:
             image = str(kbp / "images" / f"{scan}.nii.gz")
             boxes = Path(tmp) / f"{scan}_boxes.json"
@@ -64,8 +87,10 @@ def pin(data: Path, scans: tuple[str, ...] = SCANS) -> dict:
             for name, extra in RUNS.items():
                 label = Path(tmp) / f"{scan}_{name}.nii.gz"
                 _run(["segment", image, "--templates", str(bank), "--out", str(label), "--quiet", *extra])
-                out[f"{scan} segment {name}"] = {"label": _label_digest(label),
-                                                 "json": _pinned_json(Path(f"{label}.json"))}
+                out[f"{scan} segment {name}"] = {
+                    "label": _label_digest(label),
+                    "json": _pinned_json(Path(f"{label}.json")),
+                }
     return out
 
 

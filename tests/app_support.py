@@ -1,15 +1,9 @@
-"""Helpers of the app tests and benchmarks: a tiny datastore cut from OpenKBP scans, a private copy of
-the app (so that tests never write into apps/medlsam/model), free ports and a real server."""
+"""Helpers of the app tests: a tiny datastore cut from OpenKBP scans, and (from scripts/app_server.py, shared
+with benchmarks/app.py) a private copy of the app, free ports and a real server."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +11,30 @@ import numpy as np
 from medlsam.volume import CTVolume, read_volume, write_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_SOURCE = REPO_ROOT / "apps" / "medlsam"
-NAMES = {1: "Brainstem", 2: "SpinalCord", 3: "RightParotid", 4: "LeftParotid", 5: "Esophagus", 6: "Larynx",
-         7: "Mandible"}
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from app_server import APP_SOURCE, free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
+
+__all__ = [
+    "APP_SOURCE",
+    "NAMES",
+    "crop",
+    "free_port",
+    "label_info",
+    "private_app",
+    "start_server",
+    "stop_server",
+    "tiny_case",
+    "wait_for_server",
+]
+NAMES = {
+    1: "Brainstem",
+    2: "SpinalCord",
+    3: "RightParotid",
+    4: "LeftParotid",
+    5: "Esophagus",
+    6: "Larynx",
+    7: "Mandible",
+}
 
 
 def crop(volume: CTVolume, lo, hi, step=(1, 1, 1)) -> CTVolume:
@@ -58,67 +73,3 @@ def tiny_case(data: Path, case: int, organs: list[int] | None, out_dir: Path, na
 
 def label_info(organs: list[int]) -> dict:
     return {"label_info": [{"name": NAMES[v], "idx": v} for v in organs]}
-
-
-def private_app(tmp: Path) -> Path:
-    """A copy of apps/medlsam (code + shipped MedLAM link) whose model/ folder is private to the test."""
-    app = tmp / "app"
-    shutil.copytree(APP_SOURCE, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-    (app / "model").mkdir()
-    os.symlink(APP_SOURCE / "model" / "pretrained_medlam.pt", app / "model" / "pretrained_medlam.pt")
-    return app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(app: Path, studies: Path, port: int, conf: dict, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies",
-           str(studies), "-p", str(port), "--host", "127.0.0.1"]
-    for key, value in conf.items():
-        cmd += ["--conf", key, str(value)]
-    handle = open(log, "w")
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MONAILABEL_PYEXE": sys.executable}
-    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-
-
-def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> dict:
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: "
-                               f"{log.read_text()[-3000:] if log else ''}")
-        try:
-            response = requests.get(f"{url}/info/", timeout=5)
-            if response.status_code == 200:
-                return response.json()
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"server at {url} did not answer within {timeout} s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """Stop the server we started (its own process group: uvicorn and any training child)."""
-    import signal
-
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=10)
-
-
-def json_dump(data, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2))

@@ -36,9 +36,12 @@ def openkbp_case(data_dir: Path) -> tuple[Path, Path]:
     return image, label
 
 
-def make_phantom(shape: tuple[int, int, int] = (40, 36, 30), affine: np.ndarray | None = None,
-                 ball_centre: tuple[float, float, float] = (14.0, 20.0, 10.0),
-                 ball_radius: float = 4.0) -> tuple[CTVolume, CTVolume]:
+def make_phantom(
+    shape: tuple[int, int, int] = (40, 36, 30),
+    affine: np.ndarray | None = None,
+    ball_centre: tuple[float, float, float] = (14.0, 20.0, 10.0),
+    ball_radius: float = 4.0,
+) -> tuple[CTVolume, CTVolume]:
     """A CT phantom in HU (air, a soft-tissue body, a bony ball) and the ball's label.
 
     Default geometry: LPS axes, spacing (3, 3.5, 4) mm, a non-zero origin. `ball_centre` is in voxels.
@@ -51,9 +54,23 @@ def make_phantom(shape: tuple[int, int, int] = (40, 36, 30), affine: np.ndarray 
     hu = np.full(shape, -1000.0, dtype=np.float32)
     body = ((i - centre[0]) / (0.45 * shape[0])) ** 2 + ((j - centre[1]) / (0.45 * shape[1])) ** 2 < 1
     hu[body] = 40.0
-    ball = (i - ball_centre[0]) ** 2 + (j - ball_centre[1]) ** 2 + (k - ball_centre[2]) ** 2 <= ball_radius ** 2
+    ball = (i - ball_centre[0]) ** 2 + (j - ball_centre[1]) ** 2 + (k - ball_centre[2]) ** 2 <= ball_radius**2
     hu[ball] = 1000.0
     return CTVolume(hu, affine.copy(), "phantom"), CTVolume(ball.astype(np.uint8), affine.copy(), "phantom label")
+
+
+def right_anterior_marker(x_axis: int, signs: tuple[int, int], shape=(30, 40, 5)) -> CTVolume:
+    """Slices along axis 2 whose in-plane file axes run along world x (patient left; file axis ``x_axis``) and y
+    (posterior), with ``signs``; one bright voxel at the patient's right-anterior corner of slice 2, which the
+    radiological view shows as the top-left pixel."""
+    affine = np.diag([0.0, 0.0, 3.0, 1.0])
+    affine[0, x_axis], affine[1, 1 - x_axis] = 2.0 * signs[0], 2.0 * signs[1]
+    hu = np.zeros(shape, np.float32)
+    corner = [0, 0]
+    corner[x_axis] = 0 if signs[0] > 0 else shape[x_axis] - 1
+    corner[1 - x_axis] = 0 if signs[1] > 0 else shape[1 - x_axis] - 1
+    hu[corner[0], corner[1], 2] = 1000.0
+    return CTVolume(hu, affine, "oriented")
 
 
 @pytest.fixture

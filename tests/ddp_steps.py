@@ -31,8 +31,9 @@ def main() -> None:
     config = MedLAMConfig(base_channels=2, patch_size=(args.patch,) * 3)
     options = TrainOptions(batch_size=args.global_batch // ctx.world_size, mss_points=8, bf16=False)
     out = Path(args.out)
-    trainer = Trainer([Path(s) for s in args.scans], out.with_name(f"rank{ctx.rank}-medlam.pt"), config, options,
-                      dist=ctx)
+    trainer = Trainer(
+        [Path(s) for s in args.scans], out.with_name(f"rank{ctx.rank}-medlam.pt"), config, options, dist=ctx
+    )
     # plain SGD: AdamW turns rounding noise in gradients that are zero in exact arithmetic (conv biases before
     # InstanceNorm) into full +-lr steps, so its weights differ by ~lr between any two summation orders
     # float64: the two summation orders agree to ~1e-14, not float32's ~1e-4 (amplified by gradient clipping)
@@ -42,8 +43,17 @@ def main() -> None:
     if ctx.is_main:
         torch.save(trainer.model.state_dict(), out.with_name(out.stem + "-start.pt"))
     for step in range(args.steps):
-        batch = draw_batch(sampler.arrays, sampler.bodies, np.arange(len(sampler.arrays)), args.global_batch,
-                           args.patch, 4, 8, np.random.default_rng(step), torch.Generator().manual_seed(step))
+        batch = draw_batch(
+            sampler.arrays,
+            sampler.bodies,
+            np.arange(len(sampler.arrays)),
+            args.global_batch,
+            args.patch,
+            4,
+            8,
+            np.random.default_rng(step),
+            torch.Generator().manual_seed(step),
+        )
         trainer.train_step(split_batch(batch, ctx.rank, ctx.world_size))
     if ctx.is_main:
         torch.save(trainer.model.state_dict(), out)

@@ -17,26 +17,39 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_support import (label_info, private_app, start_server, stop_server, tiny_case, wait_for_server,
-                         free_port)
+from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
 from medlsam.errors import MedLSAMError
 from medlsam.volume import read_volume
 
 THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")
-TINY_TRAIN = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 1, "validation_pairs": 1, "max_images": 2,
-              "threads": int(THREADS), "publish": "always"}
+TINY_TRAIN = {
+    "epochs": 1,
+    "iterations_per_epoch": 1,
+    "batch_size": 1,
+    "validation_pairs": 1,
+    "max_images": 2,
+    "threads": int(THREADS),
+    "publish": "always",
+}
 
 
 def _images(data_dir: Path, folder: Path) -> dict:
     src = folder / "src"
-    paths = {"kbp1": tiny_case(data_dir, 1, [1], src), "kbp2": tiny_case(data_dir, 2, None, src),
-             "kbp3": tiny_case(data_dir, 3, [1, 4], src)}
+    paths = {
+        "kbp1": tiny_case(data_dir, 1, [1], src),
+        "kbp2": tiny_case(data_dir, 2, None, src),
+        "kbp3": tiny_case(data_dir, 3, [1, 4], src),
+    }
     nib = pytest.importorskip("nibabel")
     flat = src / "flat2d.nii.gz"  # a 2D image
     nib.save(nib.Nifti1Image(np.full((64, 64), -500, np.int16), np.eye(4)), str(flat))
     notct = src / "notct.nii.gz"  # a label volume, not Hounsfield units
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 8, (64, 64, 24)).astype(np.int16),
-                             np.diag([4, 4, 5, 1.0])), str(notct))
+    nib.save(
+        nib.Nifti1Image(
+            np.random.default_rng(0).integers(0, 8, (64, 64, 24)).astype(np.int16), np.diag([4, 4, 5, 1.0])
+        ),
+        str(notct),
+    )
     return {**{k: v for k, v in paths.items()}, "flat2d": (flat, None), "notct": (notct, None)}
 
 
@@ -74,6 +87,7 @@ def _read_label(content: bytes, suffix: str, folder: Path) -> np.ndarray:
 
 # ===================================================================== in process
 
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, data_dir):
     folder = tmp_path_factory.mktemp("app")
@@ -93,8 +107,13 @@ def client(env):
     settings.MONAI_LABEL_STUDIES = str(env["studies"])
     settings.MONAI_LABEL_APP_CONF = conf
     settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
-    os.environ.update({"MONAI_LABEL_APP_DIR": str(env["app"]), "MONAI_LABEL_STUDIES": str(env["studies"]),
-                       "MONAI_LABEL_APP_CONF": json.dumps(conf)})
+    os.environ.update(
+        {
+            "MONAI_LABEL_APP_DIR": str(env["app"]),
+            "MONAI_LABEL_STUDIES": str(env["studies"]),
+            "MONAI_LABEL_APP_CONF": json.dumps(conf),
+        }
+    )
     from fastapi.testclient import TestClient
     from monailabel.app import app
 
@@ -116,7 +135,8 @@ def test_info_lists_the_four_tasks_and_the_trainer(client):
     assert models["sam"]["type"] == "deepgrow" and models["sam"]["dimension"] == 2
     assert models["sam_3d"]["type"] == "deepgrow" and models["sam_3d"]["dimension"] == 3
     assert {"epochs", "iterations_per_epoch", "batch_size", "learning_rate", "device"} <= set(
-        info["trainers"]["medlam"]["config"])
+        info["trainers"]["medlam"]["config"]
+    )
     assert info["labels"] == ["Brainstem"]
 
 
@@ -130,8 +150,9 @@ def test_medlam_returns_boxes_and_a_box_label(client, env):
     label = _read_label(image, ".nii.gz", env["folder"])
     (i0, j0, k0), (i1, j1, k1) = params["boxes"]["Brainstem"]["box_voxel"]
     assert label.shape == (64, 64, 24) and set(np.unique(label)) == {0, 1}
-    assert (label[i0:i1 + 1, j0:j1 + 1, k0:k1 + 1] == 1).all() and (label == 1).sum() == (
-        (i1 - i0 + 1) * (j1 - j0 + 1) * (k1 - k0 + 1))
+    assert (label[i0 : i1 + 1, j0 : j1 + 1, k0 : k1 + 1] == 1).all() and (label == 1).sum() == (
+        (i1 - i0 + 1) * (j1 - j0 + 1) * (k1 - k0 + 1)
+    )
     bank = json.loads((env["app"] / "model" / "templates.json").read_text())
     assert bank["templates"] == ["kbp1"] and (env["app"] / "model" / "templates.pt").is_file()
     # a client echoing the config's choice list, and the coarse-only quick check
@@ -183,20 +204,23 @@ def test_sam_3d_propagates_from_the_clicked_slice(client):
     assert result["slices"][0] >= 6 and result["slices"][1] <= 10 and result["slices"][0] <= 8 <= result["slices"][1]
 
 
-@pytest.mark.parametrize("model,image,params,status,needle", [
-    ("medlsam", "missing_image", {}, 404, "not found"),
-    ("medlam", "notct", {}, 400, "Hounsfield"),
-    ("medlam", "flat2d", {}, 400, "2D"),
-    ("sam", "kbp2", {"foreground": [[70, 1, 1]]}, 400, "outside the image"),
-    ("sam", "kbp2", {"roi": [30, 30, 20, 40, 8, 8]}, 400, "zero size"),
-    ("sam", "kbp2", {"background": [[3, 3, 3]]}, 400, "foreground"),
-    ("sam_3d", "kbp2", {}, 400, "no prompt"),
-    ("medlam", "kbp2", {"organs": "Brainstem,Heart"}, 400, "Heart"),
-    ("medlam", "kbp2", {"mode": "prior"}, 400, "mode"),
-    ("medlsam", "kbp1", {"prior_weight": "2"}, 400, "prior_weight"),
-    ("medlsam", "kbp1", {"mode": "boxes"}, 400, "mode"),
-    ("nosuchmodel", "kbp2", {}, 404, "available"),
-])
+@pytest.mark.parametrize(
+    "model,image,params,status,needle",
+    [
+        ("medlsam", "missing_image", {}, 404, "not found"),
+        ("medlam", "notct", {}, 400, "Hounsfield"),
+        ("medlam", "flat2d", {}, 400, "2D"),
+        ("sam", "kbp2", {"foreground": [[70, 1, 1]]}, 400, "outside the image"),
+        ("sam", "kbp2", {"roi": [30, 30, 20, 40, 8, 8]}, 400, "zero size"),
+        ("sam", "kbp2", {"background": [[3, 3, 3]]}, 400, "foreground"),
+        ("sam_3d", "kbp2", {}, 400, "no prompt"),
+        ("medlam", "kbp2", {"organs": "Brainstem,Heart"}, 400, "Heart"),
+        ("medlam", "kbp2", {"mode": "prior"}, 400, "mode"),
+        ("medlsam", "kbp1", {"prior_weight": "2"}, 400, "prior_weight"),
+        ("medlsam", "kbp1", {"mode": "boxes"}, 400, "mode"),
+        ("nosuchmodel", "kbp2", {}, 404, "available"),
+    ],
+)
 def test_bad_input_gives_clear_http_errors(client, model, image, params, status, needle):
     response = infer(client, model, image, params)
     assert response.status_code == status, response.text
@@ -209,11 +233,12 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
 
     sys.path.insert(0, str(env["app"]))
     try:
+        from monailabel.datastore.local import LocalDatastore
+
         from lib.configs.medlsam import MedLSAM
         from lib.infers.common import http_error
         from lib.models import Models
         from lib.template_source import NoTemplatesError, TemplateSource
-        from monailabel.datastore.local import LocalDatastore
 
         models = Models(env["app"] / "model", {"backend": "sam_vit_b"})
         with pytest.raises(Exception) as caught:
@@ -228,8 +253,11 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
         with pytest.raises(NoTemplatesError, match="save a final label"):
             templates.bank()
         assert http_error(NoTemplatesError("x")).status_code == 409
-        for key, value, needle in (("mode", "boxes", "mode"), ("compile", "maybe", "compile"),
-                                   ("templates", "0", "templates")):
+        for key, value, needle in (
+            ("mode", "boxes", "mode"),
+            ("compile", "maybe", "compile"),
+            ("templates", "0", "templates"),
+        ):
             with pytest.raises(MedLSAMError, match=needle):
                 MedLSAM().init("medlsam", str(env["app"] / "model"), {key: value}, None, datastore=lambda: None)
     finally:
@@ -239,9 +267,11 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
 def test_saving_a_label_rebuilds_the_bank(client, env):
     kbp3 = env["images"]["kbp3"][1]
     with open(kbp3, "rb") as handle:
-        response = client.put("/datastore/label?image=kbp3&tag=final",
-                              data={"params": json.dumps(label_info([1, 4]))},
-                              files={"label": ("kbp3.nii.gz", handle, "application/gzip")})
+        response = client.put(
+            "/datastore/label?image=kbp3&tag=final",
+            data={"params": json.dumps(label_info([1, 4]))},
+            files={"label": ("kbp3.nii.gz", handle, "application/gzip")},
+        )
     assert response.status_code == 200, response.text
     assert client.get("/info/").json()["models"]["medlsam"]["labels"] == {"Brainstem": 1, "LeftParotid": 4}
     result = infer(client, "medlam", "kbp2").json()
@@ -268,6 +298,7 @@ def test_sync_training_publishes_a_model_that_is_used(client, env):
 
 # ===================================================================== a real server
 
+
 def test_real_server_slicer_ohif_and_background_training(tmp_path, data_dir):
     import requests
     from monailabel.client import MONAILabelClient
@@ -290,14 +321,17 @@ def test_real_server_slicer_ohif_and_background_training(tmp_path, data_dir):
         # Slicer's "submit label": multipart with label_info; the bank is rebuilt for the next inference
         client.save_label("kbp1", str(images["kbp1"][1]), tag="final", params=label_info([1]))
         # Slicer: multipart, .nrrd, uint8
-        result_file, params = client.infer("medlsam", "kbp2", {"result_extension": ".nrrd", "result_dtype": "uint8",
-                                                               "organs": ["Brainstem"]})
+        result_file, params = client.infer(
+            "medlsam", "kbp2", {"result_extension": ".nrrd", "result_dtype": "uint8", "organs": ["Brainstem"]}
+        )
         assert params["label_names"] == client.info()["models"]["medlsam"]["labels"] == {"Brainstem": 1}
         label = read_volume(result_file).array
         assert label.shape == (64, 64, 24) and label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
         # OHIF: output=image
-        ohif = requests.post(f"{url}/infer/medlsam?image=kbp2&output=image",
-                             data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})})
+        ohif = requests.post(
+            f"{url}/infer/medlsam?image=kbp2&output=image",
+            data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})},
+        )
         assert ohif.status_code == 200 and len(ohif.content) > 100
         # bad input over HTTP, then still serving
         bad = requests.post(f"{url}/infer/sam?image=kbp2", data={"params": json.dumps({"foreground": [[99, 0, 0]]})})
@@ -317,8 +351,10 @@ def test_real_server_slicer_ohif_and_background_training(tmp_path, data_dir):
         # the next inference uses the published model and a rebuilt bank, without a restart
         _, boxes = client.infer("medlam", "kbp2", {})
         assert boxes["medlam"]["path"] == "medlam.pt"
-        assert json.loads((app_dir / "model" / "templates.json").read_text())["medlam_fingerprint"] == \
-            boxes["medlam"]["fingerprint"]
+        assert (
+            json.loads((app_dir / "model" / "templates.json").read_text())["medlam_fingerprint"]
+            == boxes["medlam"]["fingerprint"]
+        )
     finally:
         stop_server(server)
     assert server.poll() is not None

@@ -10,14 +10,23 @@ import time
 
 import pytest
 
-from app_support import label_info, private_app, start_server, stop_server, tiny_case, wait_for_server, free_port
+from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
 THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")
-LONG_TRAIN = {"epochs": 1000, "iterations_per_epoch": 100000, "batch_size": 1, "validation_pairs": 1,
-              "max_images": 2, "threads": 1, "init": "scratch", "base_channels": 2, "publish": "always",
-              "processes": 2}
+LONG_TRAIN = {
+    "epochs": 1000,
+    "iterations_per_epoch": 100000,
+    "batch_size": 1,
+    "validation_pairs": 1,
+    "max_images": 2,
+    "threads": 1,
+    "init": "scratch",
+    "base_channels": 2,
+    "publish": "always",
+    "processes": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +37,18 @@ def server(tmp_path_factory, data_dir):
 
     folder = tmp_path_factory.mktemp("scale")
     src = folder / "src"
-    cases = {"kbp1": tiny_case(data_dir, 1, [1], src), "kbp2": tiny_case(data_dir, 2, None, src),
-             "kbp3": tiny_case(data_dir, 3, None, src)}
+    cases = {
+        "kbp1": tiny_case(data_dir, 1, [1], src),
+        "kbp2": tiny_case(data_dir, 2, None, src),
+        "kbp3": tiny_case(data_dir, 3, None, src),
+    }
     studies = folder / "studies"
     studies.mkdir()
     for name, (image, _) in cases.items():
         shutil.copy(image, studies / f"{name}.nii.gz")
     LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False).save_label(
-        "kbp1", str(cases["kbp1"][1]), "final", label_info([1]))
+        "kbp1", str(cases["kbp1"][1]), "final", label_info([1])
+    )
     app = private_app(folder)
     port = free_port()
     log = folder / "server.log"
@@ -137,11 +150,14 @@ def test_conf_device_cuda_without_a_gpu_is_a_clear_error():
 
     if cuda_count():
         pytest.skip("a GPU is present")
-    code = ("from lib.models import Models\nfor d in ('cpu', 'CPU', 'cuda', 'cuda:1', 'gpu'):\n"
-            "    try:\n        print(d, 'ok', Models('model', {'device': d}).device)\n"
-            "    except Exception as e:\n        print(d, type(e).__name__, e)\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=APP_SOURCE, capture_output=True, text=True, timeout=120,
-                          check=True)
+    code = (
+        "from lib.models import Models\nfor d in ('cpu', 'CPU', 'cuda', 'cuda:1', 'gpu'):\n"
+        "    try:\n        print(d, 'ok', Models('model', {'device': d}).device)\n"
+        "    except Exception as e:\n        print(d, type(e).__name__, e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=APP_SOURCE, capture_output=True, text=True, timeout=120, check=True
+    )
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert lines["cpu"] == lines["CPU"] == "ok cpu"
     assert lines["cuda"].startswith("MedLSAMError") and "CUDA is not available" in lines["cuda"]

@@ -44,8 +44,9 @@ def test_2d_image(tmp_path, shape):
         load_ct(tmp_path / "slice.nii.gz")
 
 
-@pytest.mark.parametrize("value, suffix", [(np.nan, ".nii.gz"), (np.nan, ".nii"), (np.nan, ".nrrd"),
-                                           (np.inf, ".nii.gz"), (np.inf, ".nrrd")])
+@pytest.mark.parametrize(
+    "value, suffix", [(np.nan, ".nii.gz"), (np.nan, ".nii"), (np.nan, ".nrrd"), (np.inf, ".nii.gz"), (np.inf, ".nrrd")]
+)
 def test_nan_and_infinite_values(tmp_path, value, suffix):
     """Refused in every format (ITK alone silently reads NaN in NIfTI as 0)."""
     hu = _ct_like()
@@ -62,8 +63,9 @@ def test_tiny_volume(tmp_path):
     assert "48 mm" in str(error.value) and "29.0" in str(error.value)
 
 
-@pytest.mark.parametrize("name, low, high", [("mr", 0.0, 1000.0), ("normalised", 0.0, 1.0),
-                                             ("uint16 without rescale", 0.0, 4095.0)])
+@pytest.mark.parametrize(
+    "name, low, high", [("mr", 0.0, 1000.0), ("normalised", 0.0, 1.0), ("uint16 without rescale", 0.0, 4095.0)]
+)
 def test_intensities_that_are_not_ct(tmp_path, name, low, high):
     rng = np.random.default_rng(0)
     array = rng.uniform(low, high, size=(40, 36, 30)).astype(np.float32)

@@ -31,8 +31,18 @@ def inputs(tmp_path_factory, data_dir):
 
 
 def _args(inputs, out, *more) -> list[str]:
-    return ["segment", str(inputs["scans"]), "--templates", str(inputs["bank"]), "--out", str(out),
-            "--prior-weight", "1", "--quiet", *more]
+    return [
+        "segment",
+        str(inputs["scans"]),
+        "--templates",
+        str(inputs["bank"]),
+        "--out",
+        str(out),
+        "--prior-weight",
+        "1",
+        "--quiet",
+        *more,
+    ]
 
 
 def test_batch_mode_is_chosen_by_the_inputs(tmp_path):
@@ -89,8 +99,9 @@ def test_a_failing_scan_is_reported_and_the_others_go_on(inputs, tmp_path, capsy
     os.symlink(inputs["scans"] / "case2.nii.gz", scans / "case2.nii.gz")
     (scans / "broken.nii.gz").write_text("not an image")
     out = tmp_path / "out"
-    code = cli_main(["segment", str(scans), "--templates", str(inputs["bank"]), "--out", str(out), "--prior-weight",
-                     "1", "--quiet"])
+    code = cli_main(
+        ["segment", str(scans), "--templates", str(inputs["bank"]), "--out", str(out), "--prior-weight", "1", "--quiet"]
+    )
     captured = capsys.readouterr()
     assert code == 1
     assert (out / "case2.nii.gz").is_file() and (out / "case2.nii.gz.json").is_file()
@@ -103,8 +114,13 @@ def test_workers_share_the_scans(inputs, tmp_path):
     """--workers 2: two processes (RANK/WORLD_SIZE shards) write every output once between them."""
     out = tmp_path / "labels"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "medlsam.cli", *_args(inputs, out, "--workers", "2")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "medlsam.cli", *_args(inputs, out, "--workers", "2")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0/2: 2 scans" in done.stdout and "rank 1/2: 1 scans" in done.stdout
     assert "all workers: 3 scans, 3 complete, 0 failed or missing" in done.stdout

@@ -41,6 +41,7 @@ def scans(tmp_path_factory, make_ct) -> list[Path]:
 
 # -- shards, seeds, batches -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("count,world", [(7, 2), (8, 4), (3, 3), (5, 1)])
 def test_epoch_shards_are_disjoint_and_cover_every_scan(count, world):
     for epoch in range(3):
@@ -54,7 +55,7 @@ def test_epoch_shards_are_disjoint_and_cover_every_scan(count, world):
 
 def test_rank_seeds_differ_by_rank_and_epoch_and_repeat():
     seeds = {rank_seed(2023, e, r) for e in range(3) for r in range(4)}
-    assert len(seeds) == 12 and rank_seed(2023, 1, 2) == rank_seed(2023, 1, 2) < 2 ** 63
+    assert len(seeds) == 12 and rank_seed(2023, 1, 2) == rank_seed(2023, 1, 2) < 2**63
 
 
 def test_loader_workers_give_exactly_the_in_process_batches(scans, tmp_path):
@@ -74,16 +75,36 @@ def test_loader_workers_give_exactly_the_in_process_batches(scans, tmp_path):
 
 # -- DDP ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_combined_batch(scans, tmp_path):
     """2 steps of DDP (2 ranks x 1 sample) vs one process (2 samples), same global batches, float64."""
     common = [str(TESTS / "ddp_steps.py"), "--scans", *map(str, scans[:2]), "--steps", "2", "--global-batch", "2"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *common, "--out", str(tmp_path / "two.pt")], env=ENV, capture_output=True, text=True,
-                         timeout=240)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *common,
+            "--out",
+            str(tmp_path / "two.pt"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one.pt")], env=ENV, capture_output=True,
-                         text=True, timeout=240)
+    one = subprocess.run(
+        [sys.executable, *common, "--out", str(tmp_path / "one.pt")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a, b, start = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("one", "two", "one-start"))
     moved = max(float((a[k] - start[k]).abs().max()) for k in a)
@@ -110,12 +131,31 @@ def test_distributed_run_killed_midway_resumes_as_one_process(scans, tmp_path):
     """`medlsam train --nproc 2` stopped by SIGTERM after epoch 2 leaves its checkpoint; one process resumes it
     (another world size) to the end, and the lock of the dead run does not block it."""
     out = tmp_path / "medlam.pt"
-    common = ["-m", "medlsam.cli", "train", "--images", *map(str, scans), "--out", str(out), "--base-channels", "2",
-              "--patch-size", "32", "--iterations-per-epoch", "2", "--batch-size", "1", "--seed", "3",
-              "--cache", str(tmp_path / "cache")]
+    common = [
+        "-m",
+        "medlsam.cli",
+        "train",
+        "--images",
+        *map(str, scans),
+        "--out",
+        str(out),
+        "--base-channels",
+        "2",
+        "--patch-size",
+        "32",
+        "--iterations-per-epoch",
+        "2",
+        "--batch-size",
+        "1",
+        "--seed",
+        "3",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     log = open(tmp_path / "dist.log", "w")
-    run = subprocess.Popen([sys.executable, *common, "--epochs", "200", "--nproc", "2"], env=ENV, stdout=log,
-                           stderr=subprocess.STDOUT)
+    run = subprocess.Popen(
+        [sys.executable, *common, "--epochs", "200", "--nproc", "2"], env=ENV, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         _wait_for_epoch(tmp_path / "train_stats.json", 2, run, timeout=180)
         run.send_signal(signal.SIGTERM)
@@ -130,8 +170,13 @@ def test_distributed_run_killed_midway_resumes_as_one_process(scans, tmp_path):
     stopped_at = int(state["epoch"])
     assert 2 <= stopped_at < 200
     assert not list(tmp_path.glob(".tmp-*")), "a partial checkpoint was left behind"
-    resumed = subprocess.run([sys.executable, *common, "--epochs", str(stopped_at + 1), "--resume",
-                              str(tmp_path / "medlam.state.pt")], env=ENV, capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(
+        [sys.executable, *common, "--epochs", str(stopped_at + 1), "--resume", str(tmp_path / "medlam.state.pt")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "single process" in resumed.stdout
     stats = json.loads((tmp_path / "train_stats.json").read_text())
@@ -142,13 +187,23 @@ def test_distributed_run_killed_midway_resumes_as_one_process(scans, tmp_path):
 
 # -- lock, devices, launcher ------------------------------------------------------------------------------
 
+
 def test_training_lock_refuses_a_second_training(tmp_path):
     lock = TrainingLock(tmp_path / "medlam.lock").acquire()
     assert json.loads((tmp_path / "medlam.lock").read_text())["pid"] == os.getpid()
-    probe = subprocess.run([sys.executable, "-c", "import sys; from medlsam.distributed import TrainingLock\n"
-                            "try:\n    TrainingLock(sys.argv[1]).acquire()\nexcept Exception as e:\n"
-                            "    print(e); sys.exit(3)", str(tmp_path / "medlam.lock")],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from medlsam.distributed import TrainingLock\n"
+            "try:\n    TrainingLock(sys.argv[1]).acquire()\nexcept Exception as e:\n"
+            "    print(e); sys.exit(3)",
+            str(tmp_path / "medlam.lock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.returncode == 3 and "another training is running" in probe.stdout
     lock.release()
     assert not (tmp_path / "medlam.lock").exists()
@@ -159,8 +214,12 @@ def test_trainer_holds_the_lock_while_it_runs(scans, tmp_path):
     from medlsam.training import Trainer, TrainOptions
 
     with TrainingLock(tmp_path / "medlam.lock"):
-        trainer = Trainer(scans, tmp_path / "medlam.pt", TINY, TrainOptions(epochs=1, iterations_per_epoch=1,
-                                                                             batch_size=1, mss_points=4))
+        trainer = Trainer(
+            scans,
+            tmp_path / "medlam.pt",
+            TINY,
+            TrainOptions(epochs=1, iterations_per_epoch=1, batch_size=1, mss_points=4),
+        )
         with pytest.raises(MedLSAMError, match="another training is running"):
             trainer.run()
     assert not (tmp_path / "medlam.pt").exists()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
+
 from medlsam.interactive import PromptError, parse_prompts, segment_slice, slice_mask_to_volume
 from medlsam.metrics import dice
 from medlsam.propagation import PropagationOptions, segment_volume
 from medlsam.sam.segmenter import Embedding
 from medlsam.sam.slices import SliceEmbeddings
-from scipy import ndimage
 
 
 class IdealSegmenter:
@@ -21,8 +22,15 @@ class IdealSegmenter:
         self.name, self.decoder_calls = name, 0
 
     def encode_batch(self, images):
-        return [Embedding(torch.from_numpy(np.ascontiguousarray(im[..., 0])).float()[None, None], im.shape[:2],
-                          im.shape[:2], self.name) for im in images]
+        return [
+            Embedding(
+                torch.from_numpy(np.ascontiguousarray(im[..., 0])).float()[None, None],
+                im.shape[:2],
+                im.shape[:2],
+                self.name,
+            )
+            for im in images
+        ]
 
     def decode(self, embedding, boxes=None, points=None, point_labels=None, multimask=False):
         self.decoder_calls += 1
@@ -38,7 +46,7 @@ class IdealSegmenter:
         if boxes is not None:
             x0, y0, x1, y1 = (int(v) for v in boxes[0])
             inside = np.zeros_like(bright)
-            inside[y0:y1 + 1, x0:x1 + 1] = True
+            inside[y0 : y1 + 1, x0 : x1 + 1] = True
             keep = keep & inside if points is not None else bright & inside
         return keep[None].astype(np.float32), np.array([0.9 if keep.any() else 0.1], np.float32)
 
@@ -75,8 +83,9 @@ def test_slice_click_uses_file_order_indices(ball):
     assert np.array_equal(volume[:, :, 10], truth[:, :, 10]) and volume.sum() == truth[:, :, 10].sum()
     # i and j swapped would miss the ball (as a point prompt): the click really is (i, j, k) of the file
     points = SliceEmbeddings(IdealSegmenter("sam_ideal"), ct, axis=2)
-    assert np.array_equal(segment_slice(points, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))["mask"],
-                          truth[:, :, 10])
+    assert np.array_equal(
+        segment_slice(points, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))["mask"], truth[:, :, 10]
+    )
     assert not segment_slice(points, parse_prompts(ct.shape, foreground=[[20, 14, 10]]))["mask"].any()
     # a second click on the same slice: no new encoding, one decoder call (from the box chosen before)
     calls = emb.segmenter.decoder_calls
@@ -85,8 +94,7 @@ def test_slice_click_uses_file_order_indices(ball):
     assert np.array_equal(again["mask"], truth[:, :, 10])
     # along another axis, too
     emb0 = SliceEmbeddings(IdealSegmenter(), ct, axis=0)
-    assert np.array_equal(segment_slice(emb0, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))["mask"],
-                          truth[14])
+    assert np.array_equal(segment_slice(emb0, parse_prompts(ct.shape, foreground=[[14, 20, 10]]))["mask"], truth[14])
 
 
 def test_roi_box_alone_and_zero_size_roi(ball):
@@ -130,8 +138,9 @@ def test_lite_medsam_click_and_propagation_on_a_real_liver(data_dir):
     click = segment_slice(emb, parse_prompts(ct.shape, foreground=[[i, j, k]]))  # a click alone grows a box
     print("click-only Dice", dice(click["mask"], liver[:, :, k]))
     assert dice(click["mask"], liver[:, :, k]) > 0.5
-    result = segment_volume(emb, parse_prompts(ct.shape, foreground=[[i, j, k]], roi=roi),
-                            PropagationOptions(max_slices=1))
+    result = segment_volume(
+        emb, parse_prompts(ct.shape, foreground=[[i, j, k]], roi=roi), PropagationOptions(max_slices=1)
+    )
     assert result.slices == [k - 1, k, k + 1], result.stop_reasons
     for s in result.slices:
         assert dice(result.mask[:, :, s], liver[:, :, s]) > 0.65, s
@@ -140,11 +149,12 @@ def test_lite_medsam_click_and_propagation_on_a_real_liver(data_dir):
     far = k + 4
     dist = ndimage.distance_transform_edt(liver[:, :, far])
     fi, fj = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    more = segment_volume(emb, parse_prompts(ct.shape, foreground=[[i, j, k], [fi, fj, far]], roi=roi),
-                          PropagationOptions(max_slices=1))
+    more = segment_volume(
+        emb, parse_prompts(ct.shape, foreground=[[i, j, k], [fi, fj, far]], roi=roi), PropagationOptions(max_slices=1)
+    )
     print("Dice on the missed slice", dice(more.mask[:, :, far], liver[:, :, far]))
     assert more.anchors == [k, far] and more.slices == [k - 1, k, k + 1, far - 1, far, far + 1], more.stop_reasons
-    assert np.array_equal(more.mask[:, :, :far - 1], result.mask[:, :, :far - 1])
+    assert np.array_equal(more.mask[:, :, : far - 1], result.mask[:, :, : far - 1])
     assert dice(more.mask[:, :, far], liver[:, :, far]) > 0.5
     assert dice(more.mask, liver) > dice(result.mask, liver) + 0.05
 
@@ -158,7 +168,7 @@ def _rod(segments: list[tuple[int, int]], shape=(40, 36, 30)):
     disc = (i - 14) ** 2 + (j - 20) ** 2 <= 16
     rod = np.zeros(shape, dtype=bool)
     for k0, k1 in segments:
-        rod[:, :, k0:k1 + 1] = disc[:, :, None]
+        rod[:, :, k0 : k1 + 1] = disc[:, :, None]
     hu = np.where(rod, 1000.0, 40.0).astype(np.float32)
     return CTVolume(hu, np.diag([3.0, 3.0, 4.0, 1.0]), "rod"), rod
 
@@ -173,8 +183,9 @@ def test_background_click_removes_the_spurious_slices_and_stops_propagation():
     two = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]], background=[[14, 20, 19]]))
     assert two.slices == list(range(5, 19)) and two.stop_reasons["up"] == "background click on the carried mask"
     assert np.array_equal(two.mask[:, :, :19], one.mask[:, :, :19])  # the slices before the click are kept
-    three = segment_volume(emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]],
-                                              background=[[14, 20, 19], [14, 20, 15]]))
+    three = segment_volume(
+        emb, parse_prompts(ct.shape, foreground=[[14, 20, 10]], background=[[14, 20, 19], [14, 20, 15]])
+    )
     assert np.array_equal(three.mask, truth)
     assert dice(one.mask, truth) < dice(two.mask, truth) < dice(three.mask, truth) == 1.0
 

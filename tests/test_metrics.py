@@ -17,6 +17,7 @@ def box(low, high):
 
 # -- boxes ---------------------------------------------------------------------------------------------
 
+
 def test_label_box_is_inclusive_and_none_when_empty():
     mask = np.zeros((10, 8, 6), dtype=bool)
     mask[2:5, 3, 1:6] = True
@@ -79,6 +80,7 @@ def test_cranio_caudal_axis():
 
 # -- masks ---------------------------------------------------------------------------------------------
 
+
 def test_dice_simple_shapes():
     a = np.zeros((10, 10, 10), dtype=bool)
     b = np.zeros_like(a)
@@ -95,6 +97,7 @@ def test_dice_simple_shapes():
 
 def brute_hd95(pred: np.ndarray, true: np.ndarray, spacing) -> float:
     """Reference: surface voxels (a face-neighbour outside the mask or the array) and all-pairs distances."""
+
     def surface(mask):
         padded = np.pad(mask, 1)
         inside = np.ones_like(mask)

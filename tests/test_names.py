@@ -13,16 +13,27 @@ from medlsam.names import NamesFileError, read_names
 EXPECTED = {1: "Brainstem", 2: "SpinalCord"}
 
 
-@pytest.mark.parametrize("content", [
-    {"1": "Brainstem", "2": "SpinalCord"},
-    {"Brainstem": 1, "SpinalCord": 2},
-    {"0": "background", "1": "Brainstem", "2": "SpinalCord"},
-    {"labels": {"1": "Brainstem", "2": "SpinalCord"}, "cases": []},
-    {"labels": {"background": 0, "Brainstem": 1, "SpinalCord": 2}},
-    {"labels": ["background", "Brainstem", "SpinalCord"]},
-    {"labels": [{"name": "Brainstem", "idx": 1}, {"name": "SpinalCord", "idx": 2}]},
-], ids=["value-name", "name-value", "with-background", "dataset-dict", "dataset-inverted", "dataset-list",
-        "label-info"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"1": "Brainstem", "2": "SpinalCord"},
+        {"Brainstem": 1, "SpinalCord": 2},
+        {"0": "background", "1": "Brainstem", "2": "SpinalCord"},
+        {"labels": {"1": "Brainstem", "2": "SpinalCord"}, "cases": []},
+        {"labels": {"background": 0, "Brainstem": 1, "SpinalCord": 2}},
+        {"labels": ["background", "Brainstem", "SpinalCord"]},
+        {"labels": [{"name": "Brainstem", "idx": 1}, {"name": "SpinalCord", "idx": 2}]},
+    ],
+    ids=[
+        "value-name",
+        "name-value",
+        "with-background",
+        "dataset-dict",
+        "dataset-inverted",
+        "dataset-list",
+        "label-info",
+    ],
+)
 def test_accepted_forms(tmp_path, content):
     path = tmp_path / "names.json"
     path.write_text(json.dumps(content))
@@ -34,19 +45,33 @@ def test_the_real_dataset_json(data_dir):
     assert names[1] == "Brainstem" and names[7] == "Mandible" and len(names) == 7
 
 
-@pytest.mark.parametrize("text, message", [
-    (None, "does not exist"),
-    ("not json {", "is not JSON"),
-    ('{"labels": ["Brainstem", "SpinalCord"]}', 'must start with "background"'),
-    ('{"1": 2, "3": 4}', "both keys and values are numbers"),
-    ('{"1": "Brainstem", "SpinalCord": 2}', "neither the keys nor the values"),
-    ('{"1": "Brainstem", "2": "Brainstem"}', "given twice"),
-    ('{"1": ""}', "has no organ name"),
-    ('{"labels": [{"name": "Brainstem"}]}', "no integer label value"),
-    ('{"0": "background"}', "no organ names"),
-    ('[1, 2]', "a labels list must hold"),
-], ids=["missing", "not-json", "bare-list", "numbers", "mixed", "duplicate", "empty-name", "no-value",
-        "only-background", "number-list"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "does not exist"),
+        ("not json {", "is not JSON"),
+        ('{"labels": ["Brainstem", "SpinalCord"]}', 'must start with "background"'),
+        ('{"1": 2, "3": 4}', "both keys and values are numbers"),
+        ('{"1": "Brainstem", "SpinalCord": 2}', "neither the keys nor the values"),
+        ('{"1": "Brainstem", "2": "Brainstem"}', "given twice"),
+        ('{"1": ""}', "has no organ name"),
+        ('{"labels": [{"name": "Brainstem"}]}', "no integer label value"),
+        ('{"0": "background"}', "no organ names"),
+        ("[1, 2]", "a labels list must hold"),
+    ],
+    ids=[
+        "missing",
+        "not-json",
+        "bare-list",
+        "numbers",
+        "mixed",
+        "duplicate",
+        "empty-name",
+        "no-value",
+        "only-background",
+        "number-list",
+    ],
+)
 def test_malformed_files_name_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "names.json"
     if text is not None:
@@ -59,8 +84,20 @@ def test_malformed_files_name_the_file_and_the_problem(tmp_path, text, message):
 def test_templates_build_with_a_bad_names_file_is_a_clear_cli_error(tmp_path, capsys):
     path = tmp_path / "names.json"
     path.write_text('{"labels": [{"name": "Brainstem"}]}')
-    code = cli_main(["templates", "build", "--images", "scan.nii.gz", "--labels", "label.nii.gz",
-                     "--names", str(path), "--out", str(tmp_path / "bank.pt")])
+    code = cli_main(
+        [
+            "templates",
+            "build",
+            "--images",
+            "scan.nii.gz",
+            "--labels",
+            "label.nii.gz",
+            "--names",
+            str(path),
+            "--out",
+            str(tmp_path / "bank.pt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("medlsam: error: names file") and str(path) in err and "Traceback" not in err

@@ -18,8 +18,25 @@ DECODER = ["conv5_1", "conv5_2", "conv6_1", "conv6_2", "conv7_1", "conv7_2", "co
 
 def expected_parameters(b: int, patch: tuple[int, int, int], classes: int) -> int:
     """Parameter count of the published MedLAM, layer by layer (conv 3^3 with bias; InstanceNorm has none)."""
-    convs = [(2, 2), (2, 2), (2, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16),
-             (24, 8), (8, 8), (12, 4), (4, 4), (6, 4), (4, 4), (6, 4), (4, 4)]  # widths in units of b
+    convs = [
+        (2, 2),
+        (2, 2),
+        (2, 2),
+        (2, 2),
+        (2, 4),
+        (4, 4),
+        (4, 8),
+        (8, 8),
+        (8, 16),
+        (24, 8),
+        (8, 8),
+        (12, 4),
+        (4, 4),
+        (6, 4),
+        (4, 4),
+        (6, 4),
+        (4, 4),
+    ]  # widths in units of b
     total = 27 * 1 * 2 * b + 2 * b  # conv0_1 takes the 1-channel CT
     total += sum(27 * cin * b * cout * b + cout * b for cin, cout in convs)
     bottleneck = int(np.prod([s // 16 for s in patch])) * 16 * b
@@ -50,6 +67,7 @@ def official_state_dict(model: MedLAM) -> dict[str, torch.Tensor]:
 
 
 # -- configurations -------------------------------------------------------------------------------------
+
 
 def test_default_and_reference_configurations_build():
     default, reference = build_medlam("default"), build_medlam("reference")
@@ -82,6 +100,7 @@ def test_config_dict_round_trip():
 
 # -- outputs --------------------------------------------------------------------------------------------
 
+
 def test_latent_skips_the_decoder(small, patches):
     called = []
     hooks = [getattr(small, name).register_forward_hook(lambda m, i, o, n=name: called.append(n)) for name in DECODER]
@@ -102,7 +121,7 @@ def test_latent_skips_the_decoder(small, patches):
 def test_latent_of_each_patch_is_independent_of_the_batch(small, patches):
     with torch.no_grad():
         together = small.latent(patches)
-        alone = torch.cat([small.latent(patches[i:i + 1]) for i in range(2)])
+        alone = torch.cat([small.latent(patches[i : i + 1]) for i in range(2)])
     assert torch.allclose(together, alone, atol=1e-5)
     assert not torch.allclose(together[0], together[1])
 
@@ -124,11 +143,11 @@ def test_default_configuration_outputs():
     with torch.no_grad():
         out = model(torch.rand(1, 1, 64, 64, 64))
     assert out["latent"].shape == (1, 3)
-    assert [tuple(f.shape) for f in out["features"]] == [(1, 24, 16, 16, 16), (1, 24, 32, 32, 32),
-                                                        (1, 24, 64, 64, 64)]
+    assert [tuple(f.shape) for f in out["features"]] == [(1, 24, 16, 16, 16), (1, 24, 32, 32, 32), (1, 24, 64, 64, 64)]
 
 
 # -- our checkpoints ------------------------------------------------------------------------------------
+
 
 def test_save_and_load_gives_identical_outputs(small, patches, tmp_path):
     save_medlam(small, tmp_path / "medlam.pt", epoch=7)
@@ -172,13 +191,21 @@ def test_fp16_checkpoint_reloads(small, patches, tmp_path):
 
 # -- official checkpoints -------------------------------------------------------------------------------
 
+
 def test_official_small_checkpoints_load_with_identical_outputs(patches, tmp_path):
     """`.tar` with {'state_dict', 'optimizer', 'epoch', 'best_loss' (a numpy float)} and a raw `.pth`."""
     torch.manual_seed(3)
     model = MedLAM(MedLAMConfig(base_channels=2, patch_size=(32, 32, 32), num_classes=3)).eval()
     state = official_state_dict(model)
-    torch.save({"epoch": 12, "state_dict": state, "best_loss": np.float64(0.0123),
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}}, tmp_path / "m.tar")
+    torch.save(
+        {
+            "epoch": 12,
+            "state_dict": state,
+            "best_loss": np.float64(0.0123),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+        },
+        tmp_path / "m.tar",
+    )
     torch.save(state, tmp_path / "medlam.pth")
     with torch.no_grad():
         expected = model(patches)
@@ -204,10 +231,13 @@ def test_official_reference_checkpoint_loads(tmp_path):
         expected = model.latent(patch)
     for name in ("MedLAM_0.5.tar", "medlam.pth"):
         loaded = load_medlam(tmp_path / name)
-        assert (loaded.config.base_channels, loaded.config.patch_size, loaded.config.num_classes) == \
-            (24, (64, 64, 64), 3)
+        assert (loaded.config.base_channels, loaded.config.patch_size, loaded.config.num_classes) == (
+            24,
+            (64, 64, 64),
+            3,
+        )
         loaded_state = loaded.state_dict()
-        assert all(torch.equal(loaded_state[k[len("module."):]], v) for k, v in state.items())
+        assert all(torch.equal(loaded_state[k[len("module.") :]], v) for k, v in state.items())
     with torch.no_grad():
         assert torch.equal(loaded.latent(patch), expected)
 

@@ -10,12 +10,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import right_anterior_marker
 
+from medlsam.assemble import interpolate_slices
 from medlsam.cli import main as cli_main
 from medlsam.errors import MedLSAMError, TemplateError
 from medlsam.localize import Localizer, OrganLocation
 from medlsam.outputs import check_output_path, write_segmentation
-from medlsam.assemble import interpolate_slices
 from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
 from medlsam.prompts import encoded_slices, organ_prompts
 from medlsam.sam import build_segmenter
@@ -96,8 +97,13 @@ def test_prompts_follow_the_slice_axes_for_any_axis_order(abdomen):
 
 
 def test_spl_prompts_use_the_slab_of_each_slice():
-    loc = OrganLocation("o", 1, True, box_voxel=[[0, 0, 2], [30, 40, 9]], slabs=[
-        {"box_voxel": [[5, 6, 2], [10, 12, 5]]}, {"box_voxel": [[20, 22, 5], [25, 30, 9]]}])
+    loc = OrganLocation(
+        "o",
+        1,
+        True,
+        box_voxel=[[0, 0, 2], [30, 40, 9]],
+        slabs=[{"box_voxel": [[5, 6, 2], [10, 12, 5]]}, {"box_voxel": [[20, 22, 5], [25, 30, 9]]}],
+    )
     prompts = organ_prompts(loc, 2, (64, 64, 20), "spl")
     assert sorted(prompts) == list(range(2, 10))
     assert prompts[3].tolist() == [6, 5, 12, 10] and prompts[8].tolist() == [22, 20, 30, 25]
@@ -123,7 +129,9 @@ def test_pipeline_encodes_each_slice_once_and_assembles_the_label(abdomen, files
     assert set(np.unique(result.label)) <= {0, values["liver"], values["stomach"]}
     assert not result.label[:, :, [0, 1, 4, 5]].any()
     liver, truth = result.label == values["liver"], (label.array == values["liver"]) & region
-    assert 2 * (liver & truth).sum() / (liver.sum() + truth.sum()) > 0.75  # 0.85 measured (soft-tissue window; the slab bottom)
+    assert (
+        2 * (liver & truth).sum() / (liver.sum() + truth.sum()) > 0.75
+    )  # 0.85 measured (soft-tissue window; the slab bottom)
     assert result.boxes["liver"]["voxels"] == int(liver.sum()) and result.boxes["spleen"]["found"] is False
     again = pipeline.segment_locations(ct, locations, embeddings=embeddings)  # cached: no encoder call
     assert again.encoder_calls == 0 and np.array_equal(again.label, result.label)
@@ -150,14 +158,19 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
     assert prior.probabilities.shape == tuple(prior.high - prior.low + 1)
     assert np.all(prior.low >= 0) and np.all(prior.high < np.array(ct.shape))
     region = prior.region()
-    assert 2 * ((prior.probabilities > 0.5) & truth[region]).sum() / ((prior.probabilities > 0.5).sum()
-                                                                      + truth.sum()) > 0.9
+    assert (
+        2 * ((prior.probabilities > 0.5) & truth[region]).sum() / ((prior.probabilities > 0.5).sum() + truth.sum())
+        > 0.9
+    )
     alone = MedLSAMPipeline(plain, segmenter, SegmentOptions(mode="prior", prior_weight=1.0))
     result = alone.segment(ct, ["liver", "stomach"])
     assert result.encoder_calls == 0 and result.timings_s["encode"] == 0.0
     assert liver_dice(result) > 0.9
-    blended = MedLSAMPipeline(Localizer(model, bank), segmenter,
-                              SegmentOptions(mode="prior", prior_weight=0.7, slice_spacing_mm=2 * ct.spacing[2]))
+    blended = MedLSAMPipeline(
+        Localizer(model, bank),
+        segmenter,
+        SegmentOptions(mode="prior", prior_weight=0.7, slice_spacing_mm=2 * ct.spacing[2]),
+    )
     embeddings = SliceEmbeddings(segmenter, ct)
     result = blended.segment(ct, ["liver"], embeddings=embeddings)
     slices = np.flatnonzero(truth.any(axis=(0, 1)))
@@ -166,8 +179,9 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
     # without template matching there is no prior: the organ's box on every slice, SAM alone
     from medlsam.localize import LocalizeOptions
 
-    no_prior = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(match=False)), segmenter,
-                               SegmentOptions(mode="prior", prior_weight=1.0))
+    no_prior = MedLSAMPipeline(
+        Localizer(model, bank, LocalizeOptions(match=False)), segmenter, SegmentOptions(mode="prior", prior_weight=1.0)
+    )
     result = no_prior.segment(ct, ["liver"], embeddings=embeddings)
     assert result.reference_encoder_calls > 0 and result.boxes["liver"]["voxels"] > 0
 
@@ -195,8 +209,11 @@ def test_write_segmentation_keeps_geometry_and_is_atomic(abdomen, tmp_path, monk
 
 
 def test_bad_output_paths_fail_early(tmp_path):
-    for bad, message in [(tmp_path / "seg.png", "NIfTI or NRRD"), (tmp_path / "missing" / "seg.nii.gz", "does not exist"),
-                         (tmp_path, "NIfTI or NRRD")]:
+    for bad, message in [
+        (tmp_path / "seg.png", "NIfTI or NRRD"),
+        (tmp_path / "missing" / "seg.nii.gz", "does not exist"),
+        (tmp_path, "NIfTI or NRRD"),
+    ]:
         with pytest.raises(MedLSAMError, match=message):
             check_output_path(bad)
     (tmp_path / "file").write_text("")
@@ -221,8 +238,12 @@ def test_unknown_organ_and_backend_fail_before_any_work(abdomen, files, segmente
     assert "unknown segmentation backend" in capsys.readouterr().err
     assert cli_main(base + ["--prior-weight", "1.5"]) == 2  # checked before the bank is opened
     assert "prior_weight must be in [0, 1]" in capsys.readouterr().err
-    for bad, needle in ((dict(mode="boxes"), "mode must be one of"), (dict(slice_spacing_mm=-1), "slice_spacing_mm"),
-                        (dict(prior_weight=-0.1), "prior_weight"), (dict(threshold=1.5), "threshold")):
+    for bad, needle in (
+        (dict(mode="boxes"), "mode must be one of"),
+        (dict(slice_spacing_mm=-1), "slice_spacing_mm"),
+        (dict(prior_weight=-0.1), "prior_weight"),
+        (dict(threshold=1.5), "threshold"),
+    ):
         with pytest.raises(MedLSAMError, match=needle):
             SegmentOptions(**bad)
     # the output path is checked first: a missing bank is not even opened
@@ -239,8 +260,12 @@ def test_cli_interrupt_leaves_no_output(files, monkeypatch, capsys):
 
     monkeypatch.setattr("medlsam.pipeline.MedLSAMPipeline.segment", interrupted)
     out = folder / "interrupted.nii.gz"
-    assert cli_main(["segment", str(folder / "ct.nii.gz"), "--templates", str(folder / "bank.pt"), "--out", str(out),
-                     "--quiet"]) == 130
+    assert (
+        cli_main(
+            ["segment", str(folder / "ct.nii.gz"), "--templates", str(folder / "bank.pt"), "--out", str(out), "--quiet"]
+        )
+        == 130
+    )
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists() and not (folder / "interrupted.nii.gz.json").exists()
 
@@ -249,8 +274,25 @@ def test_cli_segment_end_to_end(abdomen, files, capsys):
     ct, _, names = abdomen
     folder, _, _ = files
     out, qc = folder / "seg.nrrd", folder / "qc.png"
-    assert cli_main(["segment", str(folder / "ct.nii.gz"), "--templates", str(folder / "bank.pt"), "--out", str(out),
-                     "--organs", "liver,stomach", "--qc", str(qc), "--mode", "wpl"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                str(folder / "ct.nii.gz"),
+                "--templates",
+                str(folder / "bank.pt"),
+                "--out",
+                str(out),
+                "--organs",
+                "liver,stomach",
+                "--qc",
+                str(qc),
+                "--mode",
+                "wpl",
+            ]
+        )
+        == 0
+    )
     label = read_volume(out)
     assert label.shape == ct.shape and np.allclose(label.affine, ct.affine, atol=1e-4)
     doc = json.loads((folder / "seg.nrrd.json").read_text())
@@ -258,7 +300,9 @@ def test_cli_segment_end_to_end(abdomen, files, capsys):
     assert doc["labels"] == {"liver": values["liver"], "stomach": values["stomach"]}
     assert set(doc["boxes"]) == {"liver", "stomach"}
     assert {"load", "localize", "encode", "decode", "assemble", "write"} <= set(doc["timings_s"])
-    slices = {k for b in doc["boxes"].values() if b["found"] for k in range(b["box_voxel"][0][2], b["box_voxel"][1][2] + 1)}
+    slices = {
+        k for b in doc["boxes"].values() if b["found"] for k in range(b["box_voxel"][0][2], b["box_voxel"][1][2] + 1)
+    }
     assert doc["encoder_calls"] == len(slices) <= doc["reference_encoder_calls"]
     assert set(np.unique(label.array)) <= {0, *doc["labels"].values()}
     for name, box in doc["boxes"].items():
@@ -278,24 +322,16 @@ class _BoxFillingSegmenter:
     def decode(self, embedding, boxes=None, points=None, point_labels=None, multimask=False):
         masks = np.zeros((len(boxes), *embedding.shape[:2]), np.float32)
         for n, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
-            masks[n, y0:y1 + 1, x0:x1 + 1] = 1.0
+            masks[n, y0 : y1 + 1, x0 : x1 + 1] = 1.0
         return masks, np.ones(len(boxes), np.float32)
 
 
 @pytest.mark.parametrize("x_axis", [0, 1])
 @pytest.mark.parametrize("signs", [(1, 1), (-1, 1), (1, -1), (-1, -1)])
 def test_slices_are_shown_to_the_encoder_in_radiological_orientation(x_axis, signs):
-    shape = (30, 40, 5)
-    affine = np.diag([0.0, 0.0, 3.0, 1.0])
-    # file axis x_axis runs along world x (patient left), the other along y (posterior), signs as given
-    affine[0, x_axis], affine[1, 1 - x_axis] = 2.0 * signs[0], 2.0 * signs[1]
-    hu = np.zeros(shape, np.float32)
-    # a bright voxel at the patient's right-anterior corner of slice 2 must be the image's top-left pixel
-    corner = [0, 0]
-    corner[x_axis] = 0 if signs[0] > 0 else shape[x_axis] - 1
-    corner[1 - x_axis] = 0 if signs[1] > 0 else shape[1 - x_axis] - 1
-    hu[corner[0], corner[1], 2] = 1000.0
-    emb = SliceEmbeddings(_BoxFillingSegmenter(), CTVolume(hu, affine, "oriented"), axis=2)
+    volume = right_anterior_marker(x_axis, signs)
+    shape = volume.shape
+    emb = SliceEmbeddings(_BoxFillingSegmenter(), volume, axis=2)
     image = emb.slice_image(2)
     assert image[0, 0].max() == image.max() > image[5, 5].max()
     # a box prompt in slice pixels comes back as the same box, whatever the orientation, with or without a crop

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medlsam.grid import resample_to_grid, to_localisation_grid
+from medlsam.grid import resample_to_grid, to_localization_grid
 from medlsam.metrics import dice
 from medlsam.prior import OrganPrior, prior_on_file, prior_slice_boxes
 from medlsam.volume import CTVolume
@@ -27,7 +27,7 @@ def _reoriented(volume: CTVolume, order: tuple[int, int, int], flip: int | None)
 def test_a_grid_prior_lands_on_the_organ_in_the_file_for_any_orientation(make_ct, order, flip):
     ct, label = make_ct(shape=(48, 44, 36), ball_centre=(20.0, 22.0, 16.0), ball_radius=7.0)
     ct, label = _reoriented(ct, order, flip), _reoriented(label, order, flip)
-    grid = to_localisation_grid(ct)
+    grid = to_localization_grid(ct)
     on_grid = resample_to_grid(label.array.astype(np.float32), label, grid.affine, grid.shape, fill=0.0)
     prior = prior_on_file(OrganPrior(origin=np.zeros(3, int), probabilities=on_grid), grid)
     placed = np.zeros(ct.shape, bool)
@@ -49,7 +49,7 @@ def test_a_grid_prior_lands_on_the_organ_in_the_file_for_any_orientation(make_ct
 
 def test_a_prior_outside_the_scan_gives_nothing(make_ct):
     ct, _ = make_ct()
-    grid = to_localisation_grid(ct)
+    grid = to_localization_grid(ct)
     far = OrganPrior(origin=np.array([500, 500, 500]), probabilities=np.ones((4, 4, 4), np.float32))
     assert prior_on_file(far, grid) is None
     assert prior_on_file(OrganPrior(np.zeros(3, int), np.zeros((4, 4, 4), np.float32)), grid) is None
@@ -68,8 +68,9 @@ def test_the_intensity_model_keeps_the_organs_intensities_and_drops_the_rest():
     mask = np.zeros((10, 10, 10), np.float32)
     mask[3:7, 3:7, 3:7] = 1.0
     intensities[mask > 0] = 0.85
-    patch = OrganPatch(torch.from_numpy(intensities).half(), torch.tensor([[3.0] * 3, [6.0] * 3]),
-                       torch.from_numpy(mask).half())
+    patch = OrganPatch(
+        torch.from_numpy(intensities).half(), torch.tensor([[3.0] * 3, [6.0] * 3]), torch.from_numpy(mask).half()
+    )
     query = np.full((12, 12, 12), 0.45, np.float32)
     query[:6] = 0.85  # the upper half of the query is bright
     prior = OrganPrior(origin=np.array([1, 1, 1]), probabilities=np.full((10, 10, 10), 0.5, np.float32))

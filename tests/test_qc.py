@@ -8,6 +8,7 @@ import json
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import right_anterior_marker
 
 from medlsam.cli import main as cli_main
 from medlsam.network import load_medlam
@@ -37,9 +38,26 @@ def case(data_dir, tmp_path_factory):
 
 def test_segment_writes_a_qc_picture_with_the_reference_and_says_where_everything_went(case, capsys):
     out, keep = case
-    assert cli_main(["segment", str(out / "ct.nii.gz"), "--templates", str(out / "bank.pt"), "--out",
-                     str(out / "seg.nii.gz"), "--prior-weight", "1", "--quiet", "--qc", str(out / "qc.png"),
-                     "--qc-reference", str(out / "reference.nii.gz")]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                str(out / "ct.nii.gz"),
+                "--templates",
+                str(out / "bank.pt"),
+                "--out",
+                str(out / "seg.nii.gz"),
+                "--prior-weight",
+                "1",
+                "--quiet",
+                "--qc",
+                str(out / "qc.png"),
+                "--qc-reference",
+                str(out / "reference.nii.gz"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for line in (f"label   {out / 'seg.nii.gz'}", f"result  {out / 'seg.nii.gz'}.json", f"QC      {out / 'qc.png'}"):
         assert line in printed
@@ -52,8 +70,21 @@ def test_segment_writes_a_qc_picture_with_the_reference_and_says_where_everythin
 
 def test_qc_reference_needs_a_picture(case, capsys):
     out, _ = case
-    assert cli_main(["segment", str(out / "ct.nii.gz"), "--templates", str(out / "bank.pt"), "--out",
-                     str(out / "seg2.nii.gz"), "--qc-reference", str(out / "reference.nii.gz")]) == 2
+    assert (
+        cli_main(
+            [
+                "segment",
+                str(out / "ct.nii.gz"),
+                "--templates",
+                str(out / "bank.pt"),
+                "--out",
+                str(out / "seg2.nii.gz"),
+                "--qc-reference",
+                str(out / "reference.nii.gz"),
+            ]
+        )
+        == 2
+    )
     assert "--qc-reference needs --qc" in capsys.readouterr().err
 
 
@@ -80,13 +111,6 @@ def test_templates_show_of_a_file_that_is_no_bank(tmp_path, capsys):
 @pytest.mark.parametrize("signs", [(1, 1), (-1, 1), (1, -1), (-1, -1)])
 def test_qc_slices_are_in_the_radiological_view(x_axis, signs):
     """Patient right-anterior is the picture's top-left corner whatever the file's in-plane order."""
-    shape = (30, 40, 5)
-    affine = np.diag([0.0, 0.0, 3.0, 1.0])
-    affine[0, x_axis], affine[1, 1 - x_axis] = 2.0 * signs[0], 2.0 * signs[1]
-    hu = np.zeros(shape, np.float32)
-    corner = [0, 0]
-    corner[x_axis] = 0 if signs[0] > 0 else shape[x_axis] - 1
-    corner[1 - x_axis] = 0 if signs[1] > 0 else shape[1 - x_axis] - 1
-    hu[corner[0], corner[1], 2] = 1000.0
-    shown = _display(np.take(hu, 2, axis=2), affine, 2)
+    volume = right_anterior_marker(x_axis, signs)
+    shown = _display(np.take(volume.array, 2, axis=2), volume.affine, 2)
     assert shown[0, 0] == 1000.0 and shown.sum() == 1000.0

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_support import (label_info, private_app, start_server, stop_server, tiny_case, wait_for_server,
-                         free_port)
+from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
 from medlsam.volume import CTVolume, read_volume, write_volume
 
 requests = pytest.importorskip("requests")
@@ -39,8 +38,13 @@ def _datastore(folder: Path, data_dir: Path) -> tuple[Path, dict]:
     kbp3 = tiny_case(data_dir, 3, [1], src)
     studies = folder / "studies"
     studies.mkdir()
-    for name, path in (("kbp1", kbp1[0]), ("kbp2", kbp2[0]), ("kbp3", kbp3[0]), ("lat", kbp2[0]),
-                       *((j, kbp2[0]) for j in JUNK)):
+    for name, path in (
+        ("kbp1", kbp1[0]),
+        ("kbp2", kbp2[0]),
+        ("kbp3", kbp3[0]),
+        ("lat", kbp2[0]),
+        *((j, kbp2[0]) for j in JUNK),
+    ):
         shutil.copy(path, studies / f"{name}.nii.gz")
     image = read_volume(kbp2[0])
     junk = src / "junk"
@@ -85,10 +89,26 @@ def server(tmp_path_factory, data_dir):
     try:
         wait_for_server(url, process, log=log)
         model = app / "model"
-        skip = [studies, model / "templates", model / "templates.pt", model / "templates.json",
-                model / "train_stats.json", app / "logs", app / "bin", log]
-        env = {"url": url, "folder": folder, "studies": studies, "app": app, "files": files, "log": log,
-               "process": process, "skip": skip}
+        skip = [
+            studies,
+            model / "templates",
+            model / "templates.pt",
+            model / "templates.json",
+            model / "train_stats.json",
+            app / "logs",
+            app / "bin",
+            log,
+        ]
+        env = {
+            "url": url,
+            "folder": folder,
+            "studies": studies,
+            "app": app,
+            "files": files,
+            "log": log,
+            "process": process,
+            "skip": skip,
+        }
         env["before"] = _tree(folder, skip)
         yield env
     finally:
@@ -102,15 +122,24 @@ def _unchanged(server) -> None:
 
 
 def _infer(server, model: str, image: str, params: dict | None = None, **kwargs):
-    return requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "json"},
-                         data={"params": json.dumps(params or {})}, timeout=300, **kwargs)
+    return requests.post(
+        f"{server['url']}/infer/{model}",
+        params={"image": image, "output": "json"},
+        data={"params": json.dumps(params or {})},
+        timeout=300,
+        **kwargs,
+    )
 
 
 def _put_label(server, image: str, file: Path | bytes, info: dict | None, tag: str = "final", name=None):
     content = file if isinstance(file, bytes) else file.read_bytes()
-    return requests.put(f"{server['url']}/datastore/label", params={"image": image, "tag": tag},
-                        data={"params": json.dumps(info or {})},
-                        files={"label": (name or "label.nii.gz", content)}, timeout=60)
+    return requests.put(
+        f"{server['url']}/datastore/label",
+        params={"image": image, "tag": tag},
+        data={"params": json.dumps(info or {})},
+        files={"label": (name or "label.nii.gz", content)},
+        timeout=60,
+    )
 
 
 def test_info_and_templates_survive_junk_labels_saved_before(server):
@@ -135,16 +164,21 @@ def test_infer_reads_only_datastore_images(server):
         via_params = _infer(server, "sam", "kbp2", {"image": image, "foreground": [[32, 34, 8]]})
         assert via_params.status_code == 404, (image, via_params.text)
     assert len(set(answers)) == 1  # existing and missing files answer alike
-    upload = requests.post(f"{server['url']}/infer/sam", data={"params": "{}"},
-                           files={"file": ("x.nii.gz", Path(outside_ct).read_bytes())}, timeout=60)
+    upload = requests.post(
+        f"{server['url']}/infer/sam",
+        data={"params": "{}"},
+        files={"file": ("x.nii.gz", Path(outside_ct).read_bytes())},
+        timeout=60,
+    )
     assert upload.status_code == 400 and "file" in upload.json()["detail"]
     _unchanged(server)
 
 
 def test_uploads_cannot_leave_the_datastore(server):
     url, app, ct = server["url"], server["app"], server["files"]["kbp2"][0].read_bytes()
-    escaped = requests.put(f"{url}/datastore/", params={"image": "../escaped_img"},
-                           files={"file": ("x.nii.gz", ct)}, timeout=60)
+    escaped = requests.put(
+        f"{url}/datastore/", params={"image": "../escaped_img"}, files={"file": ("x.nii.gz", ct)}, timeout=60
+    )
     assert escaped.status_code == 400 and "image id" in escaped.json()["detail"], escaped.text
     script = requests.put(f"{url}/datastore/image", params={"image": "evil"}, files={"file": ("evil.sh", b"#!")})
     assert script.status_code == 400, script.text
@@ -180,11 +214,16 @@ def test_bad_labels_are_refused_and_nothing_is_written(server):
         response = _put_label(server, image, file, info)
         assert response.status_code == 400 and needle in response.json()["detail"], (file.name, info, response.text)
     assert not list(server["studies"].glob("labels/final/kbp3*")) and not list(
-        server["studies"].glob("labels/final/lat*"))
+        server["studies"].glob("labels/final/lat*")
+    )
     unknown = _put_label(server, "nosuch", good, label_info([1]))
     assert unknown.status_code == 404, unknown.text
-    relabel = requests.put(f"{server['url']}/datastore/label/info", params={"label": "kbp1", "tag": "final"},
-                           data={"info": json.dumps({"label_info": [{"name": "X", "idx": "abc"}]})}, timeout=30)
+    relabel = requests.put(
+        f"{server['url']}/datastore/label/info",
+        params={"label": "kbp1", "tag": "final"},
+        data={"info": json.dumps({"label_info": [{"name": "X", "idx": "abc"}]})},
+        timeout=30,
+    )
     assert relabel.status_code == 400, relabel.text
     planted = _infer(server, "medlam", "kbp2", {"save_label": True, "label_tag": "final"})
     assert planted.status_code == 400 and "label_tag" in planted.json()["detail"], planted.text
@@ -194,13 +233,16 @@ def test_bad_labels_are_refused_and_nothing_is_written(server):
     _unchanged(server)
 
 
-@pytest.mark.parametrize("model,params,needle", [
-    ("sam_3d", {"foreground": [[32, 34, 8]], "min_iou": "NaN"}, "min_iou"),
-    ("sam_3d", {"foreground": [[32, 34, 8]], "max_slices": -5}, "max_slices"),
-    ("medlam", {"refine": "maybe"}, "refine"),
-    ("sam", {"foreground": [[32, 34, 8], [30, 30, 9]]}, "one slice"),
-    ("medlam", {"result_dtype": "complex64"}, "result_dtype"),
-])
+@pytest.mark.parametrize(
+    "model,params,needle",
+    [
+        ("sam_3d", {"foreground": [[32, 34, 8]], "min_iou": "NaN"}, "min_iou"),
+        ("sam_3d", {"foreground": [[32, 34, 8]], "max_slices": -5}, "max_slices"),
+        ("medlam", {"refine": "maybe"}, "refine"),
+        ("sam", {"foreground": [[32, 34, 8], [30, 30, 9]]}, "one slice"),
+        ("medlam", {"result_dtype": "complex64"}, "result_dtype"),
+    ],
+)
 def test_bad_infer_parameters_are_400(server, model, params, needle):
     response = _infer(server, model, "kbp2", params)
     assert response.status_code == 400 and needle in response.json()["detail"], response.text
@@ -211,13 +253,23 @@ def test_bad_requests_are_400_naming_the_parameter(server):
     for raw, needle in (("not json", "params"), ("[1, 2]", "params")):
         response = requests.post(f"{url}/infer/sam", params={"image": "kbp2"}, data={"params": raw}, timeout=30)
         assert response.status_code == 400 and needle in response.json()["detail"], response.text
-        label = requests.put(f"{url}/datastore/label", params={"image": "kbp3"}, data={"params": raw},
-                             files={"label": ("l.nii.gz", b"x")}, timeout=30)
+        label = requests.put(
+            f"{url}/datastore/label",
+            params={"image": "kbp3"},
+            data={"params": raw},
+            files={"label": ("l.nii.gz", b"x")},
+            timeout=30,
+        )
         assert label.status_code == 400 and needle in label.json()["detail"], label.text
     assert requests.delete(f"{url}/datastore/", params={"id": "nosuch"}, timeout=30).status_code == 404
     assert requests.delete(f"{url}/datastore/label", params={"id": "kbp2", "tag": "final"}).status_code == 404
-    for options, needle in (({"epochs": -1}, "epochs"), ({"epochs": 10**9}, "epochs"), ({"epochs": "abc"}, "epochs"),
-                            ({"batch_size": 0}, "batch_size"), ({"epoch": 2}, "accepted")):
+    for options, needle in (
+        ({"epochs": -1}, "epochs"),
+        ({"epochs": 10**9}, "epochs"),
+        ({"epochs": "abc"}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epoch": 2}, "accepted"),
+    ):
         response = requests.post(f"{url}/train/medlam", json=options, timeout=30)
         assert response.status_code == 400 and needle in response.json()["detail"], (options, response.text)
     assert requests.post(f"{url}/train/nosuch", json={}, timeout=30).status_code == 404
@@ -260,8 +312,12 @@ def test_label_values_beyond_uint8_are_not_wrapped(server):
     write_volume(np.where(label.array == 1, 300, 0).astype(np.uint16), label, jaw)
     saved = _put_label(server, "kbp3", jaw, {"label_info": [{"name": "Jaw", "idx": 300}]})
     assert saved.status_code == 200, saved.text
-    response = requests.post(f"{server['url']}/infer/medlam", params={"image": "kbp2", "output": "image"},
-                             data={"params": json.dumps({"result_dtype": "uint8", "organs": ["Jaw"]})}, timeout=300)
+    response = requests.post(
+        f"{server['url']}/infer/medlam",
+        params={"image": "kbp2", "output": "image"},
+        data={"params": json.dumps({"result_dtype": "uint8", "organs": ["Jaw"]})},
+        timeout=300,
+    )
     assert response.status_code == 200, response.text
     path = server["folder"] / "jaw_result.nii.gz"
     path.write_bytes(response.content)

@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+
 from medlsam.errors import CheckpointError, MedLSAMError
 from medlsam.metrics import dice
 from medlsam.paths import data_dir
@@ -22,6 +23,7 @@ def box_of(mask: np.ndarray) -> list[float]:
 
 
 # ---------------------------------------------------------------- LiteMedSAM, real weights, real CT
+
 
 @pytest.fixture(scope="module")
 def abdomen():
@@ -71,7 +73,7 @@ def test_lite_medsam_batched_decode_equals_single(lite, lite_embedding, abdomen)
     masks, scores = lite.decode(lite_embedding, boxes=boxes)
     assert masks.shape == (3, *label.shape) and scores.shape == (3,)
     for i in range(3):
-        single, score = lite.decode(lite_embedding, boxes=boxes[i:i + 1])
+        single, score = lite.decode(lite_embedding, boxes=boxes[i : i + 1])
         np.testing.assert_allclose(masks[i], single[0], atol=1e-3)
         np.testing.assert_allclose(scores[i], score[0], atol=1e-3)
 
@@ -100,10 +102,11 @@ def test_lite_medsam_encode_batch_and_input_forms(lite, lite_embedding, abdomen)
     h, w = hu.shape
     assert original == (h, w) and max(resized) == 256 and x.shape == (3, 256, 256)
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # min-max to [0, 1]
-    assert not x[:, resized[0]:, :].any() and not x[:, :, resized[1]:].any()  # zero padding bottom/right
+    assert not x[:, resized[0] :, :].any() and not x[:, :, resized[1] :].any()  # zero padding bottom/right
 
 
 # ---------------------------------------------------------------- SAM / MedSAM with tiny random models
+
 
 def tiny_sam(width: int):
     """A SAM with the real prompt encoder / decoder and 1024 px geometry but a 2-block ViT encoder."""
@@ -111,14 +114,30 @@ def tiny_sam(width: int):
 
     torch.manual_seed(width)
     sam = Sam(
-        image_encoder=ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=width, depth=2, num_heads=2,
-                                      mlp_ratio=2, out_chans=256, qkv_bias=True, use_rel_pos=True, window_size=14,
-                                      global_attn_indexes=(), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                     mask_in_chans=16),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
-                                 iou_head_hidden_dim=64,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=128, num_heads=8)),
+        image_encoder=ImageEncoderViT(
+            img_size=1024,
+            patch_size=16,
+            embed_dim=width,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+            out_chans=256,
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=14,
+            global_attn_indexes=(),
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=64,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=128, num_heads=8),
+        ),
     )
     return sam.eval()
 
@@ -137,7 +156,7 @@ def tiny_registry(monkeypatch, tmp_path):
 
 def slice_image(h: int = 90, w: int = 120) -> np.ndarray:
     rows, cols = np.mgrid[:h, :w]
-    disc = ((rows - 40) ** 2 + (cols - 70) ** 2 < 20 ** 2) * 1200.0
+    disc = ((rows - 40) ** 2 + (cols - 70) ** 2 < 20**2) * 1200.0
     return ct_slice_to_image(-500 + disc + rows * 4.0)
 
 
@@ -190,6 +209,7 @@ def test_medsam_input_is_zero_one_without_mean_std(tiny_registry):
 
 # ---------------------------------------------------------------- errors
 
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="needs --checkpoint"):
         build_segmenter("sam_vit_b")
@@ -241,9 +261,11 @@ def test_unknown_backend_and_bad_inputs(lite, lite_embedding):
 def test_a_failing_torch_compile_falls_back_to_the_eager_encoder(tiny_registry, monkeypatch):
     """compile=True wraps the encoder in torch.compile; without a working toolchain the first encode warns
     and runs eagerly, with the eager encoder's result."""
+
     def broken_compile(module, **kwargs):
         def run(*args, **kw):
             raise RuntimeError("no C++ compiler")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)

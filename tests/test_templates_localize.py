@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from medlsam.cli import main as cli_main
 from medlsam.errors import TemplateError
-from medlsam.grid import resample_to_grid, to_localisation_grid
+from medlsam.grid import resample_to_grid, to_localization_grid
 from medlsam.localize import LocalizeOptions, Localizer
 from medlsam.matching import cut_organ_patch, match_organ, match_patch
 from medlsam.metrics import dice
@@ -157,8 +158,11 @@ def test_boxes_are_the_same_in_world_for_a_permuted_flipped_copy(bank, model, mo
 def test_organ_outside_the_field_of_view_is_not_found(bank, model):
     image, _ = phantom()
     # keep only the upper (k < 10) part: the bar and blob centres lie outside (48 mm needed along every axis)
-    cropped = CTVolume(image.array[:, :, 20:], image.affine @ np.array(
-        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 20], [0, 0, 0, 1]], float), "cropped")
+    cropped = CTVolume(
+        image.array[:, :, 20:],
+        image.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 20], [0, 0, 0, 1]], float),
+        "cropped",
+    )
     result = Localizer(model, bank, LocalizeOptions(min_score=-1.0, min_match_score=-1.0)).localize(cropped)["organs"]
     assert not result["Ball"].found and "field of view" in result["Ball"].reason
     assert result["Ball"].box_voxel is None
@@ -170,11 +174,40 @@ def test_cli_templates_and_localize(bank, model, tmp_path, capsys):
     write_volume(label.array, image, tmp_path / "label.nii.gz")
     (tmp_path / "names.json").write_text(json.dumps({str(k): v for k, v in NAMES.items()}))
     save_medlam(model, tmp_path / "medlam.pt")
-    assert cli_main(["templates", "build", "--images", str(tmp_path / "ct.nii.gz"), "--labels",
-                     str(tmp_path / "label.nii.gz"), "--names", str(tmp_path / "names.json"),
-                     "--model", str(tmp_path / "medlam.pt"), "--out", str(tmp_path / "bank.pt")]) == 0
-    assert cli_main(["localize", str(tmp_path / "ct.nii.gz"), "--templates", str(tmp_path / "bank.pt"),
-                     "--model", str(tmp_path / "medlam.pt"), "--out", str(tmp_path / "boxes.json")]) == 0
+    assert (
+        cli_main(
+            [
+                "templates",
+                "build",
+                "--images",
+                str(tmp_path / "ct.nii.gz"),
+                "--labels",
+                str(tmp_path / "label.nii.gz"),
+                "--names",
+                str(tmp_path / "names.json"),
+                "--model",
+                str(tmp_path / "medlam.pt"),
+                "--out",
+                str(tmp_path / "bank.pt"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "localize",
+                str(tmp_path / "ct.nii.gz"),
+                "--templates",
+                str(tmp_path / "bank.pt"),
+                "--model",
+                str(tmp_path / "medlam.pt"),
+                "--out",
+                str(tmp_path / "boxes.json"),
+            ]
+        )
+        == 0
+    )
     boxes = json.loads((tmp_path / "boxes.json").read_text())["organs"]
     assert set(boxes) == set(NAMES.values())
     for entry in boxes.values():
@@ -183,15 +216,29 @@ def test_cli_templates_and_localize(bank, model, tmp_path, capsys):
             lo, hi = np.array(entry["box_voxel"])
             assert np.all(lo <= hi) and np.all(lo >= 0) and np.all(hi < np.array(image.shape))
     # a bad request fails with a message and writes nothing
-    assert cli_main(["localize", str(tmp_path / "ct.nii.gz"), "--templates", str(tmp_path / "bank.pt"),
-                     "--model", str(tmp_path / "medlam.pt"), "--organs", "Kidney",
-                     "--out", str(tmp_path / "bad.json")]) == 2
+    assert (
+        cli_main(
+            [
+                "localize",
+                str(tmp_path / "ct.nii.gz"),
+                "--templates",
+                str(tmp_path / "bank.pt"),
+                "--model",
+                str(tmp_path / "medlam.pt"),
+                "--organs",
+                "Kidney",
+                "--out",
+                str(tmp_path / "bad.json"),
+            ]
+        )
+        == 2
+    )
     assert "Kidney" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_localisation_validator_scores_wall_distance(model, tmp_path):
-    from medlsam.validation import LocalisationValidator
+def test_localization_validator_scores_wall_distance(model, tmp_path):
+    from medlsam.validation import LocalizationValidator
 
     paths = {}
     for shift in (0, 2):
@@ -199,17 +246,17 @@ def test_localisation_validator_scores_wall_distance(model, tmp_path):
         write_volume(image.array, image, tmp_path / f"ct{shift}.nii.gz")
         write_volume(label.array, image, tmp_path / f"label{shift}.nii.gz")
         paths[shift] = (tmp_path / f"ct{shift}.nii.gz", tmp_path / f"label{shift}.nii.gz")
-    validator = LocalisationValidator([paths[0][0]], [paths[0][1]], [paths[2][0]], [paths[2][1]], NAMES)
+    validator = LocalizationValidator([paths[0][0]], [paths[0][1]], [paths[2][0]], [paths[2][1]], NAMES)
     error = validator(model)
     # found organs score their wall distance (14.3 mm here); a missed one would count MISSED_MM (50 mm)
-    assert 0.0 < error < 0.5 * LocalisationValidator.MISSED_MM
+    assert 0.0 < error < 0.5 * LocalizationValidator.MISSED_MM
 
 
 def test_refinement_finds_a_point_from_its_own_features(model):
     from medlsam.encoding import KERNEL_SIZES, encode_patches, refine_points
-    from medlsam.grid import to_localisation_grid
+    from medlsam.grid import to_localization_grid
 
-    grid = to_localisation_grid(phantom()[0])
+    grid = to_localization_grid(phantom()[0])
     centre = np.array(grid.shape) // 2
     patch = encode_patches(model, grid, [centre])[0]
     target = centre + np.array([2, -1, 1])
@@ -226,14 +273,17 @@ def test_intensity_matching_recovers_a_known_shift(radius):
     image = phantom(0)[0]
     shifted = np.full_like(image.array, -1000.0)
     shifted[3:] = image.array[:-3]  # the whole body 3 voxels further along the first axis
-    template_grid = to_localisation_grid(image)
-    query_grid = to_localisation_grid(CTVolume(shifted, image.affine, "shifted"))
+    template_grid = to_localization_grid(image)
+    query_grid = to_localization_grid(CTVolume(shifted, image.affine, "shifted"))
     ball = organ_grid_coords(phantom(0)[1], 1, template_grid)
     low, high = ball.min(axis=0), ball.max(axis=0)
-    mask = resample_to_grid((phantom(0)[1].array == 1).astype(np.float32), image, template_grid.affine,
-                            template_grid.shape, fill=0.0)
+    mask = resample_to_grid(
+        (phantom(0)[1].array == 1).astype(np.float32), image, template_grid.affine, template_grid.shape, fill=0.0
+    )
     patch = cut_organ_patch(template_grid, low, high, mask)
-    shift = template_grid.from_file_index(np.array([[3.0, 0, 0]]))[0] - template_grid.from_file_index(np.zeros((1, 3)))[0]
+    shift = (
+        template_grid.from_file_index(np.array([[3.0, 0, 0]]))[0] - template_grid.from_file_index(np.zeros((1, 3)))[0]
+    )
     start = (low + high) / 2 + shift + np.array([0.0, 2.0, -radius])  # a first guess off by up to the radius
     box, score, corner = match_patch(query_grid.array, patch, start, radius)
     assert np.allclose(box, np.stack([low, high]) + shift, atol=1.01), (box, low + shift)

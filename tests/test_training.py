@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medlsam.augment import augment_crop, random_rotation
 from medlsam.errors import MedLSAMError
-from medlsam.grid import to_localisation_grid
+from medlsam.grid import to_localization_grid
 from medlsam.losses import (
     DISTANCE_RATIO_MM,
     RDR_SCALE_MM,
@@ -28,6 +29,7 @@ TINY = MedLAMConfig(base_channels=2, patch_size=(32, 32, 32))
 
 
 # -- losses ---------------------------------------------------------------------------------------------
+
 
 def latents_for(offset_mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A latent pair whose exact predicted offset is `offset_mm` (N, 3)."""
@@ -56,8 +58,9 @@ def test_offsets_saturate_at_the_distance_ratio():
 
 def _feature_maps(channels: int = 16, patch: int = 32, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [F.normalize(torch.randn(channels, n, n, n, generator=generator), dim=0)
-            for n in (patch // 4, patch // 2, patch)]
+    return [
+        F.normalize(torch.randn(channels, n, n, n, generator=generator), dim=0) for n in (patch // 4, patch // 2, patch)
+    ]
 
 
 def _identity_source(patch: int = 32) -> torch.Tensor:
@@ -73,8 +76,10 @@ def test_mss_loss_prefers_matching_features():
     features, source, points = _feature_maps(), _identity_source(), _points()
     identical = mss_loss(features, features, source, points, 3.0)
     generator = torch.Generator().manual_seed(2)
-    shuffled = [f.reshape(f.shape[0], -1)[:, torch.randperm(f[0].numel(), generator=generator)].reshape(f.shape)
-                for f in features]
+    shuffled = [
+        f.reshape(f.shape[0], -1)[:, torch.randperm(f[0].numel(), generator=generator)].reshape(f.shape)
+        for f in features
+    ]
     other = mss_loss(features, shuffled, source, points, 3.0)
     assert identical < 0.5 * other
     assert torch.isfinite(identical) and torch.isfinite(other)
@@ -95,6 +100,7 @@ def test_mss_loss_follows_the_source_map():
 
 # -- augmentation ---------------------------------------------------------------------------------------
 
+
 def test_rotation_is_orthonormal():
     generator = torch.Generator().manual_seed(0)
     rotation = random_rotation(generator, 15.0)
@@ -112,11 +118,12 @@ def _smooth_crop(size: int) -> torch.Tensor:
 def test_identity_augmentation_keeps_the_voxel_grid():
     patch, margin = 32, 8
     crop = _smooth_crop(patch + 2 * margin)
-    warped, source = augment_crop(crop, patch, torch.Generator().manual_seed(0), max_degrees=0, max_scale=0,
-                                  elastic_voxels=0)
+    warped, source = augment_crop(
+        crop, patch, torch.Generator().manual_seed(0), max_degrees=0, max_scale=0, elastic_voxels=0
+    )
     assert warped.shape == (1, patch, patch, patch)
     assert torch.allclose(source, _identity_source(patch), atol=1e-4)
-    centre = crop[:, margin:margin + patch, margin:margin + patch, margin:margin + patch]
+    centre = crop[:, margin : margin + patch, margin : margin + patch, margin : margin + patch]
     correlation = torch.corrcoef(torch.stack([warped.flatten(), centre.flatten()]))[0, 1]
     assert correlation > 0.95  # only the monotonic intensity change and noise remain
 
@@ -138,6 +145,7 @@ def test_source_map_says_where_each_voxel_came_from(axis):
 
 
 # -- patches --------------------------------------------------------------------------------------------
+
 
 def test_cut_patch_centre_and_zero_padding():
     array = np.arange(10 * 12 * 14, dtype=np.float32).reshape(10, 12, 14) + 1
@@ -170,11 +178,12 @@ def test_grid_cache_is_written_and_reused(tmp_path, phantom):
     assert len(files) == 1 and files[0].suffix == ".npy"
     np.save(files[0], np.zeros_like(first))  # a cached array is used as is
     assert np.all(cached_grid_array(tmp_path / "scan.nii.gz", tmp_path / "cache") == 0)
-    expected = to_localisation_grid(ct).array.astype(np.float16)
+    expected = to_localization_grid(ct).array.astype(np.float16)
     assert first.dtype == np.float16 and np.array_equal(first, expected)
 
 
 # -- the Trainer ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory, make_ct) -> list:
@@ -189,8 +198,9 @@ def scans(tmp_path_factory, make_ct) -> list:
 
 
 def _options(**changes) -> TrainOptions:
-    return TrainOptions(**{"epochs": 2, "iterations_per_epoch": 2, "batch_size": 1, "mss_points": 8,
-                           "validation_pairs": 2, **changes})
+    return TrainOptions(
+        **{"epochs": 2, "iterations_per_epoch": 2, "batch_size": 1, "mss_points": 8, "validation_pairs": 2, **changes}
+    )
 
 
 def test_tiny_training_run_writes_weights_state_and_stats(scans, tmp_path):
@@ -253,8 +263,9 @@ def test_resume_continues_where_the_run_stopped(scans, tmp_path):
 def test_resume_refuses_another_configuration(scans, tmp_path):
     trainer = Trainer(scans, tmp_path / "medlam.pt", TINY, _options(epochs=1, iterations_per_epoch=1))
     trainer.run()
-    other = Trainer(scans, tmp_path / "other.pt", MedLAMConfig(base_channels=3, patch_size=(32, 32, 32)),
-                    _options(epochs=1))
+    other = Trainer(
+        scans, tmp_path / "other.pt", MedLAMConfig(base_channels=3, patch_size=(32, 32, 32)), _options(epochs=1)
+    )
     with pytest.raises(Exception, match="trained with"):
         other.resume(tmp_path / "medlam.state.pt")
 
@@ -304,8 +315,21 @@ def test_cli_train_and_resume(scans, tmp_path, capsys):
     from medlsam.cli import main
 
     out = tmp_path / "medlam.pt"
-    common = ["train", "--images", *map(str, scans), "--out", str(out), "--base-channels", "2",
-              "--iterations-per-epoch", "1", "--batch-size", "1", "--seed", "7"]
+    common = [
+        "train",
+        "--images",
+        *map(str, scans),
+        "--out",
+        str(out),
+        "--base-channels",
+        "2",
+        "--iterations-per-epoch",
+        "1",
+        "--batch-size",
+        "1",
+        "--seed",
+        "7",
+    ]
     assert main([*common, "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "train_stats.json").read_text())["epoch"] == 1
     assert main([*common, "--epochs", "2", "--resume", str(tmp_path / "medlam.state.pt")]) == 0

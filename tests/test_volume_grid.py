@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medlsam.grid import GRID_SPACING_MM, canonical_affine, map_hu, resample_to_grid, to_localisation_grid
+from medlsam.grid import GRID_SPACING_MM, canonical_affine, map_hu, resample_to_grid, to_localization_grid
 from medlsam.volume import CTVolume, load_ct, read_volume, write_volume
 
 ORGANS = {1: "Brainstem", 2: "SpinalCord", 3: "RightParotid", 4: "LeftParotid", 7: "Mandible"}
 
 
 # -- building copies of a volume with the same world geometry ------------------------------------------
+
 
 def flipped(volume: CTVolume, axes: tuple[int, ...]) -> CTVolume:
     """The volume with its voxel order reversed along `axes`; the affine keeps every voxel in place."""
@@ -54,8 +55,16 @@ def resampled(volume: CTVolume, spacing: tuple[float, float, float], nearest: bo
     image = to_sitk(volume)
     extent = volume.spacing * (np.array(volume.shape) - 1)
     size = [int(math.floor(e / s + 1e-6)) + 1 for e, s in zip(extent, spacing)]
-    out = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
-                        image.GetOrigin(), spacing, image.GetDirection(), -1024.0 if not nearest else 0.0)
+    out = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+        image.GetOrigin(),
+        spacing,
+        image.GetDirection(),
+        -1024.0 if not nearest else 0.0,
+    )
     array = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
     affine = np.eye(4)
     affine[:3, :3] = np.array(out.GetDirection()).reshape(3, 3) * np.array(spacing)
@@ -90,7 +99,7 @@ def original(openkbp_case):
     """The real scan, its label and its localisation grid."""
     image = load_ct(openkbp_case[0])
     label = read_volume(openkbp_case[1])
-    return image, label, to_localisation_grid(image)
+    return image, label, to_localization_grid(image)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +113,7 @@ def copies(original, tmp_path_factory):
         write_volume(ct.array.astype(np.int16), ct, folder / f"{name}{suffix}")
         write_volume(lab.array.astype(np.uint8), lab, folder / f"{name}_label{suffix}")
         ct = load_ct(folder / f"{name}{suffix}")
-        out[name] = (ct, read_volume(folder / f"{name}_label{suffix}"), to_localisation_grid(ct), exact)
+        out[name] = (ct, read_volume(folder / f"{name}_label{suffix}"), to_localization_grid(ct), exact)
     return out
 
 
@@ -112,8 +121,9 @@ def test_grid_is_canonical_for_real_anatomy(original):
     """Grid axes run superior->inferior, anterior->posterior, right->left at 3 mm."""
     image, label, grid = original
     assert np.allclose(np.abs(grid.affine[:3, :3]).sum(axis=0), GRID_SPACING_MM)
-    centre = {name: grid.from_file_index(np.argwhere(label.array == value)).mean(axis=0)
-              for value, name in ORGANS.items()}
+    centre = {
+        name: grid.from_file_index(np.argwhere(label.array == value)).mean(axis=0) for value, name in ORGANS.items()
+    }
     z, y, x = 0, 1, 2
     assert centre["Brainstem"][z] < centre["SpinalCord"][z] - 5  # brainstem above the cord
     assert centre["Mandible"][y] < centre["SpinalCord"][y] - 5  # mandible in front of the cord
@@ -127,7 +137,7 @@ def test_grid_is_canonical_for_real_anatomy(original):
     assert np.allclose(offset, np.round(offset), atol=1e-6) and np.prod(grid.shape) < np.prod(whole_shape)
     whole = resample_to_grid(image.array, image, whole_affine, whole_shape, fill=-1024.0)
     o = np.round(offset).astype(int)
-    crop = whole[o[0]:o[0] + grid.shape[0], o[1]:o[1] + grid.shape[1], o[2]:o[2] + grid.shape[2]]
+    crop = whole[o[0] : o[0] + grid.shape[0], o[1] : o[1] + grid.shape[1], o[2] : o[2] + grid.shape[2]]
     assert np.allclose(map_hu(crop), grid.array, atol=1e-4)
 
 
@@ -136,14 +146,16 @@ def test_grid_is_canonical_for_a_scan_stored_the_other_way(data_dir):
     folder = data_dir / "abdomen"
     slab, label = load_ct(folder / "abdomen_slab_ct.nii.gz"), read_volume(folder / "abdomen_slab_label.nii.gz")
     assert slab.affine[0, 0] < 0 and slab.affine[1, 1] < 0 and slab.affine[2, 2] > 0  # i -> R, j -> A, k -> S
-    grid = to_localisation_grid(slab)
-    centre = {name: grid.from_file_index(np.argwhere(label.array == value)).mean(axis=0)
-              for value, name in {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}.items()}
+    grid = to_localization_grid(slab)
+    centre = {
+        name: grid.from_file_index(np.argwhere(label.array == value)).mean(axis=0)
+        for value, name in {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}.items()
+    }
     assert centre["spleen"][2] > centre["liver"][2] + 10  # spleen on the patient's left
     assert centre["kidney_left"][2] > centre["kidney_right"][2] + 10
     assert centre["kidney_right"][1] > centre["liver"][1] + 5  # kidneys behind the liver
     # the slab is the lowest part of the full scan: on the full scan's grid it sits at the inferior end
-    full = to_localisation_grid(load_ct(folder / "abdomen_full_ct.nii.gz"))
+    full = to_localization_grid(load_ct(folder / "abdomen_full_ct.nii.gz"))
     slab_on_full = full.from_world(slab.index_to_world(np.array(slab.shape) / 2 - 0.5))[0]
     assert slab_on_full[0] > 0.8 * (full.shape[0] - 1)
 
@@ -219,7 +231,7 @@ def test_known_object_lands_at_its_world_position(make_ct, degrees):
     affine[:3, 3] = (10.0, -30.0, 50.0)
     ball_index = np.array([18.0, 15.0, 12.0])
     ct, label = make_ct(shape=(40, 36, 30), affine=affine, ball_centre=tuple(ball_index), ball_radius=5.0)
-    grid = to_localisation_grid(ct)
+    grid = to_localization_grid(ct)
     bone = np.argwhere(grid.array > 0.9)  # 1000 HU maps to ~0.94; soft tissue and air stay below 0.8
     expected = grid.from_world(ct.index_to_world(ball_index))[0]
     assert np.allclose(bone.mean(axis=0), expected, atol=0.5)
@@ -241,6 +253,7 @@ def test_canonical_grid_covers_the_volume_at_3mm(phantom):
 
 
 # -- file formats ---------------------------------------------------------------------------------------
+
 
 def _asymmetric(phantom) -> CTVolume:
     """The phantom with an oblique-free but permuted, flipped affine, so any axis mix-up shows."""
@@ -290,8 +303,13 @@ def test_nrrd_written_by_another_tool_loads(tmp_path):
     rng = np.random.default_rng(1)
     hu = rng.integers(-1024, 1200, size=(30, 28, 26)).astype(np.int16)
     directions = np.array([[2.0, 0, 0], [0, 0, -2.5], [0, 3.0, 0]])  # rows: axis vectors
-    header = {"space": "left-posterior-superior", "space directions": directions,
-              "space origin": np.array([-20.0, 15.0, 40.0]), "kinds": ["domain"] * 3, "encoding": "gzip"}
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": directions,
+        "space origin": np.array([-20.0, 15.0, 40.0]),
+        "kinds": ["domain"] * 3,
+        "encoding": "gzip",
+    }
     nrrd.write(str(tmp_path / "scan.nrrd"), hu, header)
     volume = load_ct(tmp_path / "scan.nrrd")
     assert volume.array.dtype == np.float32
@@ -317,10 +335,15 @@ def write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: Path) -> None
         slice_ = image[:, :, k]
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
         for tag, value in {
-            "0008|0060": "CT", "0020|000d": series + ".1", "0020|000e": series + ".2",
-            "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-            "0020|0013": str(k + 1), "0018|0050": f"{spacing[2]:.4f}",
-            "0028|1052": "-1024", "0028|1053": "1",
+            "0008|0060": "CT",
+            "0020|000d": series + ".1",
+            "0020|000e": series + ".2",
+            "0020|0037": orientation,
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0013": str(k + 1),
+            "0018|0050": f"{spacing[2]:.4f}",
+            "0028|1052": "-1024",
+            "0028|1053": "1",
         }.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
@@ -332,8 +355,9 @@ def test_dicom_series_folder_loads_with_hu_and_geometry(phantom, tmp_path, degre
     ct, _ = phantom
     angle = math.radians(degrees)
     affine = np.eye(4)
-    affine[:3, :3] = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0],
-                               [0, 0, 1]]) @ np.diag(ct.spacing)
+    affine[:3, :3] = np.array(
+        [[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]]
+    ) @ np.diag(ct.spacing)
     affine[:3, 3] = (-100.0, -80.0, 200.0)
     hu = ct.array.astype(np.int16)
     hu[0, 0, :] = np.arange(hu.shape[2]) * 50 - 1000  # every slice different: slice order must be right
@@ -359,6 +383,7 @@ def test_dicom_slices_in_shuffled_file_order_load_sorted(phantom, tmp_path):
 
 
 # -- atomic writing -------------------------------------------------------------------------------------
+
 
 def _umask() -> int:
     mask = os.umask(0)

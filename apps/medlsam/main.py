@@ -3,8 +3,8 @@
     monailabel start_server --app apps/medlsam --studies <datastore> --conf models medlsam
 
 --conf keys (all optional): backend (lite_medsam | sam_vit_b|l|h | medsam_vit_b), checkpoint (SAM/MedSAM
-weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu | cuda | cuda:N),
-labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
+weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu | cuda |
+cuda:N), labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
 (torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2).
 
 Requests name datastore images by id only; uploads and labels are checked (lib/datastore.py); inference runs in
@@ -24,7 +24,6 @@ try:  # the medlsam package is installed with the repository (pip install -e .);
 except ImportError:  # pragma: no cover
     sys.path.append(_REPO_LIB)
 
-import lib.configs
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -34,6 +33,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
 
+import lib.configs
+from lib.conf import parse_bool
 from lib.datastore import GatedDatastore, valid_name
 from lib.template_source import TemplateSource
 
@@ -57,10 +58,15 @@ class MedLSAMApp(MONAILabelApp):
             config.init(name, self.model_dir, conf or {}, None, app_dir=app_dir, datastore=self.datastore)
             self.models[name] = config
         logger.info(f"+++ Using models: {list(self.models)}")
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf or {}, name="MedLSAM Label",
-                         description="CT organ segmentation from a few templates: MedLAM localisation + SAM, "
-                                     "interactive SAM clicks, self-supervised MedLAM training",
-                         version="0.1.0")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf or {},
+            name="MedLSAM Label",
+            description="CT organ segmentation from a few templates: MedLAM localisation + SAM, "
+            "interactive SAM clicks, self-supervised MedLAM training",
+            version="0.1.0",
+        )
 
     def init_datastore(self) -> Datastore:
         """MONAI Label's local datastore behind the id/tag gate and label checks (remote stores unchanged)."""
@@ -68,12 +74,18 @@ class MedLSAMApp(MONAILabelApp):
             return super().init_datastore()
         studies, app_dir = os.path.realpath(self.studies), os.path.realpath(self.app_dir)
         if studies == app_dir or studies.startswith(app_dir + os.sep):
-            raise ValueError(f"the datastore {self.studies} lies inside the app folder {self.app_dir}: uploads could "
-                             "overwrite the app's code or weights; use a separate folder")
+            raise ValueError(
+                f"the datastore {self.studies} lies inside the app folder {self.app_dir}: uploads could "
+                "overwrite the app's code or weights; use a separate folder"
+            )
         logger.info(f"Init Datastore for: {self.studies} (ids and tags gated, labels checked on save)")
-        return GatedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                              read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, on_label_change=self._labels_changed)
+        return GatedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            on_label_change=self._labels_changed,
+        )
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
@@ -114,14 +126,18 @@ class MedLSAMApp(MONAILabelApp):
         request = dict(request)
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"no model {str(model)[:80]!r}; available: "
-                                                        f"{sorted(self._infers)}")
-        save = str(request.pop("save_label", "")).strip().lower() in ("true", "1", "yes")
+            raise HTTPException(
+                status_code=404, detail=f"no model {str(model)[:80]!r}; available: {sorted(self._infers)}"
+            )
+        save = parse_bool(request.pop("save_label", "")) is True
         tag = request.pop("label_tag", None) or DefaultLabelTag.ORIGINAL.value
         if save and tag != DefaultLabelTag.ORIGINAL.value:
-            raise HTTPException(status_code=400, detail=f"label_tag {str(tag)[:80]!r}: inference saves only "
-                                                        "'original' labels; submit a final label with PUT "
-                                                        "/datastore/label")
+            raise HTTPException(
+                status_code=400,
+                detail=f"label_tag {str(tag)[:80]!r}: inference saves only "
+                "'original' labels; submit a final label with PUT "
+                "/datastore/label",
+            )
         store = datastore or self.datastore()
         image = request.get("image")
         session = self._session_image(request)
@@ -130,13 +146,15 @@ class MedLSAMApp(MONAILabelApp):
         else:
             path = store.get_image_uri(image) if valid_name(image) else ""
             if not path:
-                raise HTTPException(status_code=404, detail=f"image {str(image)[:80]!r} not found in the datastore "
-                                                            "(GET /datastore/?output=all lists the image ids)")
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"image {str(image)[:80]!r} not found in the datastore "
+                    "(GET /datastore/?output=all lists the image ids)",
+                )
             request["image"], request["image_id"] = path, image
         result = super().infer(request, store)
         if save and result.get("file"):
-            result["label"] = store.save_label(image, result["file"], DefaultLabelTag.ORIGINAL.value,
-                                               {"model": model})
+            result["label"] = store.save_label(image, result["file"], DefaultLabelTag.ORIGINAL.value, {"model": model})
         return result
 
     def _session_image(self, request: dict) -> str:
@@ -151,8 +169,10 @@ class MedLSAMApp(MONAILabelApp):
     def model_file(self, model, validate=True):
         """Weights are published only by the trainer: PUT /model/<name> (which asks validate=False) is refused."""
         if not validate:
-            raise HTTPException(status_code=403, detail="model weights are published only by training "
-                                                        "(POST /train/medlam); uploading them is disabled")
+            raise HTTPException(
+                status_code=403,
+                detail="model weights are published only by training (POST /train/medlam); uploading them is disabled",
+            )
         return super().model_file(model, validate)
 
     def on_save_label(self, image_id, label_id):

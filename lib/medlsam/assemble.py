@@ -17,15 +17,16 @@ from medlsam.prompts import OrganPrompts
 def _ellipse(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = box
     rows, cols = np.ogrid[: shape[0], : shape[1]]
-    return (((rows - (y0 + y1) / 2) / ((y1 - y0 + 1) / 2)) ** 2
-            + ((cols - (x0 + x1) / 2) / ((x1 - x0 + 1) / 2)) ** 2) <= 1.0
+    return (
+        ((rows - (y0 + y1) / 2) / ((y1 - y0 + 1) / 2)) ** 2 + ((cols - (x0 + x1) / 2) / ((x1 - x0 + 1) / 2)) ** 2
+    ) <= 1.0
 
 
 def _box_mask(shape: tuple[int, int], box: np.ndarray, margin: int = 0) -> np.ndarray:
     """1 inside the (x0, y0, x1, y1) box widened by ``margin`` pixels, 0 elsewhere."""
     mask = np.zeros(shape, np.float32)
     x0, y0, x1, y1 = (int(round(v)) for v in box)
-    mask[max(0, y0 - margin):y1 + margin + 1, max(0, x0 - margin):x1 + margin + 1] = 1.0
+    mask[max(0, y0 - margin) : y1 + margin + 1, max(0, x0 - margin) : x1 + margin + 1] = 1.0
     return mask
 
 
@@ -41,8 +42,16 @@ def interpolate_slices(known: dict[int, np.ndarray], k: int) -> np.ndarray:
     return known[max(below)] if below else known[min(above)]
 
 
-def slice_probability(p: OrganPrompts, k: int, sam: dict[int, np.ndarray], axis: int, shape: tuple[int, int],
-                      threshold: float, prior_weight: float, empty_fallback: bool) -> np.ndarray:
+def slice_probability(
+    p: OrganPrompts,
+    k: int,
+    sam: dict[int, np.ndarray],
+    axis: int,
+    shape: tuple[int, int],
+    threshold: float,
+    prior_weight: float,
+    empty_fallback: bool,
+) -> np.ndarray:
     """Organ probability on slice k: SAM's mask (interpolated between encoded slices, kept to the slice's
     box), with the empty-mask fallback, blended with the template prior; the prior alone when SAM is not
     run (prior_weight 1)."""
@@ -63,9 +72,17 @@ def slice_probability(p: OrganPrompts, k: int, sam: dict[int, np.ndarray], axis:
     return prob
 
 
-def assemble(shape3d: tuple[int, int, int], axis: int, prompts: list[OrganPrompts],
-             sam: dict[str, dict[int, np.ndarray]], threshold: float, prior_weight: float, empty_fallback: bool,
-             keep_largest_component: bool, dtype=np.uint8) -> tuple[np.ndarray, dict[str, int]]:
+def assemble(
+    shape3d: tuple[int, int, int],
+    axis: int,
+    prompts: list[OrganPrompts],
+    sam: dict[str, dict[int, np.ndarray]],
+    threshold: float,
+    prior_weight: float,
+    empty_fallback: bool,
+    keep_largest_component: bool,
+    dtype=np.uint8,
+) -> tuple[np.ndarray, dict[str, int]]:
     """The label volume and each organ's voxel count, from the organs' prompts and SAM's slice probabilities
     (``sam[organ][k]``, empty when SAM was not run)."""
     label = np.zeros(shape3d, dtype=dtype)
@@ -73,8 +90,12 @@ def assemble(shape3d: tuple[int, int, int], axis: int, prompts: list[OrganPrompt
     slices_view = np.moveaxis(label, axis, 0)  # a view: slices_view[k] is np.take(label, k, axis)
     for k in sorted({k for p in prompts for k in p.boxes}):
         here = [p for p in prompts if k in p.boxes]
-        probs = np.stack([slice_probability(p, k, sam[p.name], axis, slice_shape, threshold, prior_weight,
-                                            empty_fallback) for p in here])
+        probs = np.stack(
+            [
+                slice_probability(p, k, sam[p.name], axis, slice_shape, threshold, prior_weight, empty_fallback)
+                for p in here
+            ]
+        )
         best = probs.argmax(axis=0)
         keep = probs.max(axis=0) > threshold
         values = np.array([p.value for p in here], dtype=label.dtype)

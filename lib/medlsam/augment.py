@@ -25,8 +25,14 @@ def random_rotation(generator: torch.Generator, max_degrees: float) -> torch.Ten
     return rotation
 
 
-def augment_crop(crop: torch.Tensor, patch: int, generator: torch.Generator, max_degrees: float = 15.0,
-                 max_scale: float = 0.1, elastic_voxels: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_crop(
+    crop: torch.Tensor,
+    patch: int,
+    generator: torch.Generator,
+    max_degrees: float = 15.0,
+    max_scale: float = 0.1,
+    elastic_voxels: float = 1.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp the centre of `crop` (C, S, S, S) into a (C, patch, patch, patch) augmented patch.
 
     Returns the patch and `source` (3, patch, patch, patch): for every augmented voxel, its position in the

@@ -79,8 +79,10 @@ def run_batch(args: argparse.Namespace, argv: list[str]) -> int:
     mine = plan[rank::world]
     todo = [(scan, label) for scan, label in mine if not is_complete(label)]
     who = f"rank {rank}/{world}: " if world > 1 else ""
-    print(f"{who}{len(mine)} scans, {len(mine) - len(todo)} already complete, {len(todo)} to segment -> {out_dir}",
-          flush=True)
+    print(
+        f"{who}{len(mine)} scans, {len(mine) - len(todo)} already complete, {len(todo)} to segment -> {out_dir}",
+        flush=True,
+    )
     failed: dict[str, str] = {}
     if todo:
         segment_one = _segmenter(args)
@@ -88,8 +90,10 @@ def run_batch(args: argparse.Namespace, argv: list[str]) -> int:
             tic = time.perf_counter()
             try:
                 segment_one(scan, label)
-                print(f"{who}[{i}/{len(todo)}] {scan.name} -> {label.name} ({time.perf_counter() - tic:.1f} s)",
-                      flush=True)
+                print(
+                    f"{who}[{i}/{len(todo)}] {scan.name} -> {label.name} ({time.perf_counter() - tic:.1f} s)",
+                    flush=True,
+                )
             except MedLSAMError as exc:
                 failed[str(scan)] = str(exc)
             except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others
@@ -98,8 +102,11 @@ def run_batch(args: argparse.Namespace, argv: list[str]) -> int:
             if str(scan) in failed:
                 print(f"{who}[{i}/{len(todo)}] {scan.name} FAILED: {failed[str(scan)]}", file=sys.stderr, flush=True)
     written = len(todo) - len(failed)
-    print(f"{who}summary: {len(mine)} scans, {written} written, {len(mine) - len(todo)} already complete, "
-          f"{len(failed)} failed", flush=True)
+    print(
+        f"{who}summary: {len(mine)} scans, {written} written, {len(mine) - len(todo)} already complete, "
+        f"{len(failed)} failed",
+        flush=True,
+    )
     for scan, reason in failed.items():
         print(f"  failed {scan}: {reason}", file=sys.stderr)
     return 1 if failed else 0
@@ -108,7 +115,7 @@ def run_batch(args: argparse.Namespace, argv: list[str]) -> int:
 def _segmenter(args: argparse.Namespace):
     """A function (scan, label path) -> None with MedLAM, the bank and the segmenter loaded once."""
     from medlsam.cli import _model
-    from medlsam.localize import LocalizeOptions, Localizer
+    from medlsam.localize import Localizer
     from medlsam.outputs import write_segmentation
     from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
     from medlsam.sam import build_segmenter
@@ -128,14 +135,13 @@ def _segmenter(args: argparse.Namespace):
         device = f"cuda:{env_world()[2] % cuda_count()}"
     model = model.to(device)
     segmenter = build_segmenter(args.backend, args.checkpoint, device=device)
-    pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=options.localizer_mode)), segmenter, options)
+    pipeline = MedLSAMPipeline(Localizer(model, bank), segmenter, options)
 
     def segment_one(scan: Path, label: Path) -> None:
         tic = time.perf_counter()
         volume = load_ct(scan)
         load_s = time.perf_counter() - tic
-        result = pipeline.segment(volume, organs, progress=False)
-        result.timings_s = {"load": load_s, **result.timings_s}
+        result = pipeline.segment(volume, organs, progress=False, timings={"load": load_s})
         write_segmentation(result, volume, label)  # label and JSON renamed into place together
 
     return segment_one
@@ -149,8 +155,13 @@ def _run_workers(workers: int, plan: list[tuple[Path, Path]], argv: list[str]) -
     cmd = [sys.executable, "-m", "medlsam.cli", *strip_option(argv, "--workers")]
     children = []
     for rank in range(workers):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(workers), "LOCAL_RANK": str(rank),
-               "OMP_NUM_THREADS": str(threads)}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(workers),
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": str(threads),
+        }
         children.append(subprocess.Popen(cmd, env=env, preexec_fn=_pdeathsig))  # noqa: PLW1509
 
     def forward(signum, _frame):
@@ -165,8 +176,10 @@ def _run_workers(workers: int, plan: list[tuple[Path, Path]], argv: list[str]) -
         for s, handler in previous.items():
             signal.signal(s, handler)
     missing = [scan for scan, label in plan if not is_complete(label)]
-    print(f"all workers: {len(plan)} scans, {len(plan) - len(missing)} complete, {len(missing)} failed or missing",
-          flush=True)
+    print(
+        f"all workers: {len(plan)} scans, {len(plan) - len(missing)} complete, {len(missing)} failed or missing",
+        flush=True,
+    )
     for scan in missing:
         print(f"  not segmented: {scan}", file=sys.stderr)
     if any(code < 0 or code in (130, 143) for code in codes):

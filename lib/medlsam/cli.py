@@ -23,36 +23,55 @@ def _train(args: argparse.Namespace) -> int:
         return launch_torchrun(args.nproc, strip_option(args.argv, "--nproc"))
     base = CONFIGS[args.config]
     patch = (args.patch_size,) * 3 if args.patch_size else base.patch_size
-    config = MedLAMConfig(base_channels=args.base_channels or base.base_channels, patch_size=patch,
-                          num_classes=base.num_classes, dropout=base.dropout)
-    options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)
-                              if getattr(args, f.name, None) is not None}, bf16=parse_precision(args.precision))
+    config = MedLAMConfig(
+        base_channels=args.base_channels or base.base_channels,
+        patch_size=patch,
+        num_classes=base.num_classes,
+        dropout=base.dropout,
+    )
+    options = TrainOptions(
+        **{f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None},
+        bf16=parse_precision(args.precision),
+    )
     validator = None
     if args.val_templates:
         from medlsam.names import read_names
-        from medlsam.validation import LocalisationValidator
+        from medlsam.validation import LocalizationValidator
 
         if not (args.val_template_labels and args.val_images and args.val_labels):
             raise MedLSAMError("--val-templates needs --val-template-labels, --val-images and --val-labels")
-        validator = LocalisationValidator(list_images(args.val_templates), list_images(args.val_template_labels),
-                                          list_images(args.val_images), list_images(args.val_labels),
-                                          read_names(args.names))
+        validator = LocalizationValidator(
+            list_images(args.val_templates),
+            list_images(args.val_template_labels),
+            list_images(args.val_images),
+            list_images(args.val_labels),
+            read_names(args.names),
+        )
     ctx = init_distributed(options.device)  # one process, or this rank of a torchrun group
     options.device = ctx.device
     print(f"medlsam train: {ctx.describe()}", flush=True)
     try:
-        trainer = Trainer(list_images(args.images), Path(args.out), config, options,
-                          val_images=list_images(args.val_images) if args.val_images else None,
-                          cache_dir=Path(args.cache) if args.cache else None,
-                          stats_path=Path(args.stats) if args.stats else None, validator=validator, dist=ctx)
+        trainer = Trainer(
+            list_images(args.images),
+            Path(args.out),
+            config,
+            options,
+            val_images=list_images(args.val_images) if args.val_images else None,
+            cache_dir=Path(args.cache) if args.cache else None,
+            stats_path=Path(args.stats) if args.stats else None,
+            validator=validator,
+            dist=ctx,
+        )
         if args.resume:
             trainer.resume(Path(args.resume))
         result = trainer.run()
     finally:
         close_distributed()
     if ctx.is_main:
-        print(f"trained {result['epoch']} epochs in {result['total_time']:.0f} s; best validation error "
-              f"{result['best_metric']:.2f} mm; weights: {args.out}")
+        print(
+            f"trained {result['epoch']} epochs in {result['total_time']:.0f} s; best validation error "
+            f"{result['best_metric']:.2f} mm; weights: {args.out}"
+        )
     return 0
 
 
@@ -101,9 +120,9 @@ def _templates_build(args: argparse.Namespace) -> None:
 
 
 def _localize(args: argparse.Namespace) -> None:
-    from medlsam.localize import Localizer, LocalizeOptions
-    from medlsam.templates import load_bank
     from medlsam.atomic import write_json_atomic
+    from medlsam.localize import LocalizeOptions, Localizer
+    from medlsam.templates import load_bank
     from medlsam.volume import load_ct
 
     out = Path(args.out)
@@ -111,9 +130,12 @@ def _localize(args: argparse.Namespace) -> None:
         raise MedLSAMError(f"output folder {out.parent} does not exist")
     model = _model(args.model)
     bank = load_bank(args.templates, model)
-    options = LocalizeOptions(mode=args.mode, refine=args.refine, match=not args.no_match, jumps=args.jumps,
-                              margin_mm=args.margin_mm)
-    result = Localizer(model, bank, options).localize(load_ct(args.image), args.organs.split(",") if args.organs else None)
+    options = LocalizeOptions(
+        mode=args.mode, refine=args.refine, match=not args.no_match, jumps=args.jumps, margin_mm=args.margin_mm
+    )
+    result = Localizer(model, bank, options).localize(
+        load_ct(args.image), args.organs.split(",") if args.organs else None
+    )
     report = {name: loc.to_json() for name, loc in result["organs"].items()}
     write_json_atomic({"image": str(args.image), "organs": report, "timings_s": result["timings_s"]}, out)
     for name, loc in report.items():
@@ -125,7 +147,7 @@ def _segment(args: argparse.Namespace) -> int | None:
 
     from medlsam.batch import is_batch, run_batch
     from medlsam.devices import check_device
-    from medlsam.localize import Localizer, LocalizeOptions
+    from medlsam.localize import Localizer
     from medlsam.outputs import check_output_path, check_png_path, write_segmentation
     from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
     from medlsam.qc import qc_montage
@@ -153,7 +175,7 @@ def _segment(args: argparse.Namespace) -> int | None:
     tic = time.perf_counter()
     volume = load_ct(args.image)
     load_s = time.perf_counter() - tic
-    pipeline = MedLSAMPipeline(Localizer(model, bank, LocalizeOptions(mode=options.localizer_mode)), segmenter, options)
+    pipeline = MedLSAMPipeline(Localizer(model, bank), segmenter, options)
     result = pipeline.segment(volume, organs, progress=not args.quiet, timings={"load": load_s})
     write_segmentation(result, volume, args.out)
     for name, value in result.label_names.items():
@@ -205,20 +227,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", dest="learning_rate", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu (default), cuda or cuda:N")
-    train.add_argument("--nproc", type=int, default=1, help="processes on this machine: launches torchrun "
-                       "(for several machines run `torchrun --nnodes M ... -m medlsam.cli train ...` yourself)")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine: launches torchrun "
+        "(for several machines run `torchrun --nnodes M ... -m medlsam.cli train ...` yourself)",
+    )
     train.add_argument("--workers", type=int, help="DataLoader processes sampling patches (default 0: in-process)")
     train.add_argument("--patch-size", dest="patch_size", type=int, help="cubic patch side (multiple of 16)")
     train.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop after this many seconds")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="auto (default): bfloat16 autocast only where the CPU/GPU runs it natively")
+    train.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto (default): bfloat16 autocast only where the CPU/GPU runs it natively",
+    )
     train.set_defaults(func=_train)
 
     templates = commands.add_parser("templates", help="template banks").add_subparsers(dest="action", required=True)
     build = templates.add_parser("build", help="build a template bank from labelled scans or extreme points")
     build.add_argument("--images", nargs="+", required=True)
     build.add_argument("--labels", nargs="+", help="one label file per image")
-    build.add_argument("--points", nargs="+", help='one JSON per image: {"Organ": {"value": 1, "points": [[i,j,k] x6]}}')
+    build.add_argument(
+        "--points", nargs="+", help='one JSON per image: {"Organ": {"value": 1, "points": [[i,j,k] x6]}}'
+    )
     build.add_argument("--names", help='JSON {"1": "Brainstem", ...} (or a dataset.json with "labels")')
     build.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
     build.add_argument("--out", required=True)
@@ -245,22 +278,41 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="localise and segment the bank's organs in a scan")
     segment.add_argument("images", nargs="+", metavar="IMAGE", help="a scan, or several scans / folders (batch)")
     segment.add_argument("--templates", required=True, help="template bank file")
-    segment.add_argument("--out", required=True, help="label file (.nii.gz, .nii or .nrrd); LABEL.json beside it. "
-                         "Batch (a folder or several scans): a folder getting NAME.nii.gz + NAME.nii.gz.json per scan")
-    segment.add_argument("--workers", type=int, default=1, help="batch: processes sharing the scans (torchrun "
-                         "ranks share them too, by RANK / WORLD_SIZE)")
+    segment.add_argument(
+        "--out",
+        required=True,
+        help="label file (.nii.gz, .nii or .nrrd); LABEL.json beside it. "
+        "Batch (a folder or several scans): a folder getting NAME.nii.gz + NAME.nii.gz.json per scan",
+    )
+    segment.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="batch: processes sharing the scans (torchrun ranks share them too, by RANK / WORLD_SIZE)",
+    )
     segment.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
-    segment.add_argument("--backend", default="lite_medsam", help="segmenter: lite_medsam (default), sam_vit_b|l|h, "
-                         "medsam_vit_b")
+    segment.add_argument(
+        "--backend", default="lite_medsam", help="segmenter: lite_medsam (default), sam_vit_b|l|h, medsam_vit_b"
+    )
     segment.add_argument("--checkpoint", help="segmenter weights (required for SAM/MedSAM backends)")
-    segment.add_argument("--mode", choices=["prior", "wpl", "spl"], default="prior",
-                         help="prompts: prior (per-slice boxes of the matched templates), wpl (one box), spl (slabs)")
-    segment.add_argument("--prior-weight", type=float, help="weight of the template prior against SAM's masks "
-                         "(default 0.8; 1: the prior alone, no SAM; 0: SAM alone)")
+    segment.add_argument(
+        "--mode",
+        choices=["prior", "wpl", "spl"],
+        default="prior",
+        help="prompts: prior (per-slice boxes of the matched templates), wpl (one box), spl (slabs)",
+    )
+    segment.add_argument(
+        "--prior-weight",
+        type=float,
+        help="weight of the template prior against SAM's masks (default 0.8; 1: the prior alone, no SAM; 0: SAM alone)",
+    )
     segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
     segment.add_argument("--qc", help="write a QC picture (PNG): each organ's middle axial slice, cropped, outlined")
-    segment.add_argument("--qc-reference", help="a reference label on the scan's grid (same values as the bank's "
-                         "organs) shown beside each organ in the QC picture, with the Dice")
+    segment.add_argument(
+        "--qc-reference",
+        help="a reference label on the scan's grid (same values as the bank's "
+        "organs) shown beside each organ in the QC picture, with the Dice",
+    )
     segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=_segment)

@@ -37,8 +37,10 @@ def check_device(name: str | torch.device | None) -> str:
         return "cpu"
     count = cuda_count()
     if count == 0:
-        raise MedLSAMError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__}, "
-                           f"built with CUDA {torch.version.cuda or 'none'}); use device cpu")
+        raise MedLSAMError(
+            f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda or 'none'}); use device cpu"
+        )
     if index is not None and int(index) >= count:
         raise MedLSAMError(f"device {name!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
     return text

@@ -49,8 +49,10 @@ class DistContext:
     def describe(self) -> str:
         if not self.distributed:
             return f"single process, device {self.device}"
-        return (f"distributed: rank {self.rank} of world size {self.world_size} (local rank {self.local_rank}), "
-                f"backend {self.backend}, device {self.device}")
+        return (
+            f"distributed: rank {self.rank} of world size {self.world_size} (local rank {self.local_rank}), "
+            f"backend {self.backend}, device {self.device}"
+        )
 
 
 def env_world() -> tuple[int, int, int]:
@@ -75,8 +77,9 @@ def init_distributed(device: str = "cpu") -> DistContext:
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=TIMEOUT)
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, backend=backend,
-                       device=device)
+    return DistContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, backend=backend, device=device
+    )
 
 
 def close_distributed() -> None:
@@ -111,6 +114,7 @@ def barrier(ctx: DistContext) -> None:
 
 # ------------------------------------------------------------------------------------------- data and seeds
 
+
 def epoch_shard(count: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
     """Rank's scans this epoch: a permutation of all scans from (seed, epoch), rank r takes r, r + W, ...
     Shards are disjoint and together cover every scan; with fewer scans than ranks, ranks share them."""
@@ -127,6 +131,7 @@ def rank_seed(seed: int, epoch: int, rank: int, *more: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- process tree
+
 
 def die_with_parent() -> None:
     """End this process when its parent dies: prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux, plus a thread
@@ -165,8 +170,10 @@ class TrainingLock:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
-                raise MedLSAMError(f"another training is running and writing these files ({self.path}: {holder}); "
-                                   "wait for it to end or stop it") from None
+                raise MedLSAMError(
+                    f"another training is running and writing these files ({self.path}: {holder}); "
+                    "wait for it to end or stop it"
+                ) from None
             try:  # the file may have been removed by a holder that just finished: lock the current one
                 same = os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
             except FileNotFoundError:
@@ -210,8 +217,16 @@ def strip_option(argv: list[str], name: str) -> list[str]:
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run `torchrun --standalone --nproc_per_node nproc -m medlsam.cli argv` as a child that dies with us;
     SIGTERM/SIGINT are passed on, so stopping this process stops every rank. Returns its exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "medlsam.cli", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "medlsam.cli",
+        *argv,
+    ]
     print(f"launching {nproc} processes: {' '.join(cmd[1:])}", flush=True)
     linux = sys.platform.startswith("linux")
     child = subprocess.Popen(cmd, preexec_fn=_pdeathsig if linux else None)  # noqa: PLW1509 - prctl only
@@ -235,6 +250,7 @@ def _pdeathsig() -> None:
 
 # ------------------------------------------------------------------------------------------- in-tree workers
 
+
 def free_port() -> int:
     import socket
 
@@ -250,15 +266,24 @@ def spawn_training(nproc: int, worker, payload: dict):
 
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_spawned, args=(nproc, port, worker, payload, queue), nprocs=nproc, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _spawned, args=(nproc, port, worker, payload, queue), nprocs=nproc, join=True, start_method="spawn"
+    )
     return queue.get()
 
 
 def _spawned(rank: int, world: int, port: int, worker, payload: dict, queue) -> None:
     die_with_parent()
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     try:
         result = worker(payload)
     finally:
@@ -279,9 +304,15 @@ def train_job(job: dict) -> dict:
         torch.set_num_threads(int(job["threads"]))
     ctx = init_distributed(job["options"].get("device", "cpu"))
     options = TrainOptions(**{**job["options"], "device": ctx.device})
-    trainer = Trainer([Path(p) for p in job["images"]], Path(job["out"]), MedLAMConfig.from_dict(job["config"]),
-                      options, cache_dir=Path(job["cache_dir"]) if job.get("cache_dir") else None,
-                      stats_path=Path(job["stats_path"]) if job.get("stats_path") else None, dist=ctx)
+    trainer = Trainer(
+        [Path(p) for p in job["images"]],
+        Path(job["out"]),
+        MedLAMConfig.from_dict(job["config"]),
+        options,
+        cache_dir=Path(job["cache_dir"]) if job.get("cache_dir") else None,
+        stats_path=Path(job["stats_path"]) if job.get("stats_path") else None,
+        dist=ctx,
+    )
     if job.get("init_weights"):
         trainer.model.load_state_dict(load_medlam(job["init_weights"]).state_dict())
     baseline = None

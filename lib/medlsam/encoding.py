@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medlsam.grid import LocalisationGrid
+from medlsam.grid import LocalizationGrid
 from medlsam.network import MedLAM
 from medlsam.patches import cut_patch
 from medlsam.precision import use_bf16
@@ -28,8 +28,11 @@ def cluster_points(points: np.ndarray, reach: int) -> list[tuple[np.ndarray, np.
     clusters = []
     while remaining:
         first = points[remaining[0]]
-        members = [i for i in remaining if 0 <= points[i, 0] - first[0] <= 2 * reach
-                   and np.all(np.abs(points[i, 1:] - first[1:]) <= reach)]
+        members = [
+            i
+            for i in remaining
+            if 0 <= points[i, 0] - first[0] <= 2 * reach and np.all(np.abs(points[i, 1:] - first[1:]) <= reach)
+        ]
         chosen = points[members]
         centre = np.round((chosen.min(axis=0) + chosen.max(axis=0)) / 2).astype(int)
         clusters.append((centre, np.array(members)))
@@ -46,14 +49,15 @@ def precision(model: MedLAM, bf16: bool | None) -> contextlib.AbstractContextMan
 
 
 @torch.no_grad()
-def encode_latents(model: MedLAM, grid: LocalisationGrid, centres: np.ndarray, batch: int = 8,
-                   bf16: bool | None = False) -> np.ndarray:
+def encode_latents(
+    model: MedLAM, grid: LocalizationGrid, centres: np.ndarray, batch: int = 8, bf16: bool | None = False
+) -> np.ndarray:
     """(N, 3) latent points of the patches centred at (N, 3) integer grid positions."""
     size = model.config.patch_size
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(centres), batch):
-        patches = np.stack([cut_patch(grid.array, c, size) for c in centres[start:start + batch]])
+        patches = np.stack([cut_patch(grid.array, c, size) for c in centres[start : start + batch]])
         with precision(model, bf16):
             bottom = model.bottleneck(torch.from_numpy(patches)[:, None].to(device))
         # the latent head stays in float32: bf16's 8-bit mantissa would move jumps of ~1 m by several mm
@@ -85,7 +89,9 @@ class PatchFeatures:
             return out
         d = src_lo - lo
         e = d + (src_hi - src_lo)
-        out[:, d[0]:e[0], d[1]:e[1], d[2]:e[2]] = fmap[:, src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+        out[:, d[0] : e[0], d[1] : e[1], d[2] : e[2]] = fmap[
+            :, src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
+        ]
         return out
 
     def cell_of(self, point: np.ndarray, scale: int) -> np.ndarray:
@@ -93,25 +99,33 @@ class PatchFeatures:
 
 
 @torch.no_grad()
-def encode_patches(model: MedLAM, grid: LocalisationGrid, centres: list[np.ndarray], batch: int = 4,
-                   scales: int = 3, bf16: bool | None = False) -> list[PatchFeatures]:
+def encode_patches(
+    model: MedLAM,
+    grid: LocalizationGrid,
+    centres: list[np.ndarray],
+    batch: int = 4,
+    scales: int = 3,
+    bf16: bool | None = False,
+) -> list[PatchFeatures]:
     """Feature maps (the first `scales` of 1/4, 1/2, full) of patches centred at the given grid positions."""
     size = np.array(model.config.patch_size)
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(centres), batch):
-        chunk = centres[start:start + batch]
+        chunk = centres[start : start + batch]
         patches = torch.from_numpy(np.stack([cut_patch(grid.array, c, size) for c in chunk]))[:, None]
         with precision(model, bf16):
             features = model.features(patches.to(device), scales)
         for i, centre in enumerate(chunk):
-            results.append(PatchFeatures(origin=np.asarray(centre) - size // 2,
-                                         maps=[f[i].float().cpu() for f in features]))
+            results.append(
+                PatchFeatures(origin=np.asarray(centre) - size // 2, maps=[f[i].float().cpu() for f in features])
+            )
     return results
 
 
-def _similarity_at(patch: PatchFeatures, points: np.ndarray, kernel: torch.Tensor, scale: int,
-                   positions: torch.Tensor) -> torch.Tensor:
+def _similarity_at(
+    patch: PatchFeatures, points: np.ndarray, kernel: torch.Tensor, scale: int, positions: torch.Tensor
+) -> torch.Tensor:
     """Mean cosine similarity of each point's kernel at (P, n, n, n, 3) grid positions near the point.
 
     The similarity is computed on the scale's cells around each point by one grouped convolution and
@@ -128,8 +142,9 @@ def _similarity_at(patch: PatchFeatures, points: np.ndarray, kernel: torch.Tenso
     cells = (positions - torch.from_numpy(patch.origin).float() + 0.5) / stride - 0.5
     rel = cells - first_cell[:, None, None, None, :]
     normalised = (2 * rel / max(similarity.shape[-1] - 1, 1) - 1).flip(-1)
-    return F.grid_sample(similarity[:, None], normalised, mode="bilinear", padding_mode="border",
-                         align_corners=True)[:, 0]
+    return F.grid_sample(similarity[:, None], normalised, mode="bilinear", padding_mode="border", align_corners=True)[
+        :, 0
+    ]
 
 
 def _cube(centres: np.ndarray, radius: int) -> torch.Tensor:
@@ -139,8 +154,9 @@ def _cube(centres: np.ndarray, radius: int) -> torch.Tensor:
     return torch.from_numpy(centres).float()[:, None, None, None] + cube[None]
 
 
-def refine_points(patch: PatchFeatures, points: np.ndarray, kernels: list[torch.Tensor],
-                  radius: int, fine_radius: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def refine_points(
+    patch: PatchFeatures, points: np.ndarray, kernels: list[torch.Tensor], radius: int, fine_radius: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """Move (P, 3) grid points to the best match of their template kernels (per scale (P, C, k, k, k)).
 
     Coarse to fine: the 1/4 and 1/2 scales are summed over a cube of `radius` voxels; the full-resolution
@@ -152,7 +168,9 @@ def refine_points(patch: PatchFeatures, points: np.ndarray, kernels: list[torch.
 
     def best(positions: torch.Tensor, total: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         flat = total.reshape(len(points), -1).argmax(dim=1)
-        return positions.reshape(len(points), -1, 3)[rows, flat].round().int().numpy(), total.reshape(len(points), -1)[rows, flat]
+        return positions.reshape(len(points), -1, 3)[rows, flat].round().int().numpy(), total.reshape(len(points), -1)[
+            rows, flat
+        ]
 
     coarse_scales = min(2, len(kernels))
     positions = _cube(points, radius)

@@ -34,7 +34,7 @@ def map_hu(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
 
 
 @dataclass
-class LocalisationGrid:
+class LocalizationGrid:
     """A scan resampled to the canonical 3 mm grid, with the maps between grid, file and world."""
 
     array: np.ndarray  # (z, y, x) float32 in [0, 1] after the HU map
@@ -83,8 +83,9 @@ class LocalisationGrid:
         return points.min(axis=0), points.max(axis=0)
 
 
-def canonical_affine(volume: CTVolume, spacing: float = GRID_SPACING_MM,
-                     index_box: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+def canonical_affine(
+    volume: CTVolume, spacing: float = GRID_SPACING_MM, index_box: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Affine and shape of the world-aligned grid at `spacing` mm that covers the whole volume.
 
     With `index_box` (inclusive source indices), only that part is covered, on the same lattice as the
@@ -122,8 +123,14 @@ def body_index_box(volume: CTVolume, margin_mm: float = 30.0) -> tuple[np.ndarra
     return lo, hi
 
 
-def resample_to_grid(values: np.ndarray, volume: CTVolume, affine: np.ndarray, shape: tuple[int, int, int],
-                     fill: float, mode: str = "bilinear") -> np.ndarray:
+def resample_to_grid(
+    values: np.ndarray,
+    volume: CTVolume,
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    fill: float,
+    mode: str = "bilinear",
+) -> np.ndarray:
     """Sample `values` (in the volume's voxel order) on the grid (affine, shape) with torch."""
     to_index = np.linalg.inv(volume.affine) @ affine  # grid index -> source index, homogeneous
     out_half = (np.array(shape, dtype=np.float64) - 1).clip(min=1) / 2
@@ -141,7 +148,7 @@ def resample_to_grid(values: np.ndarray, volume: CTVolume, affine: np.ndarray, s
     return (sampled[0, 0] + fill).numpy()
 
 
-def to_localisation_grid(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> LocalisationGrid:
+def to_localization_grid(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> LocalizationGrid:
     """Resample a CT (HU) to the canonical grid and apply the HU map; outside the scan counts as air."""
     affine, shape = canonical_affine(volume, spacing, body_index_box(volume))  # air far from the body: cropped
     hu = volume.array.astype(np.float32, copy=False)
@@ -151,4 +158,4 @@ def to_localisation_grid(volume: CTVolume, spacing: float = GRID_SPACING_MM) -> 
 
         hu = gaussian_filter(hu, sigma=np.where(factors > 1.5, 0.4 * factors, 0.0))
     sampled = resample_to_grid(hu, volume, affine, shape, fill=-1024.0)
-    return LocalisationGrid(array=map_hu(sampled), affine=affine, source=volume)
+    return LocalizationGrid(array=map_hu(sampled), affine=affine, source=volume)

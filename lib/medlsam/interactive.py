@@ -51,8 +51,10 @@ def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
     outside = (idx < 0) | (idx >= np.array(shape))
     if outside.any():
         bad = idx[outside.any(axis=1)].tolist()
-        raise PromptError(f"{name} click(s) {bad} outside the image (voxel indices must lie in "
-                          f"[0, {shape[0] - 1}] x [0, {shape[1] - 1}] x [0, {shape[2] - 1}])")
+        raise PromptError(
+            f"{name} click(s) {bad} outside the image (voxel indices must lie in "
+            f"[0, {shape[0] - 1}] x [0, {shape[1] - 1}] x [0, {shape[2] - 1}])"
+        )
     return idx
 
 
@@ -97,8 +99,10 @@ def check_roi_size(prompts: Prompts, axis: int) -> None:
         return
     rows, cols = inplane_axes(axis)
     if prompts.roi[rows, 1] <= prompts.roi[rows, 0] or prompts.roi[cols, 1] <= prompts.roi[cols, 0]:
-        raise PromptError(f"roi {prompts.roi.ravel().tolist()} has zero size in the slice plane: draw a box "
-                          "spanning at least two voxels along each in-plane axis")
+        raise PromptError(
+            f"roi {prompts.roi.ravel().tolist()} has zero size in the slice plane: draw a box "
+            "spanning at least two voxels along each in-plane axis"
+        )
 
 
 def uses_points(segmenter) -> bool:
@@ -107,8 +111,9 @@ def uses_points(segmenter) -> bool:
     return str(getattr(segmenter, "name", "")).startswith("sam_")
 
 
-def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
-            threshold: float) -> tuple[np.ndarray, float]:
+def _decode(
+    embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None, threshold: float
+) -> tuple[np.ndarray, float]:
     kwargs = {}
     if len(points):
         kwargs.update(points=points[None], point_labels=labels[None])
@@ -124,8 +129,14 @@ def _decode(embeddings, k: int, points: np.ndarray, labels: np.ndarray, box: np.
 
 def box_around(points: np.ndarray, radius: float, shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
-    return np.array([max(0.0, points[:, 0].min() - radius), max(0.0, points[:, 1].min() - radius),
-                     min(w - 1.0, points[:, 0].max() + radius), min(h - 1.0, points[:, 1].max() + radius)])
+    return np.array(
+        [
+            max(0.0, points[:, 0].min() - radius),
+            max(0.0, points[:, 1].min() - radius),
+            min(w - 1.0, points[:, 0].max() + radius),
+            min(h - 1.0, points[:, 1].max() + radius),
+        ]
+    )
 
 
 def _exclude(box: np.ndarray, background: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -134,8 +145,9 @@ def _exclude(box: np.ndarray, background: np.ndarray, foreground: np.ndarray) ->
     for x, y in background:
         if not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):
             continue
-        options = sorted([(x - box[0], 0, x + 1), (box[2] - x, 2, x - 1), (y - box[1], 1, y + 1),
-                          (box[3] - y, 3, y - 1)])
+        options = sorted(
+            [(x - box[0], 0, x + 1), (box[2] - x, 2, x - 1), (y - box[1], 1, y + 1), (box[3] - y, 3, y - 1)]
+        )
         for _, edge, value in options:
             trial = box.copy()
             trial[edge] = value
@@ -163,12 +175,19 @@ def select_components(mask: np.ndarray, foreground: np.ndarray, background: np.n
 def _border_fraction(mask: np.ndarray, box: np.ndarray) -> float:
     """Fraction of the box's outline covered by the mask: a mask cut off by its box means the box is too small."""
     x0, y0, x1, y1 = (int(round(v)) for v in box)
-    edges = [mask[y0, x0:x1 + 1], mask[y1, x0:x1 + 1], mask[y0:y1 + 1, x0], mask[y0:y1 + 1, x1]]
+    edges = [mask[y0, x0 : x1 + 1], mask[y1, x0 : x1 + 1], mask[y0 : y1 + 1, x0], mask[y0 : y1 + 1, x1]]
     return float(np.mean(np.concatenate(edges))) if sum(e.size for e in edges) else 0.0
 
 
-def best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, threshold: float,
-                   max_border: float = 0.15, max_radius: float | None = None):
+def best_seed_box(
+    embeddings,
+    k: int,
+    foreground: np.ndarray,
+    background: np.ndarray,
+    threshold: float,
+    max_border: float = 0.15,
+    max_radius: float | None = None,
+):
     """Boxes of several sizes around the foreground clicks, decoded in one batched call. Among the masks that
     hold a click and are not cut off by their box (a whole object fits in it) SAM's best-scored (predicted IoU)
     wins; failing any, the best predicted IoU minus penalties for a cut-off mask or a missed click."""
@@ -192,8 +211,15 @@ def best_seed_box(embeddings, k: int, foreground: np.ndarray, background: np.nda
     return boxes[best], probs[best] > threshold, float(ious[best])
 
 
-def slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarray, box: np.ndarray | None,
-                threshold: float, rounds: int = 2) -> tuple[np.ndarray, float]:
+def slice_mask(
+    embeddings,
+    k: int,
+    foreground: np.ndarray,
+    background: np.ndarray,
+    box: np.ndarray | None,
+    threshold: float,
+    rounds: int = 2,
+) -> tuple[np.ndarray, float]:
     """One slice's mask from clicks (x, y) and/or a box. Point-trained SAMs get the clicks as points; for
     box-trained models a click becomes a box: boxes of several sizes around the foreground clicks (see
     ``best_seed_box``), the chosen one then refitted to its mask's box plus the clicks (``rounds`` - 1 more
@@ -205,8 +231,9 @@ def slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarra
     if uses_points(embeddings.segmenter) or (box is None and not len(foreground)):
         mask, iou = _decode(embeddings, k, points, labels, box, threshold)
     elif box is not None:
-        mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], _exclude(box, background, foreground),
-                            threshold)
+        mask, iou = _decode(
+            embeddings, k, np.zeros((0, 2)), labels[:0], _exclude(box, background, foreground), threshold
+        )
     else:
         memo = _click_memo(embeddings)
         previous = memo.get(k)
@@ -215,8 +242,11 @@ def slice_mask(embeddings, k: int, foreground: np.ndarray, background: np.ndarra
             # a later click on this slice: start from the box chosen before, grown to any new foreground
             # click and pushed off the background ones - one decoder call
             new = np.array([p for p in foreground if tuple(p) not in known]).reshape(-1, 2)
-            current = previous[1] if not len(new) else box_around(
-                np.concatenate([new, previous[1].reshape(2, 2)]), 2.0 if len(new) else 0.0, shape)
+            current = (
+                previous[1]
+                if not len(new)
+                else box_around(np.concatenate([new, previous[1].reshape(2, 2)]), 2.0 if len(new) else 0.0, shape)
+            )
             current = _exclude(current, background, foreground)
             mask, iou = _decode(embeddings, k, np.zeros((0, 2)), labels[:0], current, threshold)
             rounds = 1
@@ -261,8 +291,10 @@ def segment_slice(embeddings, prompts: Prompts, k: int | None = None, threshold:
     check_roi_size(prompts, axis)
     points, labels, box = slice_prompt(prompts, axis, int(k))
     if not (labels == 1).any() and box is None:
-        raise PromptError(f"no foreground click or roi on slice {k} (axis {axis}): clicks on other slices are "
-                          "ignored by 2D segmentation")
+        raise PromptError(
+            f"no foreground click or roi on slice {k} (axis {axis}): clicks on other slices are "
+            "ignored by 2D segmentation"
+        )
     mask, iou = slice_mask(embeddings, int(k), points[labels == 1], points[labels == 0], box, threshold)
     return {"slice": int(k), "axis": axis, "mask": mask, "iou": iou}
 
@@ -276,7 +308,7 @@ def seed_slice(prompts: Prompts, axis: int) -> int:
 def clip_to_box(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = (int(v) for v in box)
     out = np.zeros_like(mask)
-    out[y0:y1 + 1, x0:x1 + 1] = mask[y0:y1 + 1, x0:x1 + 1]
+    out[y0 : y1 + 1, x0 : x1 + 1] = mask[y0 : y1 + 1, x0 : x1 + 1]
     return out
 
 

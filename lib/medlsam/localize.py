@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
-from medlsam.grid import GRID_SPACING_MM, LocalisationGrid, to_localisation_grid
+from medlsam.grid import GRID_SPACING_MM, LocalizationGrid, to_localization_grid
 from medlsam.losses import DISTANCE_RATIO_MM
 from medlsam.matching import match_organ
 from medlsam.network import MedLAM
@@ -73,8 +73,13 @@ class OrganLocation:
     prior: FilePrior | None = field(default=None, repr=False)  # when asked for and found: the organ prior
 
     def to_json(self) -> dict:
-        out = {"found": self.found, "label": self.value, "box_voxel": self.box_voxel, "box_mm": self.box_mm,
-               "score": round(self.score, 4)}
+        out = {
+            "found": self.found,
+            "label": self.value,
+            "box_voxel": self.box_voxel,
+            "box_mm": self.box_mm,
+            "score": round(self.score, 4),
+        }
         if self.match_score is not None:
             out["match_score"] = round(self.match_score, 4)
         if self.reason:
@@ -84,7 +89,7 @@ class OrganLocation:
         return out
 
 
-def _body_start_points(grid: LocalisationGrid, rng: np.random.Generator, count: int = START_PATCHES) -> np.ndarray:
+def _body_start_points(grid: LocalizationGrid, rng: np.random.Generator, count: int = START_PATCHES) -> np.ndarray:
     """`count` grid points spread around the centre of the body."""
     body = np.argwhere(grid.array > BODY_THRESHOLD)
     if len(body) == 0:
@@ -117,19 +122,25 @@ class Localizer:
         return [i for i, r in enumerate(organ.roles) if r in wanted]
 
     @torch.no_grad()
-    def localize(self, volume: CTVolume | LocalisationGrid, organs: list[str] | None = None, *,
-                 mode: str | None = None, prior: bool = False) -> dict:
+    def localize(
+        self,
+        volume: CTVolume | LocalizationGrid,
+        organs: list[str] | None = None,
+        *,
+        mode: str | None = None,
+        prior: bool = False,
+    ) -> dict:
         """Boxes of the chosen organs (all by default): {"organs": {name: OrganLocation}, "timings_s": ...}.
         ``mode`` overrides the options' box mode for this call; ``prior`` also builds each found organ's prior
         (needs template matching)."""
         mode = mode or self.options.mode
         if mode not in ("wpl", "spl"):
             raise ValueError(f"mode must be 'wpl' or 'spl', not {mode!r}")
+        chosen = self.bank.select(organs)  # an unknown organ: TemplateError naming the bank's, before any work
         timings: dict[str, float] = {}
         tic = time.perf_counter()
-        grid = volume if isinstance(volume, LocalisationGrid) else to_localisation_grid(volume)
+        grid = volume if isinstance(volume, LocalizationGrid) else to_localization_grid(volume)
         timings["resample"] = time.perf_counter() - tic
-        chosen = self.bank.select(organs)
         keys = [(name, i) for name, organ in chosen.items() for i in self._roles(organ, mode)]
         latents = np.array([chosen[n].latent[i].numpy() for n, i in keys])
         offsets = np.array([chosen[n].offset[i].numpy() for n, i in keys])
@@ -153,10 +164,11 @@ class Localizer:
             clusters = cluster_points(rounded, reach=16)
             patches = encode_patches(self.model, grid, [c for c, _ in clusters], scales=opts.scales, bf16=opts.bf16)
             for patch, (_, members) in zip(patches, clusters):
-                kernels = [torch.stack([chosen[keys[m][0]].kernels[s][keys[m][1]] for m in members])
-                           for s in range(opts.scales)]
-                points[members], scores[members] = refine_points(patch, rounded[members], kernels,
-                                                                 opts.search_radius)
+                kernels = [
+                    torch.stack([chosen[keys[m][0]].kernels[s][keys[m][1]] for m in members])
+                    for s in range(opts.scales)
+                ]
+                points[members], scores[members] = refine_points(patch, rounded[members], kernels, opts.search_radius)
         timings["refine"] = time.perf_counter() - tic
         points = points + offsets
 
@@ -170,8 +182,17 @@ class Localizer:
         timings["total"] = sum(timings.values())
         return {"organs": results, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
-    def _organ_result(self, name: str, organ: OrganTemplate, grid: LocalisationGrid, points: np.ndarray,
-                      scores: np.ndarray, roles: list[str], mode: str, prior: bool) -> OrganLocation:
+    def _organ_result(
+        self,
+        name: str,
+        organ: OrganTemplate,
+        grid: LocalizationGrid,
+        points: np.ndarray,
+        scores: np.ndarray,
+        roles: list[str],
+        mode: str,
+        prior: bool,
+    ) -> OrganLocation:
         wpl = np.array([points[roles.index(r)] for r in WPL_ROLES])
         score = float(scores[[roles.index(r) for r in WPL_ROLES]].mean()) if self.options.refine else 1.0
         result = OrganLocation(name=name, value=organ.value, found=True, score=score)
@@ -188,8 +209,9 @@ class Localizer:
         elif self.options.refine and score < self.options.min_score:
             result.found, result.reason = False, f"similarity {score:.2f} below {self.options.min_score}"
         elif self.options.match and organ.neighbourhoods:
-            box, result.match_score, corners = match_organ(grid.array, organ.neighbourhoods, (low + high) / 2,
-                                                           self.options.match_radius)
+            box, result.match_score, corners = match_organ(
+                grid.array, organ.neighbourhoods, (low + high) / 2, self.options.match_radius
+            )
             points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
             low, high = box
             if outside(low, high):
@@ -203,8 +225,9 @@ class Localizer:
             return result
         if prior and corners is not None:
             opts = self.options
-            result.prior = file_prior(grid, organ.neighbourhoods, corners, opts.prior_slab, opts.prior_slab_radius,
-                                      opts.intensity_power)
+            result.prior = file_prior(
+                grid, organ.neighbourhoods, corners, opts.prior_slab, opts.prior_slab_radius, opts.intensity_power
+            )
         lo, hi = grid.box_to_file(low, high)
         result.box_voxel = [lo.tolist(), hi.tolist()]
         world = grid.source.index_to_world(np.array([lo, hi]))
@@ -212,7 +235,9 @@ class Localizer:
         if mode == "spl" and any(r.startswith("s") for r in roles):
             edges = np.linspace(low[0], high[0], SLABS + 1)
             for s in range(SLABS):
-                slab = np.array([points[roles.index(f"s{s}{a}")] for a in ("y-", "y+", "x-", "x+") if f"s{s}{a}" in roles])
+                slab = np.array(
+                    [points[roles.index(f"s{s}{a}")] for a in ("y-", "y+", "x-", "x+") if f"s{s}{a}" in roles]
+                )
                 if len(slab) < 4:
                     continue
                 s_low = np.array([edges[s], slab[:, 1].min() - margin, slab[:, 2].min() - margin])

@@ -22,8 +22,13 @@ def rdr_loss(latent_from: torch.Tensor, latent_to: torch.Tensor, offset_mm: torc
     return F.mse_loss(predicted_offset_mm(latent_from, latent_to) / RDR_SCALE_MM, offset_mm / RDR_SCALE_MM)
 
 
-def mss_loss(features: list[torch.Tensor], augmented: list[torch.Tensor], source: torch.Tensor,
-             points: torch.Tensor, spacing_mm: float) -> torch.Tensor:
+def mss_loss(
+    features: list[torch.Tensor],
+    augmented: list[torch.Tensor],
+    source: torch.Tensor,
+    points: torch.Tensor,
+    spacing_mm: float,
+) -> torch.Tensor:
     """Multi-scale similarity loss for one (patch, augmented patch) pair.
 
     features, augmented: per scale (C, n, n, n) L2-normalised maps (1/4, 1/2, full resolution).

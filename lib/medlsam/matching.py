@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medlsam.grid import LocalisationGrid
+from medlsam.grid import LocalizationGrid
 
 CONTEXT_VOXELS = 8  # margin of context around the organ box kept in a template patch (24 mm)
 
@@ -37,12 +37,17 @@ def box_mask(shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray) -> 
     mask = np.zeros(shape, np.float32)
     lo = np.clip(np.round(low).astype(int), 0, np.array(shape) - 1)
     hi = np.clip(np.round(high).astype(int), 0, np.array(shape) - 1)
-    mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = 1.0
+    mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = 1.0
     return mask
 
 
-def cut_organ_patch(grid: LocalisationGrid, low: np.ndarray, high: np.ndarray, mask: np.ndarray | None = None,
-                    context: int = CONTEXT_VOXELS) -> OrganPatch:
+def cut_organ_patch(
+    grid: LocalizationGrid,
+    low: np.ndarray,
+    high: np.ndarray,
+    mask: np.ndarray | None = None,
+    context: int = CONTEXT_VOXELS,
+) -> OrganPatch:
     """The grid neighbourhood of a box (grid coordinates) with `context` voxels around it, clipped to the grid.
     `mask`: the organ on the whole grid (from a label); without one (extreme points) the box is the mask."""
     start = np.maximum(np.floor(low).astype(int) - context, 0)
@@ -51,8 +56,11 @@ def cut_organ_patch(grid: LocalisationGrid, low: np.ndarray, high: np.ndarray, m
     crop = grid.array[region]
     box = np.stack([np.asarray(low) - start, np.asarray(high) - start])
     organ = box_mask(crop.shape, box[0], box[1]) if mask is None else np.clip(mask[region], 0.0, 1.0)
-    return OrganPatch(torch.from_numpy(np.ascontiguousarray(crop)).half(), torch.tensor(box, dtype=torch.float32),
-                      torch.from_numpy(np.ascontiguousarray(organ, dtype=np.float32)).half())
+    return OrganPatch(
+        torch.from_numpy(np.ascontiguousarray(crop)).half(),
+        torch.tensor(box, dtype=torch.float32),
+        torch.from_numpy(np.ascontiguousarray(organ, dtype=np.float32)).half(),
+    )
 
 
 def _region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> torch.Tensor:
@@ -62,8 +70,11 @@ def _region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> torch.Te
     out = np.zeros(size, np.float32)
     if np.all(src_hi > src_lo):
         d = src_lo - lo
-        out[d[0]:d[0] + src_hi[0] - src_lo[0], d[1]:d[1] + src_hi[1] - src_lo[1], d[2]:d[2] + src_hi[2] - src_lo[2]] = \
-            array[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+        out[
+            d[0] : d[0] + src_hi[0] - src_lo[0],
+            d[1] : d[1] + src_hi[1] - src_lo[1],
+            d[2] : d[2] + src_hi[2] - src_lo[2],
+        ] = array[src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]]
     return torch.from_numpy(out)[None, None]
 
 
@@ -71,8 +82,16 @@ def _window_sums(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tens
     """Sums of a (D, H, W) volume over every window of `size` (valid positions), from an integral volume."""
     total = F.pad(volume.double(), (1, 0, 1, 0, 1, 0)).cumsum(0).cumsum(1).cumsum(2)
     d, h, w = size
-    return (total[d:, h:, w:] - total[:-d, h:, w:] - total[d:, :-h, w:] - total[d:, h:, :-w]
-            + total[:-d, :-h, w:] + total[:-d, h:, :-w] + total[d:, :-h, :-w] - total[:-d, :-h, :-w]).float()
+    return (
+        total[d:, h:, w:]
+        - total[:-d, h:, w:]
+        - total[d:, :-h, w:]
+        - total[d:, h:, :-w]
+        + total[:-d, :-h, w:]
+        + total[:-d, h:, :-w]
+        + total[d:, :-h, :-w]
+        - total[:-d, :-h, :-w]
+    ).float()
 
 
 def _ncc(region: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
@@ -87,8 +106,9 @@ def _ncc(region: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     return numerator / std
 
 
-def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray,
-                radius: int) -> tuple[np.ndarray, float, np.ndarray]:
+def match_patch(
+    array: np.ndarray, patch: OrganPatch, centre: np.ndarray, radius: int
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Where the patch's organ box lands in `array` (grid) when its centre starts at `centre` and the patch
     moves by up to `radius` voxels: (2, 3) box, the NCC of the best position and the patch's corner there."""
     template = patch.intensities.float()
@@ -111,8 +131,9 @@ def match_patch(array: np.ndarray, patch: OrganPatch, centre: np.ndarray,
     return box + corner, float(scores.max()), corner
 
 
-def match_slabs(array: np.ndarray, patch: OrganPatch, corner: np.ndarray, thickness: int,
-                radius: int) -> list[tuple[int, np.ndarray]]:
+def match_slabs(
+    array: np.ndarray, patch: OrganPatch, corner: np.ndarray, thickness: int, radius: int
+) -> list[tuple[int, np.ndarray]]:
     """Piecewise-rigid refinement of a matched patch: each slab of ``thickness`` slices (along the first,
     cranio-caudal grid axis) is matched again within ``radius`` voxels of where the whole patch matched.
     Returns (first slice of the slab in the patch, the slab's corner in the grid) per slab; slabs too thin
@@ -120,7 +141,7 @@ def match_slabs(array: np.ndarray, patch: OrganPatch, corner: np.ndarray, thickn
     template = patch.intensities.float()
     slabs = []
     for z0 in range(0, template.shape[0], thickness):
-        part = template[z0:z0 + thickness]
+        part = template[z0 : z0 + thickness]
         start = np.asarray(corner) + np.array([z0, 0, 0])
         if part.shape[0] < 2 or float(part.std()) < 1e-3 or radius < 1:
             slabs.append((z0, start))
@@ -132,8 +153,9 @@ def match_slabs(array: np.ndarray, patch: OrganPatch, corner: np.ndarray, thickn
     return slabs
 
 
-def match_organ(array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray,
-                radius: int) -> tuple[np.ndarray, float, list[np.ndarray]]:
+def match_organ(
+    array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray, radius: int
+) -> tuple[np.ndarray, float, list[np.ndarray]]:
     """Median over templates of the matched organ boxes (2, 3), the median NCC, and each patch's corner."""
     matches = [match_patch(array, p, centre, radius) for p in patches]
     boxes = np.stack([b for b, _, _ in matches])

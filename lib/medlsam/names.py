@@ -56,10 +56,11 @@ def _pairs(labels) -> list[tuple[int | None, object]]:
             return out
         if all(isinstance(item, str) for item in labels):
             if not labels or labels[0].strip().lower() != "background":
-                raise ValueError('a list of names must start with "background", so that its positions are the '
-                                 'label values')
+                raise ValueError(
+                    'a list of names must start with "background", so that its positions are the label values'
+                )
             return list(enumerate(labels))
-        raise ValueError("a labels list must hold only names or only {\"name\": ..., \"idx\": ...} objects")
+        raise ValueError('a labels list must hold only names or only {"name": ..., "idx": ...} objects')
     raise ValueError(f"labels must be a JSON object or list, not {type(labels).__name__}")
 
 
@@ -106,6 +107,7 @@ def read_names(path: str | os.PathLike | None) -> dict[int, str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise NamesFileError(f"names file {path} is not JSON ({exc.msg} at line {exc.lineno}, column "
-                             f"{exc.colno}); {FORMAT_HELP}") from None
+        raise NamesFileError(
+            f"names file {path} is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {FORMAT_HELP}"
+        ) from None
     return parse_names(data, f"names file {path}")

@@ -63,11 +63,15 @@ class ConvBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.model = nn.Sequential(OrderedDict([
-            ("conv1_1", _Conv(cin, cout)),
-            ("norm1_1", nn.InstanceNorm3d(cout)),
-            ("relu1_1", nn.ReLU(inplace=True)),
-        ]))
+        self.model = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1_1", _Conv(cin, cout)),
+                    ("norm1_1", nn.InstanceNorm3d(cout)),
+                    ("relu1_1", nn.ReLU(inplace=True)),
+                ]
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -169,8 +173,11 @@ def _clean_state_dict(raw: dict) -> dict[str, torch.Tensor]:
         if key in raw and isinstance(raw[key], dict):
             raw = raw[key]
             break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()
-            if isinstance(v, torch.Tensor)}
+    return {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in raw.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _infer_config(state: dict[str, torch.Tensor], saved: dict | None) -> MedLAMConfig:
@@ -198,8 +205,9 @@ def _numpy_safe_globals() -> list:
     return [scalar, _reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
-def load_medlam(path: str | os.PathLike, config: MedLAMConfig | None = None,
-                device: str | torch.device = "cpu") -> MedLAM:
+def load_medlam(
+    path: str | os.PathLike, config: MedLAMConfig | None = None, device: str | torch.device = "cpu"
+) -> MedLAM:
     """Load MedLAM weights: our checkpoints, or official ones (raw state dict or `.tar` with
     `state_dict`, keys with or without `module.`). Shapes that do not fit fail with CheckpointError."""
     path = Path(path)
@@ -218,14 +226,22 @@ def load_medlam(path: str | os.PathLike, config: MedLAMConfig | None = None,
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or wrong:
-        details = "; ".join(filter(None, [
-            f"missing {missing[:4]}" if missing else "",
-            f"unexpected {unexpected[:4]}" if unexpected else "",
-            f"shape mismatch {wrong[:3]}" if wrong else "",
-        ]))
+        details = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:4]}" if missing else "",
+                    f"unexpected {unexpected[:4]}" if unexpected else "",
+                    f"shape mismatch {wrong[:3]}" if wrong else "",
+                ],
+            )
+        )
         raise CheckpointError(f"{path}: weights do not match MedLAM {config}: {details}")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()
@@ -233,8 +249,9 @@ def load_medlam(path: str | os.PathLike, config: MedLAMConfig | None = None,
 
 def save_medlam(model: MedLAM, path: str | os.PathLike, half: bool = False, **extra) -> None:
     """Save config + weights (optionally fp16) atomically; `extra` entries are stored alongside."""
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()
+    }
     torch_save_atomic({"config": model.config.to_dict(), "state_dict": state, **extra}, path)
 
 
@@ -242,5 +259,4 @@ def model_fingerprint(model: MedLAM) -> str:
     return state_dict_fingerprint(model.state_dict())
 
 
-__all__ = ["MedLAM", "MedLAMConfig", "CONFIGS", "build_medlam", "load_medlam", "save_medlam",
-           "model_fingerprint"]
+__all__ = ["MedLAM", "MedLAMConfig", "CONFIGS", "build_medlam", "load_medlam", "save_medlam", "model_fingerprint"]

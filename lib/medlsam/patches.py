@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medlsam.atomic import atomic_path
-from medlsam.grid import to_localisation_grid
+from medlsam.grid import to_localization_grid
 from medlsam.volume import is_image_path, load_ct
 
 BODY_THRESHOLD = 0.125  # mapped value of -500 HU: voxels above are body (or table)
@@ -33,13 +33,13 @@ def cached_grid_array(path: Path, cache_dir: Path | None, mmap: bool = False) ->
     """The scan's localisation-grid array (float16), read from `cache_dir` when present; with `mmap` a cached
     array is memory-mapped read-only (processes and DataLoader workers share the page cache)."""
     if cache_dir is None:
-        return to_localisation_grid(load_ct(path)).array.astype(np.float16)
+        return to_localization_grid(load_ct(path)).array.astype(np.float16)
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     cached = cache_dir / f"{path.name.split('.')[0]}-{key}.npy"
     if cached.exists():
         return np.load(cached, mmap_mode="r" if mmap else None)
-    array = to_localisation_grid(load_ct(path)).array.astype(np.float16)
+    array = to_localization_grid(load_ct(path)).array.astype(np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(cached) as tmp:  # unique temporary names: several ranks may cache at once
         np.save(tmp, array)
@@ -57,8 +57,8 @@ def cut_patch(array: np.ndarray | torch.Tensor, centre: np.ndarray, size: int | 
         return out
     dst_lo = src_lo - start
     dst_hi = dst_lo + (src_hi - src_lo)
-    region = array[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
-    out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = np.asarray(region, dtype=np.float32)
+    region = array[src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]]
+    out[dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = np.asarray(region, dtype=np.float32)
     return out
 
 

@@ -96,9 +96,14 @@ class SegmentationResult:
     reference_encoder_calls: int = 0  # one encoder call per organ per slice (the reference implementation)
 
     def to_json(self) -> dict:
-        return {"labels": dict(self.label_names), "boxes": self.boxes, "not_found": list(self.not_found),
-                "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
-                "encoder_calls": int(self.encoder_calls), "reference_encoder_calls": int(self.reference_encoder_calls)}
+        return {
+            "labels": dict(self.label_names),
+            "boxes": self.boxes,
+            "not_found": list(self.not_found),
+            "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
+            "encoder_calls": int(self.encoder_calls),
+            "reference_encoder_calls": int(self.reference_encoder_calls),
+        }
 
 
 class MedLSAMPipeline:
@@ -108,21 +113,31 @@ class MedLSAMPipeline:
         self.localizer, self.segmenter = localizer, segmenter
         self.options = options or SegmentOptions()
 
-    def segment(self, volume: CTVolume, organs: list[str] | None = None, progress: bool = False,
-                embeddings: SliceEmbeddings | None = None, timings: dict[str, float] | None = None
-                ) -> SegmentationResult:
+    def segment(
+        self,
+        volume: CTVolume,
+        organs: list[str] | None = None,
+        progress: bool = False,
+        embeddings: SliceEmbeddings | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> SegmentationResult:
         """Localise the chosen organs (all of the bank by default) and segment them. ``timings``: the caller's
         own stages (e.g. loading the scan), reported first."""
-        chosen = self.localizer.bank.select(organs)  # unknown organ: TemplateError before any work
-        tic = time.perf_counter()
-        located = self.localizer.localize(volume, list(chosen), mode=self.options.localizer_mode,
-                                          prior=self.options.uses_prior)
+        tic = time.perf_counter()  # the localiser refuses an unknown organ before any work
+        located = self.localizer.localize(
+            volume, organs, mode=self.options.localizer_mode, prior=self.options.uses_prior
+        )
         timings = {**(timings or {}), "localize": time.perf_counter() - tic}
         return self.segment_locations(volume, located["organs"], progress, embeddings, timings)
 
-    def segment_locations(self, volume: CTVolume, locations: dict[str, OrganLocation], progress: bool = False,
-                          embeddings: SliceEmbeddings | None = None, timings: dict[str, float] | None = None
-                          ) -> SegmentationResult:
+    def segment_locations(
+        self,
+        volume: CTVolume,
+        locations: dict[str, OrganLocation],
+        progress: bool = False,
+        embeddings: SliceEmbeddings | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> SegmentationResult:
         """Segment given organ locations (MedLAM's, or e.g. ground-truth boxes for benchmarks)."""
         opt = self.options
         own = embeddings is None
@@ -134,8 +149,10 @@ class MedLSAMPipeline:
         calls0 = embeddings.encoder_calls
         timings = {**(timings or {}), "encode": 0.0, "decode": 0.0, "assemble": 0.0}
         tic = time.perf_counter()
-        prompts = [prompts_for(loc, opt.mode, axis, volume.shape, opt.uses_prior, opt.prior_box_threshold)
-                   for loc in locations.values()]
+        prompts = [
+            prompts_for(loc, opt.mode, axis, volume.shape, opt.uses_prior, opt.prior_box_threshold)
+            for loc in locations.values()
+        ]
         prompts = [p for p in prompts if p.boxes]
         timings["prompts"] = time.perf_counter() - tic
         with_sam = [p for p in prompts if opt.prior_weight < 1.0 or p.prior is None]  # prior_weight 1: no SAM
@@ -145,9 +162,17 @@ class MedLSAMPipeline:
 
         tic = time.perf_counter()
         max_value = max([int(loc.value) for loc in locations.values()] + [0])
-        label, voxels = assemble(volume.shape, axis, prompts, sam, opt.threshold, opt.prior_weight,
-                                 opt.empty_fallback, opt.largest_component,
-                                 dtype=np.uint16 if max_value > 255 else np.uint8)
+        label, voxels = assemble(
+            volume.shape,
+            axis,
+            prompts,
+            sam,
+            opt.threshold,
+            opt.prior_weight,
+            opt.empty_fallback,
+            opt.largest_component,
+            dtype=np.uint16 if max_value > 255 else np.uint8,
+        )
         timings["assemble"] += time.perf_counter() - tic
 
         boxes_json = {}
@@ -159,21 +184,35 @@ class MedLSAMPipeline:
             boxes_json[name] = entry
         not_found = [name for name in locations if voxels.get(name, 0) == 0]
         return SegmentationResult(
-            label=label, label_names={name: int(loc.value) for name, loc in locations.items()}, boxes=boxes_json,
-            not_found=not_found, timings_s=timings, encoder_calls=embeddings.encoder_calls - calls0,
-            reference_encoder_calls=sum(len(p.boxes) for p in prompts))
+            label=label,
+            label_names={name: int(loc.value) for name, loc in locations.items()},
+            boxes=boxes_json,
+            not_found=not_found,
+            timings_s=timings,
+            encoder_calls=embeddings.encoder_calls - calls0,
+            reference_encoder_calls=sum(len(p.boxes) for p in prompts),
+        )
 
     @staticmethod
-    def _segment_slices(embeddings: SliceEmbeddings, prompts: list[OrganPrompts], encoded: list[int],
-                        timings: dict[str, float], progress: bool, discard: bool) -> dict[str, dict[int, np.ndarray]]:
+    def _segment_slices(
+        embeddings: SliceEmbeddings,
+        prompts: list[OrganPrompts],
+        encoded: list[int],
+        timings: dict[str, float],
+        progress: bool,
+        discard: bool,
+    ) -> dict[str, dict[int, np.ndarray]]:
         """SAM's mask probabilities, organ -> slice -> (rows, cols), on the ``encoded`` slices: each slice encoded
         once, all its organs' boxes decoded in one call (``discard``: free each embedding once used)."""
         try:
             from tqdm import tqdm
         except ImportError:  # tqdm comes with MONAI; without it there is simply no bar
             tqdm = None
-        bar = tqdm(encoded, desc="segmenting slices", unit="slice", disable=not (progress and encoded)) if tqdm \
+        bar = (
+            tqdm(encoded, desc="segmenting slices", unit="slice", disable=not (progress and encoded))
+            if tqdm
             else encoded
+        )
         sam: dict[str, dict[int, np.ndarray]] = {p.name: {} for p in prompts}
         try:
             for n, k in enumerate(bar, 1):

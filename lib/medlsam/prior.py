@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from medlsam.geometry import inplane_axes
-from medlsam.grid import LocalisationGrid
+from medlsam.grid import LocalizationGrid
 from medlsam.matching import OrganPatch, match_slabs
 
 HISTOGRAM_BINS = 32  # over the grid's mapped intensities [0, 1]
@@ -50,7 +50,7 @@ class FilePrior:
         out = np.zeros(shape, np.float32)
         part = np.take(self.probabilities, k - int(self.low[axis]), axis=axis)
         r, c = inplane_axes(axis)
-        out[self.low[r]:self.high[r] + 1, self.low[c]:self.high[c] + 1] = part
+        out[self.low[r] : self.high[r] + 1, self.low[c] : self.high[c] + 1] = part
         return out
 
 
@@ -61,7 +61,7 @@ def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.nd
     for patch, slabs in zip(patches, placements):
         mask = patch.mask.float().numpy()
         edges = [z for z, _ in slabs] + [mask.shape[0]]
-        pieces += [(mask[edges[i]:edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
+        pieces += [(mask[edges[i] : edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
     pieces = [(m, c) for m, c in pieces if m.size]
     origin = np.min([c for _, c in pieces], axis=0)
     end = np.max([c + np.array(m.shape) for m, c in pieces], axis=0)
@@ -69,12 +69,17 @@ def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.nd
     for mask, corner in pieces:
         at = corner - origin
         d, h, w = mask.shape
-        total[at[0]:at[0] + d, at[1]:at[1] + h, at[2]:at[2] + w] += mask
+        total[at[0] : at[0] + d, at[1] : at[1] + h, at[2] : at[2] + w] += mask
     return OrganPrior(origin=origin, probabilities=total / len(patches))
 
 
-def placed_masks(array: np.ndarray, patches: list[OrganPatch], corners: list[np.ndarray], slab_thickness: int = 0,
-                 slab_radius: int = 2) -> OrganPrior:
+def placed_masks(
+    array: np.ndarray,
+    patches: list[OrganPatch],
+    corners: list[np.ndarray],
+    slab_thickness: int = 0,
+    slab_radius: int = 2,
+) -> OrganPrior:
     """The templates' masks fused where their patches matched (``corners``, from match_organ); with
     ``slab_thickness`` > 0 each mask follows its slabs' own matches."""
     if slab_thickness > 0:
@@ -84,8 +89,14 @@ def placed_masks(array: np.ndarray, patches: list[OrganPatch], corners: list[np.
     return fuse_masks(patches, placements)
 
 
-def file_prior(grid: LocalisationGrid, patches: list[OrganPatch], corners: list[np.ndarray], slab_thickness: int,
-               slab_radius: int, intensity_power: float) -> FilePrior | None:
+def file_prior(
+    grid: LocalizationGrid,
+    patches: list[OrganPatch],
+    corners: list[np.ndarray],
+    slab_thickness: int,
+    slab_radius: int,
+    intensity_power: float,
+) -> FilePrior | None:
     """The organ's prior on the query file's voxels (None when it lies outside the file): the templates' masks
     placed where they matched, weighed by their intensities when ``intensity_power`` > 0."""
     prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius)
@@ -110,8 +121,9 @@ def intensity_histograms(patches: list[OrganPatch]) -> tuple[np.ndarray, np.ndar
     return out[0], out[1]
 
 
-def intensity_posterior(prior: OrganPrior, grid_array: np.ndarray, patches: list[OrganPatch],
-                        power: float = 2.0) -> OrganPrior:
+def intensity_posterior(
+    prior: OrganPrior, grid_array: np.ndarray, patches: list[OrganPatch], power: float = 2.0
+) -> OrganPrior:
     """P(organ | position, intensity) on the prior's region: prior x likelihood ratio ** power, normalised.
 
     ``power`` > 1 trusts intensities more than the few templates' fused masks. Of 0.7, 1, 1.5, 2 and 3, 2
@@ -131,7 +143,7 @@ def intensity_posterior(prior: OrganPrior, grid_array: np.ndarray, patches: list
     return OrganPrior(origin=prior.origin, probabilities=posterior.astype(np.float32))
 
 
-def prior_on_file(prior: OrganPrior, grid: LocalisationGrid, floor: float = 0.05) -> FilePrior | None:
+def prior_on_file(prior: OrganPrior, grid: LocalizationGrid, floor: float = 0.05) -> FilePrior | None:
     """Sample a grid prior at the file's voxel centres; the box covers the prior's voxels above ``floor``.
     None when the prior lies outside the file."""
     above = np.argwhere(prior.probabilities > floor)
@@ -165,5 +177,6 @@ def prior_slice_boxes(prior: FilePrior, axis: int, threshold: float = 0.5) -> di
         rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
         boxes[int(prior.low[axis]) + i] = np.array(
             [cols[0] + prior.low[c], rows[0] + prior.low[r], cols[-1] + prior.low[c], rows[-1] + prior.low[r]],
-            dtype=np.float64)
+            dtype=np.float64,
+        )
     return boxes

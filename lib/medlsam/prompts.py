@@ -37,7 +37,9 @@ def _slice_box(lo, hi, axis: int, shape: tuple[int, int]) -> np.ndarray:
     return box
 
 
-def organ_prompts(location: OrganLocation, axis: int, shape3d: tuple[int, int, int], mode: str) -> dict[int, np.ndarray]:
+def organ_prompts(
+    location: OrganLocation, axis: int, shape3d: tuple[int, int, int], mode: str
+) -> dict[int, np.ndarray]:
     """Per slice index along ``axis``, the box prompt of one localised organ (WPL or SPL)."""
     if not location.found or not location.box_voxel:
         return {}
@@ -45,8 +47,11 @@ def organ_prompts(location: OrganLocation, axis: int, shape3d: tuple[int, int, i
     slice_shape = tuple(s for a, s in enumerate(shape3d) if a != axis)
     k0, k1 = max(0, int(lo[axis])), min(shape3d[axis] - 1, int(hi[axis]))
     whole = _slice_box(lo, hi, axis, slice_shape)
-    slabs = [(np.asarray(s["box_voxel"][0]), np.asarray(s["box_voxel"][1])) for s in location.slabs] \
-        if mode == "spl" else []
+    slabs = (
+        [(np.asarray(s["box_voxel"][0]), np.asarray(s["box_voxel"][1])) for s in location.slabs]
+        if mode == "spl"
+        else []
+    )
     if not slabs:
         return {k: whole for k in range(k0, k1 + 1)}
     ranges = [(int(a[axis]), int(b[axis])) for a, b in slabs]
@@ -79,8 +84,14 @@ def encoded_slices(organ_slices: list[list[int]], step: int) -> list[int]:
     return sorted(chosen)
 
 
-def prompts_for(location: OrganLocation, mode: str, axis: int, shape3d: tuple[int, int, int], use_prior: bool,
-                prior_box_threshold: float) -> OrganPrompts:
+def prompts_for(
+    location: OrganLocation,
+    mode: str,
+    axis: int,
+    shape3d: tuple[int, int, int],
+    use_prior: bool,
+    prior_box_threshold: float,
+) -> OrganPrompts:
     """The organ's per-slice boxes for ``mode`` (prior, wpl or spl) and, with ``use_prior``, its prior; an
     organ without a prior is prompted with its WPL box (prior mode) on every slice."""
     prior = location.prior if use_prior and location.found else None

@@ -21,8 +21,20 @@ import numpy as np
 from scipy import ndimage
 
 from medlsam.geometry import largest_component
-from medlsam.interactive import (Prompts, best_seed_box, box_around, check_roi_size, clip_to_box, seed_slice,
-                                 segment_slice, select_components, slice_mask, slice_prompt, uses_points)
+from medlsam.interactive import (
+    Prompts,
+    best_seed_box,
+    box_around,
+    check_roi_size,
+    clip_to_box,
+    seed_slice,
+    segment_slice,
+    select_components,
+    slice_mask,
+    slice_prompt,
+    uses_points,
+)
+
 
 def _interior_point(mask: np.ndarray) -> tuple[float, float]:
     """(x, y) of the mask pixel farthest from its border: inside even for concave shapes."""
@@ -34,8 +46,14 @@ def _interior_point(mask: np.ndarray) -> tuple[float, float]:
 def _mask_box(mask: np.ndarray, margin: float) -> np.ndarray:
     rows, cols = np.nonzero(mask)
     h, w = mask.shape
-    return np.array([max(0.0, cols.min() - margin), max(0.0, rows.min() - margin),
-                     min(w - 1.0, cols.max() + margin), min(h - 1.0, rows.max() + margin)])
+    return np.array(
+        [
+            max(0.0, cols.min() - margin),
+            max(0.0, rows.min() - margin),
+            min(w - 1.0, cols.max() + margin),
+            min(h - 1.0, rows.max() + margin),
+        ]
+    )
 
 
 @dataclass
@@ -61,10 +79,15 @@ class VolumeResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"axis": self.axis, "seed_slice": self.seed, "anchor_slices": self.anchors,
-                "slices": [min(self.slices), max(self.slices)] if self.slices else [],
-                "voxels": int(self.mask.sum()), "stop": self.stop_reasons,
-                "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
+        return {
+            "axis": self.axis,
+            "seed_slice": self.seed,
+            "anchor_slices": self.anchors,
+            "slices": [min(self.slices), max(self.slices)] if self.slices else [],
+            "voxels": int(self.mask.sum()),
+            "stop": self.stop_reasons,
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+        }
 
 
 def _anchors(prompts: Prompts, axis: int) -> list[int]:
@@ -119,8 +142,9 @@ def segment_volume(embeddings, prompts: Prompts, options: PropagationOptions | N
         put(seed, mask, iou)
         result.anchors.append(seed)
         for step, name in ((1, "up"), (-1, "down")):
-            result.stop_reasons[name + suffix] = _propagate(embeddings, prompts, opts, seed, step, mask,
-                                                            (lo_limit, hi_limit), roi_box, result.ious, put)
+            result.stop_reasons[name + suffix] = _propagate(
+                embeddings, prompts, opts, seed, step, mask, (lo_limit, hi_limit), roi_box, result.ious, put
+            )
     result.slices = sorted(result.ious)
     result.timings_s["total"] = time.perf_counter() - tic
     return result
@@ -132,8 +156,9 @@ def _user_clicks(prompts: Prompts, axis: int, k: int) -> tuple[bool, np.ndarray]
     return bool((labels == 1).any()), points[labels == 0]
 
 
-def _carry(embeddings, prompts: Prompts, opts: PropagationOptions, k: int, prev: np.ndarray,
-           roi_box: np.ndarray | None) -> tuple[np.ndarray, float]:
+def _carry(
+    embeddings, prompts: Prompts, opts: PropagationOptions, k: int, prev: np.ndarray, roi_box: np.ndarray | None
+) -> tuple[np.ndarray, float]:
     """Slice k's mask prompted with the box of ``prev`` (a nearby slice's mask), widened to the foreground
     clicks on slice k and pushed off its background clicks; the largest component unless k was clicked."""
     points, labels, _ = slice_prompt(prompts, embeddings.axis, k, roi_box=False)
@@ -147,16 +172,27 @@ def _carry(embeddings, prompts: Prompts, opts: PropagationOptions, k: int, prev:
     missed = np.array([p for p in points[labels == 1] if not mask[int(p[1]), int(p[0])]]).reshape(-1, 2)
     if len(missed) and not uses_points(embeddings.segmenter):
         # SAM left a clicked pixel out of the box's mask: add the object under it, boxes up to the carried size
-        _, extra, _ = best_seed_box(embeddings, k, missed, bg, opts.threshold,
-                                     max_radius=max(box[2] - box[0], box[3] - box[1]) / 2)
+        _, extra, _ = best_seed_box(
+            embeddings, k, missed, bg, opts.threshold, max_radius=max(box[2] - box[0], box[3] - box[1]) / 2
+        )
         mask = mask | select_components(extra, missed, bg)
     if roi_box is not None:
         mask = clip_to_box(mask, roi_box)
     return (largest_component(mask, connectivity=1) if mask.any() and not (labels == 1).any() else mask), iou
 
 
-def _propagate(embeddings, prompts: Prompts, opts: PropagationOptions, seed: int, step: int, prev: np.ndarray,
-               limits: tuple[int, int], roi_box: np.ndarray | None, filled: dict, put) -> str:
+def _propagate(
+    embeddings,
+    prompts: Prompts,
+    opts: PropagationOptions,
+    seed: int,
+    step: int,
+    prev: np.ndarray,
+    limits: tuple[int, int],
+    roi_box: np.ndarray | None,
+    filled: dict,
+    put,
+) -> str:
     """Carry ``prev`` (the mask of slice ``seed``) slice by slice in direction ``step`` until the object ends
     or a slice in ``filled`` (done from another anchor) is reached; ``put(k, mask, iou)`` stores each
     slice. Returns why it stopped."""

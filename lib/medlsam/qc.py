@@ -56,8 +56,14 @@ def _window(mask: np.ndarray, pixel_mm: tuple[float, float]) -> tuple[slice, sli
     return out[0], out[1]
 
 
-def qc_montage(volume: CTVolume, label: np.ndarray, names: dict[str, int], png_path: str | os.PathLike,
-               reference: np.ndarray | None = None, reference_names: dict[str, int] | None = None) -> Path:
+def qc_montage(
+    volume: CTVolume,
+    label: np.ndarray,
+    names: dict[str, int],
+    png_path: str | os.PathLike,
+    reference: np.ndarray | None = None,
+    reference_names: dict[str, int] | None = None,
+) -> Path:
     """Write the QC PNG for ``label`` (``names``: organ -> value) on ``volume``; with ``reference`` (same grid;
     its own ``reference_names``, default ``names``) each organ gets a second panel with the reference and the
     organ's Dice. Returns the path."""
@@ -69,14 +75,19 @@ def qc_montage(volume: CTVolume, label: np.ndarray, names: dict[str, int], png_p
 
     path = check_png_path(png_path)
     if label.shape != volume.shape or (reference is not None and reference.shape != volume.shape):
-        raise MedLSAMError(f"QC: label {label.shape} / reference {None if reference is None else reference.shape} "
-                           f"do not match the scan's grid {volume.shape}")
+        raise MedLSAMError(
+            f"QC: label {label.shape} / reference {None if reference is None else reference.shape} "
+            f"do not match the scan's grid {volume.shape}"
+        )
     reference_names = reference_names or names
     axis = cranio_caudal_axis(volume.affine)
     pixel_mm = _pixel_mm(volume.affine, axis)
-    organs = [n for n, v in sorted(names.items(), key=lambda kv: kv[1])
-              if (label == v).any() or (reference is not None and n in reference_names
-                                        and (reference == reference_names[n]).any())]
+    organs = [
+        n
+        for n, v in sorted(names.items(), key=lambda kv: kv[1])
+        if (label == v).any()
+        or (reference is not None and n in reference_names and (reference == reference_names[n]).any())
+    ]
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(sorted(names, key=names.get))}
     per_organ = 2 if reference is not None else 1
     cols = per_organ * max(1, min(4 // per_organ, len(organs)))  # four panels a row
@@ -97,12 +108,19 @@ def qc_montage(volume: CTVolume, label: np.ndarray, names: dict[str, int], png_p
         for title, volume_label, value_of in shown:
             ax = next(panels)
             lab = _display(np.take(volume_label, k, axis=axis), volume.affine, axis)[box]
-            ax.imshow(np.clip(ct[box], *WINDOW), cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1],
-                      interpolation="nearest", aspect=pixel_mm[0] / pixel_mm[1])
+            ax.imshow(
+                np.clip(ct[box], *WINDOW),
+                cmap="gray",
+                vmin=WINDOW[0],
+                vmax=WINDOW[1],
+                interpolation="nearest",
+                aspect=pixel_mm[0] / pixel_mm[1],
+            )
             for other, value in value_of.items():
                 if other in colours and (lab == value).any():
-                    ax.contour(lab == value, levels=[0.5], colors=[colours[other]],
-                               linewidths=2.0 if other == name else 1.0)
+                    ax.contour(
+                        lab == value, levels=[0.5], colors=[colours[other]], linewidths=2.0 if other == name else 1.0
+                    )
             heading = f"{name} {title}".strip() if title else name
             if title == "" and ref is not None:
                 heading += f"  Dice {dice(pred, ref):.2f}"

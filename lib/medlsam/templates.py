@@ -19,7 +19,7 @@ import torch
 from medlsam.atomic import torch_save_atomic
 from medlsam.encoding import KERNEL_SIZES, cluster_points, encode_latents, encode_patches
 from medlsam.errors import TemplateError
-from medlsam.grid import LocalisationGrid, resample_to_grid, to_localisation_grid
+from medlsam.grid import LocalizationGrid, resample_to_grid, to_localization_grid
 from medlsam.matching import OrganPatch, cut_organ_patch
 from medlsam.network import MedLAM, model_fingerprint
 from medlsam.volume import CTVolume, load_ct, read_volume
@@ -51,8 +51,10 @@ def extreme_points(coords: np.ndarray) -> dict[str, np.ndarray]:
     for s in range(SLABS):
         inside = coords[(coords[:, 0] >= edges[s] - 1e-6) & (coords[:, 0] <= edges[s + 1] + 1e-6)]
         if len(inside) == 0:  # a gap in the organ: use the nearest voxels
-            inside = coords[np.abs(coords[:, 0] - (edges[s] + edges[s + 1]) / 2) <= np.abs(
-                coords[:, 0] - (edges[s] + edges[s + 1]) / 2).min() + 1e-6]
+            inside = coords[
+                np.abs(coords[:, 0] - (edges[s] + edges[s + 1]) / 2)
+                <= np.abs(coords[:, 0] - (edges[s] + edges[s + 1]) / 2).min() + 1e-6
+            ]
         middle_z = (edges[s] + edges[s + 1]) / 2
         for axis, name in ((1, "y"), (2, "x")):
             for sign, pick in (("-", inside[:, axis].min()), ("+", inside[:, axis].max())):
@@ -63,7 +65,7 @@ def extreme_points(coords: np.ndarray) -> dict[str, np.ndarray]:
     return points
 
 
-def organ_grid_coords(label: CTVolume, value: int, grid: LocalisationGrid) -> np.ndarray:
+def organ_grid_coords(label: CTVolume, value: int, grid: LocalizationGrid) -> np.ndarray:
     """Grid coordinates of the voxel centres of one organ of a label volume."""
     index = np.argwhere(label.array == value)
     return grid.from_file_index(index)
@@ -91,13 +93,24 @@ class TemplateBank:
 
     def to_dict(self) -> dict:
         return {
-            "version": BANK_VERSION, "model_fingerprint": self.model_fingerprint, "sources": self.sources,
-            "organs": {name: {"value": o.value, "roles": o.roles, "latent": o.latent, "offset": o.offset,
-                              "kernels": o.kernels, "count": o.count, "size_mm": o.size_mm,
-                              "neighbourhoods": [p.intensities for p in o.neighbourhoods],
-                              "neighbourhood_boxes": [p.box for p in o.neighbourhoods],
-                              "neighbourhood_masks": [p.mask for p in o.neighbourhoods]}
-                      for name, o in self.organs.items()},
+            "version": BANK_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "sources": self.sources,
+            "organs": {
+                name: {
+                    "value": o.value,
+                    "roles": o.roles,
+                    "latent": o.latent,
+                    "offset": o.offset,
+                    "kernels": o.kernels,
+                    "count": o.count,
+                    "size_mm": o.size_mm,
+                    "neighbourhoods": [p.intensities for p in o.neighbourhoods],
+                    "neighbourhood_boxes": [p.box for p in o.neighbourhoods],
+                    "neighbourhood_masks": [p.mask for p in o.neighbourhoods],
+                }
+                for name, o in self.organs.items()
+            },
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -109,9 +122,15 @@ class TemplateBank:
 
     def summary(self) -> dict:
         """What the bank holds, for people: version, MedLAM fingerprint, source scans, organs."""
-        return {"version": BANK_VERSION, "model_fingerprint": self.model_fingerprint, "sources": list(self.sources),
-                "organs": {name: {"value": o.value, "templates": o.count, "size_mm": o.size_mm}
-                           for name, o in sorted(self.organs.items(), key=lambda kv: kv[1].value)}}
+        return {
+            "version": BANK_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "sources": list(self.sources),
+            "organs": {
+                name: {"value": o.value, "templates": o.count, "size_mm": o.size_mm}
+                for name, o in sorted(self.organs.items(), key=lambda kv: kv[1].value)
+            },
+        }
 
     def select(self, names: list[str] | None) -> dict[str, OrganTemplate]:
         """The chosen organs (all when None); an unknown name raises TemplateError listing the known ones."""
@@ -135,25 +154,41 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
     if not isinstance(data, dict) or "organs" not in data:
         raise TemplateError(f"{path}: not a template bank")
     if data.get("version") != BANK_VERSION:
-        raise TemplateError(f"{path}: template bank version {data.get('version')}, this medlsam reads version "
-                            f"{BANK_VERSION}; rebuild it with `medlsam templates build`")
+        raise TemplateError(
+            f"{path}: template bank version {data.get('version')}, this medlsam reads version "
+            f"{BANK_VERSION}; rebuild it with `medlsam templates build`"
+        )
     bank = TemplateBank(
-        organs={name: OrganTemplate(value=int(o["value"]), roles=list(o["roles"]), latent=o["latent"],
-                                    offset=o["offset"], kernels=list(o["kernels"]), count=int(o["count"]),
-                                    size_mm=list(o["size_mm"]),
-                                    neighbourhoods=[OrganPatch(t, b, m) for t, b, m in zip(
-                                        o["neighbourhoods"], o["neighbourhood_boxes"], o["neighbourhood_masks"])])
-                for name, o in data["organs"].items()},
-        model_fingerprint=data["model_fingerprint"], sources=list(data["sources"]))
+        organs={
+            name: OrganTemplate(
+                value=int(o["value"]),
+                roles=list(o["roles"]),
+                latent=o["latent"],
+                offset=o["offset"],
+                kernels=list(o["kernels"]),
+                count=int(o["count"]),
+                size_mm=list(o["size_mm"]),
+                neighbourhoods=[
+                    OrganPatch(t, b, m)
+                    for t, b, m in zip(o["neighbourhoods"], o["neighbourhood_boxes"], o["neighbourhood_masks"])
+                ],
+            )
+            for name, o in data["organs"].items()
+        },
+        model_fingerprint=data["model_fingerprint"],
+        sources=list(data["sources"]),
+    )
     if model is not None and model_fingerprint(model) != bank.model_fingerprint:
         raise TemplateError(
             f"{path}: template bank was built with another MedLAM model (fingerprint {bank.model_fingerprint}, "
-            f"current model {model_fingerprint(model)}); rebuild it with `medlsam templates build`")
+            f"current model {model_fingerprint(model)}); rebuild it with `medlsam templates build`"
+        )
     return bank
 
 
-def _template_points(label: CTVolume | None, points_json: dict | None, grid: LocalisationGrid,
-                     names: dict[int, str]) -> dict[str, dict[str, np.ndarray]]:
+def _template_points(
+    label: CTVolume | None, points_json: dict | None, grid: LocalizationGrid, names: dict[int, str]
+) -> dict[str, dict[str, np.ndarray]]:
     """Per organ name, the role -> grid point map of one template."""
     organs: dict[str, dict[str, np.ndarray]] = {}
     if label is not None:
@@ -167,23 +202,31 @@ def _template_points(label: CTVolume | None, points_json: dict | None, grid: Loc
     for name, entry in (points_json or {}).items():
         points = np.asarray(entry["points"] if isinstance(entry, dict) else entry, dtype=np.float64)
         if points.shape != (6, 3):
-            raise TemplateError(f"organ {name!r}: expected six extreme points [[i, j, k], ...], got shape {points.shape}")
+            raise TemplateError(
+                f"organ {name!r}: expected six extreme points [[i, j, k], ...], got shape {points.shape}"
+            )
         coords = grid.from_file_index(points)
-        organs[name] = {role: coords[np.argmin(coords[:, a]) if sign == "-" else np.argmax(coords[:, a])]
-                        for role, a, sign in ((r, "zyx".index(r[0]), r[1]) for r in WPL_ROLES)}
+        organs[name] = {
+            role: coords[np.argmin(coords[:, a]) if sign == "-" else np.argmax(coords[:, a])]
+            for role, a, sign in ((r, "zyx".index(r[0]), r[1]) for r in WPL_ROLES)
+        }
     return organs
 
 
-def _organ_masks(label: CTVolume | None, grid: LocalisationGrid, names: dict[int, str]) -> dict[str, np.ndarray]:
+def _organ_masks(label: CTVolume | None, grid: LocalizationGrid, names: dict[int, str]) -> dict[str, np.ndarray]:
     """Per organ of a template label, its mask on the grid (the organ's share of each grid voxel)."""
     if label is None:
         return {}
     values = [int(v) for v in np.unique(label.array) if v != 0]
-    return {names.get(v, f"label_{v}"): resample_to_grid((label.array == v).astype(np.float32), label, grid.affine,
-                                                          grid.shape, fill=0.0) for v in values}
+    return {
+        names.get(v, f"label_{v}"): resample_to_grid(
+            (label.array == v).astype(np.float32), label, grid.affine, grid.shape, fill=0.0
+        )
+        for v in values
+    }
 
 
-def _encode_template(model: MedLAM, grid: LocalisationGrid, organs: dict[str, dict[str, np.ndarray]]) -> dict:
+def _encode_template(model: MedLAM, grid: LocalizationGrid, organs: dict[str, dict[str, np.ndarray]]) -> dict:
     """Latent points and kernels of every point of one template."""
     keys = [(name, role) for name, roles in organs.items() for role in roles]
     points = np.array([organs[n][r] for n, r in keys])
@@ -199,8 +242,13 @@ def _encode_template(model: MedLAM, grid: LocalisationGrid, organs: dict[str, di
     return {key: (latents[i], points[i] - centres[i], kernels[key]) for i, key in enumerate(keys)}
 
 
-def build_bank(model: MedLAM, images: list, labels: list | None = None, names: dict[int, str] | None = None,
-               extreme_points_json: list[dict | None] | None = None) -> TemplateBank:
+def build_bank(
+    model: MedLAM,
+    images: list,
+    labels: list | None = None,
+    names: dict[int, str] | None = None,
+    extreme_points_json: list[dict | None] | None = None,
+) -> TemplateBank:
     """Build a bank from template scans with labels and/or six extreme points per organ (file indices)."""
     labels = labels or [None] * len(images)
     points_json = extreme_points_json or [None] * len(images)
@@ -213,8 +261,10 @@ def build_bank(model: MedLAM, images: list, labels: list | None = None, names: d
             raise TemplateError(f"template {image}: needs a label or extreme points")
         tic = time.perf_counter()
         banks.append(_one_template(model, image, label, pts, names))
-        logger.info(f"template {number}/{len(images)} {Path(str(banks[-1].sources[0])).name}: "
-                    f"{len(banks[-1].organs)} organ(s) in {time.perf_counter() - tic:.1f} s")
+        logger.info(
+            f"template {number}/{len(images)} {Path(str(banks[-1].sources[0])).name}: "
+            f"{len(banks[-1].organs)} organ(s) in {time.perf_counter() - tic:.1f} s"
+        )
     bank = merge_banks(banks)
     absent = [n for n in names.values() if n not in bank.organs]
     if absent:
@@ -228,7 +278,7 @@ def _one_template(model: MedLAM, image, label, pts: dict | None, names: dict[int
     """The bank of one template scan (its organs' points, kernels and neighbourhood)."""
     volume = image if isinstance(image, CTVolume) else load_ct(image)
     label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
-    grid = to_localisation_grid(volume)
+    grid = to_localization_grid(volume)
     organs = _template_points(label_volume, pts, grid, names)
     masks = _organ_masks(label_volume, grid, names)
     encoded = _encode_template(model, grid, organs)
@@ -241,17 +291,21 @@ def _one_template(model: MedLAM, image, label, pts: dict | None, names: dict[int
             value = int(name.split("_")[-1]) if name.startswith("label_") else len(names) + number
         coords = np.array(list(roles.values()))
         wpl = np.array([roles[r] for r in WPL_ROLES])
-        neighbourhood = cut_organ_patch(grid, wpl.min(axis=0), wpl.max(axis=0),
-                                        None if name in (pts or {}) else masks.get(name))
+        neighbourhood = cut_organ_patch(
+            grid, wpl.min(axis=0), wpl.max(axis=0), None if name in (pts or {}) else masks.get(name)
+        )
         ordered = [r for r in WPL_ROLES + SLAB_ROLES if r in roles]
         out[name] = OrganTemplate(
-            value=int(value), roles=ordered,
+            value=int(value),
+            roles=ordered,
             latent=torch.tensor(np.array([encoded[(name, r)][0] for r in ordered]), dtype=torch.float32),
             # float64 until merged: the mean of several templates' sub-voxel offsets is taken at full precision
             offset=torch.tensor(np.array([encoded[(name, r)][1] for r in ordered]), dtype=torch.float64),
             kernels=[torch.stack([encoded[(name, r)][2][s] for r in ordered]) for s in range(len(KERNEL_SIZES))],
-            count=1, size_mm=((coords.max(axis=0) - coords.min(axis=0)) * 3.0).tolist(),
-            neighbourhoods=[neighbourhood])
+            count=1,
+            size_mm=((coords.max(axis=0) - coords.min(axis=0)) * 3.0).tolist(),
+            neighbourhoods=[neighbourhood],
+        )
     return TemplateBank(organs=out, model_fingerprint=model_fingerprint(model), sources=[volume.source])
 
 
@@ -282,11 +336,15 @@ def merge_banks(banks: list[TemplateBank], names: dict[str, int] | None = None) 
         count = sum(p.count for p in parts)
         size = sum(np.array(p.size_mm, dtype=np.float64) * p.count for p in parts) / count
         organs[name] = OrganTemplate(
-            value=int((names or {}).get(name, parts[0].value)), roles=roles,
+            value=int((names or {}).get(name, parts[0].value)),
+            roles=roles,
             latent=torch.tensor(np.array(latent), dtype=torch.float32),
             offset=torch.tensor(np.array(offset), dtype=torch.float32),
             kernels=[torch.stack([k[s] for k in kernels]) for s in range(len(parts[0].kernels))],
-            count=count, size_mm=size.round(1).tolist(),
-            neighbourhoods=[n for p in parts for n in p.neighbourhoods])
-    return TemplateBank(organs=organs, model_fingerprint=banks[0].model_fingerprint,
-                        sources=[s for b in banks for s in b.sources])
+            count=count,
+            size_mm=size.round(1).tolist(),
+            neighbourhoods=[n for p in parts for n in p.neighbourhoods],
+        )
+    return TemplateBank(
+        organs=organs, model_fingerprint=banks[0].model_fingerprint, sources=[s for b in banks for s in b.sources]
+    )

@@ -84,10 +84,18 @@ def rdr_validation_error(model: MedLAM, sampler: PatchSampler, pairs: int, devic
 class Trainer:
     """Runs epochs of RDR + MSS, validates, checkpoints atomically, resumes, writes MONAI Label stats."""
 
-    def __init__(self, train_images: list[Path], out: Path, config: MedLAMConfig, options: TrainOptions,
-                 val_images: list[Path] | None = None, cache_dir: Path | None = None,
-                 stats_path: Path | None = None,
-                 validator: Callable[[MedLAM], float] | None = None, dist: DistContext | None = None):
+    def __init__(
+        self,
+        train_images: list[Path],
+        out: Path,
+        config: MedLAMConfig,
+        options: TrainOptions,
+        val_images: list[Path] | None = None,
+        cache_dir: Path | None = None,
+        stats_path: Path | None = None,
+        validator: Callable[[MedLAM], float] | None = None,
+        dist: DistContext | None = None,
+    ):
         """`dist`: this process's place in a torch.distributed run (medlsam.distributed.init_distributed);
         `options.batch_size` is per process, and rank 0 alone validates and writes files."""
         if not train_images:
@@ -100,27 +108,41 @@ class Trainer:
         np.random.seed(options.seed)
         torch.manual_seed(options.seed)
         self.dist = dist or DistContext(device=options.device)
-        load = lambda paths: [cached_grid_array(p, cache_dir, mmap=True)  # noqa: E731
-                              for p in tqdm(paths, desc="preparing scans", leave=False, disable=not self.dist.is_main)]
+
+        def load(paths):
+            bar = tqdm(paths, desc="preparing scans", leave=False, disable=not self.dist.is_main)
+            return [cached_grid_array(p, cache_dir, mmap=True) for p in bar]
+
         rng = np.random.default_rng(options.seed)
         patch = config.patch_size[0]
         self.sampler = PatchSampler(load(train_images), patch, options.crop_margin, rng)
         self.val_sampler = PatchSampler(load(val_images), patch, 0, rng) if val_images else None
-        self.batches = TrainingBatches(self.sampler.arrays, self.sampler.bodies, patch, options.crop_margin,
-                                       options.batch_size, options.mss_points, options.iterations_per_epoch,
-                                       options.seed, self.dist.rank, self.dist.world_size)
+        self.batches = TrainingBatches(
+            self.sampler.arrays,
+            self.sampler.bodies,
+            patch,
+            options.crop_margin,
+            options.batch_size,
+            options.mss_points,
+            options.iterations_per_epoch,
+            options.seed,
+            self.dist.rank,
+            self.dist.world_size,
+        )
         self.iteration = 0  # within the epoch
         self._ddp: DistributedDataParallel | None = None
         self.amp_dtype = cuda_autocast_dtype(options.device) if options.bf16 is not False else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.model = MedLAM(config).to(options.device).to(memory_format=torch.channels_last_3d)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.learning_rate,
-                                           weight_decay=options.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
+        )
         self.generator = torch.Generator().manual_seed(options.seed)
         # oneDNN's bfloat16 Conv3d weight gradient is garbage (huge, even inf, and different run to run) when
         # the input depth is 2: the bottleneck of patches under 64 voxels. Autocast only from 64 up.
-        self.autocast = (use_bf16(options.bf16, options.device) and options.device == "cpu"
-                         and min(config.patch_size) >= 64)
+        self.autocast = (
+            use_bf16(options.bf16, options.device) and options.device == "cpu" and min(config.patch_size) >= 64
+        )
         self.precision = describe(options.bf16, options.device)
         if use_bf16(options.bf16, options.device) and not self.autocast:
             self.precision += "; float32 used: bfloat16 gradients are unsound under 64-voxel patches"
@@ -129,12 +151,20 @@ class Trainer:
 
     # -- checkpointing -------------------------------------------------------------------------------
     def save_state(self) -> None:
-        torch_save_atomic({
-            "config": self.config.to_dict(), "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_metric": self.best_metric,
-            "elapsed": self.elapsed, "history": json.dumps(self.history), "options": json.dumps(asdict(self.options)),
-            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
-        }, self.state_path)  # no RNG state: every epoch's randomness derives from (seed, epoch, rank), any world size
+        torch_save_atomic(
+            {
+                "config": self.config.to_dict(),
+                "state_dict": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch,
+                "best_metric": self.best_metric,
+                "elapsed": self.elapsed,
+                "history": json.dumps(self.history),
+                "options": json.dumps(asdict(self.options)),
+                **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            },
+            self.state_path,
+        )  # no RNG state: every epoch's randomness derives from (seed, epoch, rank), any world size
 
     def resume(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,18 +172,28 @@ class Trainer:
             raise MedLSAMError(f"{path}: trained with {state['config']}, not the requested {self.config.to_dict()}")
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.best_metric, self.elapsed = int(state["epoch"]), float(state["best_metric"]), float(state["elapsed"])
+        self.epoch, self.best_metric, self.elapsed = (
+            int(state["epoch"]),
+            float(state["best_metric"]),
+            float(state["elapsed"]),
+        )
         self.history = json.loads(state["history"])
         if self.scaler.is_enabled() and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
     def write_stats(self, status: str) -> None:
-        write_json_atomic({
-            "epoch": self.epoch, "total_epochs": self.options.epochs, "total_time": round(self.elapsed, 1),
-            "best_metric": None if math.isinf(self.best_metric) else round(self.best_metric, 3),
-            "best_metric_name": "validation error (mm, lower is better)", "status": status,
-            "history": self.history,
-        }, self.stats_path)
+        write_json_atomic(
+            {
+                "epoch": self.epoch,
+                "total_epochs": self.options.epochs,
+                "total_time": round(self.elapsed, 1),
+                "best_metric": None if math.isinf(self.best_metric) else round(self.best_metric, 3),
+                "best_metric_name": "validation error (mm, lower is better)",
+                "status": status,
+                "history": self.history,
+            },
+            self.stats_path,
+        )
 
     # -- one optimisation step -----------------------------------------------------------------------
     def _learning_rate(self) -> float:
@@ -173,8 +213,9 @@ class Trainer:
         if self._ddp is None:
             ids = [torch.device(self.options.device).index] if self.dist.backend == "nccl" else None
             # the reference config's segmentation head takes no part in the losses
-            self._ddp = DistributedDataParallel(self.model, device_ids=ids,
-                                                find_unused_parameters=self.config.num_classes > 0)
+            self._ddp = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=self.config.num_classes > 0
+            )
         return self._ddp
 
     def _autocast(self):
@@ -194,10 +235,20 @@ class Trainer:
             out = self._network()(images.contiguous(memory_format=torch.channels_last_3d))
         latent = out["latent"].float()
         offsets = batch["offsets"]
-        loss_rdr = 0.5 * (rdr_loss(latent[:n], latent[2 * n:], offsets[:, 0])
-                          + rdr_loss(latent[n:2 * n], latent[2 * n:], offsets[:, 1]))
-        mss = [mss_loss([f[i] for f in out["features"]], [f[n + i] for f in out["features"]], batch["source"][i],
-                        batch["points"][i], GRID_SPACING_MM) for i in range(n)]
+        loss_rdr = 0.5 * (
+            rdr_loss(latent[:n], latent[2 * n :], offsets[:, 0])
+            + rdr_loss(latent[n : 2 * n], latent[2 * n :], offsets[:, 1])
+        )
+        mss = [
+            mss_loss(
+                [f[i] for f in out["features"]],
+                [f[n + i] for f in out["features"]],
+                batch["source"][i],
+                batch["points"][i],
+                GRID_SPACING_MM,
+            )
+            for i in range(n)
+        ]
         loss_mss = torch.stack(mss).mean()
         loss = loss_rdr + opts.mss_weight * loss_mss
         # zero, but keeps every decoder scale in the graph when MSS skips one (DDP expects every gradient)
@@ -208,9 +259,13 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        rdr_mm = (predicted_offset_mm(latent[:n].detach(), latent[2 * n:].detach()) - offsets[:, 0]).norm(dim=1)
-        return {"loss": float(loss.detach()), "rdr": float(loss_rdr.detach()), "mss": float(loss_mss.detach()),
-                "rdr_mm": float(rdr_mm.mean())}
+        rdr_mm = (predicted_offset_mm(latent[:n].detach(), latent[2 * n :].detach()) - offsets[:, 0]).norm(dim=1)
+        return {
+            "loss": float(loss.detach()),
+            "rdr": float(loss_rdr.detach()),
+            "mss": float(loss_mss.detach()),
+            "rdr_mm": float(rdr_mm.mean()),
+        }
 
     # -- the loop ------------------------------------------------------------------------------------
     def validate(self) -> float:
@@ -240,9 +295,11 @@ class Trainer:
         self.model.train()
         if ctx.is_main:
             self.write_stats("running")
-        tqdm.write(f"MedLAM training, {ctx.describe()}: {len(self.batches.scans)} of {len(self.sampler.arrays)} "
-                   f"scans per epoch on this rank, {opts.batch_size} samples per step "
-                   f"({opts.batch_size * ctx.world_size} over all ranks), {opts.workers} loader workers")
+        tqdm.write(
+            f"MedLAM training, {ctx.describe()}: {len(self.batches.scans)} of {len(self.sampler.arrays)} "
+            f"scans per epoch on this rank, {opts.batch_size} samples per step "
+            f"({opts.batch_size * ctx.world_size} over all ranks), {opts.workers} loader workers"
+        )
         while self.epoch < opts.epochs:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._learning_rate()
@@ -251,14 +308,20 @@ class Trainer:
             self.iteration = 0
             sums: dict[str, float] = {}
             loader = self.batches.loader(opts.workers, pin_memory=opts.device.startswith("cuda"))
-            bar = tqdm(loader, total=opts.iterations_per_epoch, desc=f"epoch {self.epoch + 1}/{opts.epochs}",
-                       leave=False, disable=not ctx.is_main)
+            bar = tqdm(
+                loader,
+                total=opts.iterations_per_epoch,
+                desc=f"epoch {self.epoch + 1}/{opts.epochs}",
+                leave=False,
+                disable=not ctx.is_main,
+            )
             for batch in bar:
                 for key, value in self.train_step(batch).items():
                     sums[key] = sums.get(key, 0.0) + value
                 self.iteration += 1
-                bar.set_postfix(loss=f"{sums['loss'] / self.iteration:.3f}",
-                                rdr_mm=f"{sums['rdr_mm'] / self.iteration:.1f}")
+                bar.set_postfix(
+                    loss=f"{sums['loss'] / self.iteration:.3f}", rdr_mm=f"{sums['rdr_mm'] / self.iteration:.1f}"
+                )
             self.epoch += 1
             means = dict(zip(sums, mean_over_ranks([v / opts.iterations_per_epoch for v in sums.values()], ctx)))
             metric, stop = 0.0, 0.0
@@ -267,8 +330,12 @@ class Trainer:
                 self.elapsed = time.time() - started
                 stop = float(bool(opts.time_limit_s and self.elapsed >= opts.time_limit_s))
             metric, stop, self.elapsed = broadcast_floats([metric, stop, self.elapsed], ctx)
-            record = {"epoch": self.epoch, "time_s": round(self.elapsed, 1), "val_error_mm": round(metric, 2),
-                      **{k: round(v, 4) for k, v in means.items()}}
+            record = {
+                "epoch": self.epoch,
+                "time_s": round(self.elapsed, 1),
+                "val_error_mm": round(metric, 2),
+                **{k: round(v, 4) for k, v in means.items()},
+            }
             if ctx.distributed:
                 record["world_size"] = ctx.world_size
             self.history.append(record)

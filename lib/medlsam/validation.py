@@ -6,20 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
-from medlsam.grid import to_localisation_grid
-from medlsam.localize import Localizer, LocalizeOptions
+from medlsam.grid import to_localization_grid
+from medlsam.localize import LocalizeOptions, Localizer
 from medlsam.network import MedLAM
 from medlsam.templates import build_bank
 from medlsam.volume import load_ct, read_volume
 
 
-class LocalisationValidator:
+class LocalizationValidator:
     """Mean wall distance (mm) of refined WPL boxes on labelled validation scans (missed organs: 50 mm)."""
 
     MISSED_MM = 50.0
 
-    def __init__(self, template_images: list[Path], template_labels: list[Path], val_images: list[Path],
-                 val_labels: list[Path], names: dict[int, str]):
+    def __init__(
+        self,
+        template_images: list[Path],
+        template_labels: list[Path],
+        val_images: list[Path],
+        val_labels: list[Path],
+        names: dict[int, str],
+    ):
         self.templates = [load_ct(p) for p in template_images]
         self.template_labels = [read_volume(p) for p in template_labels]
         self.names = names
@@ -31,7 +37,7 @@ class LocalisationValidator:
                 if value:
                     index = np.argwhere(mask.array == value)
                     boxes[int(value)] = (index.min(axis=0), index.max(axis=0))
-            self.cases.append((to_localisation_grid(volume), boxes, volume.spacing))
+            self.cases.append((to_localization_grid(volume), boxes, volume.spacing))
 
     def __call__(self, model: MedLAM) -> float:
         bank = build_bank(model, self.templates, self.template_labels, self.names)
@@ -46,7 +52,8 @@ class LocalisationValidator:
                     errors.append(self.MISSED_MM)
                     continue
                 lo, hi = truth[location.value]
-                faces = np.abs(np.concatenate([np.array(location.box_voxel[0]) - lo,
-                                               np.array(location.box_voxel[1]) - hi]))
+                faces = np.abs(
+                    np.concatenate([np.array(location.box_voxel[0]) - lo, np.array(location.box_voxel[1]) - hi])
+                )
                 errors.append(float(np.mean(faces * np.concatenate([spacing, spacing]))))
         return float(np.mean(errors)) if errors else self.MISSED_MM

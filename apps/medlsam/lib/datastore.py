@@ -34,8 +34,11 @@ def valid_name(value: Any) -> bool:
 
 def check_name(value: Any, what: str) -> str:
     if not valid_name(value):
-        raise HTTPException(status_code=400, detail=f"{what} {str(value)[:80]!r} is not a valid {what}: use letters, "
-                                                    "digits, '.', '_' or '-' (no path separators, no '..')")
+        raise HTTPException(
+            status_code=400,
+            detail=f"{what} {str(value)[:80]!r} is not a valid {what}: use letters, "
+            "digits, '.', '_' or '-' (no path separators, no '..')",
+        )
     return value
 
 
@@ -45,8 +48,9 @@ def upload_extension(filename: str, what: str) -> str:
     for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
         if name.endswith(ext):
             return ext
-    raise HTTPException(status_code=400, detail=f"{what} file {os.path.basename(filename or '')!r}: use one of "
-                                                f"{list(IMAGE_EXTENSIONS)}")
+    raise HTTPException(
+        status_code=400, detail=f"{what} file {os.path.basename(filename or '')!r}: use one of {list(IMAGE_EXTENSIONS)}"
+    )
 
 
 def parse_label_info(info: Any) -> Dict[int, str]:
@@ -54,7 +58,7 @@ def parse_label_info(info: Any) -> Dict[int, str]:
     if info is None:
         return {}
     if not isinstance(info, list):
-        raise HTTPException(status_code=400, detail="label_info must be a list of {\"name\": ..., \"idx\": ...}")
+        raise HTTPException(status_code=400, detail='label_info must be a list of {"name": ..., "idx": ...}')
     names: Dict[int, str] = {}
     for item in info:
         if not isinstance(item, dict):
@@ -67,8 +71,11 @@ def parse_label_info(info: Any) -> Dict[int, str]:
         except (TypeError, ValueError, OverflowError):
             value = None
         if value is None or not 0 <= value <= MAX_LABEL_VALUE:
-            raise HTTPException(status_code=400, detail=f"label_info idx {item.get('idx')!r} (organ {name!r}) must "
-                                                        f"be an integer in 0..{MAX_LABEL_VALUE}")
+            raise HTTPException(
+                status_code=400,
+                detail=f"label_info idx {item.get('idx')!r} (organ {name!r}) must "
+                f"be an integer in 0..{MAX_LABEL_VALUE}",
+            )
         if not isinstance(name, str) or not name.strip():
             raise HTTPException(status_code=400, detail=f"label_info idx {value}: the name must be a non-empty string")
         if value == 0 or name.strip().lower() in ("background", "foreground_scribbles", "background_scribbles"):
@@ -97,44 +104,59 @@ def check_label(label_path: str, image_path: str, label_info: Any, require_organ
         image_header.SetFileName(image_path)
         image_header.ReadImageInformation()
     except (MedLSAMError, RuntimeError) as exc:
-        raise HTTPException(status_code=400, detail=f"label cannot be read as a 3D label volume "
-                                                    f"({type(exc).__name__})") from None
+        raise HTTPException(
+            status_code=400, detail=f"label cannot be read as a 3D label volume ({type(exc).__name__})"
+        ) from None
     size = tuple(image_header.GetSize())[:3]
     if label.shape != size:
-        raise HTTPException(status_code=400, detail=f"label shape {list(label.shape)} differs from its image's "
-                                                    f"{list(size)}")
-    for what, a, b in (("spacing", label_header.GetSpacing(), image_header.GetSpacing()),
-                       ("origin", label_header.GetOrigin(), image_header.GetOrigin()),
-                       ("direction", label_header.GetDirection(), image_header.GetDirection())):
-        if not np.allclose(np.asarray(a)[:len(b)], np.asarray(b)[:len(a)], atol=1e-3, rtol=1e-4):
-            raise HTTPException(status_code=400, detail=f"label {what} {np.round(a, 4).tolist()} differs from its "
-                                                        f"image's {np.round(b, 4).tolist()}: not on the image grid")
+        raise HTTPException(
+            status_code=400, detail=f"label shape {list(label.shape)} differs from its image's {list(size)}"
+        )
+    for what, a, b in (
+        ("spacing", label_header.GetSpacing(), image_header.GetSpacing()),
+        ("origin", label_header.GetOrigin(), image_header.GetOrigin()),
+        ("direction", label_header.GetDirection(), image_header.GetDirection()),
+    ):
+        if not np.allclose(np.asarray(a)[: len(b)], np.asarray(b)[: len(a)], atol=1e-3, rtol=1e-4):
+            raise HTTPException(
+                status_code=400,
+                detail=f"label {what} {np.round(a, 4).tolist()} differs from its "
+                f"image's {np.round(b, 4).tolist()}: not on the image grid",
+            )
     array = label.array
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
-            raise HTTPException(status_code=400, detail="label must hold integer organ values, found fractional or "
-                                                        "non-finite values")
+            raise HTTPException(
+                status_code=400, detail="label must hold integer organ values, found fractional or non-finite values"
+            )
     elif array.dtype.kind not in "iub":
         raise HTTPException(status_code=400, detail=f"label must be an integer volume, not {array.dtype}")
     values, counts = np.unique(array, return_counts=True)
     if values.min() < 0 or values.max() > MAX_LABEL_VALUE:
-        raise HTTPException(status_code=400, detail=f"label values must lie in 0..{MAX_LABEL_VALUE}, found "
-                                                    f"{int(values.min())}..{int(values.max())}")
+        raise HTTPException(
+            status_code=400,
+            detail=f"label values must lie in 0..{MAX_LABEL_VALUE}, found {int(values.min())}..{int(values.max())}",
+        )
     organs = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
     if len(organs) > MAX_ORGANS:
-        raise HTTPException(status_code=400, detail=f"label has {len(organs)} distinct values: at most {MAX_ORGANS} "
-                                                    "organs per label")
+        raise HTTPException(
+            status_code=400, detail=f"label has {len(organs)} distinct values: at most {MAX_ORGANS} organs per label"
+        )
     if require_organ and not organs:
         raise HTTPException(status_code=400, detail="label is empty: a final label needs at least one organ")
     big = [v for v, c in organs.items() if c > MAX_ORGAN_FRACTION * array.size]
     if big:
-        raise HTTPException(status_code=400, detail=f"label value(s) {big} cover more than "
-                                                    f"{MAX_ORGAN_FRACTION:.0%} of the scan: not an organ")
+        raise HTTPException(
+            status_code=400,
+            detail=f"label value(s) {big} cover more than {MAX_ORGAN_FRACTION:.0%} of the scan: not an organ",
+        )
     names = parse_label_info(label_info)
     unnamed = sorted(set(organs) - set(names))
     if names and unnamed:
-        raise HTTPException(status_code=400, detail=f"label value(s) {unnamed[:10]} have no entry in label_info "
-                                                    f"(it names {sorted(names)[:10]})")
+        raise HTTPException(
+            status_code=400,
+            detail=f"label value(s) {unnamed[:10]} have no entry in label_info (it names {sorted(names)[:10]})",
+        )
 
 
 class GatedDatastore(LocalDatastore):
@@ -146,8 +168,11 @@ class GatedDatastore(LocalDatastore):
 
     def _known_image(self, image_id: Any) -> str:
         if not valid_name(image_id) or image_id not in self._datastore.objects:
-            raise HTTPException(status_code=404, detail=f"image {str(image_id)[:80]!r} not found in the datastore "
-                                                        "(GET /datastore/?output=all lists the image ids)")
+            raise HTTPException(
+                status_code=404,
+                detail=f"image {str(image_id)[:80]!r} not found in the datastore "
+                "(GET /datastore/?output=all lists the image ids)",
+            )
         return image_id
 
     def get_image_uri(self, image_id: str) -> str:
@@ -164,13 +189,16 @@ class GatedDatastore(LocalDatastore):
         image_id = image_id or os.path.basename(image_filename)[: -len(ext)]
         check_name(image_id, "image id")
         if image_id in self._datastore.objects:
-            raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; delete it first "
-                                                        "(DELETE /datastore/image?id=...)")
+            raise HTTPException(
+                status_code=409,
+                detail=f"image {image_id!r} already exists; delete it first (DELETE /datastore/image?id=...)",
+            )
         try:
             load_ct(image_filename)
         except MedLSAMError as exc:
-            raise HTTPException(status_code=400, detail=f"image {image_id!r} refused: "
-                                                        f"{str(exc).replace(image_filename, 'upload')}") from None
+            raise HTTPException(
+                status_code=400, detail=f"image {image_id!r} refused: {str(exc).replace(image_filename, 'upload')}"
+            ) from None
         image_info = {k: v for k, v in (image_info or {}).items() if k not in SERVER_KEYS}
         return super().add_image(image_id, image_filename, image_info)
 
@@ -183,8 +211,12 @@ class GatedDatastore(LocalDatastore):
         check_name(label_tag, "tag")
         upload_extension(label_filename, "label")
         label_info = dict(label_info or {})
-        check_label(label_filename, self.get_image_uri(image_id), label_info.get("label_info"),
-                    require_organ=label_tag == DefaultLabelTag.FINAL.value)
+        check_label(
+            label_filename,
+            self.get_image_uri(image_id),
+            label_info.get("label_info"),
+            require_organ=label_tag == DefaultLabelTag.FINAL.value,
+        )
         label_info = {k: v for k, v in label_info.items() if k not in SERVER_KEYS}
         label_id = super().save_label(image_id, label_filename, label_tag, label_info)
         return label_id

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
+from lib.conf import conf_bool, conf_int
 from medlsam.devices import check_device
 from medlsam.errors import CheckpointError
-
-from lib.conf import conf_bool, conf_int
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +79,15 @@ class Models:
                     self._set_aside(path, exc)
                     continue
                 self._medlam = (key, path, model, model_fingerprint(model))
-                logger.info(f"MedLAM loaded from {path.name} in {time.perf_counter() - tic:.2f} s "
-                            f"(fingerprint {self._medlam[3]})")
+                logger.info(
+                    f"MedLAM loaded from {path.name} in {time.perf_counter() - tic:.2f} s "
+                    f"(fingerprint {self._medlam[3]})"
+                )
                 return model, path, self._medlam[3]
         raise CheckpointError(
             f"no MedLAM weights: none of {[c.name for c in self._medlam_candidates()]} is usable. Pass --conf medlam "
-            "<checkpoint> or train one with POST /train/medlam; the app never runs with random weights")
+            "<checkpoint> or train one with POST /train/medlam; the app never runs with random weights"
+        )
 
     @staticmethod
     def _set_aside(path: Path, exc: Exception) -> None:
@@ -95,8 +97,10 @@ class Models:
         except OSError as error:
             logger.error(f"published MedLAM {path.name} cannot be loaded and cannot be set aside ({error}): {exc}")
             return
-        logger.error(f"published MedLAM {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
-                     "the shipped/configured MedLAM serves instead")
+        logger.error(
+            f"published MedLAM {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
+            "the shipped/configured MedLAM serves instead"
+        )
 
     # ------------------------------------------------------------------ SAM
     def segmenter(self):
@@ -107,7 +111,8 @@ class Models:
                 if self.backend != BACKEND_DEFAULT and not self.checkpoint:
                     raise CheckpointError(
                         f"backend {self.backend} needs its weights: start the server with --conf checkpoint "
-                        f"<path to the {self.backend} checkpoint> (only lite_medsam has bundled weights)")
+                        f"<path to the {self.backend} checkpoint> (only lite_medsam has bundled weights)"
+                    )
                 tic = time.perf_counter()
                 self._segmenter = build_segmenter(self.backend, self.checkpoint, self.device, compile=self.compile)
                 logger.info(f"segmenter {self.backend} built in {time.perf_counter() - tic:.2f} s")

@@ -40,8 +40,11 @@ def json_object(value: Any, key: str) -> Dict[str, Any]:
 def check_infer(kwargs: Dict[str, Any]) -> None:
     json_object(kwargs.get("params"), "params")
     if kwargs.get("file") is not None:
-        raise HTTPException(status_code=400, detail="file: infer takes the id of a datastore image (upload it with "
-                                                    "PUT /datastore/image) or a session_id, not an uploaded file")
+        raise HTTPException(
+            status_code=400,
+            detail="file: infer takes the id of a datastore image (upload it with "
+            "PUT /datastore/image) or a session_id, not an uploaded file",
+        )
     session = kwargs.get("session_id")
     if session and not valid_name(session):
         raise HTTPException(status_code=404, detail=f"session {str(session)[:80]!r} not found")
@@ -113,9 +116,16 @@ def install(app) -> int:
         for i, route in enumerate(router.routes):
             if isinstance(route, APIRoute) and route.endpoint in targets:
                 router.routes[i] = APIRoute(
-                    route.path, _offload(route.endpoint, targets[route.endpoint]), methods=list(route.methods),
-                    name=route.name, summary=route.summary, tags=route.tags, responses=route.responses,
-                    deprecated=route.deprecated, include_in_schema=route.include_in_schema)
+                    route.path,
+                    _offload(route.endpoint, targets[route.endpoint]),
+                    methods=list(route.methods),
+                    name=route.name,
+                    summary=route.summary,
+                    tags=route.tags,
+                    responses=route.responses,
+                    deprecated=route.deprecated,
+                    include_in_schema=route.include_in_schema,
+                )
                 replaced += 1
         getattr(router, "_mark_routes_changed", lambda: None)()  # FastAPI >= 0.160 caches included routes
     app.openapi_schema = None

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medlsam.atomic import write_json_atomic
-from medlsam.errors import MedLSAMError, TemplateError
-
 from lib.conf import scrub_paths
 from lib.models import Models
+from medlsam.atomic import write_json_atomic
+from medlsam.errors import MedLSAMError, TemplateError
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +34,14 @@ class TemplateSource:
     """Organ names and the template bank of a datastore (``datastore()`` gives it: MONAI Label creates it after
     the task configs), for the current MedLAM."""
 
-    def __init__(self, models: Models, model_dir: str | Path, datastore: Callable, max_templates: int,
-                 labels_path: str | None = None):
+    def __init__(
+        self,
+        models: Models,
+        model_dir: str | Path,
+        datastore: Callable,
+        max_templates: int,
+        labels_path: str | None = None,
+    ):
         self.models, self.model_dir, self._datastore = models, Path(model_dir), datastore
         self.max_templates, self.labels_path = max_templates, labels_path
         self._lock = threading.RLock()
@@ -61,7 +66,7 @@ class TemplateSource:
                 try:
                     return read_names(path)
                 except (ValueError, OSError, json.JSONDecodeError) as exc:
-                    raise TemplateError(f"{path}: not a labels file {{\"1\": \"Organ\", ...}} ({exc})") from None
+                    raise TemplateError(f'{path}: not a labels file {{"1": "Organ", ...}} ({exc})') from None
         return {}
 
     def labelled_images(self) -> list[dict]:
@@ -76,8 +81,15 @@ class TemplateSource:
                 if not label or not os.path.exists(label):
                     continue
                 info = self.datastore.get_label_info(image_id, "final") or {}
-                out.append({"id": image_id, "image": self.datastore.get_image_uri(image_id), "label": label,
-                            "label_info": _label_names(info.get("label_info")), "ts": _number(info.get("ts"))})
+                out.append(
+                    {
+                        "id": image_id,
+                        "image": self.datastore.get_image_uri(image_id),
+                        "label": label,
+                        "label_info": _label_names(info.get("label_info")),
+                        "ts": _number(info.get("ts")),
+                    }
+                )
             except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the others
                 logger.warning(f"final label of {image_id} ignored: {exc}")
         return out
@@ -121,11 +133,24 @@ class TemplateSource:
             if not candidates:
                 raise NoTemplatesError(
                     "no template yet: save a final label (organ segmentation) on at least one image - e.g. segment "
-                    "organs in Slicer or OHIF and submit the label - then run medlsam again")
+                    "organs in Slicer or OHIF and submit the label - then run medlsam again"
+                )
             names = self.label_names(candidates)
-            key = (fingerprint, json.dumps([[t["id"], self._file_key(t["image"]), self._file_key(t["label"]),
-                                              sorted(t["label_info"].items())] for t in candidates]),
-                   json.dumps(names))
+            key = (
+                fingerprint,
+                json.dumps(
+                    [
+                        [
+                            t["id"],
+                            self._file_key(t["image"]),
+                            self._file_key(t["label"]),
+                            sorted(t["label_info"].items()),
+                        ]
+                        for t in candidates
+                    ]
+                ),
+                json.dumps(names),
+            )
             with self._lock:
                 if self._bank is not None and self._bank[0] == key:
                     return self._bank[1], self._bank[2]
@@ -145,17 +170,25 @@ class TemplateSource:
                 raise build.error
             return build.result
 
-    def _run_build(self, build: "_Build", model, model_path: Path, fingerprint: str, candidates: list[dict],
-                   names: dict[str, int]) -> None:
+    def _run_build(
+        self, build: "_Build", model, model_path: Path, fingerprint: str, candidates: list[dict], names: dict[str, int]
+    ) -> None:
         tic = time.perf_counter()
         try:
             bank, info = self._build_bank(model, fingerprint, candidates, names, build.cancel)
-            info.update({"medlam": model_path.name, "medlam_fingerprint": fingerprint,
-                         "build_s": round(time.perf_counter() - tic, 2)})
+            info.update(
+                {
+                    "medlam": model_path.name,
+                    "medlam_fingerprint": fingerprint,
+                    "build_s": round(time.perf_counter() - tic, 2),
+                }
+            )
             bank.save(self.model_dir / "templates.pt")
             write_json_atomic(info, self.model_dir / "templates.json")
-            logger.info(f"template bank: {len(info['templates'])} template(s) {info['templates']}, organs "
-                        f"{sorted(bank.organs)}, {info['build_s']} s")
+            logger.info(
+                f"template bank: {len(info['templates'])} template(s) {info['templates']}, organs "
+                f"{sorted(bank.organs)}, {info['build_s']} s"
+            )
             build.result = (bank, info)
             with self._lock:
                 self._bank = (build.key, bank, info)
@@ -180,9 +213,17 @@ class TemplateSource:
         from medlsam.templates import build_bank, load_bank
         from medlsam.volume import read_volume
 
-        digest = hashlib.sha1(json.dumps([fingerprint, self._file_key(item["image"]), self._file_key(item["label"]),
-                                          sorted(item["label_info"].items()),
-                                          sorted(self._labels_file().items())]).encode()).hexdigest()[:12]
+        digest = hashlib.sha1(
+            json.dumps(
+                [
+                    fingerprint,
+                    self._file_key(item["image"]),
+                    self._file_key(item["label"]),
+                    sorted(item["label_info"].items()),
+                    sorted(self._labels_file().items()),
+                ]
+            ).encode()
+        ).hexdigest()[:12]
         if digest in self._unusable:
             raise TemplateError(self._unusable[digest])
         folder = self.model_dir / "templates"
@@ -196,19 +237,22 @@ class TemplateSource:
             label = read_volume(item["label"])
             size = _image_size(item["image"])
             if label.shape != size:
-                raise TemplateError(f"final label of {item['id']} has shape {list(label.shape)}, its image "
-                                    f"{list(size)}")
+                raise TemplateError(
+                    f"final label of {item['id']} has shape {list(label.shape)}, its image {list(size)}"
+                )
             values, counts = np.unique(label.array, return_counts=True)
             organs = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
             if not organs:
                 raise TemplateError(f"final label of {item['id']} is empty")
             if len(organs) > MAX_TEMPLATE_ORGANS:
-                raise TemplateError(f"final label of {item['id']} has {len(organs)} values (at most "
-                                    f"{MAX_TEMPLATE_ORGANS} organs)")
+                raise TemplateError(
+                    f"final label of {item['id']} has {len(organs)} values (at most {MAX_TEMPLATE_ORGANS} organs)"
+                )
             big = [v for v, c in organs.items() if c > MAX_ORGAN_FRACTION * label.array.size]
             if big:
-                raise TemplateError(f"final label of {item['id']}: value(s) {big} cover over "
-                                    f"{MAX_ORGAN_FRACTION:.0%} of the scan")
+                raise TemplateError(
+                    f"final label of {item['id']}: value(s) {big} cover over {MAX_ORGAN_FRACTION:.0%} of the scan"
+                )
             bank = build_bank(model, [item["image"]], [label], self.template_names(item, sorted(organs)))
         except MedLSAMError as exc:
             self._unusable[digest] = str(exc)
@@ -219,8 +263,14 @@ class TemplateSource:
         bank.save(path)
         return bank
 
-    def _build_bank(self, model, fingerprint: str, candidates: list[dict], names: dict[str, int],
-                    cancel: threading.Event | None = None):
+    def _build_bank(
+        self,
+        model,
+        fingerprint: str,
+        candidates: list[dict],
+        names: dict[str, int],
+        cancel: threading.Event | None = None,
+    ):
         """The bank of the newest ``templates`` usable candidates (unusable ones are skipped and reported)."""
         from medlsam.templates import merge_banks
 
@@ -234,8 +284,10 @@ class TemplateSource:
             try:
                 banks.append(self._template_bank(model, fingerprint, item))
                 used.append(item["id"])
-                logger.info(f"template bank: building {len(banks)}/{self.max_templates} ({item['id']}) ... "
-                            f"{time.perf_counter() - tic:.1f} s")
+                logger.info(
+                    f"template bank: building {len(banks)}/{self.max_templates} ({item['id']}) ... "
+                    f"{time.perf_counter() - tic:.1f} s"
+                )
             except Exception as exc:  # noqa: BLE001 - a bad template is skipped, never fatal
                 if not isinstance(exc, MedLSAMError):
                     exc = TemplateError(f"{item['id']}: unusable template ({type(exc).__name__}: {exc})")
@@ -244,13 +296,17 @@ class TemplateSource:
         if not banks:
             raise NoTemplatesError("no usable template: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         bank = merge_banks(banks, names)
-        info = {"templates": sorted(used), "skipped": skipped,
-                "organs": {n: {"value": o.value, "templates": o.count} for n, o in bank.organs.items()}}
+        info = {
+            "templates": sorted(used),
+            "skipped": skipped,
+            "organs": {n: {"value": o.value, "templates": o.count} for n, o in bank.organs.items()},
+        }
         return bank, info
 
     def rebuild_in_background(self) -> None:
         """Start building the bank now (after a label change) so that the next medlsam finds it ready; a build
         for outdated templates is cancelled."""
+
         def run():
             try:
                 self.bank()

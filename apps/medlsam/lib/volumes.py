@@ -33,8 +33,9 @@ class Volumes:
 
         with self._lock:
             if self._waiting >= MAX_WAITING:
-                raise HTTPException(status_code=429, detail=f"server busy: {self._waiting} inferences waiting; "
-                                                            "try again shortly")
+                raise HTTPException(
+                    status_code=429, detail=f"server busy: {self._waiting} inferences waiting; try again shortly"
+                )
             self._waiting += 1
         try:
             acquired = self._slots.acquire(timeout=SLOT_TIMEOUT_S)

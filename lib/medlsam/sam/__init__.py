@@ -17,8 +17,16 @@ are (x0, y0, x1, y1) with inclusive pixel corners; they are scaled to the model 
 """
 
 from medlsam.sam.images import ct_slice_to_image, prepare_input
-from medlsam.sam.segmenter import (BACKENDS, Embedding, SamFamilySegmenter, SliceSegmenter, build_segmenter)
+from medlsam.sam.segmenter import BACKENDS, Embedding, SamFamilySegmenter, SliceSegmenter, build_segmenter
 from medlsam.sam.weights import bundled_lite_medsam_checkpoint
 
-__all__ = ["BACKENDS", "Embedding", "SamFamilySegmenter", "SliceSegmenter", "build_segmenter",
-           "bundled_lite_medsam_checkpoint", "ct_slice_to_image", "prepare_input"]
+__all__ = [
+    "BACKENDS",
+    "Embedding",
+    "SamFamilySegmenter",
+    "SliceSegmenter",
+    "build_segmenter",
+    "bundled_lite_medsam_checkpoint",
+    "ct_slice_to_image",
+    "prepare_input",
+]

@@ -44,7 +44,8 @@ def _as_float_image(image: np.ndarray) -> np.ndarray:
     if image.size and (image.min() < -1e-3 or image.max() > 1 + 1e-3):
         raise InvalidImageError(
             f"a float slice image must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]; "
-            "use ct_slice_to_image for HU slices")
+            "use ct_slice_to_image for HU slices"
+        )
     return np.clip(image, 0.0, 1.0) * 255.0
 
 
@@ -89,8 +90,9 @@ def _minmax(image: np.ndarray) -> np.ndarray:
     return (image - lo) / max(hi - lo, 1e-8)
 
 
-def prepare_input(image: np.ndarray, size: int, resize: str, normalise: str,
-                  square: bool = False) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+def prepare_input(
+    image: np.ndarray, size: int, resize: str, normalise: str, square: bool = False
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """One slice -> ((3, size, size) float model input, original (H, W), resized (h, w)).
 
     ``resize``: "area" (LiteMedSAM: OpenCV INTER_AREA), "sam" (SamPredictor: PIL bilinear on uint8) or

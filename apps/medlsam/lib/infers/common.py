@@ -12,11 +12,10 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
-
 from lib.conf import parse_bool, scrub_paths
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
+from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +76,12 @@ def number(request: dict, key: str, default, cast=float, low=None, high=None):
             raise ValueError
     except (TypeError, ValueError, OverflowError):
         result = None
-    if result is None or not np.isfinite(result) or (low is not None and result < low) or (
-            high is not None and result > high):
+    if (
+        result is None
+        or not np.isfinite(result)
+        or (low is not None and result < low)
+        or (high is not None and result > high)
+    ):
         bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else ""
         kind = "an integer" if cast is int else "a number"
         raise HTTPException(status_code=400, detail=f"{key} must be {kind}{bounds}, not {value!r}")
@@ -98,8 +101,11 @@ class MedLSAMInferTask(InferTask):
     def image_path(self, request: dict) -> str:
         path = request.get("image")
         if not isinstance(path, str) or not path or not os.path.exists(path):
-            raise HTTPException(status_code=404, detail=f"image {request.get('image_id', '')!r} not found in the "
-                                                        "datastore (GET /datastore/?output=all lists the image ids)")
+            raise HTTPException(
+                status_code=404,
+                detail=f"image {request.get('image_id', '')!r} not found in the "
+                "datastore (GET /datastore/?output=all lists the image ids)",
+            )
         return path
 
     def __call__(self, request: dict):
@@ -123,12 +129,21 @@ class MedLSAMInferTask(InferTask):
                     logger.warning(f"{name} image={image_id}: {error.status_code} {error.detail}")
                 raise error from None
         done = time.perf_counter()
-        result["latencies"] = {"pre": round(loaded - tic, 3), "infer": round(inferred - loaded, 3),
-                               "post": round(done - inferred, 3), "total": round(done - tic, 3)}
+        result["latencies"] = {
+            "pre": round(loaded - tic, 3),
+            "infer": round(inferred - loaded, 3),
+            "post": round(done - inferred, 3),
+            "total": round(done - tic, 3),
+        }
         result["result_dtype"] = dtype
-        logger.info(f"{name} image={image_id} done in {done - tic:.1f} s ("
-                    + ", ".join(f"{k} {v:.1f}" for k, v in stages(loaded - tic, inferred - loaded, done - inferred,
-                                                                 result.get("timings_s"))) + ")")
+        logger.info(
+            f"{name} image={image_id} done in {done - tic:.1f} s ("
+            + ", ".join(
+                f"{k} {v:.1f}"
+                for k, v in stages(loaded - tic, inferred - loaded, done - inferred, result.get("timings_s"))
+            )
+            + ")"
+        )
         return out, result
 
     def run(self, request: dict, entry: dict) -> tuple[np.ndarray, dict]:
@@ -141,12 +156,14 @@ class MedLSAMInferTask(InferTask):
 
         ext = request.get("result_extension") or ".nii.gz"
         if ext not in RESULT_EXTENSIONS:
-            raise HTTPException(status_code=400, detail=f"result_extension {ext!r} not supported; use one of "
-                                                        f"{list(RESULT_EXTENSIONS)}")
+            raise HTTPException(
+                status_code=400, detail=f"result_extension {ext!r} not supported; use one of {list(RESULT_EXTENSIONS)}"
+            )
         dtype = request.get("result_dtype") or "uint8"
         if dtype not in RESULT_DTYPES:
-            raise HTTPException(status_code=400, detail=f"result_dtype {dtype!r} not supported; use one of "
-                                                        f"{list(RESULT_DTYPES)}")
+            raise HTTPException(
+                status_code=400, detail=f"result_dtype {dtype!r} not supported; use one of {list(RESULT_DTYPES)}"
+            )
         dtype = output_dtype(dtype, label)
         path = os.path.join(tempfile.gettempdir(), f"medlsam-{uuid.uuid4().hex}{ext}")
         write_volume(label.astype(dtype), volume, path)
@@ -156,9 +173,12 @@ class MedLSAMInferTask(InferTask):
 def stages(load: float, infer: float, write: float, timings: dict | None) -> list[tuple[str, float]]:
     """Seconds by stage for the request's log line, from the library's timings_s where it gives them."""
     timings = timings or {}
-    known = [("bank", timings.get("models_and_bank")),
-             ("localize", timings.get("localize", timings.get("total"))),
-             ("encode", timings.get("encode")), ("decode", timings.get("decode"))]
+    known = [
+        ("bank", timings.get("models_and_bank")),
+        ("localize", timings.get("localize", timings.get("total"))),
+        ("encode", timings.get("encode")),
+        ("decode", timings.get("decode")),
+    ]
     known = [(k, float(v)) for k, v in known if v is not None]
     rest = infer - sum(v for _, v in known)
     return [("load", load), *known, ("other" if known else "infer", max(rest, 0.0)), ("write", write)]

@@ -18,9 +18,14 @@ class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes, mode: str):
         self.models, self.templates = models, templates
         self.default_mode = mode if mode in BOX_MODES else "wpl"
-        super().__init__(volumes, InferType.SEGMENTATION, None, 3,
-                         "MedLAM localisation only: one box per organ of the template bank (a quick check of the "
-                         "templates)", config=localize_config(BOX_MODES))
+        super().__init__(
+            volumes,
+            InferType.SEGMENTATION,
+            None,
+            3,
+            "MedLAM localisation only: one box per organ of the template bank (a quick check of the templates)",
+            config=localize_config(BOX_MODES),
+        )
 
     def run(self, request: dict, entry: dict):
         from medlsam.localize import Localizer
@@ -36,10 +41,11 @@ class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
         label = np.zeros(volume.shape, dtype=np.int32)
         found = {n: loc for n, loc in located["organs"].items() if loc.found}
         # paint large boxes first so that small organs stay visible
-        for name, loc in sorted(found.items(), key=lambda kv: -np.prod(np.subtract(kv[1].box_voxel[1],
-                                                                                    kv[1].box_voxel[0]) + 1)):
+        for name, loc in sorted(
+            found.items(), key=lambda kv: -np.prod(np.subtract(kv[1].box_voxel[1], kv[1].box_voxel[0]) + 1)
+        ):
             (i0, j0, k0), (i1, j1, k1) = loc.box_voxel
-            label[i0:i1 + 1, j0:j1 + 1, k0:k1 + 1] = loc.value
+            label[i0 : i1 + 1, j0 : j1 + 1, k0 : k1 + 1] = loc.value
         return label, {
             "label_names": self.labels,
             "boxes": {n: loc.to_json() for n, loc in located["organs"].items()},

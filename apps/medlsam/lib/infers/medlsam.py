@@ -25,17 +25,23 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         from medlsam.pipeline import SegmentOptions
 
         self.models, self.templates, self.modes = models, templates, _modes(mode)
-        super().__init__(volumes, InferType.SEGMENTATION, None, 3,
-                         "MedLSAM: MedLAM and the templates localise every organ, SAM segments its slices from "
-                         "the organ prior's boxes", config={**localize_config(self.modes),
-                                                            "prior_weight": SegmentOptions().prior_weight})
+        super().__init__(
+            volumes,
+            InferType.SEGMENTATION,
+            None,
+            3,
+            "MedLSAM: MedLAM and the templates localise every organ, SAM segments its slices from "
+            "the organ prior's boxes",
+            config={**localize_config(self.modes), "prior_weight": SegmentOptions().prior_weight},
+        )
 
     def run(self, request: dict, entry: dict):
         from medlsam.localize import Localizer
         from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
 
-        options = SegmentOptions(mode=request_mode(request, self.modes[0], self.modes),
-                                 prior_weight=prior_weight(request))
+        options = SegmentOptions(
+            mode=request_mode(request, self.modes[0], self.modes), prior_weight=prior_weight(request)
+        )
         localize = localize_options(request, options.localizer_mode)
         organs = organs_option(request)
         tic = time.perf_counter()
@@ -44,8 +50,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         segmenter = self.models.segmenter()
         timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
-        result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry),
-                                  timings=timings)
+        result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
         return result.label, {
             **result.to_json(),
             "label_names": self.labels,

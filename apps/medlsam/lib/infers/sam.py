@@ -32,8 +32,14 @@ def _label_name(request: dict) -> str:
 
 class SAM2DInfer(MedLSAMInferTask):
     def __init__(self, volumes: Volumes):
-        super().__init__(volumes, InferType.DEEPGROW, [], 2,
-                         "SAM on the current slice: foreground/background clicks and/or a roi box", config={})
+        super().__init__(
+            volumes,
+            InferType.DEEPGROW,
+            [],
+            2,
+            "SAM on the current slice: foreground/background clicks and/or a roi box",
+            config={},
+        )
 
     def run(self, request: dict, entry: dict):
         from medlsam.interactive import segment_slice, slice_mask_to_volume
@@ -42,32 +48,50 @@ class SAM2DInfer(MedLSAMInferTask):
         prompts = _prompts(request, volume.shape)
         clicked = sorted({int(p[SLICER_SLICE_AXIS]) for p in [*prompts.foreground, *prompts.background]})
         if len(clicked) > 1:
-            raise HTTPException(status_code=400, detail=f"foreground/background: the 2D task takes clicks on one "
-                                                        f"slice, got slices {clicked}; use sam_3d for several")
+            raise HTTPException(
+                status_code=400,
+                detail=f"foreground/background: the 2D task takes clicks on one "
+                f"slice, got slices {clicked}; use sam_3d for several",
+            )
         embeddings = self.volumes.embeddings(entry, axis=SLICER_SLICE_AXIS)
         calls = embeddings.encoder_calls
         out = segment_slice(embeddings, prompts)
         label = slice_mask_to_volume(out["mask"], volume.shape, out["axis"], out["slice"])
-        return label, {"label_names": {_label_name(request): 1}, "slice": out["slice"], "axis": out["axis"],
-                       "predicted_iou": round(out["iou"], 4), "voxels": int(out["mask"].sum()),
-                       "encoder_calls": embeddings.encoder_calls - calls}
+        return label, {
+            "label_names": {_label_name(request): 1},
+            "slice": out["slice"],
+            "axis": out["axis"],
+            "predicted_iou": round(out["iou"], 4),
+            "voxels": int(out["mask"].sum()),
+            "encoder_calls": embeddings.encoder_calls - calls,
+        }
 
 
 class SAM3DInfer(MedLSAMInferTask):
     def __init__(self, volumes: Volumes):
-        super().__init__(volumes, InferType.DEEPGROW, [], 3,
-                         "SAM in 3D: the mask of the clicked slices is carried slice by slice both ways",
-                         config={"max_slices": 0, "min_iou": 0.5})
+        super().__init__(
+            volumes,
+            InferType.DEEPGROW,
+            [],
+            3,
+            "SAM in 3D: the mask of the clicked slices is carried slice by slice both ways",
+            config={"max_slices": 0, "min_iou": 0.5},
+        )
 
     def run(self, request: dict, entry: dict):
         from medlsam.propagation import PropagationOptions, segment_volume
 
         volume = entry["volume"]
         prompts = _prompts(request, volume.shape)
-        options = PropagationOptions(max_slices=number(request, "max_slices", 0, int, 0, MAX_SLICES),
-                                     min_iou=number(request, "min_iou", 0.5, float, 0.0, 1.0))
+        options = PropagationOptions(
+            max_slices=number(request, "max_slices", 0, int, 0, MAX_SLICES),
+            min_iou=number(request, "min_iou", 0.5, float, 0.0, 1.0),
+        )
         embeddings = self.volumes.embeddings(entry)
         calls = embeddings.encoder_calls
         result = segment_volume(embeddings, prompts, options)
-        return result.mask, {"label_names": {_label_name(request): 1}, **result.to_json(),
-                             "encoder_calls": embeddings.encoder_calls - calls}
+        return result.mask, {
+            "label_names": {_label_name(request): 1},
+            **result.to_json(),
+            "encoder_calls": embeddings.encoder_calls - calls,
+        }

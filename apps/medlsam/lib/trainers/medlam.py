@@ -25,23 +25,34 @@ from pathlib import Path
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.conf import parse_bool
+from lib.models import Models
 from medlsam.devices import check_device, cuda_count, device_choices
 from medlsam.errors import MedLSAMError
-
-from lib.models import Models
 
 logger = logging.getLogger(__name__)
 
 MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")  # MONAI Label adds these
-BOUNDS = {"epochs": (1, 1000), "iterations_per_epoch": (1, 100000), "batch_size": (1, 64),
-          "learning_rate": (0.0, 1.0), "validation_pairs": (1, 10000), "max_images": (0, 100000),
-          "threads": (0, 1024), "base_channels": (1, 64), "processes": (1, 64), "workers": (0, 64)}
+BOUNDS = {
+    "epochs": (1, 1000),
+    "iterations_per_epoch": (1, 100000),
+    "batch_size": (1, 64),
+    "learning_rate": (0.0, 1.0),
+    "validation_pairs": (1, 10000),
+    "max_images": (0, 100000),
+    "threads": (0, 1024),
+    "base_channels": (1, 64),
+    "processes": (1, 64),
+    "workers": (0, 64),
+}
 
 
 class MedLAMTrainer(TrainTask):
     def __init__(self, models: Models):
-        super().__init__("Self-supervised MedLAM training (relative distance + multi-scale similarity) on all "
-                         "datastore images; publishes model/medlam.pt when the validation error improves")
+        super().__init__(
+            "Self-supervised MedLAM training (relative distance + multi-scale similarity) on all "
+            "datastore images; publishes model/medlam.pt when the validation error improves"
+        )
         self.models = models
         self.running = False  # a training runs in this process (run_sync)
         self._config = {
@@ -106,8 +117,11 @@ class MedLAMTrainer(TrainTask):
                 value = value[0] if value else None
             if isinstance(default, list):
                 choices = default if key != "device" else None
-                if not isinstance(value, str) or (choices and value not in choices) or (
-                        key == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value)):
+                if (
+                    not isinstance(value, str)
+                    or (choices and value not in choices)
+                    or (key == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value))
+                ):
                     allowed = choices or ["cpu", "cuda", "cuda:<n>"]
                     raise MedLSAMError(f"train option {key}={value!r} must be one of {allowed}")
             elif key in BOUNDS:
@@ -124,8 +138,9 @@ class MedLAMTrainer(TrainTask):
                     kind = "an integer" if cast is int else "a number"
                     raise MedLSAMError(f"train option {key}={value!r} must be {kind} in [{low}, {high}]") from None
                 if not (low <= value <= high) or (cast is float and value == 0):
-                    raise MedLSAMError(f"train option {key}={value!r} must lie in "
-                                       f"{'(' if cast is float else '['}{low}, {high}]")
+                    raise MedLSAMError(
+                        f"train option {key}={value!r} must lie in {'(' if cast is float else '['}{low}, {high}]"
+                    )
             options[key] = value
         return options
 
@@ -199,10 +214,15 @@ class MedLAMTrainer(TrainTask):
         if not images:
             raise MedLSAMError("no usable CT image in the datastore to train on")
         device = check_device(opt("device", str))
-        options = TrainOptions(epochs=opt("epochs", int), iterations_per_epoch=opt("iterations_per_epoch", int),
-                               batch_size=opt("batch_size", int), learning_rate=opt("learning_rate", float),
-                               device=device, validation_pairs=opt("validation_pairs", int),
-                               workers=opt("workers", int))
+        options = TrainOptions(
+            epochs=opt("epochs", int),
+            iterations_per_epoch=opt("iterations_per_epoch", int),
+            batch_size=opt("batch_size", int),
+            learning_rate=opt("learning_rate", float),
+            device=device,
+            validation_pairs=opt("validation_pairs", int),
+            workers=opt("workers", int),
+        )
         world = self.world_size(request, device)
         current = None
         if init == "current":
@@ -212,10 +232,17 @@ class MedLAMTrainer(TrainTask):
             config = MedLAMConfig(base_channels=opt("base_channels", int))
         out = self.models.published_medlam
         tic = time.time()
-        job = {"images": [str(p) for p in images], "out": str(out), "config": config.to_dict(),
-               "options": asdict(options), "cache_dir": str(cache), "stats_path": str(self.stats_path),
-               "init_weights": str(self.models.medlam_path()) if current is not None else None,
-               "baseline": publish == "if_better" and current is not None, "threads": threads}
+        job = {
+            "images": [str(p) for p in images],
+            "out": str(out),
+            "config": config.to_dict(),
+            "options": asdict(options),
+            "cache_dir": str(cache),
+            "stats_path": str(self.stats_path),
+            "init_weights": str(self.models.medlam_path()) if current is not None else None,
+            "baseline": publish == "if_better" and current is not None,
+            "threads": threads,
+        }
         logger.info(f"MedLAM training on {len(images)} images, {world} process(es): {options}")
         if world > 1:  # children of this process: DELETE /train/ kills them with it
             result = spawn_training(world, train_job, job)
@@ -223,10 +250,15 @@ class MedLAMTrainer(TrainTask):
             result = train_job(job)
         baseline = result["baseline"]
         published = out.is_file() and out.stat().st_mtime >= tic
-        summary = {"images": len(images), "epochs": result["epoch"], "total_time": round(time.time() - tic, 1),
-                   "best_metric": None if math.isinf(result["best_metric"]) else round(result["best_metric"], 3),
-                   "baseline_metric": None if baseline is None else round(baseline, 3),
-                   "published": str(out) if published else None, "processes": world}
+        summary = {
+            "images": len(images),
+            "epochs": result["epoch"],
+            "total_time": round(time.time() - tic, 1),
+            "best_metric": None if math.isinf(result["best_metric"]) else round(result["best_metric"], 3),
+            "baseline_metric": None if baseline is None else round(baseline, 3),
+            "published": str(out) if published else None,
+            "processes": world,
+        }
         logger.info(f"MedLAM training finished: {summary}")
         return summary
 
@@ -237,7 +269,7 @@ class MedLAMTrainer(TrainTask):
             gpus = str(request.get("gpus") or "all")
             count = cuda_count() if gpus == "all" else len([g for g in gpus.split(",") if g.strip()])
             multi = request.get("multi_gpu", self._config["multi_gpu"])
-            multi = multi if isinstance(multi, bool) else str(multi).lower() in ("true", "1", "yes")
+            multi = parse_bool(multi) is True
             return max(1, min(count, cuda_count())) if multi and device == "cuda" else 1
         return self._option(request, "processes", int)
 
