@@ -114,9 +114,10 @@ def run_batch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _segmenter(args: argparse.Namespace):
     """A function (scan, label path) -> None with MedLAM, the bank and the segmenter loaded once."""
-    from medlsam.cli import _model
     from medlsam.localize import Localizer
+    from medlsam.network import load_medlam
     from medlsam.outputs import write_segmentation
+    from medlsam.paths import default_medlam_path
     from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
     from medlsam.sam import build_segmenter
     from medlsam.templates import load_bank
@@ -125,7 +126,7 @@ def _segmenter(args: argparse.Namespace):
     weight = {} if args.prior_weight is None else {"prior_weight": args.prior_weight}
     options = SegmentOptions(mode=args.mode, **weight)
     organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None
-    model = _model(args.model)
+    model = load_medlam(args.model or default_medlam_path())
     bank = load_bank(args.templates, model)
     bank.select(organs)
     device = args.device

@@ -290,34 +290,3 @@ def _spawned(rank: int, world: int, port: int, worker, payload: dict, queue) -> 
         close_distributed()
     if rank == 0:
         queue.put(result)
-
-
-def train_job(job: dict) -> dict:
-    """One process's part of a training described by `job` (plain data, so that spawned ranks get it):
-    images, out, config and options dicts, cache_dir, stats_path, init_weights (start from these weights),
-    baseline (rank 0 validates them first: publish only below that error), threads. Joins the process group
-    when the environment describes one. Returns the Trainer's result with "baseline"."""
-    from medlsam.network import MedLAMConfig, load_medlam
-    from medlsam.training import Trainer, TrainOptions
-
-    if job.get("threads"):
-        torch.set_num_threads(int(job["threads"]))
-    ctx = init_distributed(job["options"].get("device", "cpu"))
-    options = TrainOptions(**{**job["options"], "device": ctx.device})
-    trainer = Trainer(
-        [Path(p) for p in job["images"]],
-        Path(job["out"]),
-        MedLAMConfig.from_dict(job["config"]),
-        options,
-        cache_dir=Path(job["cache_dir"]) if job.get("cache_dir") else None,
-        stats_path=Path(job["stats_path"]) if job.get("stats_path") else None,
-        dist=ctx,
-    )
-    if job.get("init_weights"):
-        trainer.model.load_state_dict(load_medlam(job["init_weights"]).state_dict())
-    baseline = None
-    if job.get("baseline") and job.get("init_weights"):
-        baseline = broadcast_floats([trainer.validate() if ctx.is_main else 0.0], ctx)[0]
-        trainer.best_metric = baseline
-    result = trainer.run()
-    return {**result, "baseline": baseline}

@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from medlsam.atomic import torch_save_atomic, write_json_atomic
 from medlsam.devices import cuda_autocast_dtype
-from medlsam.distributed import DistContext, TrainingLock, barrier, broadcast_floats, mean_over_ranks, rank_seed
+from medlsam.distributed import (
+    DistContext,
+    TrainingLock,
+    barrier,
+    broadcast_floats,
+    init_distributed,
+    mean_over_ranks,
+    rank_seed,
+)
 from medlsam.errors import MedLSAMError
 from medlsam.grid import GRID_SPACING_MM
 from medlsam.losses import mss_loss, predicted_offset_mm, rdr_loss
@@ -354,3 +362,33 @@ class Trainer:
         if ctx.is_main:
             self.write_stats("finished" if self.epoch >= opts.epochs else "stopped")
         return {"epoch": self.epoch, "best_metric": self.best_metric, "total_time": self.elapsed}
+
+
+def train_job(job: dict) -> dict:
+    """One process's part of a training described by `job` (plain data, so that spawned ranks get it):
+    images, out, config and options dicts, cache_dir, stats_path, init_weights (start from these weights),
+    baseline (rank 0 validates them first: publish only below that error), threads. Joins the process group
+    when the environment describes one. Returns the Trainer's result with "baseline"."""
+    from medlsam.network import load_medlam
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    ctx = init_distributed(job["options"].get("device", "cpu"))
+    options = TrainOptions(**{**job["options"], "device": ctx.device})
+    trainer = Trainer(
+        [Path(p) for p in job["images"]],
+        Path(job["out"]),
+        MedLAMConfig.from_dict(job["config"]),
+        options,
+        cache_dir=Path(job["cache_dir"]) if job.get("cache_dir") else None,
+        stats_path=Path(job["stats_path"]) if job.get("stats_path") else None,
+        dist=ctx,
+    )
+    if job.get("init_weights"):
+        trainer.model.load_state_dict(load_medlam(job["init_weights"]).state_dict())
+    baseline = None
+    if job.get("baseline") and job.get("init_weights"):
+        baseline = broadcast_floats([trainer.validate() if ctx.is_main else 0.0], ctx)[0]
+        trainer.best_metric = baseline
+    result = trainer.run()
+    return {**result, "baseline": baseline}

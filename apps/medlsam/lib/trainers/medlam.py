@@ -187,10 +187,10 @@ class MedLAMTrainer(TrainTask):
             raise MedLSAMError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
 
     def run_training(self, request, datastore):
-        from medlsam.distributed import spawn_training, train_job
+        from medlsam.distributed import spawn_training
         from medlsam.network import MedLAMConfig, load_medlam
         from medlsam.patches import cached_grid_array
-        from medlsam.training import TrainOptions
+        from medlsam.training import TrainOptions, train_job
 
         opt = lambda key, cast: self._option(request, key, cast)  # noqa: E731
         threads = opt("threads", int)
