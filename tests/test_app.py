@@ -21,6 +21,8 @@ from app_support import free_port, label_info, private_app, start_server, stop_s
 from medlsam.errors import MedLSAMError
 from medlsam.volume import read_volume
 
+pytestmark = pytest.mark.slow  # a real MONAI Label server
+
 THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")
 TINY_TRAIN = {
     "epochs": 1,

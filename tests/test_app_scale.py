@@ -12,6 +12,8 @@ import pytest
 
 from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
 
+pytestmark = pytest.mark.slow  # a real MONAI Label server
+
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
 THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")

@@ -20,6 +20,8 @@ import pytest
 from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
 from medlsam.volume import CTVolume, read_volume, write_volume
 
+pytestmark = pytest.mark.slow  # a real MONAI Label server
+
 requests = pytest.importorskip("requests")
 THREADS = "1"
 JUNK = ["j1", "j2", "j3", "j4", "j5"]  # five images whose (newer) final labels cannot serve as templates
