@@ -284,9 +284,9 @@ class TemplateSource:
             try:
                 banks.append(self._template_bank(model, fingerprint, item))
                 used.append(item["id"])
+                of = min(self.max_templates, len(candidates))
                 logger.info(
-                    f"template bank: building {len(banks)}/{self.max_templates} ({item['id']}) ... "
-                    f"{time.perf_counter() - tic:.1f} s"
+                    f"template bank: built {len(banks)}/{of} ({item['id']}) in {time.perf_counter() - tic:.1f} s"
                 )
             except Exception as exc:  # noqa: BLE001 - a bad template is skipped, never fatal
                 if not isinstance(exc, MedLSAMError):
