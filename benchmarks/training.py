@@ -199,9 +199,13 @@ def throughput_section(steps: int, threads: int, batch: int = 2) -> dict:
         "",
         f"The default MedLAM (width 6, 64^3 patches), {batch} samples (x 3 patches) per process and step, "
         f"mean over {steps} steps after a warm-up, {threads} CPU threads in all; {runs[0]['precision']}. "
-        f"Synthetic 64 x 64 x 48 CTs. This machine was shared with other jobs (1-minute load average "
-        f"{load:.1f} on {os.cpu_count()} cores when the section started): the figures are indicative, the ratios "
-        "more than the absolute rates.",
+        f"Synthetic 64 x 64 x 48 CTs. 1-minute load average {load:.1f} on {os.cpu_count()} cores when the section "
+        "started"
+        + (
+            ": the machine was shared with other jobs, so the ratios mean more than the absolute rates."
+            if load > 0.5 * (os.cpu_count() or 1)
+            else " (otherwise idle)."
+        ),
         "",
         "| processes | threads each | s/step | patches/s (all ranks) |",
         "|---|---|---|---|",
