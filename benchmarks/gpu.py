@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, OpenKBP  # noqa: E402
-from medlsam.devices import cuda_autocast_dtype  # noqa: E402
 from medlsam.localize import Localizer  # noqa: E402
 from medlsam.metrics import dice  # noqa: E402
 from medlsam.network import MedLAMConfig, load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
+from medlsam.precision import autocast_dtype  # noqa: E402
 from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.templates import build_bank  # noqa: E402
 from medlsam.training import Trainer, TrainOptions  # noqa: E402
@@ -69,7 +69,7 @@ def gpu_info(device: str) -> dict:
                 "memory_gb": round(props.total_memory / 2**30, 1),
                 "capability": f"{props.major}.{props.minor}",
                 "bf16": torch.cuda.is_bf16_supported(),
-                "autocast": str(cuda_autocast_dtype(device)).replace("torch.", ""),
+                "autocast": str(autocast_dtype(None, device)).replace("torch.", ""),
             }
         )
     return info

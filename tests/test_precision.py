@@ -88,7 +88,7 @@ def test_the_default_training_step_is_not_slower_than_float32(tmp_path, make_ct)
 
     default_s, trainer = median_step(None)
     fp32_s, _ = median_step(False)
-    assert trainer.autocast is precision.use_bf16(None, "cpu")
+    assert (trainer.amp_dtype is torch.bfloat16) is precision.use_bf16(None, "cpu")
     print(f"{trainer.precision}: {default_s:.2f} s per step, float32 {fp32_s:.2f} s")
     assert default_s <= 1.25 * fp32_s
 

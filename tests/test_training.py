@@ -277,7 +277,7 @@ def test_training_steps_are_reproducible(scans, tmp_path):
         trainer = Trainer(scans, tmp_path / name / "medlam.pt", TINY, _options(bf16=True))
         runs.append([trainer.step()["loss"] for _ in range(3)])
     assert runs[0] == runs[1]
-    assert not trainer.autocast
+    assert trainer.amp_dtype is None
 
 
 def test_bfloat16_convolution_gradients_at_the_default_bottleneck():

@@ -44,10 +44,3 @@ def check_device(name: str | torch.device | None) -> str:
     if index is not None and int(index) >= count:
         raise MedLSAMError(f"device {name!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
     return text
-
-
-def cuda_autocast_dtype(device: str | torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA: bfloat16 where the GPU supports it, else float16; None off CUDA."""
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -330,7 +330,7 @@ def merge_banks(banks: list[TemplateBank], names: dict[str, int] | None = None) 
             offset.append(sum(p.offset[i].double().numpy() * p.count for p, i in having) / n)
             sums = None
             for p, i in having:
-                add = [k[i] * p.count if p.count != 1 else k[i] for k in p.kernels]
+                add = [k[i] * p.count for k in p.kernels]  # exact for count 1
                 sums = add if sums is None else [a + b for a, b in zip(sums, add)]
             kernels.append([k / n for k in sums])
         count = sum(p.count for p in parts)

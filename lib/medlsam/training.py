@@ -17,7 +17,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medlsam.atomic import torch_save_atomic, write_json_atomic
-from medlsam.devices import cuda_autocast_dtype
 from medlsam.distributed import (
     DistContext,
     TrainingLock,
@@ -32,7 +31,7 @@ from medlsam.grid import GRID_SPACING_MM
 from medlsam.losses import mss_loss, predicted_offset_mm, rdr_loss
 from medlsam.network import MedLAM, MedLAMConfig, save_medlam
 from medlsam.patches import body_voxels, cached_grid_array, cut_patch
-from medlsam.precision import describe, use_bf16
+from medlsam.precision import autocast_dtype, describe
 from medlsam.sampling import TrainingBatches
 
 logger = logging.getLogger(__name__)
@@ -139,21 +138,19 @@ class Trainer:
         )
         self.iteration = 0  # within the epoch
         self._ddp: DistributedDataParallel | None = None
-        self.amp_dtype = cuda_autocast_dtype(options.device) if options.bf16 is not False else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.model = MedLAM(config).to(options.device).to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
         )
         self.generator = torch.Generator().manual_seed(options.seed)
-        # oneDNN's bfloat16 Conv3d weight gradient is garbage (huge, even inf, and different run to run) when
-        # the input depth is 2: the bottleneck of patches under 64 voxels. Autocast only from 64 up.
-        self.autocast = (
-            use_bf16(options.bf16, options.device) and options.device == "cpu" and min(config.patch_size) >= 64
-        )
+        self.amp_dtype = autocast_dtype(options.bf16, options.device)  # None: float32
         self.precision = describe(options.bf16, options.device)
-        if use_bf16(options.bf16, options.device) and not self.autocast:
+        # oneDNN's bfloat16 Conv3d weight gradient is garbage (huge, even inf, and different run to run) when
+        # the input depth is 2: the bottleneck of patches under 64 voxels. On CPU, autocast only from 64 up.
+        if self.amp_dtype is not None and torch.device(options.device).type == "cpu" and min(config.patch_size) < 64:
+            self.amp_dtype = None
             self.precision += "; float32 used: bfloat16 gradients are unsound under 64-voxel patches"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         logger.info(self.precision)
         self.epoch, self.best_metric, self.elapsed, self.history = 0, math.inf, 0.0, []
 
@@ -227,9 +224,9 @@ class Trainer:
         return self._ddp
 
     def _autocast(self):
-        if self.amp_dtype is not None:  # CUDA: bfloat16 where supported, else float16 with loss scaling
-            return torch.autocast("cuda", dtype=self.amp_dtype)
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
+        """Mixed precision as chosen (float16 on CUDA comes with loss scaling), else nothing."""
+        device = torch.device(self.options.device).type
+        return torch.autocast(device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, backward and update on one batch (medlsam.sampling.draw_batch). Every loss is a mean
