@@ -94,8 +94,16 @@ def _tree(pid: int) -> list:
         return []
 
 
+def _cmdline(process) -> str:
+    """The command line, or "" for a process that ended meanwhile (a zombie not yet reaped has none)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def _trainers(server) -> list:
-    return [p for p in _tree(server["process"].pid) if "monailabel.interfaces.utils.app" in " ".join(p.cmdline())]
+    return [p for p in _tree(server["process"].pid) if "monailabel.interfaces.utils.app" in _cmdline(p)]
 
 
 def _wait_for_training(server, timeout: float = 150) -> list:
@@ -105,7 +113,7 @@ def _wait_for_training(server, timeout: float = 150) -> list:
     while time.time() < deadline:
         trainers = _trainers(server)
         if trainers and lock.is_file():
-            workers = [c for c in _tree(trainers[0].pid) if "multiprocessing" in " ".join(c.cmdline())]
+            workers = [c for c in _tree(trainers[0].pid) if "multiprocessing" in _cmdline(c)]
             if len(workers) >= 2:
                 return [trainers[0], *_tree(trainers[0].pid)]
         time.sleep(1)
