@@ -204,6 +204,26 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.out}: MedLAM {model.config.to_dict()}, fingerprint {model_fingerprint(model)}")
 
 
+def _dicom_export(args: argparse.Namespace) -> None:
+    from medlsam.dicom import SeriesFields, export_ct_series, stow_files
+
+    fields = SeriesFields(
+        patient_id=args.patient_id,
+        patient_name=args.patient_name,
+        study_description=args.study_description,
+        series_description=args.series_description,
+        study_uid=args.study_uid or "",
+        series_number=args.series_number,
+    )
+    series = export_ct_series(args.image, args.out, fields)
+    print(
+        f"{series.folder}: {len(series.files)} CT slices, study {series.study_uid}, series {series.series_uid} "
+        f"(HU = pixel x {series.rescale_slope:g} + {series.rescale_intercept:g})"
+    )
+    if args.stow:
+        print(f"stored {stow_files(series.files, args.stow)} instances on {args.stow} (STOW-RS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medlsam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -322,6 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--half", action="store_true")
     export.set_defaults(func=_export)
+
+    dicom = commands.add_parser("dicom", help="DICOM: export a scan as a CT series").add_subparsers(
+        dest="action", required=True
+    )
+    dicom_export = dicom.add_parser(
+        "export", help="write a NIfTI/NRRD scan as a DICOM CT series (one file per slice), optionally STOW-RS it"
+    )
+    dicom_export.add_argument("image", help="a 3D CT scan (.nii.gz, .nii, .nrrd, .mha)")
+    dicom_export.add_argument("--out", required=True, help="new folder for the series")
+    dicom_export.add_argument("--patient-id", default="ANONYMOUS")
+    dicom_export.add_argument("--patient-name", default="Anonymous")
+    dicom_export.add_argument("--study-description", default="")
+    dicom_export.add_argument("--series-description", default="CT")
+    dicom_export.add_argument("--series-number", type=int, default=1)
+    dicom_export.add_argument("--study-uid", help="add the series to this study (default: a new study)")
+    dicom_export.add_argument("--stow", metavar="URL", help="also store it on this DICOMweb server (STOW-RS)")
+    dicom_export.set_defaults(func=_dicom_export)
     return parser
 
 
