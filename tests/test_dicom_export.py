@@ -69,7 +69,7 @@ def test_round_trip_every_orientation(small_ct, tmp_path, perm, flips):
     assert_same_physical_image(small_ct, image)  # the fixture itself is right
     nifti = tmp_path / "scan.nii.gz"
     write_volume(image.array, image, nifti)
-    series = export_ct_series(nifti, tmp_path / "series")
+    export_ct_series(nifti, tmp_path / "series")
     back = read_volume(tmp_path / "series")  # SimpleITK's GDCM series reader (sorts slices itself)
     assert_same_physical_image(read_volume(nifti), back)
 

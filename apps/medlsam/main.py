@@ -69,9 +69,20 @@ class MedLSAMApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        """MONAI Label's local datastore behind the id/tag gate and label checks (remote stores unchanged)."""
+        """MONAI Label's local datastore behind the id/tag gate and label checks; a DICOMweb URL gets the app's
+        DICOMweb datastore (lib/dicomweb.py: DICOM SEG labels as templates)."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            from lib.dicomweb import MedLSAMDicomWebDatastore
+            from medlsam.dicom import dcmqi_tool
+
+            logger.info(f"Init DICOMweb Datastore for: {self.studies} (labels: DICOM SEG; dcmqi {dcmqi_tool()})")
+            cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+            return MedLSAMDicomWebDatastore(
+                self.studies,
+                settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+                cache,
+                on_label_change=self._labels_changed,
+            )
         studies, app_dir = os.path.realpath(self.studies), os.path.realpath(self.app_dir)
         if studies == app_dir or studies.startswith(app_dir + os.sep):
             raise ValueError(
@@ -120,6 +131,16 @@ class MedLSAMApp(MONAILabelApp):
 
             install(sys.modules["monailabel.app"].app)
         super().on_init_complete()
+        self._labels_changed()  # build the template bank now, so the first request does not wait for it
+
+    def info(self):
+        """MONAI Label's /info/ plus the template bank's build progress (``template_bank``)."""
+        meta = super().info()
+        for config in self.models.values():
+            if isinstance(getattr(config, "templates", None), TemplateSource):
+                meta["template_bank"] = config.templates.progress()
+                break
+        return meta
 
     def infer(self, request, datastore=None):
         """Only datastore images (by id) or this server's sessions are read; a final label is never written."""

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medlsam.errors import InvalidImageError, MedLSAMError
+from medlsam.atomic import atomic_path
+from medlsam.errors import InvalidImageError, MedLSAMError, TemplateError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ORTHOGONAL_TOLERANCE = 1e-4  # |cos| between two axes of the direction matrix
@@ -200,3 +201,162 @@ def stow_files(files: list[str | os.PathLike], url: str, batch: int = STOW_BATCH
             raise MedLSAMError(f"STOW-RS to {url} failed: {exc}") from None
         stored += len(datasets)
     return stored
+
+
+# ---------------------------------------------------------------------------------------------- DICOM SEG labels
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+GRID_TOLERANCE = 0.01  # voxels: a SEG frame must lie this close to a voxel of its image
+SEGMENT_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+SEGMENT_COLORS += ((227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))  # matplotlib's tab10
+
+
+def dcmqi_tool(name: str = "itkimage2segimage") -> str:
+    """The dcmqi binary: on PATH, else beside this Python (the venv's bin, PyPI ``dcmqi``); else a clear error."""
+    import sys
+
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        raise MedLSAMError(f"{name} (dcmqi) not found: pip install dcmqi (requirements.txt pins it)")
+    return found
+
+
+def seg_metadata(names: dict[int, str], description: str = "MedLSAM Label") -> dict:
+    """dcmqi's metadata JSON: one segment per label value, its organ name as SegmentLabel."""
+    segments = [
+        {
+            "labelID": int(value),
+            "SegmentLabel": name,
+            "SegmentDescription": name,
+            "SegmentAlgorithmType": "SEMIAUTOMATIC",
+            "SegmentAlgorithmName": "MedLSAM Label",
+            "SegmentedPropertyCategoryCodeSequence": {
+                "CodeValue": "123037004",
+                "CodingSchemeDesignator": "SCT",
+                "CodeMeaning": "Anatomical Structure",
+            },
+            "SegmentedPropertyTypeCodeSequence": {
+                "CodeValue": "91723000",
+                "CodingSchemeDesignator": "SCT",
+                "CodeMeaning": "Anatomical structure",
+            },
+            "recommendedDisplayRGBValue": list(SEGMENT_COLORS[(int(value) - 1) % len(SEGMENT_COLORS)]),
+        }
+        for value, name in sorted(names.items())
+    ]
+    return {
+        "ContentCreatorName": "MedLSAM^Label",
+        "ClinicalTrialSeriesID": "1",
+        "ClinicalTrialTimePointID": "1",
+        "SeriesDescription": description,
+        "SeriesNumber": "300",
+        "InstanceNumber": "1",
+        "segmentAttributes": [segments],
+        "ContentLabel": "SEGMENTATION",
+        "ContentDescription": description,
+        "ClinicalTrialCoordinatingCenterName": "MedLSAM Label",
+        "BodyPartExamined": "",
+    }
+
+
+def label_to_seg(
+    label_path: str | os.PathLike,
+    series_files: list[str | os.PathLike],
+    names: dict[int, str],
+    out_path: str | os.PathLike,
+    description: str = "MedLSAM Label",
+) -> Path:
+    """Write a label volume (on its CT series' physical grid) as a DICOM SEG referencing that series, with dcmqi:
+    segments numbered 1..N in the order of the label values,
+    segment labels = organ names (values without a name get ``label_<v>``)."""
+    import json
+    import subprocess
+    import tempfile
+
+    from medlsam.volume import read_volume
+
+    label = read_volume(label_path)
+    values = sorted(int(v) for v in np.unique(label.array) if v != 0)
+    if not values:
+        raise MedLSAMError(f"{Path(label_path).name}: the label is empty, no DICOM SEG to write")
+    names = {v: names.get(v) or f"label_{v}" for v in values}
+    out = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = Path(tmp) / "meta.json"
+        meta.write_text(json.dumps(seg_metadata(names, description)))
+        with atomic_path(out) as tmp_out:
+            command = [
+                dcmqi_tool(),
+                "--inputImageList",
+                str(label_path),
+                "--inputDICOMList",
+                ",".join(str(f) for f in series_files),
+                "--outputDICOM",
+                str(tmp_out),
+                "--inputMetadata",
+                str(meta),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0 or not tmp_out.is_file():
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                raise MedLSAMError(f"itkimage2segimage failed: {lines[-1] if lines else done.returncode}")
+    return out
+
+
+def seg_names(dataset) -> dict[int, str]:
+    """{segment number: segment label} of a DICOM SEG dataset."""
+    return {
+        int(item.SegmentNumber): str(getattr(item, "SegmentLabel", "") or f"label_{int(item.SegmentNumber)}")
+        for item in getattr(dataset, "SegmentSequence", [])
+    }
+
+
+def _grid_matches(reference, other, tolerance: float = GRID_TOLERANCE) -> bool:
+    """Every voxel of ``other`` (a sitk image) lies on a voxel of ``reference`` (same spacing and axes, up to
+    permutation and flips, integer offset)."""
+
+    from medlsam.volume import _affine_from_sitk
+
+    mapping = np.linalg.inv(_affine_from_sitk(reference)) @ _affine_from_sitk(other)
+    rounded = np.round(mapping)
+    return bool(
+        np.abs(mapping - rounded).max() < tolerance and np.abs(np.abs(rounded[:3, :3]).sum(axis=0) - 1).max() == 0
+    )
+
+
+def seg_to_label(seg_path: str | os.PathLike, image_path: str | os.PathLike):
+    """A DICOM SEG's labels on its image's voxel grid: (label CTVolume in the image file's order, {value: name}).
+    Values are segment numbers. A SEG not on the image's grid, reaching outside it, or with overlapping segments
+    is a TemplateError naming the problem."""
+    import pydicom
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    from medlsam.volume import CTVolume, _affine_from_sitk, _read_sitk
+
+    name = Path(seg_path).name
+    try:
+        dataset = pydicom.dcmread(str(seg_path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise TemplateError(f"{name}: not a DICOM file ({type(exc).__name__})") from None
+    if dataset.get("SOPClassUID") != SEG_STORAGE:
+        raise TemplateError(f"{name}: not a DICOM SEG (SOP class {dataset.get('SOPClassUID')})")
+    names = seg_names(dataset)
+    try:
+        seg_image = pydicom_seg.MultiClassReader().read(dataset).image
+    except Exception as exc:  # noqa: BLE001 - pydicom-seg refuses overlapping or malformed segments
+        raise TemplateError(f"{name}: cannot read the DICOM SEG ({type(exc).__name__}: {exc})") from None
+    reference = _read_sitk(Path(image_path))
+    if not _grid_matches(reference, seg_image):
+        raise TemplateError(
+            f"{name}: the SEG's geometry (spacing {np.round(seg_image.GetSpacing(), 3).tolist()}, origin "
+            f"{np.round(seg_image.GetOrigin(), 2).tolist()}) does not lie on its image's voxel grid (spacing "
+            f"{np.round(reference.GetSpacing(), 3).tolist()}, origin {np.round(reference.GetOrigin(), 2).tolist()})"
+        )
+    resampled = sitk.Resample(seg_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    before = np.bincount(sitk.GetArrayViewFromImage(seg_image).ravel().astype(np.int64))
+    array = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+    after = np.bincount(array.ravel().astype(np.int64), minlength=len(before))
+    if not np.array_equal(before[1:], after[1 : len(before)]):
+        raise TemplateError(f"{name}: the SEG reaches outside its image's volume")
+    volume = CTVolume(array=np.ascontiguousarray(array), affine=_affine_from_sitk(reference), source=str(seg_path))
+    return volume, names

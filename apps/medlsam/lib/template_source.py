@@ -48,6 +48,16 @@ class TemplateSource:
         self._bank = None  # (key, bank, info)
         self._build: _Build | None = None  # the bank build in progress
         self._unusable: dict[str, str] = {}  # template digest -> why it cannot serve
+        self._progress: dict = {"state": "not built"}  # what /info/ reports (template_bank)
+
+    def progress(self) -> dict:
+        """The bank build's state for /info/: not built | building (built k of N) | ready | failed (why)."""
+        with self._lock:
+            return dict(self._progress)
+
+    def _report(self, **fields) -> None:
+        with self._lock:
+            self._progress = fields
 
     @property
     def datastore(self):
@@ -131,6 +141,7 @@ class TemplateSource:
             model, model_path, fingerprint = self.models.medlam()
             candidates = self.candidate_templates()
             if not candidates:
+                self._report(state="no templates")
                 raise NoTemplatesError(
                     "no template yet: save a final label (organ segmentation) on at least one image - e.g. segment "
                     "organs in Slicer or OHIF and submit the label - then run medlsam again"
@@ -174,6 +185,9 @@ class TemplateSource:
         self, build: "_Build", model, model_path: Path, fingerprint: str, candidates: list[dict], names: dict[str, int]
     ) -> None:
         tic = time.perf_counter()
+        of = min(self.max_templates, len(candidates))
+        logger.info(f"template bank: building from {of} of {len(candidates)} labelled image(s)")
+        self._report(state="building", built=0, of=of)
         try:
             bank, info = self._build_bank(model, fingerprint, candidates, names, build.cancel)
             info.update(
@@ -192,10 +206,15 @@ class TemplateSource:
             build.result = (bank, info)
             with self._lock:
                 self._bank = (build.key, bank, info)
+            self._report(
+                state="ready", templates=info["templates"], organs=sorted(bank.organs), build_s=info["build_s"]
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
             build.error = exc
             if isinstance(exc, BuildCancelled):
                 logger.info("template bank: build cancelled (the templates changed)")
+            else:
+                self._report(state="failed", error=scrub_paths(str(exc))[:300])
         finally:
             with self._lock:
                 if self._build is build:
@@ -285,6 +304,7 @@ class TemplateSource:
                 banks.append(self._template_bank(model, fingerprint, item))
                 used.append(item["id"])
                 of = min(self.max_templates, len(candidates))
+                self._report(state="building", built=len(banks), of=of, last=item["id"])
                 logger.info(
                     f"template bank: built {len(banks)}/{of} ({item['id']}) in {time.perf_counter() - tic:.1f} s"
                 )

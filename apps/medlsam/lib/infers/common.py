@@ -193,8 +193,8 @@ class DynamicLabels:
     def labels(self):
         try:
             return self.templates.label_names()
-        except MedLSAMError as exc:
-            logger.warning(f"organ names unavailable: {exc}")
+        except (MedLSAMError, HTTPException) as exc:  # bad labels file; DICOMweb server down (503)
+            logger.warning(f"organ names unavailable: {getattr(exc, 'detail', exc)}")
             return {}
 
     @labels.setter
