@@ -54,7 +54,11 @@ class TimeoutSession(requests.Session):
 
 
 def dicomweb_client(url: str) -> DICOMwebClientX:
-    return DICOMwebClientX(url=url, session=TimeoutSession())
+    """MONAI Label's client with a timeout, and one quick retry (dicomweb-client's default retries every failure
+    5 times over 30 s, so a stopped server would hold each request half a minute before its 503)."""
+    client = DICOMwebClientX(url=url, session=TimeoutSession())
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=100)
+    return client
 
 
 def _tag(meta: dict, tag: str, default: str = "") -> str:
@@ -78,7 +82,7 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         self._cache: Dict[str, tuple] = {}  # key -> (time, value)
         self._seg_refs: Dict[str, Optional[dict]] = {}  # SEG series -> its image series (SEGs never change)
         self._lock = threading.RLock()
-        self._downloads = threading.Lock()
+        self._downloads = threading.RLock()  # one download/conversion at a time (request and bank threads)
         self._label_dir = os.path.join(self._datastore_path, "segs")
 
     # ------------------------------------------------------------------ talking to the server
@@ -220,8 +224,9 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         if seg is None:
             return ""
         nifti = os.path.join(self._label_dir, f"{seg['seg']}.nii.gz")
-        if not os.path.exists(nifti):
-            self._convert_seg(image_id, seg, nifti)
+        with self._downloads:
+            if not os.path.exists(nifti):
+                self._convert_seg(image_id, seg, nifti)
         return nifti
 
     def _convert_seg(self, image_id: str, seg: dict, nifti: str) -> None:

@@ -33,6 +33,7 @@ class MedLSAM(TaskConfig):
         self.mode = conf.get("mode", "prior")
         if self.mode not in MODES:
             raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        self.prior_weight = _prior_weight(conf)
         self.models = Models(model_dir, conf)
         self.templates = TemplateSource(
             self.models,
@@ -50,7 +51,7 @@ class MedLSAM(TaskConfig):
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
         return {
-            self.name: MedLSAMInfer(self.models, self.templates, self.volumes, self.mode),
+            self.name: MedLSAMInfer(self.models, self.templates, self.volumes, self.mode, self.prior_weight),
             "medlam": MedLAMInfer(self.models, self.templates, self.volumes, self.mode),
             "sam": SAM2DInfer(self.volumes),
             "sam_3d": SAM3DInfer(self.volumes),
@@ -58,3 +59,17 @@ class MedLSAM(TaskConfig):
 
     def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:
         return {"medlam": MedLAMTrainer(self.models)}
+
+
+def _prior_weight(conf: Dict[str, str]) -> float | None:
+    """--conf prior_weight: the default blend of the template prior against SAM (1: the prior alone, fastest)."""
+    value = conf.get("prior_weight")
+    if value is None or value == "":
+        return None
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not 0.0 <= weight <= 1.0:
+        raise MedLSAMError(f"--conf prior_weight must be a number in [0, 1], not {value!r}")
+    return weight

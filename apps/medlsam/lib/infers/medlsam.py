@@ -21,10 +21,13 @@ def _modes(default: str) -> list[str]:
 
 
 class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
-    def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes, mode: str):
+    def __init__(
+        self, models: Models, templates: TemplateSource, volumes: Volumes, mode: str, weight: float | None = None
+    ):
         from medlsam.pipeline import SegmentOptions
 
         self.models, self.templates, self.modes = models, templates, _modes(mode)
+        self.prior_weight = SegmentOptions().prior_weight if weight is None else weight
         super().__init__(
             volumes,
             InferType.SEGMENTATION,
@@ -32,7 +35,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             3,
             "MedLSAM: MedLAM and the templates localise every organ, SAM segments its slices from "
             "the organ prior's boxes",
-            config={**localize_config(self.modes), "prior_weight": SegmentOptions().prior_weight},
+            config={**localize_config(self.modes), "prior_weight": self.prior_weight},
         )
 
     def run(self, request: dict, entry: dict):
@@ -40,7 +43,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
 
         options = SegmentOptions(
-            mode=request_mode(request, self.modes[0], self.modes), prior_weight=prior_weight(request)
+            mode=request_mode(request, self.modes[0], self.modes), prior_weight=prior_weight(request, self.prior_weight)
         )
         localize = localize_options(request, options.localizer_mode)
         organs = organs_option(request)

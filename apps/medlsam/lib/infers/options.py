@@ -53,8 +53,10 @@ def localize_config(modes: list[str]) -> dict:
     return {"mode": modes, "organs": "", **{key: getattr(defaults, key) for key in LOCALIZE_SWITCHES}}
 
 
-def prior_weight(request: dict) -> float:
-    """The request's `prior_weight` (0: SAM alone, 1: the template prior alone), else the library default."""
+def prior_weight(request: dict, default: float | None = None) -> float:
+    """The request's `prior_weight` (0: SAM alone, 1: the template prior alone), else ``default`` (the server's
+    --conf prior_weight) or the library default."""
     from medlsam.pipeline import SegmentOptions
 
-    return number(request, "prior_weight", SegmentOptions().prior_weight, float, 0.0, 1.0)
+    default = SegmentOptions().prior_weight if default is None else default
+    return number(request, "prior_weight", default, float, 0.0, 1.0)
