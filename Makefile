@@ -7,9 +7,11 @@ DATA ?= $(abspath ../shared/data)
 PORT ?= 8000
 HOST ?= 127.0.0.1
 SAMPLE ?= sample-datastore
+ORTHANC_PORT ?= 8042
+RUNTIME ?= runs/dicomweb
 CONF ?= --conf models medlsam
 
-.PHONY: setup lint test sample-datastore serve demo clean
+.PHONY: setup lint test sample-datastore serve serve-dicomweb demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,16 @@ sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 temp
 serve: sample-datastore  ## start the app on the sample datastore (http://$(HOST):$(PORT), loopback only unless HOST=0.0.0.0)
 	PATH=$(abspath $(BIN)):$$PATH MONAILABEL_PYEXE=$(abspath $(BIN))/python \
 	  $(BIN)/monailabel start_server --app apps/medlsam --studies $(SAMPLE) $(CONF) -i $(HOST) -p $(PORT)
+
+serve-dicomweb: sample-datastore  ## Orthanc (loopback) + the sample datastore as DICOM CT/SEG + the app on it; OHIF at http://$(HOST):$(PORT)/ohif/
+	$(BIN)/python scripts/orthanc.py start --dir $(RUNTIME)/orthanc --port $(ORTHANC_PORT)
+	$(BIN)/python scripts/load_dicomweb.py --studies $(SAMPLE) --url http://127.0.0.1:$(ORTHANC_PORT)/dicom-web \
+	  --state $(RUNTIME)/orthanc/loaded.json --ohif http://127.0.0.1:$(PORT)
+	trap '$(BIN)/python scripts/orthanc.py stop --dir $(RUNTIME)/orthanc' EXIT; \
+	  PATH=$(abspath $(BIN)):$$PATH MONAILABEL_PYEXE=$(abspath $(BIN))/python \
+	  MONAI_LABEL_DICOMWEB_CACHE_PATH=$(abspath $(RUNTIME))/cache \
+	  $(BIN)/monailabel start_server --app apps/medlsam --studies http://127.0.0.1:$(ORTHANC_PORT)/dicom-web \
+	  $(CONF) -i $(HOST) -p $(PORT)
 
 demo: setup  ## ask the running server (make serve) for an auto-segmentation like Slicer; writes runs/demo/
 	$(BIN)/python scripts/demo.py --server http://127.0.0.1:$(PORT) --out runs/demo

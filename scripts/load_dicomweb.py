@@ -78,9 +78,13 @@ def main(argv=None) -> int:
     parser.add_argument("--studies", default="sample-datastore")
     parser.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
     parser.add_argument("--state", default="runs/orthanc/loaded.json")
+    parser.add_argument("--ohif", help="the app's URL: print the OHIF link of every unlabeled scan")
     args = parser.parse_args(argv)
     state = load(Path(args.studies), args.url.rstrip("/"), Path(args.state))
-    print(f"{len(state)} series on {args.url}; OHIF studies: " + ", ".join(e["study"] for e in state.values()))
+    print(f"{len(state)} series on {args.url} ({sum(bool(e.get('seg')) for e in state.values())} with a SEG label)")
+    for image_id, entry in state.items():
+        if args.ohif and not entry.get("seg"):
+            print(f"  {image_id}: {args.ohif}/ohif/monai-label?StudyInstanceUIDs={entry['study']}")
     return 0
 
 
