@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from medlsam.cli import main
-from medlsam.dicom import SeriesFields, export_ct_series
-from medlsam.errors import InvalidImageError, MedLSAMError
+from medlsam.dicom import SeriesFields, export_ct_series, label_to_seg, seg_to_label
+from medlsam.errors import InvalidImageError, MedLSAMError, TemplateError
 from medlsam.volume import CTVolume, read_volume, write_volume
 
 ORIENTATIONS = [
@@ -129,3 +129,47 @@ def test_bad_input_is_a_clear_error(openkbp_case, tmp_path):
     with pytest.raises(InvalidImageError):
         export_ct_series(tmp_path / "flat.nii.gz", tmp_path / "out")
     assert main(["dicom", "export", str(tmp_path / "flat.nii.gz"), "--out", str(tmp_path / "out")]) == 2
+
+
+@pytest.fixture(scope="module")
+def ct_series_and_label(openkbp_case, tmp_path_factory):
+    """One real OpenKBP CT exported as a DICOM series, and its clinical label."""
+    tmp = tmp_path_factory.mktemp("seg")
+    return export_ct_series(openkbp_case[0], tmp / "ct"), openkbp_case[1], tmp
+
+
+def test_seg_round_trip_keeps_organs_and_names(ct_series_and_label, openkbp_case):
+    """label -> DICOM SEG (dcmqi) -> label on the image's grid: every voxel back, organ names as segment labels."""
+    series, label_path, tmp = ct_series_and_label
+    names = {1: "Brainstem", 2: "SpinalCord", 3: "RightParotid", 4: "LeftParotid", 7: "Mandible"}
+    seg = label_to_seg(label_path, series.files, names, tmp / "seg.dcm")
+    dataset = pydicom.dcmread(seg)
+    assert dataset.Modality == "SEG" and dataset.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+    truth = read_volume(label_path).array
+    values = sorted(int(v) for v in np.unique(truth) if v)
+    for reference in (openkbp_case[0], series.folder):  # the NIfTI, and the series as GDCM reads it (z flipped)
+        label, seg_names = seg_to_label(seg, reference)
+        assert seg_names == {i + 1: names.get(v, f"label_{v}") for i, v in enumerate(values)}
+        back = np.zeros_like(truth)
+        for number, value in zip(sorted(seg_names), values):
+            back[label.array == number] = value
+        if reference == series.folder:
+            back = back[:, :, ::-1]
+        np.testing.assert_array_equal(back, truth)
+
+
+def test_seg_off_the_image_grid_is_refused(ct_series_and_label, openkbp_case, tmp_path):
+    """A SEG whose frames do not lie on its image's voxels is a TemplateError (the bank skips it), not a guess."""
+    series, label_path, tmp = ct_series_and_label
+    seg = label_to_seg(label_path, series.files, {1: "Brainstem"}, tmp_path / "seg.dcm")
+    shifted = read_volume(openkbp_case[0])
+    shifted.affine[:3, 3] += [1.3, 0.0, 0.7]  # 1.3 mm: a third of a voxel
+    write_volume(shifted.array.astype(np.int16), shifted, tmp_path / "shifted.nii.gz")
+    with pytest.raises(TemplateError, match="does not lie on its image's voxel grid"):
+        seg_to_label(seg, tmp_path / "shifted.nii.gz")
+    with pytest.raises(TemplateError, match="not a DICOM SEG"):
+        seg_to_label(series.files[0], openkbp_case[0])
+    empty = CTVolume(np.zeros((128, 128, 128), np.uint8), read_volume(label_path).affine)
+    write_volume(empty.array, empty, tmp_path / "empty.nii.gz")
+    with pytest.raises(MedLSAMError, match="empty"):
+        label_to_seg(tmp_path / "empty.nii.gz", series.files, {}, tmp_path / "e.dcm")
