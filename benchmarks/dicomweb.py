@@ -62,11 +62,13 @@ def last_stages(log: Path) -> str:
     return re.sub(r".*done in ", "", lines[-1]) if lines else ""
 
 
-def wait_bank(api: str, templates: int, timeout: float = 1800) -> dict:
+def wait_bank(api: str, templates: int, including: str = "", timeout: float = 1800) -> dict:
+    """/info/'s template_bank once ready with ``templates`` templates (``including`` this series)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         bank = requests.get(f"{api}/info/", timeout=60).json().get("template_bank", {})
-        if bank.get("state") == "ready" and len(bank.get("templates", [])) == templates:
+        used = bank.get("templates", [])
+        if bank.get("state") == "ready" and len(used) == templates and (not including or including in used):
             return bank
         time.sleep(0.5)
     raise TimeoutError(bank)
@@ -145,9 +147,11 @@ def main(argv=None) -> int:
         answer.raise_for_status()
         stages["seg_save"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        bank = wait_bank(api, min(args.templates + 1, 5))
+        bank = wait_bank(api, args.templates, including=unlabeled[1]["series"])
         stages["bank_rebuild_after_save"] = time.perf_counter() - tic
-        notes["bank_rebuild_after_save"] = f"new template built, {args.templates} reused from the cache"
+        notes["bank_rebuild_after_save"] = (
+            f"the saved label is the newest of {args.templates} templates: 1 built, the others from the cache"
+        )
         if not args.no_browser and shutil.which("chromium"):
             from ohif_driver import run_ohif_autosegmentation
             from playwright.sync_api import sync_playwright

@@ -30,6 +30,34 @@ READ_LABELMAP = """() => {
 }"""
 
 
+FOCUS_ON_LABELS = """(zoom) => {
+  try {
+    const volume = window.services.segmentationService.getLabelmapVolume('1');
+    const [nx, ny, nz] = volume.dimensions;
+    const data = volume.voxelManager.getCompleteScalarDataArray();
+    let n = 0, si = 0, sj = 0, sk = 0;
+    for (let k = 0; k < nz; k++) for (let j = 0; j < ny; j++) for (let i = 0; i < nx; i++) {
+      if (data[i + nx * (j + ny * k)]) { n++; si += i; sj += j; sk += k; }
+    }
+    if (!n) return 'no labels';
+    const world = volume.imageData.indexToWorld([si / n, sj / n, sk / n]);
+    for (const engine of window.cornerstone.getRenderingEngines()) {
+      for (const viewport of engine.getViewports()) {
+        const camera = viewport.getCamera();
+        const shift = [0, 1, 2].map((a) => world[a] - camera.focalPoint[a]);
+        viewport.setCamera({
+          focalPoint: world,
+          position: camera.position.map((p, a) => p + shift[a]),
+          parallelScale: camera.parallelScale / zoom,
+        });
+        viewport.render();
+      }
+    }
+    return 'ok';
+  } catch (e) { return String(e); }
+}"""
+
+
 def run_ohif_autosegmentation(
     playwright, chromium: str, server: str, study_uid: str, screenshot: Path, model: str = "medlsam", timeout_s=600
 ) -> dict:
@@ -68,6 +96,10 @@ def run_ohif_autosegmentation(
         seconds["autosegmentation"] = time.perf_counter() - tic
         page.wait_for_timeout(2000)  # let the viewports render the new labelmap
         shown = page.evaluate(READ_LABELMAP)
+        focus = page.evaluate(FOCUS_ON_LABELS, 2.5)  # for the screenshot: views through the organs' centre, zoomed
+        if focus != "ok":
+            console.append(f"focus: {focus}")
+        page.wait_for_timeout(1500)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot))
         return {

@@ -194,6 +194,22 @@ def test_autosegmentation_on_the_series_grid_with_dice(stack, data_dir):
     )
     assert again.status_code == 200 and again.content == answer.content
     print(f"later auto-segmentation {time.perf_counter() - tic:.1f} s")
+    # output=dicom_seg: the result as a DICOM SEG of the series (MONAI Label names segments from label_info by
+    # position among the result's values: send them in value order)
+    present = sorted(int(v) for v in np.unique(label.array) if v)
+    names = {v: n for n, v in labels.items()}
+    info = [{"name": names[v], "idx": v} for v in present]
+    seg = requests.post(
+        f"{api}/infer/medlsam",
+        params={"image": query, "output": "dicom_seg"},
+        data={"params": json.dumps({**params, "label_info": info})},
+        timeout=600,
+    )
+    assert seg.status_code == 200, seg.text[:300]
+    (stack["tmp"] / "result_seg.dcm").write_bytes(seg.content)
+    dataset = pydicom.dcmread(stack["tmp"] / "result_seg.dcm")
+    assert dataset.Modality == "SEG" and dataset.ReferencedSeriesSequence[0].SeriesInstanceUID == query
+    assert [s.SegmentLabel for s in dataset.SegmentSequence] == [names[v] for v in present]
 
 
 def test_series_that_are_not_a_ct_volume(stack, data_dir):
