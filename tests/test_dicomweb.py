@@ -33,6 +33,7 @@ import orthanc  # noqa: E402
 pytestmark = pytest.mark.slow  # real Orthanc + real MONAI Label server (+ a real browser)
 
 TEMPLATE_SEG, TEMPLATE_API, QUERY = 4, 13, 201  # train, train (all 7 organs), validation
+SLOW_TIMEOUT_S = 8  # --conf dicomweb_timeout of the test server
 SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ohif_autosegmentation.png"
 
 
@@ -93,6 +94,7 @@ def stack(data_dir, tmp_path_factory):
             "models": "medlsam",
             "templates": 2,
             "prior_weight": 1,  # the template prior alone (SAM adds nothing measurable here): seconds, not minutes
+            "dicomweb_timeout": SLOW_TIMEOUT_S,
             "threads": os.environ.get("MEDLSAM_TEST_THREADS", "1"),
         }
         tic = time.perf_counter()
@@ -288,6 +290,25 @@ def test_ohif_shows_the_result_in_a_real_browser(stack):
     np.testing.assert_allclose(np.asarray(shown["origin"]), result.affine[:3, 3], atol=1e-2)
     np.testing.assert_allclose(direction.T, result.affine[:3, :3] / result.spacing[None, :], atol=1e-4)
     assert SCREENSHOT.is_file()
+
+
+def test_dicomweb_server_slow_is_503(stack):
+    """Orthanc frozen (SIGSTOP: connections accepted, never answered) -> 503 saying it did not answer in time, after
+    the configured timeout (and one retry), not a hung request; once it answers again, so does the app."""
+    import signal
+
+    api = stack["api"]
+    os.kill(stack["orthanc"].pid, signal.SIGSTOP)
+    try:
+        tic = time.perf_counter()
+        answer = requests.post(f"{api}/infer/medlam", params={"image": "1.2.3.4.999", "output": "json"}, timeout=120)
+        seconds = time.perf_counter() - tic
+    finally:
+        os.kill(stack["orthanc"].pid, signal.SIGCONT)
+    assert answer.status_code == 503, answer.text
+    assert "did not answer in time" in answer.json()["detail"] and stack["url"] in answer.json()["detail"]
+    assert SLOW_TIMEOUT_S <= seconds < 4 * SLOW_TIMEOUT_S + 10
+    assert requests.post(f"{api}/infer/medlam", params={"image": "1.2.3.4.999"}, timeout=60).status_code == 404
 
 
 def test_dicomweb_server_down_is_503_and_the_app_keeps_serving(stack, data_dir):

@@ -5,7 +5,8 @@
 --conf keys (all optional): backend (lite_medsam | sam_vit_b|l|h | medsam_vit_b), checkpoint (SAM/MedSAM
 weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu | cuda |
 cuda:N), labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
-(torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2).
+(torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2), prior_weight (default blend
+of the template prior against SAM), dicomweb_timeout (seconds a DICOMweb server may take to answer, 120).
 
 Requests name datastore images by id only; uploads and labels are checked (lib/datastore.py); inference runs in
 worker threads, so /info/ and light requests answer while it runs (lib/server.py).
@@ -34,7 +35,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
-from lib.conf import parse_bool
+from lib.conf import conf_float, parse_bool
 from lib.datastore import GatedDatastore, valid_name
 from lib.template_source import TemplateSource
 
@@ -82,6 +83,7 @@ class MedLSAMApp(MONAILabelApp):
                 settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
                 cache,
                 on_label_change=self._labels_changed,
+                read_timeout_s=conf_float(self.conf, "dicomweb_timeout", 120.0, 1.0),
             )
         studies, app_dir = os.path.realpath(self.studies), os.path.realpath(self.app_dir)
         if studies == app_dir or studies.startswith(app_dir + os.sep):

@@ -28,6 +28,17 @@ def conf_int(conf: dict, key: str, default: int, minimum: int) -> int:
     return value
 
 
+def conf_float(conf: dict, key: str, default: float, minimum: float, maximum: float | None = None) -> float:
+    try:
+        value = float(conf.get(key, default))
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value >= minimum and (maximum is None or value <= maximum)):
+        bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f"at least {minimum}"
+        raise MedLSAMError(f"--conf {key} must be a number {bounds}, not {conf.get(key)!r}")
+    return value
+
+
 def conf_bool(conf: dict, key: str, default: bool) -> bool:
     value = parse_bool(conf.get(key, default))
     if value is None:

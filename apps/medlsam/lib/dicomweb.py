@@ -41,22 +41,27 @@ logger = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 LIST_TTL_S = 5.0  # the series lists are re-read after this (and after every save)
-TIMEOUT_S = (5.0, 120.0)  # connect, read: a slow server becomes a 503 instead of a hung request
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 120.0  # default of --conf dicomweb_timeout: a slow server becomes a 503, not a hung request
 FINAL = DefaultLabelTag.FINAL.value
 
 
 class TimeoutSession(requests.Session):
     """A requests session with a default timeout (dicomweb-client sets none)."""
 
+    def __init__(self, read_timeout_s: float = READ_TIMEOUT_S):
+        super().__init__()
+        self.timeout = (CONNECT_TIMEOUT_S, read_timeout_s)
+
     def request(self, *args, **kwargs):
-        kwargs.setdefault("timeout", TIMEOUT_S)
+        kwargs.setdefault("timeout", self.timeout)
         return super().request(*args, **kwargs)
 
 
-def dicomweb_client(url: str) -> DICOMwebClientX:
+def dicomweb_client(url: str, read_timeout_s: float = READ_TIMEOUT_S) -> DICOMwebClientX:
     """MONAI Label's client with a timeout, and one quick retry (dicomweb-client's default retries every failure
     5 times over 30 s, so a stopped server would hold each request half a minute before its 503)."""
-    client = DICOMwebClientX(url=url, session=TimeoutSession())
+    client = DICOMwebClientX(url=url, session=TimeoutSession(read_timeout_s))
     client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=100)
     return client
 
@@ -75,8 +80,16 @@ def _timestamp(date: str, clock: str) -> float:
 
 
 class MedLSAMDicomWebDatastore(DICOMWebDatastore):
-    def __init__(self, url: str, search_filter: Dict[str, Any], cache_path: Optional[str] = None, on_label_change=None):
-        super().__init__(dicomweb_client(url), search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=True)
+    def __init__(
+        self,
+        url: str,
+        search_filter: Dict[str, Any],
+        cache_path: Optional[str] = None,
+        on_label_change=None,
+        read_timeout_s: float = READ_TIMEOUT_S,
+    ):
+        client = dicomweb_client(url, read_timeout_s)
+        super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=True)
         self.url = url.rstrip("/")
         self.on_label_change: Optional[Callable[[], None]] = on_label_change
         self._cache: Dict[str, tuple] = {}  # key -> (time, value)

@@ -12,7 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.conf import conf_int
+from lib.conf import conf_float, conf_int
 from lib.infers import MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
 from lib.models import Models
 from lib.template_source import TemplateSource
@@ -27,13 +27,13 @@ class MedLSAM(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         """``kwargs["datastore"]``: a callable giving the app's datastore (MONAI Label creates it after this)."""
         super().init(name, model_dir, conf, planner, **kwargs)
-        from medlsam.pipeline import MODES
+        from medlsam.pipeline import MODES, SegmentOptions
 
         conf = conf or {}
         self.mode = conf.get("mode", "prior")
         if self.mode not in MODES:
             raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        self.prior_weight = _prior_weight(conf)
+        self.prior_weight = conf_float(conf, "prior_weight", SegmentOptions().prior_weight, 0.0, 1.0)
         self.models = Models(model_dir, conf)
         self.templates = TemplateSource(
             self.models,
@@ -59,17 +59,3 @@ class MedLSAM(TaskConfig):
 
     def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:
         return {"medlam": MedLAMTrainer(self.models)}
-
-
-def _prior_weight(conf: Dict[str, str]) -> float | None:
-    """--conf prior_weight: the default blend of the template prior against SAM (1: the prior alone, fastest)."""
-    value = conf.get("prior_weight")
-    if value is None or value == "":
-        return None
-    try:
-        weight = float(value)
-    except ValueError:
-        weight = -1.0
-    if not 0.0 <= weight <= 1.0:
-        raise MedLSAMError(f"--conf prior_weight must be a number in [0, 1], not {value!r}")
-    return weight
