@@ -292,6 +292,38 @@ def test_ohif_shows_the_result_in_a_real_browser(stack):
     assert SCREENSHOT.is_file()
 
 
+def test_bad_dicom_seg_never_poisons_the_bank(stack, data_dir):
+    """A SEG off its image's voxel grid and an empty SEG, stored on the server by another tool as the newest labels:
+    each is skipped with a log line naming it, and the bank keeps its two good templates."""
+    api, url, tmp = stack["api"], stack["url"], stack["tmp"]
+    good = sorted(wait_bank(api, 2)["templates"])
+    image, label = kbp(data_dir, TEMPLATE_API)
+    target = export(image, tmp / "offgrid_ct", url)  # the CT the bad SEG will claim to label
+    shifted = read_volume(image)
+    shifted.affine[:3, 3] += [1.3, 0.0, 0.0]  # a third of a voxel
+    write_volume(shifted.array.astype(np.int16), shifted, tmp / "shifted.nii.gz")
+    write_volume(read_volume(label).array, shifted, tmp / "shifted_label.nii.gz")
+    other = export_ct_series(tmp / "shifted.nii.gz", tmp / "shifted_ct")
+    seg = pydicom.dcmread(label_to_seg(tmp / "shifted_label.nii.gz", other.files, NAMES, tmp / "offgrid.dcm"))
+    seg.ReferencedSeriesSequence[0].SeriesInstanceUID = target.series_uid
+    seg.StudyInstanceUID, seg.FrameOfReferenceUID = target.study_uid, target.frame_of_reference_uid
+    seg.save_as(tmp / "offgrid.dcm")
+    empty_target = export(image, tmp / "empty_ct", url)
+    empty = pydicom.dcmread(label_to_seg(label, empty_target.files, NAMES, tmp / "empty.dcm"))
+    empty.PixelData = bytes(len(empty.PixelData))
+    empty.save_as(tmp / "empty.dcm")
+    stow_files([tmp / "offgrid.dcm", tmp / "empty.dcm"], url)
+    time.sleep(6)  # the labelled list is re-read after 5 s
+    answer = requests.post(f"{api}/infer/medlam", params={"image": stack["ids"][QUERY].series_uid}, timeout=300)
+    assert answer.status_code == 200, answer.text[:300]
+    bank = wait_bank(api, 2)
+    assert sorted(bank["templates"]) == good
+    assert "is empty" in bank["skipped"][empty_target.series_uid]
+    log = stack["log"].read_text()
+    assert f"final label of {target.series_uid} ignored" in log and "does not lie on its image's voxel grid" in log
+    assert f"template {empty_target.series_uid} skipped" in log
+
+
 def test_dicomweb_server_slow_is_503(stack):
     """Orthanc frozen (SIGSTOP: connections accepted, never answered) -> 503 saying it did not answer in time, after
     the configured timeout (and one retry), not a hung request; once it answers again, so does the app."""

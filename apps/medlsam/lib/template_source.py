@@ -207,7 +207,11 @@ class TemplateSource:
             with self._lock:
                 self._bank = (build.key, bank, info)
             self._report(
-                state="ready", templates=info["templates"], organs=sorted(bank.organs), build_s=info["build_s"]
+                state="ready",
+                templates=info["templates"],
+                organs=sorted(bank.organs),
+                build_s=info["build_s"],
+                skipped=info["skipped"],
             )
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
             build.error = exc
