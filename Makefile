@@ -11,7 +11,7 @@ ORTHANC_PORT ?= 8042
 RUNTIME ?= runs/dicomweb
 CONF ?= --conf models medlsam
 
-.PHONY: setup lint test sample-datastore serve serve-dicomweb demo clean
+.PHONY: setup system-deps lint test sample-datastore serve serve-dicomweb demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,10 @@ setup: $(VENV)/.installed  ## create .venv when missing (reused when present) an
 lint: setup  ## ruff: lint and format check (configured in pyproject.toml)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-test: setup lint  ## lint, then run the test suite (CPU only, no network)
+system-deps:  ## Orthanc + Chromium for the DICOMweb/OHIF tests: apt-installed when missing (root only)
+	bash scripts/system_deps.sh
+
+test: setup system-deps lint  ## lint, then run the test suite (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q tests
 
 sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans
