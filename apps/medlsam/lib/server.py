@@ -3,9 +3,10 @@ blocking app (an inference of tens of seconds stops the event loop, so ``/info/`
 even with MONAI_LABEL_INFER_CONCURRENCY, whose pool is awaited on the loop), and a ``params`` form field that is not
 a JSON object fails with a bare 500.
 
-``install(app)`` re-registers the heavy endpoints (infer, datastore uploads, label/image info, training) as plain
-``def`` endpoints, which FastAPI runs in its worker threads, after checking their parameters (400 naming the
-parameter). The original handlers, with their authentication dependencies, do the work unchanged.
+``install(app)`` re-registers the heavy endpoints (infer, /info/ and the datastore listing, which may wait on a
+DICOMweb server, datastore uploads, label/image info, training) as plain ``def`` endpoints, which FastAPI runs in
+its worker threads, after checking their parameters (400 naming the parameter). The original handlers, with their
+authentication dependencies, do the work unchanged.
 """
 
 from __future__ import annotations
@@ -97,10 +98,14 @@ def _offload(endpoint: Callable, check: Optional[Callable[[Dict[str, Any]], None
 
 def install(app) -> int:
     """Re-register the heavy MONAI Label endpoints of ``app`` as checked worker-thread endpoints (idempotent)."""
-    from monailabel.endpoints import datastore, infer, train
+    from monailabel.endpoints import datastore, infer, info, train
 
     targets = {
         infer.api_run_inference: check_infer,
+        info.api_app_info: None,  # over DICOMweb these two read the server's series lists
+        datastore.api_datastore: None,
+        datastore.api_get_image_info: None,
+        datastore.api_download_image: None,
         datastore.api_add_image: check_form("params"),
         datastore.api_save_label: check_form("params"),
         datastore.api_put_image_info: check_form("info"),
