@@ -49,6 +49,17 @@ class EditOptions:
     # (0: no shift).
     shift_mm: float = 0.0
     anchor_level: float = 0.8
+    # Level: a foreground click at posterior p says the organ reaches down to p, a background click that it stops
+    # above p; the organ's threshold moves there (by level_margin past the click) with weight
+    # exp(-(|x - c| / level_reach_mm)^2) around each click (0: off), kept within [level_min, 1 - level_min].
+    level_reach_mm: float = 0.0
+    level_margin: float = 0.05
+    level_min: float = 0.1
+    # Depth: a background click d mm inside the organ's current mask removes, within depth_reach_mm of it, the
+    # mask's voxels no deeper than d + depth_margin_mm (a layer peeled off); a foreground click d mm outside adds
+    # the voxels no farther out than d + depth_margin_mm (0: off).
+    depth_reach_mm: float = 0.0
+    depth_margin_mm: float = 1.0
 
 
 @dataclass
@@ -133,6 +144,51 @@ def anchor_shift(
     return shifts[best[np.argmin(length[best])]]
 
 
+def threshold_field(
+    posterior: np.ndarray, spacing: np.ndarray, clicks: OrganClicks, origin: np.ndarray, options: EditOptions
+) -> np.ndarray:
+    """The organ's threshold at each voxel: 0.5 far from clicks, near a click the level that click asks for."""
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(posterior.shape, spacing)], indexing="ij", sparse=True)
+    shift = np.zeros(posterior.shape, np.float32)
+    weight = np.zeros(posterior.shape, np.float32)
+    for points, sign in ((clicks.foreground, -1.0), (clicks.background, 1.0)):
+        for click in points - origin:
+            level = float(posterior[tuple(click)]) + sign * options.level_margin
+            level = min(max(level, options.level_min), 1.0 - options.level_min)
+            if (sign < 0 and level >= 0.5) or (sign > 0 and level <= 0.5):
+                continue  # the click already agrees with the threshold
+            d2 = sum((g - c * s) ** 2 for g, c, s in zip(grids, click, spacing))
+            w = np.exp(-d2 / options.level_reach_mm**2).astype(np.float32)
+            shift += w * (level - 0.5)
+            weight += w
+    return 0.5 + shift / np.maximum(weight, 1.0)
+
+
+def depth_edit(
+    edited: np.ndarray, base_mask: np.ndarray, spacing: np.ndarray, clicks: OrganClicks, origin, options: EditOptions
+) -> np.ndarray:
+    """``edited`` with the layers the clicks peel off (background) or add (foreground), measured from the base
+    mask's boundary; where two clicks reach a voxel the nearer one decides."""
+    inside = ndimage.distance_transform_edt(base_mask, sampling=spacing)
+    outside = ndimage.distance_transform_edt(~base_mask, sampling=spacing)
+    depth = np.where(base_mask, inside, -outside)  # mm, positive inside
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(edited.shape, spacing)], indexing="ij", sparse=True)
+    nearest = np.full(edited.shape, np.inf)
+    out = edited.copy()
+    for points, foreground in ((clicks.foreground, True), (clicks.background, False)):
+        for click in points - origin:
+            distance = np.sqrt(sum((g - c * s) ** 2 for g, c, s in zip(grids, click, spacing)))
+            level = depth[tuple(click)]
+            if foreground:
+                layer = (depth >= level - options.depth_margin_mm) & (depth <= 0)
+            else:
+                layer = (depth <= level + options.depth_margin_mm) & (depth > 0)
+            take = layer & (distance <= options.depth_reach_mm) & (distance < nearest)
+            out[take] = foreground
+            nearest = np.where(take, distance, nearest)
+    return out
+
+
 def edit_organ(
     hu: np.ndarray,
     spacing: np.ndarray,
@@ -165,6 +221,7 @@ def edit_organ(
     probability = np.where(base_mask, np.maximum(probability, high), np.minimum(probability, low))
     if not len(clicks):
         return region, base_mask.copy()
+    base_posterior = probability
 
     local_hu = hu[region].astype(np.float32)
     if intensity is not None:
@@ -188,7 +245,12 @@ def edit_organ(
         nearer_fg, lowered * (1.0 - fg_influence) + fg_influence, raised * (1.0 - bg_influence)
     )  # the nearer click is applied last
     posterior = spatial * ratio / (spatial * ratio + (1.0 - spatial) + 1e-12)
-    edited = posterior > 0.5
+    threshold = 0.5
+    if options.level_reach_mm > 0:
+        threshold = threshold_field(base_posterior, spacing, clicks, origin, options)
+    edited = posterior > threshold
+    if options.depth_reach_mm > 0:
+        edited = depth_edit(edited, base_mask, spacing, clicks, origin, options)
     edited[tuple((clicks.foreground - origin).T)] = True
     edited[tuple((clicks.background - origin).T)] = False
     return region, edited
