@@ -107,7 +107,15 @@ def simulate(
             organ = OrganClicks(organ.foreground, np.vstack([organ.background, [click]]))
         tic = time.perf_counter()
         label, _ = edit_label(
-            start, hu, spacing, {"organ": value}, {"organ": organ}, {"organ": prior}, {"organ": intensity}, options
+            start,
+            hu,
+            spacing,
+            {"organ": value},
+            {"organ": organ},
+            {"organ": prior},
+            {"organ": intensity},
+            options,
+            axis,
         )
         seconds.append(time.perf_counter() - tic)
     return {"scores": scores, "seconds": seconds}
@@ -128,6 +136,8 @@ def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
     rows = []
     for case in cases:
         start = cached_start(data, case["id"], cache, localizer, bank)
+        if args.cache_only:
+            continue
         volume = load_ct(data.image(case["id"]))
         hu, spacing = volume.array.astype(np.float32), np.asarray(volume.spacing, np.float64)
         truth_label = read_volume(data.label(case["id"])).array
@@ -319,13 +329,20 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default="/tmp/medlsam-edit-cache")
     parser.add_argument("--encoder", action="store_true", help="also time one LiteMedSAM encoder call")
     parser.add_argument("--out", type=Path, default=RESULTS / "editing")
+    parser.add_argument("--load", default="", help="comma-separated .json of earlier runs: report their rows")
+    parser.add_argument("--cache-only", action="store_true", help="only compute the scans' cached starts")
     args = parser.parse_args(argv)
     args.organs = [o.strip() for o in args.organs.split(",") if o.strip()]
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     torch.set_num_threads(args.threads)
     options = EditOptions(**dict(_option(s) for s in args.set))
     data = OpenKBP()
-    rows = run(args, data, options)
+    if args.load:
+        rows = [r for path in args.load.split(",") for r in json.loads(Path(path).read_text())["rows"]]
+    else:
+        rows = run(args, data, options)
+    if args.cache_only:
+        return 0
     result = summary(rows, args.max_clicks)
     for row, res in result.items():
         print(row, " ".join(f"{n}:{v['dice']:.3f}" for n, v in res["per_clicks"].items()), res["later_click_s"])

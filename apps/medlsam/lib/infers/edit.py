@@ -179,6 +179,7 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
 
     def run(self, request: dict, entry: dict):
         from medlsam.editing import EditOptions, IntensityModel, OrganClicks, edit_label
+        from medlsam.metrics import cranio_caudal_axis
 
         tic = time.perf_counter()
         volume = entry["volume"]
@@ -222,7 +223,8 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         localized = time.perf_counter()
         options = EditOptions(reach_mm=number(request, "reach_mm", EditOptions().reach_mm, float, 1.0, 100.0))
         spacing = np.asarray(volume.spacing, np.float64)
-        label, changed = edit_label(base, volume.array, spacing, known, clicks, priors, intensities, options)
+        axis = cranio_caudal_axis(volume.affine)
+        label, changed = edit_label(base, volume.array, spacing, known, clicks, priors, intensities, options, axis)
         return label, {
             "label_names": known,
             "changed_voxels": changed,
