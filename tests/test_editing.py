@@ -148,3 +148,19 @@ def test_bad_clicks_are_refused_naming_the_problem(scene, clicks, label_shape, m
     with pytest.raises(ClickError, match=message):
         _edit(scene, clicks, label)
     assert np.array_equal(scene["label"], kept)
+
+
+def test_an_organ_the_templates_do_not_know_grows_from_its_clicks_over_similar_intensities(scene):
+    """No prior, no intensity model (class-agnostic): a foreground click in the mandible from an empty label
+    marks bone-like voxels around it, not the soft tissue beside it."""
+    truth = scene["label"] == MANDIBLE
+    inner = ndimage.distance_transform_edt(np.pad(truth, 1))[1:-1, 1:-1, 1:-1]
+    click = np.unravel_index(int(np.argmax(inner)), inner.shape)
+    empty = np.zeros_like(scene["label"])
+    out, changed = edit_label(
+        empty, scene["hu"], scene["spacing"], {"Bone": 9}, {"Bone": OrganClicks(foreground=[click])}
+    )
+    grown = out == 9
+    assert grown[click] and changed["Bone"] == grown.sum() > 10
+    assert (grown & truth).sum() > 0.5 * grown.sum()  # mostly the clicked bone
+    assert np.median(scene["hu"][grown]) > 150  # bone, not the soft tissue around it
