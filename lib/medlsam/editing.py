@@ -30,6 +30,8 @@ from medlsam.errors import MedLSAMError
 from medlsam.grid import map_hu
 from medlsam.prior import HISTOGRAM_BINS, FilePrior, intensity_histograms
 
+INFLUENCE_RANGE = 2.5  # reaches: a click's geodesic search stops there (influence exp(-6.25) < 0.002)
+
 
 class ClickError(MedLSAMError):
     """Clicks that cannot be used: outside the image, one voxel both foreground and background, none at all."""
@@ -143,7 +145,10 @@ def geodesic_influence(
     for click in clicks:
         costs = 1.0 + options.hu_cost * np.abs(hu - hu[tuple(click)]) / 100.0
         mcp = MCP_Geometric(costs, sampling=tuple(float(s) for s in spacing))
-        found, _ = mcp.find_costs([tuple(int(v) for v in click)])
+        found, _ = mcp.find_costs(  # beyond 2.5 reaches the influence is below 0.002: not searched
+            [tuple(int(v) for v in click)], max_cumulative_cost=INFLUENCE_RANGE * options.reach_mm
+        )
+        found[found > INFLUENCE_RANGE * options.reach_mm] = np.inf
         distance = np.minimum(distance, found)
     return np.exp(-((distance / options.reach_mm) ** 2)), distance
 
