@@ -265,7 +265,7 @@ def write_report(out: Path, args, options: EditOptions, rows: list[dict], result
         lines.append(
             f"| {ROWS[row]} | "
             + " | ".join(f"{pn[n]['dice']:.3f} ± {pn[n]['dice_std']:.3f}" for n in counts)
-            + f" | {pn[0]['hd95']:.1f} / {pn[counts[-1]]['hd95']:.1f} | {res['first_click_s'] or 0:.2f} | {later} |"
+            + f" | {_mm(pn[0]['hd95'])} / {_mm(pn[counts[-1]]['hd95'])} | {res['first_click_s'] or 0:.2f} | {later} |"
         )
     if encoder_s:
         lines += ["", f"One LiteMedSAM encoder call (one slice) on this machine: {encoder_s:.2f} s."]
@@ -307,6 +307,10 @@ def write_report(out: Path, args, options: EditOptions, rows: list[dict], result
     fig.savefig(out.with_suffix(".png"), dpi=90)
     plt.close(fig)
     print(f"wrote {out.with_suffix('.md')}")
+
+
+def _mm(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:.1f}"
 
 
 def _option(item: str) -> tuple[str, float]:
