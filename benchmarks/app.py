@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
-from scipy import ndimage
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "scripts"))
+
+from clicks import error_click, organ_centre_click  # noqa: E402
 
 from app_server import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
 from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
@@ -67,36 +68,6 @@ def peak_memory_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def organ_centre_click(mask: np.ndarray, axis: int) -> list[int]:
-    """The most interior voxel of the organ on its middle slice along ``axis``."""
-    ks = np.nonzero(np.moveaxis(mask, axis, 0).any(axis=(1, 2)))[0]
-    k = int(ks[len(ks) // 2])
-    plane = np.take(mask, k, axis=axis)
-    dist = ndimage.distance_transform_edt(np.pad(plane, 1))[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(dist)), plane.shape)
-    click = [0, 0, 0]
-    rest = [a for a in range(3) if a != axis]
-    click[axis], click[rest[0]], click[rest[1]] = k, int(r), int(c)
-    return click
-
-
-def error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[list[int], bool] | None:
-    """The most interior voxel of the largest 3D error component, and whether it is a missed (foreground) one."""
-    best = None
-    for missed, error in ((True, truth & ~pred), (False, pred & ~truth)):
-        labels, n = ndimage.label(error)
-        if n == 0:
-            continue
-        sizes = ndimage.sum(error, labels, range(1, n + 1))
-        i = int(np.argmax(sizes))
-        if best is None or sizes[i] > best[0]:
-            best = (sizes[i], labels == i + 1, missed)
-    if best is None:
-        return None
-    dist = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1, 1:-1]
-    return [int(v) for v in np.unravel_index(int(np.argmax(dist)), best[1].shape)], best[2]
 
 
 def interactive_dice(kbp: OpenKBP, cases: list[dict], organs: list[str], clicks: list[int], max_slices: int) -> dict:

@@ -1,4 +1,4 @@
-"""The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), and the
+"""The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), click editing, and the
 self-supervised MedLAM trainer. Each task gets what it needs of the app's shared state: the model cache
 (lib/models.py), the template source (datastore -> bank, lib/template_source.py), the volume cache with its
 slice embeddings and inference slots (lib/volumes.py)."""
@@ -13,7 +13,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.conf import conf_float, conf_int
-from lib.infers import MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
+from lib.infers import EditInfer, MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
 from lib.models import Models
 from lib.template_source import TemplateSource
 from lib.trainers import MedLAMTrainer
@@ -55,6 +55,7 @@ class MedLSAM(TaskConfig):
             "medlam": MedLAMInfer(self.models, self.templates, self.volumes, self.mode),
             "sam": SAM2DInfer(self.volumes),
             "sam_3d": SAM3DInfer(self.volumes),
+            "edit": EditInfer(self.models, self.templates, self.volumes),
         }
 
     def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:

@@ -54,6 +54,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
         result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
+        entry["auto_label"] = result.label  # the current segmentation the `edit` task corrects
         return result.label, {
             **result.to_json(),
             "label_names": self.labels,

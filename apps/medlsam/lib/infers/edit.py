@@ -1,0 +1,234 @@
+"""Infer task `edit` (MONAI Label type deepedit): correct the current multi-organ segmentation with clicks.
+
+Clicks come as Slicer's DeepEdit sends them, file voxel indices per organ plus ``background``:
+``{"Brainstem": [[i, j, k], ...], "Mandible": [...], "background": [...]}``, or as ``foreground`` /
+``background`` with ``label`` naming the organ. Every request carries all the clicks so far (clicks accumulate;
+none is ever undone by a later one): they are applied to the image's current segmentation, which is the label
+sent with the request, else the last auto-segmentation (`medlsam`) the server made for this image, else
+nothing (an organ with no voxels starts from its template prior). A ``background`` click of the DeepEdit form
+removes the voxel from the organ that holds it in that segmentation.
+
+The organ priors and intensity models come from the template bank (localised once per image and bank, then
+cached: a later click costs no localisation). Organs that the bank does not know but the datastore's or the
+request's ``label_names`` do are edited class-agnostically (clicks and image only). The result is the whole
+label with only the clicked organs changed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.common import DynamicLabels, MedLSAMInferTask, number
+from lib.models import Models
+from lib.template_source import NoTemplatesError, TemplateSource
+from lib.volumes import Volumes
+
+RESERVED = {
+    "foreground",
+    "background",
+    "label",
+    "label_names",
+    "image",
+    "image_id",
+    "model",
+    "device",
+    "result_extension",
+    "result_dtype",
+    "result_compress",
+    "client_id",
+    "session",
+    "save_label",
+}
+
+
+def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """[[i, j, k], ...] (or one [i, j, k]) inside the image as an (N, 3) int array; 400 naming ``name`` otherwise."""
+    try:
+        arr = np.asarray(value if value is not None else [], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.zeros((0, 2))
+    if arr.size == 0:
+        return np.zeros((0, 3), int)
+    if arr.ndim == 1 and arr.shape == (3,):
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 3 or not np.isfinite(arr).all():
+        raise HTTPException(status_code=400, detail=f"{name} must be a list of [i, j, k] voxel indices, got {value!r}")
+    points = np.rint(arr).astype(int)
+    outside = np.any((points < 0) | (points >= np.array(shape)), axis=1)
+    if outside.any():
+        raise HTTPException(
+            status_code=400,
+            detail=f"{name} click(s) {points[outside].tolist()} outside the image (voxel indices must lie in "
+            f"[0, {shape[0] - 1}] x [0, {shape[1] - 1}] x [0, {shape[2] - 1}])",
+        )
+    return points
+
+
+def request_clicks(
+    request: dict, known: dict[str, int], shape: tuple[int, int, int]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(foreground clicks per organ, DeepEdit ``background`` clicks, foreground/background-form background clicks
+    of the ``label`` organ), checked against the image; 400 naming the problem. Keys of the request that hold
+    lists of points and are not options must be organ names."""
+    label = request.get("label")
+    organ_form = isinstance(label, str) and label and not os.path.exists(label)
+    foreground: dict[str, np.ndarray] = {}
+    for key, value in request.items():
+        if key in RESERVED or not isinstance(value, (list, tuple)) or not value:
+            continue
+        if not isinstance(value[0], (list, tuple)):
+            continue  # an option list (e.g. a client echoing the config), not clicks
+        if key not in known:
+            raise HTTPException(
+                status_code=400,
+                detail=f"clicks for {key!r}, an organ neither in the template bank nor in the labels "
+                f"(known: {', '.join(sorted(known)) or 'none'})",
+            )
+        foreground[key] = _points(value, key, shape)
+    own_background = np.zeros((0, 3), int)
+    if request.get("foreground") is not None and len(request.get("foreground") or []) or organ_form:
+        if not organ_form:
+            raise HTTPException(status_code=400, detail="foreground clicks need `label`: the organ they belong to")
+        if label not in known:
+            raise HTTPException(
+                status_code=400,
+                detail=f"label {label!r} is neither in the template bank nor in the labels "
+                f"(known: {', '.join(sorted(known)) or 'none'})",
+            )
+        fg = _points(request.get("foreground"), "foreground", shape)
+        foreground[label] = np.vstack([foreground.get(label, np.zeros((0, 3), int)), fg])
+        own_background = _points(request.get("background"), "background", shape)
+        background = np.zeros((0, 3), int)
+    else:
+        background = _points(request.get("background"), "background", shape)
+    both = {tuple(p) for f in foreground.values() for p in f.tolist()} & {
+        tuple(p) for p in [*background.tolist(), *own_background.tolist()]
+    }
+    if both:
+        raise HTTPException(
+            status_code=400, detail=f"voxel(s) {sorted(both)} clicked both as foreground and as background"
+        )
+    return foreground, background, own_background
+
+
+class EditInfer(DynamicLabels, MedLSAMInferTask):
+    def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes):
+        from medlsam.editing import EditOptions
+
+        self.models, self.templates = models, templates
+        super().__init__(
+            volumes,
+            InferType.DEEPEDIT,
+            None,
+            3,
+            "Edit: foreground/background clicks per organ correct the current segmentation (template prior x "
+            "intensity model, re-shaped around each click)",
+            config={"reach_mm": EditOptions().reach_mm},
+        )
+
+    def _bank(self):
+        try:
+            return self.templates.bank()
+        except NoTemplatesError:
+            return None, {}
+
+    def _priors(self, entry: dict, bank, info: dict, organs: list[str]) -> dict:
+        """The organs' template posteriors on this image, localised once per image and bank."""
+        from medlsam.localize import Localizer
+
+        key = (id(bank), tuple(info.get("templates", [])))
+        cache = entry.setdefault("edit_priors", {})
+        if cache.get("key") != key:
+            cache.clear()
+            cache["key"] = key
+        missing = [o for o in organs if o not in cache]
+        if missing:
+            model, _, _ = self.models.medlam()
+            located = Localizer(model, bank).localize(entry["volume"], missing, prior=True)["organs"]
+            for name in missing:
+                cache[name] = located[name].prior if located[name].found else None
+        return {o: cache[o] for o in organs}
+
+    def _base_label(self, request: dict, entry: dict) -> tuple[np.ndarray, str]:
+        from medlsam.volume import read_volume
+
+        volume = entry["volume"]
+        label = request.get("label")
+        if isinstance(label, str) and label and os.path.exists(label):
+            try:
+                array = read_volume(label).array
+            except Exception as exc:  # noqa: BLE001 - an unreadable upload is the client's error
+                raise HTTPException(status_code=400, detail=f"label file unreadable: {type(exc).__name__}") from None
+            if array.shape != volume.shape:
+                raise HTTPException(
+                    status_code=400,
+                    detail=f"label of shape {list(array.shape)} for an image of shape {list(volume.shape)}",
+                )
+            if not np.all(np.isfinite(array)) or array.min() < 0:
+                raise HTTPException(status_code=400, detail="label values must be non-negative integers")
+            return array.astype(np.uint16 if array.max() > 255 else np.uint8), "request"
+        auto = entry.get("auto_label")
+        if auto is not None and auto.shape == volume.shape:
+            return auto.copy(), "auto"
+        return np.zeros(volume.shape, np.uint8), "none"
+
+    def run(self, request: dict, entry: dict):
+        from medlsam.editing import EditOptions, IntensityModel, OrganClicks, edit_label
+        from medlsam.metrics import cranio_caudal_axis
+
+        tic = time.perf_counter()
+        volume = entry["volume"]
+        bank, info = self._bank()
+        known = dict(self.labels)
+        extra = request.get("label_names")
+        if isinstance(extra, dict):
+            for name, value in extra.items():
+                if isinstance(name, str) and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    known.setdefault(name, value)
+        if bank is not None:
+            for name, organ in bank.organs.items():
+                known.setdefault(name, organ.value)
+        foreground, background, own_background = request_clicks(request, known, volume.shape)
+        base, source = self._base_label(request, entry)
+
+        clicks: dict[str, OrganClicks] = {name: OrganClicks(points) for name, points in foreground.items()}
+        if len(own_background):
+            only = next(iter(clicks)) if clicks else None
+            if only is None:
+                raise HTTPException(status_code=400, detail="background clicks need `label`: the organ they leave")
+            clicks[only] = OrganClicks(clicks[only].foreground, own_background)
+        by_value = {v: n for n, v in known.items()}
+        for point in background:  # DeepEdit background: leave the organ holding the voxel
+            holder = by_value.get(int(base[tuple(point)]))
+            targets = [holder] if holder else list(clicks)
+            for name in targets:
+                c = clicks.get(name, OrganClicks())
+                clicks[name] = OrganClicks(c.foreground, np.vstack([c.background, point[None]]))
+        if not clicks:
+            raise HTTPException(status_code=400, detail="no clicks: give at least one foreground or background click")
+
+        in_bank = [n for n in clicks if bank is not None and n in bank.organs]
+        priors = self._priors(entry, bank, info, in_bank) if in_bank else {}
+        intensities = {n: IntensityModel.from_patches(bank.organs[n].neighbourhoods) for n in in_bank}
+        for name in in_bank:  # an organ absent from the current label starts from its template prior
+            prior = priors.get(name)
+            if prior is not None and not (base == known[name]).any():
+                part = base[prior.region()]
+                part[(prior.probabilities > 0.5) & (part == 0)] = known[name]
+        localized = time.perf_counter()
+        options = EditOptions(reach_mm=number(request, "reach_mm", EditOptions().reach_mm, float, 1.0, 100.0))
+        spacing = np.asarray(volume.spacing, np.float64)
+        axis = cranio_caudal_axis(volume.affine)
+        label, changed = edit_label(base, volume.array, spacing, known, clicks, priors, intensities, options, axis)
+        return label, {
+            "label_names": known,
+            "changed_voxels": changed,
+            "start": source,
+            "templates": info.get("templates", []),
+            "timings_s": {"localize": round(localized - tic, 3), "edit": round(time.perf_counter() - localized, 3)},
+        }
