@@ -58,6 +58,9 @@ class SegmentOptions:
     # Encode slices about this many mm apart (0: every slice) and interpolate SAM's masks between them. OpenKBP
     # train scans 2, 3, 5, 6 (2.5-3 mm slices, w 0.7): every slice 0.545, every 2nd 0.547, 3rd 0.546, 4th 0.545.
     slice_spacing_mm: float = 10.0
+    # Give SAM the organ prior on the slice as its mask prompt, with the box. None: when the segmenter's weights
+    # were adapted with mask prompts (``medlsam adapt``), not with the shipped LiteMedSAM, which never learnt them.
+    mask_prompt: bool | None = None
 
     @property
     def localizer_mode(self) -> str:
@@ -157,7 +160,9 @@ class MedLSAMPipeline:
         timings["prompts"] = time.perf_counter() - tic
         with_sam = [p for p in prompts if opt.prior_weight < 1.0 or p.prior is None]  # prior_weight 1: no SAM
         encoded = encoded_slices([sorted(p.boxes) for p in with_sam], opt.slice_step(float(volume.spacing[axis])))
-        sam = self._segment_slices(embeddings, with_sam, encoded, timings, progress, discard=own)
+        adaptation = getattr(self.segmenter, "adaptation", None) or {}
+        mask_prompt = bool(adaptation.get("mask_prompt")) if opt.mask_prompt is None else opt.mask_prompt
+        sam = self._segment_slices(embeddings, with_sam, encoded, timings, progress, discard=own, masks=mask_prompt)
         sam = {p.name: sam.get(p.name, {}) for p in prompts}
 
         tic = time.perf_counter()
@@ -201,9 +206,11 @@ class MedLSAMPipeline:
         timings: dict[str, float],
         progress: bool,
         discard: bool,
+        masks: bool = False,
     ) -> dict[str, dict[int, np.ndarray]]:
         """SAM's mask probabilities, organ -> slice -> (rows, cols), on the ``encoded`` slices: each slice encoded
-        once, all its organs' boxes decoded in one call (``discard``: free each embedding once used)."""
+        once, all its organs' boxes decoded in one call (``discard``: free each embedding once used; ``masks``:
+        each organ's prior on the slice as mask prompt too)."""
         try:
             from tqdm import tqdm
         except ImportError:  # tqdm comes with MONAI; without it there is simply no bar
@@ -223,9 +230,10 @@ class MedLSAMPipeline:
                 embeddings.get(k)
                 timings["encode"] += time.perf_counter() - tic
                 tic = time.perf_counter()
-                masks, _ = embeddings.decode(k, boxes=np.array([p.boxes[k] for p in here]))
+                mask_inputs = np.array([_prior_slice(p, embeddings, k) for p in here]) if masks else None
+                probs, _ = embeddings.decode(k, boxes=np.array([p.boxes[k] for p in here]), mask_inputs=mask_inputs)
                 timings["decode"] += time.perf_counter() - tic
-                for p, mask in zip(here, masks):
+                for p, mask in zip(here, probs):
                     sam[p.name][k] = mask
                 if discard:
                     embeddings.discard(k)
@@ -233,3 +241,9 @@ class MedLSAMPipeline:
             if progress and tqdm:
                 bar.close()
         return sam
+
+
+def _prior_slice(prompts: OrganPrompts, embeddings: SliceEmbeddings, k: int) -> np.ndarray:
+    """The organ's prior on slice k (zeros where it has none), as a mask prompt."""
+    prior = None if prompts.prior is None else prompts.prior.slice(embeddings.axis, k, embeddings.slice_shape)
+    return np.zeros(embeddings.slice_shape, np.float32) if prior is None else prior

@@ -1,7 +1,7 @@
-"""The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), and the
-self-supervised MedLAM trainer. Each task gets what it needs of the app's shared state: the model cache
-(lib/models.py), the template source (datastore -> bank, lib/template_source.py), the volume cache with its
-slice embeddings and inference slots (lib/volumes.py)."""
+"""The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), the self-supervised
+MedLAM trainer and the LiteMedSAM adaptation to the templates (trainer lite_medsam). Each task gets what it needs
+of the app's shared state: the model cache (lib/models.py), the template source (datastore -> bank,
+lib/template_source.py), the volume cache with its slice embeddings and inference slots (lib/volumes.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lib.conf import conf_int
 from lib.infers import MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
 from lib.models import Models
 from lib.template_source import TemplateSource
-from lib.trainers import MedLAMTrainer
+from lib.trainers import LiteMedSAMTrainer, MedLAMTrainer
 from lib.volumes import Volumes
 from medlsam.errors import MedLSAMError
 
@@ -57,4 +57,4 @@ class MedLSAM(TaskConfig):
         }
 
     def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:
-        return {"medlam": MedLAMTrainer(self.models)}
+        return {"medlam": MedLAMTrainer(self.models), "lite_medsam": LiteMedSAMTrainer(self.models, self.templates)}
