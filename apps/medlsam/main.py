@@ -180,12 +180,19 @@ class MedLSAMApp(MONAILabelApp):
         templates (trainer lite_medsam, queued behind any running training; it needs two templates)."""
         result = super().on_save_label(image_id, label_id)
         self._labels_changed()
-        if "lite_medsam" in self._trainers and conf_bool(self.conf, "adapt_on_save", True):
+        if "lite_medsam" in self._trainers and conf_bool(self.conf, "adapt_on_save", True) and self._templates() >= 2:
             try:
                 self.async_training("lite_medsam", enqueue=True)
             except Exception as exc:  # noqa: BLE001 - saving the label must not fail because training cannot start
                 logger.warning(f"LiteMedSAM adaptation not started: {exc}")
         return result
+
+    def _templates(self) -> int:
+        """Labelled images of the datastore (adaptation needs two)."""
+        for config in self.models.values():
+            if isinstance(getattr(config, "templates", None), TemplateSource):
+                return len(config.templates.candidate_templates())
+        return 0
 
     def _labels_changed(self) -> None:
         for config in self.models.values():

@@ -57,4 +57,5 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             "templates": info.get("templates", []),
             "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
             "backend": segmenter.name,
+            "adapted": segmenter.adaptation is not None,  # LiteMedSAM adapted to the templates (trainer lite_medsam)
         }

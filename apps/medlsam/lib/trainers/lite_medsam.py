@@ -34,6 +34,7 @@ class LiteMedSAMTrainer(TrainTask):
             "leave-one-out priors; publishes model/lite_medsam_adapted.pt"
         )
         self.models, self.templates = models, templates
+        self.running = False  # an adaptation runs in this process (run_sync)
         self._config = {"steps": 300, "slice_step": 2, "threads": 0, "device": device_choices()}
 
     def config(self):
@@ -79,7 +80,11 @@ class LiteMedSAMTrainer(TrainTask):
         options = self.validate(request)
         if options["threads"] > 0:
             torch.set_num_threads(options["threads"])
-        return self.run_adaptation(options)
+        self.running = True
+        try:
+            return self.run_adaptation(options)
+        finally:
+            self.running = False
 
     def run_adaptation(self, options: dict) -> dict:
         """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
