@@ -42,7 +42,7 @@ from medlsam.volume import load_ct, read_volume  # noqa: E402
 # key -> (row name, prompts: MedLAM's localisation or ground truth, SegmentOptions fields over the defaults,
 # segmenter: the shipped LiteMedSAM or the one adapted to the templates, --adapted WEIGHTS)
 ROWS = {
-    "default": ("MedLSAM default", "medlam", {}, "default"),
+    "default": ("MedLSAM default (adapted weights with --adapted, else shipped)", "medlam", {}, "default"),
     "prior": ("template prior alone (no SAM)", "medlam", {"prior_weight": 1.0}, "shipped"),
     "shipped": ("shipped LiteMedSAM + prior (w 0.8)", "medlam", {"prior_weight": 0.8}, "shipped"),
     "samprior": ("SAM on prior boxes, no blend", "medlam", {"prior_weight": 0.0}, "shipped"),
@@ -328,6 +328,9 @@ def plot(summaries: dict, median: dict, path: Path) -> None:
 def _option(item: str) -> tuple[str, object]:
     key, _, value = item.partition("=")
     default = SegmentOptions.__dataclass_fields__[key].default
+    if default is None:  # optional fields: a switch or a number
+        words = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
+        return key, words[value.lower()] if value.lower() in words else float(value)
     if isinstance(default, bool):
         return key, value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, tuple):

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.adapt import AdaptOptions, adapt, slice_dice, training_slices
+from medlsam.adapt import WEIGHT_CHOICES, AdaptOptions, adapt, slice_dice, training_slices
 from medlsam.cli import main
 from medlsam.errors import CheckpointError, TemplateError
 from medlsam.network import load_medlam
 from medlsam.paths import default_medlam_path
+from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
 from medlsam.sam import build_segmenter, bundled_lite_medsam_checkpoint
 from medlsam.templates import build_bank
 from medlsam.volume import CTVolume, load_ct, read_volume
@@ -81,6 +82,9 @@ def test_a_short_adaptation_lowers_the_loss_and_raises_template_dice(adapted):
     assert record["organs"] == sorted(ORGANS.values())
     assert record["loss_last"] < record["loss_first"]
     assert record["template_slice_dice_after"] > record["template_slice_dice_before"] + 0.02
+    # each organ's prior weight chosen on held-out templates, among the candidates
+    assert set(record["prior_weights"]) == set(ORGANS.values())
+    assert all(w in WEIGHT_CHOICES for w in record["prior_weights"].values())
     # the file loads with weights_only=True as LiteMedSAM weights, and carries its record
     segmenter = build_segmenter("lite_medsam", str(out))
     assert segmenter.adaptation["mask_prompt"] is True
@@ -193,3 +197,15 @@ def test_an_interrupted_adaptation_leaves_the_previous_weights(adapted, template
     assert "interrupted" in err
     assert target.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_prior_weights_follow_the_segmenter():
+    """Default prior weight: the prior alone with the shipped LiteMedSAM (it does not pay: nothing is encoded), the
+    adapted weights' per-organ choice, and an explicit weight over both."""
+    segmenter = build_segmenter("lite_medsam")
+    assert MedLSAMPipeline(None, segmenter).organ_weights(["Brainstem"]) == {"Brainstem": 1.0}
+    segmenter.adaptation = {"backend": "lite_medsam", "prior_weights": {"Brainstem": 0.25}, "prior_weight": 0.5}
+    weights = MedLSAMPipeline(None, segmenter).organ_weights(["Brainstem", "Larynx"])
+    assert weights == {"Brainstem": 0.25, "Larynx": 0.5}
+    explicit = MedLSAMPipeline(None, segmenter, SegmentOptions(prior_weight=0.8)).organ_weights(["Brainstem"])
+    assert explicit == {"Brainstem": 0.8}

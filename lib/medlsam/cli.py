@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--prior-weight",
         type=float,
-        help="weight of the template prior against SAM's masks (default 0.8; 1: the prior alone, no SAM; 0: SAM alone)",
+        help="weight of the template prior against SAM's masks (1: the prior alone, no SAM; 0: SAM alone; default: "
+        "the prior alone with the shipped LiteMedSAM, the weights recorded by `medlsam adapt` with adapted ones)",
     )
     segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
     segment.add_argument("--qc", help="write a QC picture (PNG): each organ's middle axial slice, cropped, outlined")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
@@ -88,7 +87,7 @@ class LiteMedSAMTrainer(TrainTask):
 
     def run_adaptation(self, options: dict) -> dict:
         """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
-        from medlsam.adapt import AdaptOptions, adapt_segmenter, save_adapted, slice_dice, training_slices
+        from medlsam.adapt import AdaptOptions, fit, save_adapted, training_slices
         from medlsam.sam import build_segmenter
 
         tic = time.perf_counter()
@@ -122,18 +121,9 @@ class LiteMedSAMTrainer(TrainTask):
             cache_dir=self.models.model_dir / "adapt_cache",
             banks=banks,
         )
-        before = slice_dice(segmenter, slices, opt)
-        run = adapt_segmenter(segmenter, slices, opt)
-        record = {
-            **run,
-            "templates": [Path(s).name for s in dict.fromkeys(str(e.source) for e in slices)],
-            "organs": sorted({o.organ for e in slices for o in e.organs}),
-            "slices": len(slices),
-            "template_slice_dice_before": before,
-            "template_slice_dice_after": slice_dice(segmenter, slices, opt),
-            "mask_prompt": opt.mask_prompt,
-            "medlam_fingerprint": fingerprint,
-        }
+        segmenter, record = fit(slices, opt, options["device"])
+        record["medlam_fingerprint"] = fingerprint
+        run, before = record, record["template_slice_dice_before"]
         save_adapted(segmenter, self.models.published_segmenter, record)
         summary = {
             "templates": len(banks),
@@ -144,7 +134,8 @@ class LiteMedSAMTrainer(TrainTask):
             "template_slice_dice_before": round(before, 4),
             "template_slice_dice_after": round(record["template_slice_dice_after"], 4),
             "total_time": round(time.perf_counter() - tic, 1),
-            "published": str(self.models.published_segmenter),
+            "prior_weights": record.get("prior_weights"),
+            "published": self.models.published_segmenter.name,
         }
         logger.info(f"LiteMedSAM adaptation finished: {summary}")
         return summary
