@@ -25,6 +25,7 @@ from medlsam.volume import CTVolume
 MODES = ("wpl", "spl", "prior")
 SHIPPED_PRIOR_WEIGHT = 1.0  # prior_weight None with weights not adapted to the templates: the prior alone
 ADAPTED_PRIOR_WEIGHT = 0.5  # prior_weight None with adapted weights that record no per-organ weight
+BOX_MODES_PRIOR_WEIGHT = 0.8  # prior_weight None in the wpl / spl modes (SAM on MedLAM's boxes)
 LOG_EVERY_SLICES = 10  # without a progress bar, one log line per this many slices
 
 logger = logging.getLogger(__name__)
@@ -201,10 +202,13 @@ class MedLSAMPipeline:
         )
 
     def organ_weights(self, organs: list[str]) -> dict[str, float]:
-        """Each organ's prior weight: the options' when set, else the adapted segmenter's recorded per-organ weight
+        """Each organ's prior weight: the options' when set; in the wpl / spl modes BOX_MODES_PRIOR_WEIGHT; in the
+        prior mode the adapted segmenter's recorded per-organ weight
         (``medlsam adapt``), else SHIPPED_PRIOR_WEIGHT (the shipped LiteMedSAM does not pay: the prior alone)."""
         if self.options.prior_weight is not None:
             return {o: float(self.options.prior_weight) for o in organs}
+        if self.options.mode != "prior":  # wpl / spl: SAM's box modes, asked for by name
+            return {o: BOX_MODES_PRIOR_WEIGHT for o in organs}
         adaptation = getattr(self.segmenter, "adaptation", None)
         if not adaptation:
             return {o: SHIPPED_PRIOR_WEIGHT for o in organs}

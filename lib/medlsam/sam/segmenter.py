@@ -53,7 +53,8 @@ class SliceSegmenter(Protocol):
         multimask: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """boxes (N, 4) x0, y0, x1, y1 and/or points (N, P, 2) x, y with labels (N, P), in the slice's
-        pixels -> masks (N, H, W) probabilities on the slice grid and predicted IoUs (N,)."""
+        pixels -> masks (N, H, W) probabilities on the slice grid and predicted IoUs (N,). SAM-family segmenters
+        also take ``mask_inputs`` (N, H, W), a probability per prompt given as SAM's mask prompt."""
         ...
 
 

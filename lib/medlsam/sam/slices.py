@@ -135,13 +135,9 @@ class SliceEmbeddings:
         if mask_inputs is not None:
             mask_inputs = self.to_display(np.moveaxis(np.asarray(mask_inputs, dtype=np.float32), 0, -1))
             mask_inputs = np.ascontiguousarray(np.moveaxis(mask_inputs, -1, 0))
+        extra = {} if mask_inputs is None else {"mask_inputs": mask_inputs}  # segmenters without mask prompts
         masks, iou = self.segmenter.decode(
-            embedding,
-            boxes=boxes,
-            points=points,
-            point_labels=point_labels,
-            multimask=multimask,
-            mask_inputs=mask_inputs,
+            embedding, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask, **extra
         )
         return self._from_display(masks), iou
 
