@@ -300,7 +300,7 @@ def adapt_segmenter(
                 logits, _ = segmenter.decode_logits(entry.embedding, boxes, mask_inputs=masks)
                 loss = _loss(logits, torch.from_numpy(targets.astype(np.float32)).to(logits.device))
                 loss.backward()
-                total, count = total + float(loss), count + 1
+                total, count = total + float(loss.detach()), count + 1
             if count:
                 for p in params:
                     if p.grad is not None:
