@@ -345,7 +345,10 @@ def blend_scores(
             sam = {}
             if prompted:
                 boxes = np.array([o.prior_box for o in prompted])
-                masks = np.array([o.prior for o in prompted]) if options.mask_prompt else None
+                zeros = np.zeros(shape, np.float32)  # an organ without a prior is prompted with its box alone
+                masks = (
+                    np.array([zeros if o.prior is None else o.prior for o in prompted]) if options.mask_prompt else None
+                )
                 logits, _ = segmenter.decode_logits(entry.embedding, boxes, mask_inputs=masks)
                 sam = {id(o): p for o, p in zip(prompted, torch.sigmoid(logits).cpu().numpy())}
             for o in entry.organs:
