@@ -173,12 +173,22 @@ def run(
                 window=options.window,
                 cache_dir=None if embedding_cache is None else embedding_cache / cid,
             )
-            line = []
+            line, located = [], {}
             for i, key in enumerate(rows):
                 pipeline, prompts = pipelines[key], ROWS[key][1]
                 embeddings = shared.with_segmenter(pipeline.segmenter)
-                if prompts == "medlam":
-                    out = pipeline.segment(volume, embeddings=embeddings)
+                if prompts == "medlam":  # rows with the same localisation share it (it is deterministic)
+                    opts = pipeline.options
+                    how = (opts.localizer_mode, opts.uses_prior)
+                    tic = time.perf_counter()
+                    if how not in located:
+                        located[how] = pipeline.localizer.localize(
+                            volume, mode=opts.localizer_mode, prior=opts.uses_prior
+                        )["organs"]
+                    localize_s = time.perf_counter() - tic
+                    out = pipeline.segment_locations(
+                        volume, located[how], embeddings=embeddings, timings={"localize": localize_s}
+                    )
                 else:
                     out = pipeline.segment_locations(
                         volume,
