@@ -303,7 +303,7 @@ def test_lite_medsam_adaptation_publishes_weights_the_next_request_uses(client, 
     next medlsam request; a published file that does not load is set aside and the shipped LiteMedSAM serves."""
     model_dir = env["app"] / "model"
     assert infer(client, "medlsam", "kbp2").json()["adapted"] is False
-    response = client.post("/train/lite_medsam?run_sync=True", json={"steps": 3, "slice_step": 2, "threads": 1})
+    response = client.post("/train/lite_medsam?run_sync=True", json={"steps": 3, "slice_step": 1, "threads": 1})
     assert response.status_code == 200, response.text
     assert (model_dir / "lite_medsam_adapted.pt").is_file()
     assert not [p for p in model_dir.iterdir() if p.name.startswith(".tmp-")]
