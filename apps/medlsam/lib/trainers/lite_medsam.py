@@ -34,21 +34,28 @@ class LiteMedSAMTrainer(TrainTask):
         )
         self.models, self.templates = models, templates
         self.running = False  # an adaptation runs in this process (run_sync)
+        self._stats = None  # (file key, record) of the published weights
         self._config = {"steps": 300, "slice_step": 2, "threads": 0, "device": device_choices()}
 
     def config(self):
         return self._config
 
     def stats(self):
+        """The published adaptation's record (read once per file version: /info/ asks on every call)."""
         adapted = self.models.published_segmenter
         if not adapted.is_file():
             return {}
+        stat = adapted.stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        if self._stats is not None and self._stats[0] == key:
+            return self._stats[1]
         try:
             raw = torch.load(adapted, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - a bad file is set aside by the model cache
             return {}
         record = raw.get("adaptation", {}) if isinstance(raw, dict) else {}
-        return {k: v for k, v in record.items() if k != "options"}
+        self._stats = (key, {k: v for k, v in record.items() if k != "options"})
+        return self._stats[1]
 
     def validate(self, request: dict) -> dict:
         """The request's options, checked (unknown keys or out-of-range values: MedLSAMError naming the key)."""
