@@ -196,8 +196,8 @@ def run(
                         embeddings=embeddings,
                     )
                 if i == 0:
-                    if shared.disk_reads:
-                        results["embeddings_from_disk"] = results.get("embeddings_from_disk", 0) + shared.disk_reads
+                    if embeddings.disk_reads:  # the row's own counter (a twin of `shared` for the adapted one)
+                        results["embeddings_from_disk"] = results.get("embeddings_from_disk", 0) + embeddings.disk_reads
                     write_segmentation(out, volume, Path(scratch) / "label.nii.gz")
                     results["timings"][cid] = {"load": load_s, **out.timings_s}
                     results["encoder_calls"][cid] = {
