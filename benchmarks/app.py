@@ -180,7 +180,9 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = work / "server.log"
-    server = start_server(app, studies, port, {"models": "medlsam", "threads": args.threads}, log)
+    server = start_server(
+        app, studies, port, {"models": "medlsam", "threads": args.threads, "adapt_on_save": "false"}, log
+    )
     try:
         wait_for_server(url, server, log=log)
         from medlsam.volume import read_volume

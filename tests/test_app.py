@@ -104,7 +104,7 @@ def client(env):
     from monailabel.config import settings
 
     sys.path.insert(0, str(env["app"]))
-    conf = {"models": "medlsam", "threads": THREADS}
+    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}  # adaptation: run_sync below
     settings.MONAI_LABEL_APP_DIR = str(env["app"])
     settings.MONAI_LABEL_STUDIES = str(env["studies"])
     settings.MONAI_LABEL_APP_CONF = conf
@@ -296,6 +296,24 @@ def test_sync_training_publishes_a_model_that_is_used(client, env):
     assert after["medlam"]["fingerprint"] != before["fingerprint"]
     bank = json.loads((model_dir / "templates.json").read_text())
     assert bank["medlam_fingerprint"] == after["medlam"]["fingerprint"]  # the bank was rebuilt
+
+
+def test_lite_medsam_adaptation_publishes_weights_the_next_request_uses(client, env):
+    """Trainer lite_medsam on the two templates (kbp1, kbp3): adapted weights published atomically and used by the
+    next medlsam request; a published file that does not load is set aside and the shipped LiteMedSAM serves."""
+    model_dir = env["app"] / "model"
+    assert infer(client, "medlsam", "kbp2").json()["adapted"] is False
+    response = client.post("/train/lite_medsam?run_sync=True", json={"steps": 3, "slice_step": 1, "threads": 1})
+    assert response.status_code == 200, response.text
+    assert (model_dir / "lite_medsam_adapted.pt").is_file()
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert client.get("/info/").json()["train_stats"]["lite_medsam"]["steps"] == 3
+    assert infer(client, "medlsam", "kbp2").json()["adapted"] is True
+    bad = client.post("/train/lite_medsam?run_sync=True", json={"steps": 0})
+    assert bad.status_code != 200 and "steps" in bad.text
+    (model_dir / "lite_medsam_adapted.pt").write_bytes(b"not a checkpoint")
+    assert infer(client, "medlsam", "kbp2").json()["adapted"] is False
+    assert (model_dir / "lite_medsam_adapted.pt.rejected").is_file()
 
 
 # ===================================================================== a real server

@@ -66,7 +66,8 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    server = start_server(app_dir, studies, port, {"models": "medlsam", "threads": THREADS}, log)
+    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}  # no background adaptation
+    server = start_server(app_dir, studies, port, conf, log)
     folder = tmp_path / "results"
     folder.mkdir()
     try:

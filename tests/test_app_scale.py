@@ -54,7 +54,7 @@ def server(tmp_path_factory, data_dir):
     app = private_app(folder)
     port = free_port()
     log = folder / "server.log"
-    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS}, log)
+    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url, process, log=log)

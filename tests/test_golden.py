@@ -1,4 +1,4 @@
-"""What `medlsam localize` and `medlsam segment` (default and prior alone) write for three OpenKBP validation
+"""What `medlsam localize` and `medlsam segment` (default, prior alone, SAM + prior) write for three OpenKBP validation
 scans is pinned in tests/golden/outputs.json (made with the code before the library's restructuring, by
 scripts/pin_outputs.py): the current code must write exactly the same labels and JSON."""
 

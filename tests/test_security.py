@@ -86,7 +86,7 @@ def server(tmp_path_factory, data_dir):
     (app / "model" / "train_stats.json").write_text(json.dumps({"epoch": 1, "total_epochs": 4, "status": "running"}))
     port = free_port()
     log = folder / "server.log"
-    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS}, log)
+    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url, process, log=log)

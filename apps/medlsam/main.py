@@ -35,7 +35,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
-from lib.conf import conf_float, parse_bool
+from lib.conf import conf_bool, conf_float, parse_bool
 from lib.datastore import GatedDatastore, valid_name
 from lib.template_source import TemplateSource
 
@@ -199,10 +199,23 @@ class MedLSAMApp(MONAILabelApp):
         return super().model_file(model, validate)
 
     def on_save_label(self, image_id, label_id):
-        """A final label is a new template: rebuild the bank now, in the background."""
+        """A final label is a new template: rebuild the bank now, in the background, and adapt LiteMedSAM to the
+        templates (trainer lite_medsam, queued behind any running training; it needs two templates)."""
         result = super().on_save_label(image_id, label_id)
         self._labels_changed()
+        if "lite_medsam" in self._trainers and conf_bool(self.conf, "adapt_on_save", True) and self._templates() >= 2:
+            try:
+                self.async_training("lite_medsam", enqueue=True)
+            except Exception as exc:  # noqa: BLE001 - saving the label must not fail because training cannot start
+                logger.warning(f"LiteMedSAM adaptation not started: {exc}")
         return result
+
+    def _templates(self) -> int:
+        """Labelled images of the datastore (adaptation needs two)."""
+        for config in self.models.values():
+            if isinstance(getattr(config, "templates", None), TemplateSource):
+                return len(config.templates.candidate_templates())
+        return 0
 
     def _labels_changed(self) -> None:
         for config in self.models.values():

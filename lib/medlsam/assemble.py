@@ -78,13 +78,14 @@ def assemble(
     prompts: list[OrganPrompts],
     sam: dict[str, dict[int, np.ndarray]],
     threshold: float,
-    prior_weight: float,
+    prior_weight: float | dict[str, float],
     empty_fallback: bool,
     keep_largest_component: bool,
     dtype=np.uint8,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """The label volume and each organ's voxel count, from the organs' prompts and SAM's slice probabilities
-    (``sam[organ][k]``, empty when SAM was not run)."""
+    (``sam[organ][k]``, empty when SAM was not run); ``prior_weight``: one for all organs or one per organ."""
+    weights = prior_weight if isinstance(prior_weight, dict) else {p.name: prior_weight for p in prompts}
     label = np.zeros(shape3d, dtype=dtype)
     slice_shape = tuple(s for a, s in enumerate(shape3d) if a != axis)
     slices_view = np.moveaxis(label, axis, 0)  # a view: slices_view[k] is np.take(label, k, axis)
@@ -92,7 +93,7 @@ def assemble(
         here = [p for p in prompts if k in p.boxes]
         probs = np.stack(
             [
-                slice_probability(p, k, sam[p.name], axis, slice_shape, threshold, prior_weight, empty_fallback)
+                slice_probability(p, k, sam[p.name], axis, slice_shape, threshold, weights[p.name], empty_fallback)
                 for p in here
             ]
         )

@@ -190,6 +190,39 @@ def _segment(args: argparse.Namespace) -> int | None:
         print(f"QC      {qc.resolve()}")
 
 
+def _adapt(args: argparse.Namespace) -> None:
+    from medlsam.adapt import AdaptOptions, adapt
+    from medlsam.devices import check_device
+    from medlsam.names import read_names
+
+    out = Path(args.out).expanduser()
+    if not out.parent.is_dir():
+        raise MedLSAMError(f"output folder {out.parent} does not exist")
+    if len(args.labels) != len(args.images):
+        raise MedLSAMError(f"{len(args.images)} images need as many --labels files, got {len(args.labels)}")
+    names = read_names(args.names)  # a bad names file fails before any work
+    options = AdaptOptions(
+        **{k: getattr(args, k) for k in ("steps", "slice_step", "time_limit_s") if getattr(args, k) is not None}
+    )
+    record = adapt(
+        _model(args.model),
+        args.images,
+        args.labels,
+        names,
+        out,
+        options,
+        device=check_device(args.device),
+        cache_dir=args.cache,
+    )
+    print(
+        f"adapted LiteMedSAM on {len(record['templates'])} templates ({record['slices']} slices, "
+        f"{', '.join(record['organs'])}): {record['steps']} steps, loss {record['loss_first']:.3f} -> "
+        f"{record['loss_last']:.3f}, template slice Dice {record['template_slice_dice_before']:.3f} -> "
+        f"{record['template_slice_dice_after']:.3f}; {record['prepare_s'] + record['train_s']:.0f} s"
+    )
+    print(f"weights {out.resolve()} (use: medlsam segment --checkpoint {out})")
+
+
 def _export(args: argparse.Namespace) -> None:
     from medlsam.network import load_medlam, model_fingerprint, save_medlam
 
@@ -324,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--prior-weight",
         type=float,
-        help="weight of the template prior against SAM's masks (default 0.8; 1: the prior alone, no SAM; 0: SAM alone)",
+        help="weight of the template prior against SAM's masks (1: the prior alone, no SAM; 0: SAM alone; default: "
+        "the prior alone with the shipped LiteMedSAM, the weights recorded by `medlsam adapt` with adapted ones)",
     )
     segment.add_argument("--organs", help="comma-separated organ names (default: all of the bank)")
     segment.add_argument("--qc", help="write a QC picture (PNG): each organ's middle axial slice, cropped, outlined")
@@ -336,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=_segment)
+
+    adapt = commands.add_parser(
+        "adapt", help="adapt LiteMedSAM's decoder to labelled templates (weights for segment --checkpoint)"
+    )
+    adapt.add_argument("--images", nargs="+", required=True, help="template scans (at least 2)")
+    adapt.add_argument("--labels", nargs="+", required=True, help="one label file per image")
+    adapt.add_argument("--names", help='JSON {"1": "Brainstem", ...} (or a dataset.json with "labels")')
+    adapt.add_argument("--model", help="MedLAM checkpoint for the templates' priors (default: the shipped model)")
+    adapt.add_argument("--out", required=True, help="adapted weights file (written atomically)")
+    adapt.add_argument("--steps", type=int, help="optimiser steps (default 300)")
+    adapt.add_argument("--slice-step", dest="slice_step", type=int, help="use every n-th organ slice (default 1)")
+    adapt.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop training after this many s")
+    adapt.add_argument("--cache", help="folder to keep the templates' slice embeddings in (reused by later runs)")
+    adapt.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    adapt.set_defaults(func=_adapt)
 
     export = commands.add_parser("export", help="write slim weights for shipping (optionally fp16)")
     export.add_argument("checkpoint")

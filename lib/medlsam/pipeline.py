@@ -23,6 +23,9 @@ from medlsam.sam.slices import DEFAULT_WINDOW, SliceEmbeddings
 from medlsam.volume import CTVolume
 
 MODES = ("wpl", "spl", "prior")
+SHIPPED_PRIOR_WEIGHT = 1.0  # prior_weight None with weights not adapted to the templates: the prior alone
+ADAPTED_PRIOR_WEIGHT = 0.5  # prior_weight None with adapted weights that record no per-organ weight
+BOX_MODES_PRIOR_WEIGHT = 0.8  # prior_weight None in the wpl / spl modes (SAM on MedLAM's boxes)
 LOG_EVERY_SLICES = 10  # without a progress bar, one log line per this many slices
 
 logger = logging.getLogger(__name__)
@@ -48,16 +51,18 @@ class SegmentOptions:
     # cases 34 / 60 unchanged. Not yet measured with MedLAM boxes (benchmark: --set empty_fallback=false).
     empty_fallback: bool = True
     prior_box_threshold: float = 0.5  # mode prior: the prompt is the box of the prior at this level
-    # probability = (1 - w) SAM + w prior; 1: the prior alone (SAM is not run). With 0.8 the prior decides
-    # where it is confident (below 0.375 or above 0.625) and SAM draws the edge in the band between. OpenKBP
-    # train scans 2, 3, 5, 6 (not templates), mean Dice: prior alone 0.556, w 0.6 0.526, 0.7 0.545, 0.8 0.554;
-    # scan 1: SAM alone on the prior's boxes 0.376, w 0.5 0.437, 0.7 0.522, prior alone 0.505. So on these
-    # 4-5 mm slices SAM adds nothing measurable; 0.8 keeps it for the edges of finer scans at no Dice cost here
-    # (but 25 s against 2.5 s per scan: prior_weight 1 is the fast choice).
-    prior_weight: float = 0.8
+    # probability = (1 - w) SAM + w prior; 1: the prior alone (SAM is not run, nothing is encoded); 0: SAM alone.
+    # None (default): chosen by the segmenter's weights. The shipped LiteMedSAM adds nothing to the prior on OpenKBP
+    # (33 validation scans: w 0.8 0.548, the prior alone 0.550, SAM alone 0.388) at 10x the time, so with it the
+    # prior alone serves (SHIPPED_PRIOR_WEIGHT); LiteMedSAM adapted to the templates (``medlsam adapt``) carries
+    # its own per-organ weights, chosen on the templates (``medlsam.adapt``), 1 where SAM does not pay.
+    prior_weight: float | None = None
     # Encode slices about this many mm apart (0: every slice) and interpolate SAM's masks between them. OpenKBP
     # train scans 2, 3, 5, 6 (2.5-3 mm slices, w 0.7): every slice 0.545, every 2nd 0.547, 3rd 0.546, 4th 0.545.
     slice_spacing_mm: float = 10.0
+    # Give SAM the organ prior on the slice as its mask prompt, with the box. None: when the segmenter's weights
+    # were adapted with mask prompts (``medlsam adapt``), not with the shipped LiteMedSAM, which never learnt them.
+    mask_prompt: bool | None = None
 
     @property
     def localizer_mode(self) -> str:
@@ -67,7 +72,7 @@ class SegmentOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise MedLSAMError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if not 0.0 <= self.prior_weight <= 1.0:
+        if self.prior_weight is not None and not 0.0 <= self.prior_weight <= 1.0:
             raise MedLSAMError(f"prior_weight must be in [0, 1], got {self.prior_weight}")
         if not self.slice_spacing_mm >= 0:
             raise MedLSAMError(f"slice_spacing_mm must be 0 or more, got {self.slice_spacing_mm}")
@@ -78,7 +83,7 @@ class SegmentOptions:
     @property
     def uses_prior(self) -> bool:
         """Whether these options need the organ prior from the localiser."""
-        return self.mode == "prior" or self.prior_weight > 0
+        return self.mode == "prior" or self.prior_weight is None or self.prior_weight > 0
 
     def slice_step(self, spacing_mm: float) -> int:
         """Every how many slices of ``spacing_mm`` one is encoded."""
@@ -155,9 +160,12 @@ class MedLSAMPipeline:
         ]
         prompts = [p for p in prompts if p.boxes]
         timings["prompts"] = time.perf_counter() - tic
-        with_sam = [p for p in prompts if opt.prior_weight < 1.0 or p.prior is None]  # prior_weight 1: no SAM
+        weights = self.organ_weights([p.name for p in prompts])
+        with_sam = [p for p in prompts if weights[p.name] < 1.0 or p.prior is None]  # weight 1: no SAM
         encoded = encoded_slices([sorted(p.boxes) for p in with_sam], opt.slice_step(float(volume.spacing[axis])))
-        sam = self._segment_slices(embeddings, with_sam, encoded, timings, progress, discard=own)
+        adaptation = getattr(self.segmenter, "adaptation", None) or {}
+        mask_prompt = bool(adaptation.get("mask_prompt")) if opt.mask_prompt is None else opt.mask_prompt
+        sam = self._segment_slices(embeddings, with_sam, encoded, timings, progress, discard=own, masks=mask_prompt)
         sam = {p.name: sam.get(p.name, {}) for p in prompts}
 
         tic = time.perf_counter()
@@ -168,7 +176,7 @@ class MedLSAMPipeline:
             prompts,
             sam,
             opt.threshold,
-            opt.prior_weight,
+            weights,
             opt.empty_fallback,
             opt.largest_component,
             dtype=np.uint16 if max_value > 255 else np.uint8,
@@ -193,6 +201,21 @@ class MedLSAMPipeline:
             reference_encoder_calls=sum(len(p.boxes) for p in prompts),
         )
 
+    def organ_weights(self, organs: list[str]) -> dict[str, float]:
+        """Each organ's prior weight: the options' when set; in the wpl / spl modes BOX_MODES_PRIOR_WEIGHT; in the
+        prior mode the adapted segmenter's recorded per-organ weight
+        (``medlsam adapt``), else SHIPPED_PRIOR_WEIGHT (the shipped LiteMedSAM does not pay: the prior alone)."""
+        if self.options.prior_weight is not None:
+            return {o: float(self.options.prior_weight) for o in organs}
+        if self.options.mode != "prior":  # wpl / spl: SAM's box modes, asked for by name
+            return {o: BOX_MODES_PRIOR_WEIGHT for o in organs}
+        adaptation = getattr(self.segmenter, "adaptation", None)
+        if not adaptation:
+            return {o: SHIPPED_PRIOR_WEIGHT for o in organs}
+        chosen = adaptation.get("prior_weights") or {}
+        default = float(adaptation.get("prior_weight", ADAPTED_PRIOR_WEIGHT))
+        return {o: float(chosen.get(o, default)) for o in organs}
+
     @staticmethod
     def _segment_slices(
         embeddings: SliceEmbeddings,
@@ -201,9 +224,11 @@ class MedLSAMPipeline:
         timings: dict[str, float],
         progress: bool,
         discard: bool,
+        masks: bool = False,
     ) -> dict[str, dict[int, np.ndarray]]:
         """SAM's mask probabilities, organ -> slice -> (rows, cols), on the ``encoded`` slices: each slice encoded
-        once, all its organs' boxes decoded in one call (``discard``: free each embedding once used)."""
+        once, all its organs' boxes decoded in one call (``discard``: free each embedding once used; ``masks``:
+        each organ's prior on the slice as mask prompt too)."""
         try:
             from tqdm import tqdm
         except ImportError:  # tqdm comes with MONAI; without it there is simply no bar
@@ -223,9 +248,10 @@ class MedLSAMPipeline:
                 embeddings.get(k)
                 timings["encode"] += time.perf_counter() - tic
                 tic = time.perf_counter()
-                masks, _ = embeddings.decode(k, boxes=np.array([p.boxes[k] for p in here]))
+                mask_inputs = np.array([_prior_slice(p, embeddings, k) for p in here]) if masks else None
+                probs, _ = embeddings.decode(k, boxes=np.array([p.boxes[k] for p in here]), mask_inputs=mask_inputs)
                 timings["decode"] += time.perf_counter() - tic
-                for p, mask in zip(here, masks):
+                for p, mask in zip(here, probs):
                     sam[p.name][k] = mask
                 if discard:
                     embeddings.discard(k)
@@ -233,3 +259,9 @@ class MedLSAMPipeline:
             if progress and tqdm:
                 bar.close()
         return sam
+
+
+def _prior_slice(prompts: OrganPrompts, embeddings: SliceEmbeddings, k: int) -> np.ndarray:
+    """The organ's prior on slice k (zeros where it has none), as a mask prompt."""
+    prior = None if prompts.prior is None else prompts.prior.slice(embeddings.axis, k, embeddings.slice_shape)
+    return np.zeros(embeddings.slice_shape, np.float32) if prior is None else prior

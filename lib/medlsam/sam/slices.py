@@ -12,8 +12,12 @@ LiteMedSAM's mean Dice was 0.46 that way against 0.375 on the file-order (transp
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import torch
+
+from medlsam.atomic import torch_save_atomic
 from medlsam.errors import MedLSAMError
 from medlsam.geometry import inplane_axes
 from medlsam.metrics import cranio_caudal_axis
@@ -33,14 +37,24 @@ class SliceEmbeddings:
     """Encodes each axial slice (or slice crop) of one volume at most once (lazy cache); counts encoder calls."""
 
     def __init__(
-        self, segmenter, volume: CTVolume, window: tuple[float, float] = DEFAULT_WINDOW, axis: int | None = None
+        self,
+        segmenter,
+        volume: CTVolume,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+        axis: int | None = None,
+        cache_dir: str | Path | None = None,
     ):
+        """``cache_dir``: keep whole-slice embeddings on disk there too (float16, one file per slice; the folder
+        must be this scan's and this window's and encoder's: benchmarks and the adaptation reuse it across runs;
+        encoder_calls counts only real encoder calls)."""
         self.segmenter, self.volume = segmenter, volume
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.window = (float(window[0]), float(window[1]))
         self.axis = cranio_caudal_axis(volume.affine) if axis is None else int(axis)
         if self.axis not in (0, 1, 2):
             raise MedLSAMError(f"slice axis must be 0, 1 or 2, got {axis}")
-        self.encoder_calls = 0  # encoded inputs (slices or crops), not batches
+        self.encoder_calls = 0  # encoded inputs (slices or crops), not batches; from cache_dir included
+        self.disk_reads = 0  # of which read from cache_dir
         self._cache: dict[tuple[int, Crop | None], Embedding] = {}
         self.transpose, self.flip_rows, self.flip_cols = display_orientation(volume.affine, self.axis)
 
@@ -107,20 +121,35 @@ class SliceEmbeddings:
         points: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
         multimask: bool = False,
+        mask_inputs: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The segmenter's decode on slice k (or a crop of it) with prompts and masks in slice pixels
-        (relative to the crop when given): boxes (N, 4) x0, y0, x1, y1, points (N, P, 2) x, y."""
+        (relative to the crop when given): boxes (N, 4) x0, y0, x1, y1, points (N, P, 2) x, y, mask prompts
+        (N, rows, cols) probabilities."""
         embedding = self.get(k, crop)
         shape = self.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
         if boxes is not None:
-            corners = self._points_to_display(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), shape)
-            boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+            boxes = self.boxes_to_display(boxes, shape)
         if points is not None:
             points = self._points_to_display(points, shape)
+        if mask_inputs is not None:
+            mask_inputs = self.to_display(np.moveaxis(np.asarray(mask_inputs, dtype=np.float32), 0, -1))
+            mask_inputs = np.ascontiguousarray(np.moveaxis(mask_inputs, -1, 0))
+        extra = {} if mask_inputs is None else {"mask_inputs": mask_inputs}  # segmenters without mask prompts
         masks, iou = self.segmenter.decode(
-            embedding, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask
+            embedding, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask, **extra
         )
         return self._from_display(masks), iou
+
+    def to_display(self, image: np.ndarray) -> np.ndarray:
+        """Slice pixels (rows, cols, ...) -> the display orientation the encoder sees (masks, priors)."""
+        return self._to_display(image)
+
+    def boxes_to_display(self, boxes: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """(N, 4) x0, y0, x1, y1 boxes in slice pixels -> display pixels (``shape``: rows, cols of the slice)."""
+        shape = self.slice_shape if shape is None else shape
+        corners = self._points_to_display(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), shape)
+        return np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
 
     def get(self, k: int, crop: Crop | None = None) -> Embedding:
         """The embedding of slice k (or of ``crop`` of it), encoded on first use."""
@@ -136,18 +165,67 @@ class SliceEmbeddings:
         for start in range(0, len(todo), max(1, int(batch))):
             self._encode(todo[start : start + max(1, int(batch))])
 
+    def _disk_path(self, key: tuple[int, Crop | None]) -> Path | None:
+        return None if self.cache_dir is None or key[1] is not None else self.cache_dir / f"{self.axis}_{key[0]}.pt"
+
     def _encode(self, keys: list[tuple[int, Crop | None]]) -> None:
-        embeddings = self.segmenter.encode_batch([self.slice_image(k, crop) for k, crop in keys])
-        self.encoder_calls += len(keys)
-        self._cache.update(zip(keys, embeddings))
+        todo = []
+        for key in keys:
+            path = self._disk_path(key)
+            if path is not None and path.is_file():
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                self._cache[key] = Embedding(
+                    stored["features"].float(),
+                    tuple(stored["original_size"]),
+                    tuple(stored["input_size"]),
+                    self.segmenter.name,
+                )
+                self.encoder_calls += 1  # the slice needed its encoding; this run read it from disk
+                self.disk_reads += 1
+            else:
+                todo.append(key)
+        if not todo:
+            return
+        embeddings = self.segmenter.encode_batch([self.slice_image(k, crop) for k, crop in todo])
+        self.encoder_calls += len(todo)
+        for key, embedding in zip(todo, embeddings):
+            path = self._disk_path(key)
+            if path is not None:
+                stored = {
+                    "features": embedding.features.half().cpu(),
+                    "original_size": list(embedding.original_size),
+                    "input_size": list(embedding.input_size),
+                }
+                torch_save_atomic(stored, path)
+                # the same float16-rounded features whether this run encoded them or a later run reads them
+                embedding = Embedding(
+                    stored["features"].float(), embedding.original_size, embedding.input_size, embedding.backend
+                )
+            self._cache[key] = embedding
 
     def discard(self, k: int, crop: Crop | None = None) -> None:
         """Free one cached embedding (LiteMedSAM's is 4 MB) once nothing more will be decoded on it."""
         self._cache.pop((int(k), None if crop is None else tuple(int(c) for c in crop)), None)
 
+    def with_segmenter(self, segmenter) -> SliceEmbeddings:
+        """The same slices decoded by another segmenter with the same image encoder (e.g. LiteMedSAM adapted by
+        ``medlsam adapt``, whose encoder is frozen): the embeddings cache is shared, nothing is re-encoded."""
+        if segmenter.name != self.segmenter.name or not _same_encoder(segmenter, self.segmenter):
+            raise MedLSAMError(f"{segmenter.name}'s image encoder differs: its slices must be encoded again")
+        twin = SliceEmbeddings(segmenter, self.volume, self.window, self.axis, self.cache_dir)
+        twin._cache = self._cache
+        return twin
+
     def clear(self) -> None:
         """Drop the cached embeddings (the count stays)."""
         self._cache.clear()
+
+
+def _same_encoder(a, b) -> bool:
+    if a is b or a.model.image_encoder is b.model.image_encoder:
+        return True
+    mine, theirs = a.model.image_encoder.state_dict(), b.model.image_encoder.state_dict()
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine)
 
 
 def display_orientation(affine: np.ndarray, axis: int) -> tuple[bool, bool, bool]:

@@ -32,10 +32,12 @@ def _describe_sam_weights(state: dict) -> str:
     return "an unrecognised checkpoint"
 
 
-def load_weights(model: torch.nn.Module, path: Path, name: str) -> None:
-    """torch.load(weights_only=True) + strict load_state_dict, turning every failure into CheckpointError."""
+def load_weights(model: torch.nn.Module, path: Path, name: str) -> dict | None:
+    """torch.load(weights_only=True) + strict load_state_dict, turning every failure into CheckpointError.
+    Returns the record of adapted weights (``medlsam adapt``: {"backend", organs, options...}) or None."""
     try:
-        state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        state = _state_dict(raw)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except Exception as exc:  # unpickling / zip errors: corrupt file or not a weights-only checkpoint
@@ -60,7 +62,11 @@ def load_weights(model: torch.nn.Module, path: Path, name: str) -> None:
             f"checkpoint {path} does not fit the {name} architecture: {'; '.join(parts)}; "
             f"it looks like {_describe_sam_weights(state)}"
         )
+    adaptation = raw.get("adaptation") if isinstance(raw, dict) else None
+    if isinstance(adaptation, dict) and adaptation.get("backend") not in (None, name):
+        raise CheckpointError(f"checkpoint {path} was adapted for the {adaptation.get('backend')} backend, not {name}")
     model.load_state_dict(state, strict=True)
+    return adaptation if isinstance(adaptation, dict) else None
 
 
 def checkpoint_path(checkpoint: str | Path | None, name: str) -> Path:

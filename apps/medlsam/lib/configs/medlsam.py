@@ -1,7 +1,7 @@
-"""The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), click editing, and the
-self-supervised MedLAM trainer. Each task gets what it needs of the app's shared state: the model cache
-(lib/models.py), the template source (datastore -> bank, lib/template_source.py), the volume cache with its
-slice embeddings and inference slots (lib/volumes.py)."""
+"""The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), click editing, the
+self-supervised MedLAM trainer and the LiteMedSAM adaptation to the templates (trainer lite_medsam). Each task gets
+what it needs of the app's shared state: the model cache (lib/models.py), the template source (datastore -> bank,
+lib/template_source.py), the volume cache with its slice embeddings and inference slots (lib/volumes.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lib.conf import conf_float, conf_int
 from lib.infers import EditInfer, MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DInfer
 from lib.models import Models
 from lib.template_source import TemplateSource
-from lib.trainers import MedLAMTrainer
+from lib.trainers import LiteMedSAMTrainer, MedLAMTrainer
 from lib.volumes import Volumes
 from medlsam.errors import MedLSAMError
 
@@ -27,13 +27,16 @@ class MedLSAM(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         """``kwargs["datastore"]``: a callable giving the app's datastore (MONAI Label creates it after this)."""
         super().init(name, model_dir, conf, planner, **kwargs)
-        from medlsam.pipeline import MODES, SegmentOptions
+        from medlsam.pipeline import MODES
 
         conf = conf or {}
         self.mode = conf.get("mode", "prior")
         if self.mode not in MODES:
             raise MedLSAMError(f"--conf mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        self.prior_weight = conf_float(conf, "prior_weight", SegmentOptions().prior_weight, 0.0, 1.0)
+        # --conf prior_weight: one blend for every request; absent, the segmenter decides (the prior alone with the
+        # shipped LiteMedSAM, the adapted weights' per-organ choice once `lite_medsam` has trained)
+        weight = conf.get("prior_weight")
+        self.prior_weight = None if weight in (None, "") else conf_float(conf, "prior_weight", 1, 0, 1)
         self.models = Models(model_dir, conf)
         self.templates = TemplateSource(
             self.models,
@@ -59,4 +62,4 @@ class MedLSAM(TaskConfig):
         }
 
     def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:
-        return {"medlam": MedLAMTrainer(self.models)}
+        return {"medlam": MedLAMTrainer(self.models), "lite_medsam": LiteMedSAMTrainer(self.models, self.templates)}

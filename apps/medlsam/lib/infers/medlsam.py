@@ -24,10 +24,8 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(
         self, models: Models, templates: TemplateSource, volumes: Volumes, mode: str, weight: float | None = None
     ):
-        from medlsam.pipeline import SegmentOptions
-
         self.models, self.templates, self.modes = models, templates, _modes(mode)
-        self.prior_weight = SegmentOptions().prior_weight if weight is None else weight
+        self.prior_weight = weight  # None: the segmenter's (see SegmentOptions.prior_weight)
         super().__init__(
             volumes,
             InferType.SEGMENTATION,
@@ -35,7 +33,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             3,
             "MedLSAM: MedLAM and the templates localise every organ, SAM segments its slices from "
             "the organ prior's boxes",
-            config={**localize_config(self.modes), "prior_weight": self.prior_weight},
+            config={**localize_config(self.modes), "prior_weight": "" if weight is None else weight},
         )
 
     def run(self, request: dict, entry: dict):
@@ -61,4 +59,5 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             "templates": info.get("templates", []),
             "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
             "backend": segmenter.name,
+            "adapted": segmenter.adaptation is not None,  # LiteMedSAM adapted to the templates (trainer lite_medsam)
         }

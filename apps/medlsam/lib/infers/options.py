@@ -53,10 +53,7 @@ def localize_config(modes: list[str]) -> dict:
     return {"mode": modes, "organs": "", **{key: getattr(defaults, key) for key in LOCALIZE_SWITCHES}}
 
 
-def prior_weight(request: dict, default: float | None = None) -> float:
+def prior_weight(request: dict, default: float | None = None) -> float | None:
     """The request's `prior_weight` (0: SAM alone, 1: the template prior alone), else ``default`` (the server's
-    --conf prior_weight) or the library default."""
-    from medlsam.pipeline import SegmentOptions
-
-    default = SegmentOptions().prior_weight if default is None else default
+    --conf prior_weight; None: the segmenter's choice, see ``SegmentOptions.prior_weight``)."""
     return number(request, "prior_weight", default, float, 0.0, 1.0)

@@ -1,3 +1,4 @@
+from .lite_medsam import LiteMedSAMTrainer
 from .medlam import MedLAMTrainer
 
-__all__ = ["MedLAMTrainer"]
+__all__ = ["LiteMedSAMTrainer", "MedLAMTrainer"]

@@ -1,0 +1,148 @@
+"""Trainer `lite_medsam`: adapt LiteMedSAM's mask decoder and prompt encoder to the datastore's templates (their
+final labels), as `medlsam adapt` does (``medlsam.adapt``).
+
+Started in the background whenever a final label is saved (main.py), or by POST /train/lite_medsam. It publishes
+model/lite_medsam_adapted.pt atomically; the model cache (lib/models.py) loads it for the next request, and sets
+a file that does not load aside (the shipped LiteMedSAM serves). Until the first adaptation, and with fewer than
+two usable templates, the shipped LiteMedSAM serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.models import Models
+from lib.template_source import TemplateSource
+from medlsam.devices import check_device, device_choices
+from medlsam.errors import MedLSAMError, TemplateError
+
+logger = logging.getLogger(__name__)
+
+MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")
+BOUNDS = {"steps": (1, 100000), "slice_step": (1, 16), "threads": (0, 1024)}
+
+
+class LiteMedSAMTrainer(TrainTask):
+    def __init__(self, models: Models, templates: TemplateSource):
+        super().__init__(
+            "Adapt LiteMedSAM's mask decoder to the datastore's templates (final labels), prompted with their "
+            "leave-one-out priors; publishes model/lite_medsam_adapted.pt"
+        )
+        self.models, self.templates = models, templates
+        self.running = False  # an adaptation runs in this process (run_sync)
+        self._stats = None  # (file key, record) of the published weights
+        self._config = {"steps": 300, "slice_step": 2, "threads": 0, "device": device_choices()}
+
+    def config(self):
+        return self._config
+
+    def stats(self):
+        """The published adaptation's record (read once per file version: /info/ asks on every call)."""
+        adapted = self.models.published_segmenter
+        if not adapted.is_file():
+            return {}
+        stat = adapted.stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        if self._stats is not None and self._stats[0] == key:
+            return self._stats[1]
+        try:
+            raw = torch.load(adapted, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a bad file is set aside by the model cache
+            return {}
+        record = raw.get("adaptation", {}) if isinstance(raw, dict) else {}
+        self._stats = (key, {k: v for k, v in record.items() if k != "options"})
+        return self._stats[1]
+
+    def validate(self, request: dict) -> dict:
+        """The request's options, checked (unknown keys or out-of-range values: MedLSAMError naming the key)."""
+        unknown = sorted(k for k in request if k not in self._config and k not in MONAI_KEYS)
+        if unknown:
+            raise MedLSAMError(f"unknown train option(s) {unknown}; accepted: {sorted(self._config)}")
+        options = {}
+        for key, default in self._config.items():
+            value = request.get(key, default)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if key == "device":
+                options[key] = check_device(str(value))
+                continue
+            low, high = BOUNDS[key]
+            try:
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            except (TypeError, ValueError, OverflowError):
+                raise MedLSAMError(f"train option {key}={value!r} must be an integer in [{low}, {high}]") from None
+            if not low <= value <= high:
+                raise MedLSAMError(f"train option {key}={value!r} must lie in [{low}, {high}]")
+            options[key] = value
+        return options
+
+    def __call__(self, request, datastore):
+        options = self.validate(request)
+        if options["threads"] > 0:
+            torch.set_num_threads(options["threads"])
+        self.running = True
+        try:
+            return self.run_adaptation(options)
+        finally:
+            self.running = False
+
+    def run_adaptation(self, options: dict) -> dict:
+        """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
+        from medlsam.adapt import AdaptOptions, fit, save_adapted, training_slices
+        from medlsam.sam import build_segmenter
+
+        tic = time.perf_counter()
+        model, _, fingerprint = self.models.medlam()
+        images, labels, banks, names = [], [], [], {}
+        for item in self.templates.candidate_templates():
+            if len(banks) >= self.templates.max_templates:
+                break
+            try:
+                banks.append(self.templates._template_bank(model, fingerprint, item))
+            except MedLSAMError as exc:
+                logger.warning(f"adaptation skips template {item['id']}: {exc}")
+                continue
+            images.append(item["image"])
+            labels.append(item["label"])
+        names = {value: name for name, value in self.templates.label_names().items()}
+        if len(banks) < 2:
+            raise TemplateError(
+                f"adaptation needs at least 2 usable templates (final labels), the datastore has {len(banks)}; "
+                "the shipped LiteMedSAM keeps serving"
+            )
+        opt = AdaptOptions(steps=options["steps"], slice_step=options["slice_step"])
+        segmenter = build_segmenter("lite_medsam", None, options["device"])
+        slices = training_slices(
+            model,
+            images,
+            labels,
+            names,
+            segmenter,
+            opt,
+            cache_dir=self.models.model_dir / "adapt_cache",
+            banks=banks,
+        )
+        segmenter, record = fit(slices, opt, options["device"])
+        record["medlam_fingerprint"] = fingerprint
+        run, before = record, record["template_slice_dice_before"]
+        save_adapted(segmenter, self.models.published_segmenter, record)
+        summary = {
+            "templates": len(banks),
+            "slices": len(slices),
+            "steps": run["steps"],
+            "loss_first": run["loss_first"],
+            "loss_last": run["loss_last"],
+            "template_slice_dice_before": round(before, 4),
+            "template_slice_dice_after": round(record["template_slice_dice_after"], 4),
+            "total_time": round(time.perf_counter() - tic, 1),
+            "prior_weights": record.get("prior_weights"),
+            "published": self.models.published_segmenter.name,
+        }
+        logger.info(f"LiteMedSAM adaptation finished: {summary}")
+        return summary

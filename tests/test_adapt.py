@@ -1,0 +1,211 @@
+"""Adaptation of LiteMedSAM to templates (medlsam.adapt, `medlsam adapt`) on real OpenKBP scans: a short run lowers
+the loss and raises the template slices' Dice, writes weights that `segment --checkpoint` uses; bad input fails
+clearly and leaves the previous weights in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medlsam.adapt import WEIGHT_CHOICES, AdaptOptions, adapt, slice_dice, training_slices
+from medlsam.cli import main
+from medlsam.errors import CheckpointError, TemplateError
+from medlsam.network import load_medlam
+from medlsam.paths import default_medlam_path
+from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
+from medlsam.sam import build_segmenter, bundled_lite_medsam_checkpoint
+from medlsam.templates import build_bank
+from medlsam.volume import CTVolume, load_ct, read_volume
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANS = {1: "Brainstem", 7: "Mandible"}  # two organs keep the run short
+TEMPLATES = ("openkbp_pt_4", "openkbp_pt_13")  # protocol templates (train split)
+QUERY = "openkbp_pt_34"  # a train scan that is no template
+SHORT = AdaptOptions(steps=40, slice_step=3, learning_rate=3e-4)
+
+
+def _case(data_dir: Path, case: str) -> tuple[CTVolume, CTVolume]:
+    image = load_ct(data_dir / "openkbp" / "images" / f"{case}.nii.gz")
+    label = read_volume(data_dir / "openkbp" / "labels" / f"{case}.nii.gz")
+    kept = np.where(np.isin(label.array, list(ORGANS)), label.array, 0).astype(np.uint8)
+    return image, CTVolume(kept, label.affine, label.source)
+
+
+@pytest.fixture(scope="module")
+def medlam():
+    return load_medlam(default_medlam_path())
+
+
+@pytest.fixture(scope="module")
+def templates(data_dir, tmp_path_factory):
+    """Two templates (image and a two-organ label each) written where the CLI can read them."""
+    folder = tmp_path_factory.mktemp("adapt_templates")
+    paths = []
+    for case in TEMPLATES:
+        image, label = _case(data_dir, case)
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(label.array, label.affine), folder / f"{case}_label.nii.gz")
+        paths.append((data_dir / "openkbp" / "images" / f"{case}.nii.gz", folder / f"{case}_label.nii.gz"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def adapted(medlam, templates, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapted")
+    out = folder / "adapted.pt"
+    record = adapt(
+        medlam,
+        [str(i) for i, _ in templates],
+        [str(lab) for _, lab in templates],
+        ORGANS,
+        out,
+        SHORT,
+        cache_dir=folder / "embeddings",
+    )
+    return out, record, folder
+
+
+@pytest.mark.slow
+def test_a_short_adaptation_lowers_the_loss_and_raises_template_dice(adapted):
+    out, record, _ = adapted
+    assert record["templates"] == [f"{c}.nii.gz" for c in TEMPLATES]
+    assert record["organs"] == sorted(ORGANS.values())
+    assert record["loss_last"] < record["loss_first"]
+    assert record["template_slice_dice_after"] > record["template_slice_dice_before"] + 0.02
+    # each organ's prior weight chosen on held-out templates, among the candidates
+    assert set(record["prior_weights"]) == set(ORGANS.values())
+    assert all(w in WEIGHT_CHOICES for w in record["prior_weights"].values())
+    # the file loads with weights_only=True as LiteMedSAM weights, and carries its record
+    segmenter = build_segmenter("lite_medsam", str(out))
+    assert segmenter.adaptation["mask_prompt"] is True
+    assert segmenter.adaptation["template_slice_dice_after"] == pytest.approx(record["template_slice_dice_after"])
+    shipped = build_segmenter("lite_medsam")
+    changed = [k for k, v in segmenter.model.state_dict().items() if not torch.equal(v, shipped.model.state_dict()[k])]
+    assert changed and all(k.startswith(("mask_decoder.", "prompt_encoder.")) for k in changed)  # encoder frozen
+
+
+@pytest.mark.slow
+def test_reloaded_weights_give_the_recorded_template_dice(adapted, medlam, templates):
+    out, record, folder = adapted
+    segmenter = build_segmenter("lite_medsam", str(out))
+    slices = training_slices(
+        medlam,
+        [str(i) for i, _ in templates],
+        [str(lab) for _, lab in templates],
+        ORGANS,
+        segmenter,
+        SHORT,
+        cache_dir=folder / "embeddings",
+    )
+    assert slice_dice(segmenter, slices, SHORT) == pytest.approx(record["template_slice_dice_after"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_segment_with_the_adapted_checkpoint(adapted, medlam, templates, data_dir, tmp_path, capsys):
+    out, _, _ = adapted
+    bank = build_bank(medlam, [str(i) for i, _ in templates], [str(lab) for _, lab in templates], ORGANS)
+    bank.save(tmp_path / "bank.pt")
+    image = data_dir / "openkbp" / "images" / f"{QUERY}.nii.gz"
+    label_out = tmp_path / "label.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--templates",
+            str(tmp_path / "bank.pt"),
+            "--checkpoint",
+            str(out),
+            "--out",
+            str(label_out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    result = read_volume(label_out).array
+    truth = read_volume(data_dir / "openkbp" / "labels" / f"{QUERY}.nii.gz").array
+    for value in ORGANS:
+        pred, true = result == value, truth == value
+        assert 2 * (pred & true).sum() / (pred.sum() + true.sum()) > 0.4
+
+
+def test_adaptation_needs_two_templates(medlam, data_dir, tmp_path):
+    image = data_dir / "openkbp" / "images" / "openkbp_pt_4.nii.gz"
+    label = data_dir / "openkbp" / "labels" / "openkbp_pt_4.nii.gz"
+    with pytest.raises(TemplateError, match="at least 2"):
+        adapt(medlam, [image], [label], ORGANS, tmp_path / "w.pt")
+    assert main(["adapt", "--images", str(image), "--labels", str(label), "--out", str(tmp_path / "w.pt")]) == 2
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_too_small_templates_are_refused(medlam, data_dir, tmp_path):
+    """Templates whose labels hold a single voxel: a clear message, nothing written."""
+    volumes, labels = [], []
+    for case in TEMPLATES:
+        image, label = _case(data_dir, case)
+        tiny = np.zeros_like(label.array)
+        z, y, x = (int(v[len(v) // 2]) for v in np.nonzero(label.array == 7))
+        tiny[z, y, x] = 7
+        volumes.append(image)
+        labels.append(CTVolume(tiny, label.affine, label.source))
+    with pytest.raises(TemplateError, match="too small|extreme points|no organ"):
+        adapt(medlam, volumes, labels, {7: "Mandible"}, tmp_path / "w.pt", AdaptOptions(steps=1, slice_step=3))
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_weights_adapted_for_another_backend_are_refused(tmp_path):
+    state = torch.load(bundled_lite_medsam_checkpoint(), map_location="cpu", weights_only=True)
+    path = tmp_path / "other.pt"
+    torch.save({"model": state, "adaptation": {"backend": "medsam_vit_b"}}, path)
+    with pytest.raises(CheckpointError, match="adapted for the medsam_vit_b backend"):
+        build_segmenter("lite_medsam", str(path))
+
+
+@pytest.mark.slow
+def test_an_interrupted_adaptation_leaves_the_previous_weights(adapted, templates, tmp_path):
+    """SIGINT during training: exit 130, the previous weights byte-identical, no temporary file."""
+    out, _, folder = adapted
+    target = tmp_path / "serving.pt"
+    target.write_bytes(out.read_bytes())
+    before = target.read_bytes()
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({str(k): v for k, v in ORGANS.items()}))
+    cmd = [sys.executable, "-m", "medlsam.cli", "adapt", "--images", *[str(i) for i, _ in templates]]
+    cmd += ["--labels", *[str(lab) for _, lab in templates], "--names", str(names), "--out", str(target)]
+    cmd += ["--steps", "100000", "--slice-step", "3", "--cache", str(folder / "embeddings")]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    lines = []
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "adapt: step" in line or not line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + err
+    assert "interrupted" in err
+    assert target.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_prior_weights_follow_the_segmenter():
+    """Default prior weight: the prior alone with the shipped LiteMedSAM (it does not pay: nothing is encoded), the
+    adapted weights' per-organ choice, and an explicit weight over both."""
+    segmenter = build_segmenter("lite_medsam")
+    assert MedLSAMPipeline(None, segmenter).organ_weights(["Brainstem"]) == {"Brainstem": 1.0}
+    segmenter.adaptation = {"backend": "lite_medsam", "prior_weights": {"Brainstem": 0.25}, "prior_weight": 0.5}
+    weights = MedLSAMPipeline(None, segmenter).organ_weights(["Brainstem", "Larynx"])
+    assert weights == {"Brainstem": 0.25, "Larynx": 0.5}
+    explicit = MedLSAMPipeline(None, segmenter, SegmentOptions(prior_weight=0.8)).organ_weights(["Brainstem"])
+    assert explicit == {"Brainstem": 0.8}
