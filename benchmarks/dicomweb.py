@@ -190,7 +190,7 @@ def main(argv=None) -> int:
 Machine: {report["machine"]}; server `--conf threads {args.threads}`; load average before {" ".join(load_before)},
 after {" ".join(load_after)} (the machine is shared: other jobs ran meanwhile).
 Command: `{report["command"]}` (sample datastore: {args.templates} OpenKBP train templates with final labels stored
-as DICOM SEG + 2 validation scans; OHIF's requests: `output=image`, `.nrrd`, uint8, server defaults).
+as DICOM SEG + 2 validation scans; OHIF's requests: `output=image`, `.nrrd`, uint8, `--conf prior_weight 0.8`).
 
 | stage | seconds | notes |
 |---|---|---|
