@@ -138,10 +138,9 @@ class MedLSAMApp(MONAILabelApp):
     def info(self):
         """MONAI Label's /info/ plus the template bank's build progress (``template_bank``)."""
         meta = super().info()
-        for config in self.models.values():
-            if isinstance(getattr(config, "templates", None), TemplateSource):
-                meta["template_bank"] = config.templates.progress()
-                break
+        source = self._template_source()
+        if source is not None:
+            meta["template_bank"] = source.progress()
         return meta
 
     def infer(self, request, datastore=None):
@@ -210,17 +209,22 @@ class MedLSAMApp(MONAILabelApp):
                 logger.warning(f"LiteMedSAM adaptation not started: {exc}")
         return result
 
+    def _template_source(self) -> TemplateSource | None:
+        """The template source of the `medlsam` model config (None when no config has one)."""
+        for config in self.models.values():
+            if isinstance(getattr(config, "templates", None), TemplateSource):
+                return config.templates
+        return None
+
     def _templates(self) -> int:
         """Labelled images of the datastore (adaptation needs two)."""
-        for config in self.models.values():
-            if isinstance(getattr(config, "templates", None), TemplateSource):
-                return len(config.templates.candidate_templates())
-        return 0
+        source = self._template_source()
+        return 0 if source is None else len(source.candidate_templates())
 
     def _labels_changed(self) -> None:
-        for config in self.models.values():
-            if isinstance(getattr(config, "templates", None), TemplateSource):
-                config.templates.rebuild_in_background()
+        source = self._template_source()
+        if source is not None:
+            source.rebuild_in_background()
 
 
 def get_class_of(qualified: str):
