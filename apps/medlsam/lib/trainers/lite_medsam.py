@@ -17,12 +17,12 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.models import Models
 from lib.template_source import TemplateSource
+from lib.trainers.options import check_train_options
 from medlsam.devices import check_device, device_choices
 from medlsam.errors import MedLSAMError, TemplateError
 
 logger = logging.getLogger(__name__)
 
-MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")
 BOUNDS = {"steps": (1, 100000), "slice_step": (1, 16), "threads": (0, 1024)}
 
 
@@ -59,27 +59,8 @@ class LiteMedSAMTrainer(TrainTask):
 
     def validate(self, request: dict) -> dict:
         """The request's options, checked (unknown keys or out-of-range values: MedLSAMError naming the key)."""
-        unknown = sorted(k for k in request if k not in self._config and k not in MONAI_KEYS)
-        if unknown:
-            raise MedLSAMError(f"unknown train option(s) {unknown}; accepted: {sorted(self._config)}")
-        options = {}
-        for key, default in self._config.items():
-            value = request.get(key, default)
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if key == "device":
-                options[key] = check_device(str(value))
-                continue
-            low, high = BOUNDS[key]
-            try:
-                if isinstance(value, bool) or float(value) != int(float(value)):
-                    raise ValueError
-                value = int(float(value))
-            except (TypeError, ValueError, OverflowError):
-                raise MedLSAMError(f"train option {key}={value!r} must be an integer in [{low}, {high}]") from None
-            if not low <= value <= high:
-                raise MedLSAMError(f"train option {key}={value!r} must lie in [{low}, {high}]")
-            options[key] = value
+        options = check_train_options(request, self._config, BOUNDS)
+        options["device"] = check_device(options["device"])
         return options
 
     def __call__(self, request, datastore):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 import tempfile
 import time
@@ -27,12 +26,12 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.conf import parse_bool
 from lib.models import Models
+from lib.trainers.options import check_train_options
 from medlsam.devices import check_device, cuda_count, device_choices
 from medlsam.errors import MedLSAMError
 
 logger = logging.getLogger(__name__)
 
-MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")  # MONAI Label adds these
 BOUNDS = {
     "epochs": (1, 1000),
     "iterations_per_epoch": (1, 100000),
@@ -107,42 +106,7 @@ class MedLAMTrainer(TrainTask):
     def validate(self, request: dict) -> dict:
         """The request's train options, checked: unknown keys and out-of-range values raise MedLSAMError naming
         the key (the server answers 400 before any training starts)."""
-        unknown = sorted(k for k in request if k not in self._config and k not in MONAI_KEYS)
-        if unknown:
-            raise MedLSAMError(f"unknown train option(s) {unknown}; accepted: {sorted(self._config)}")
-        options = {}
-        for key, default in self._config.items():
-            value = request.get(key, default)
-            if isinstance(value, list):  # a "choose one" option left at its list default
-                value = value[0] if value else None
-            if isinstance(default, list):
-                choices = default if key != "device" else None
-                if (
-                    not isinstance(value, str)
-                    or (choices and value not in choices)
-                    or (key == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value))
-                ):
-                    allowed = choices or ["cpu", "cuda", "cuda:<n>"]
-                    raise MedLSAMError(f"train option {key}={value!r} must be one of {allowed}")
-            elif key in BOUNDS:
-                low, high = BOUNDS[key]
-                cast = float if isinstance(default, float) else int
-                try:
-                    if isinstance(value, bool) or value is None:
-                        raise ValueError
-                    number = float(value)
-                    if cast is int and number != int(number):
-                        raise ValueError
-                    value = cast(number)
-                except (TypeError, ValueError, OverflowError):
-                    kind = "an integer" if cast is int else "a number"
-                    raise MedLSAMError(f"train option {key}={value!r} must be {kind} in [{low}, {high}]") from None
-                if not (low <= value <= high) or (cast is float and value == 0):
-                    raise MedLSAMError(
-                        f"train option {key}={value!r} must lie in {'(' if cast is float else '['}{low}, {high}]"
-                    )
-            options[key] = value
-        return options
+        return check_train_options(request, self._config, BOUNDS)
 
     def __call__(self, request, datastore):
         """Validated options, then training; train_stats.json always ends done, stopped or failed."""
