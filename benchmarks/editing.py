@@ -39,6 +39,7 @@ from clicks import error_click, organ_centre_click  # noqa: E402
 from common import ORGANS, RESULTS, OpenKBP, machine_line, template_bank  # noqa: E402
 from medlsam.editing import EditOptions, IntensityModel, OrganClicks, edit_label  # noqa: E402
 from medlsam.metrics import cranio_caudal_axis, dice, hd95  # noqa: E402
+from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402
 from medlsam.prior import FilePrior  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
@@ -48,6 +49,7 @@ ROWS = {
     "scratch": "from scratch, organ-labelled clicks",
     "agnostic": "class-agnostic (no templates)",
 }
+METHODS = {"refiner": "click refiner network", "geodesic": "geodesic edit"}
 
 
 def cached_start(data: OpenKBP, case_id: str, cache: Path, localizer, bank) -> dict:
@@ -79,7 +81,18 @@ def cached_start(data: OpenKBP, case_id: str, cache: Path, localizer, bank) -> d
 
 
 def simulate(
-    hu, spacing, truth, start, value, prior, intensity, options, clicks: int, first_at_centre: bool, axis: int
+    hu,
+    spacing,
+    truth,
+    start,
+    value,
+    prior,
+    intensity,
+    options,
+    clicks: int,
+    first_at_centre: bool,
+    axis: int,
+    refiner=None,
 ) -> dict:
     """Dice/HD95 after each click count in CLICKS (up to ``clicks``) and the seconds of each edit."""
     label = start.copy()
@@ -116,6 +129,7 @@ def simulate(
             {"organ": intensity},
             options,
             axis,
+            refiner,
         )
         seconds.append(time.perf_counter() - tic)
     return {"scores": scores, "seconds": seconds}
@@ -132,6 +146,11 @@ def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
     templates = data.templates(5)
     bank = template_bank(data, model, templates, cache / "bank5.pt")
     localizer = Localizer(model, bank)
+    refiner = None
+    if args.method == "refiner":
+        from medlsam.refiner import build_click_refiner
+
+        refiner = build_click_refiner(args.refiner)
     cases = [c for c in data.split(args.split) if c["id"] not in templates][args.first_case :][: args.cases or None]
     rows = []
     for case in cases:
@@ -161,12 +180,13 @@ def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
                     p, im, centre = prior, intensity, True
                 else:
                     base, p, im, centre = np.zeros_like(start["label"]), None, None, True
-                out = simulate(hu, spacing, truth, base, value, p, im, options, args.max_clicks, centre, axis)
+                out = simulate(hu, spacing, truth, base, value, p, im, options, args.max_clicks, centre, axis, refiner)
                 rows.append(
                     {
                         "case": case["id"],
                         "organ": organ,
                         "row": row,
+                        "method": args.method,
                         **{f"dice_{n}": round(s[0], 4) for n, s in out["scores"].items()},
                         **{f"hd95_{n}": None if s[1] is None else round(s[1], 2) for n, s in out["scores"].items()},
                         "seconds": [round(s, 3) for s in out["seconds"]],
@@ -180,39 +200,48 @@ def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
     return rows
 
 
-def organ_means(rows: list[dict], row: str, n: int, key: str = "dice") -> dict[str, float]:
-    """Mean over scans per organ of ``key`` after n clicks (HD95: over the non-empty predictions)."""
+def organ_means(rows: list[dict], key: tuple[str, str], n: int, field: str = "dice") -> dict[str, float]:
+    """Mean over scans per organ of ``field`` after n clicks (HD95: over the non-empty predictions), for the rows
+    of ``key`` (method, start)."""
     out = {}
     for organ in ORGANS:
-        vals = [r[f"{key}_{n}"] for r in rows if r["row"] == row and r["organ"] == organ and f"{key}_{n}" in r]
+        vals = [r[f"{field}_{n}"] for r in rows if _key(r) == key and r["organ"] == organ and f"{field}_{n}" in r]
         vals = [v for v in vals if v is not None]
         if vals:
             out[organ] = float(np.mean(vals))
     return out
 
 
+def _key(row: dict) -> tuple[str, str]:
+    return row.get("method", "geodesic"), row["row"]  # rows of runs before the refiner: the geodesic edit
+
+
+def _label(key: tuple[str, str]) -> str:
+    return f"{ROWS[key[1]]}, {METHODS[key[0]]}"
+
+
 def summary(rows: list[dict], clicks: int) -> dict:
     result = {}
-    for row in ROWS:
-        if not any(r["row"] == row for r in rows):
-            continue
+    keys = sorted({_key(r) for r in rows}, key=lambda k: (list(ROWS).index(k[1]), list(METHODS).index(k[0])))
+    for key in keys:
         per_n = {}
         for n in CLICKS:
             if n > clicks:
                 continue
-            organs = organ_means(rows, row, n)
+            organs = organ_means(rows, key, n)
             per_n[n] = {
                 "dice": float(np.mean(list(organs.values()))),
                 "dice_std": float(np.std(list(organs.values()))),
-                "hd95": float(np.mean(list(organ_means(rows, row, n, "hd95").values()))),
+                "hd95": float(np.mean(list(organ_means(rows, key, n, "hd95").values()))),
                 "organs": organs,
             }
-        later = [s for r in rows if r["row"] == row for s in r["seconds"][1:]]
-        first = [r["seconds"][0] for r in rows if r["row"] == row and r["seconds"]]
-        result[row] = {
+        later = [s for r in rows if _key(r) == key for s in r["seconds"][1:]]
+        first = [r["seconds"][0] for r in rows if _key(r) == key and r["seconds"]]
+        result[key] = {
             "per_clicks": per_n,
             "first_click_s": statistics.median(first) if first else None,
             "later_click_s": statistics.median(later) if later else None,
+            "later_click_s_p90": float(np.percentile(later, 90)) if later else None,
             "later_click_s_max": max(later) if later else None,
         }
     return result
@@ -247,43 +276,46 @@ def write_report(out: Path, args, options: EditOptions, rows: list[dict], result
         f"- Split: {args.split}, {scans} scans, every contoured organ; templates: the 5 protocol templates "
         "(as the segmentation benchmark).",
         f"- Machine: {machine_line()}; load average at the end {os.getloadavg()[0]:.1f}.",
-        f"- Options: `{options}`.",
+        f"- Click refiner: `{args.refiner_record}`.",
+        f"- Geodesic edit options: `{options}`.",
         "- Start of `edit`: the template-prior auto-segmentation (`SegmentOptions(prior_weight=1)`, no SAM).",
         f"- Command: `python benchmarks/editing.py {' '.join(sys.argv[1:])}`",
         "",
         "Mean over scans per organ, then over the organs (± std over organs); HD95 in mm over non-empty masks.",
         "",
-        "| start | " + " | ".join(f"Dice {n}" for n in counts) + " | " + f"HD95 0 / {counts[-1]} | s first click "
-        "| s later click (median / max) |",
+        "| start, method | " + " | ".join(f"Dice {n}" for n in counts) + " | " + f"HD95 0 / {counts[-1]} | "
+        "s first click | s later click (median / 90th pct / max) |",
         "|---|" + "---|" * (len(counts) + 3),
     ]
-    for row, res in result.items():
+    for key, res in result.items():
         pn = res["per_clicks"]
         later = (
-            f"{res['later_click_s']:.2f} / {res['later_click_s_max']:.2f}" if res["later_click_s"] is not None else ""
+            f"{res['later_click_s']:.2f} / {res['later_click_s_p90'] or 0:.2f} / {res['later_click_s_max']:.2f}"
+            if res["later_click_s"] is not None
+            else ""
         )
         lines.append(
-            f"| {ROWS[row]} | "
+            f"| {_label(key)} | "
             + " | ".join(f"{pn[n]['dice']:.3f} ± {pn[n]['dice_std']:.3f}" for n in counts)
             + f" | {_mm(pn[0]['hd95'])} / {_mm(pn[counts[-1]]['hd95'])} | {res['first_click_s'] or 0:.2f} | {later} |"
         )
     if encoder_s:
         lines += ["", f"One LiteMedSAM encoder call (one slice) on this machine: {encoder_s:.2f} s."]
-        for row, res in result.items():
+        for key, res in result.items():
             if res["later_click_s"] is not None:
                 lines.append(
-                    f"- {ROWS[row]}: a later click costs {res['later_click_s'] / encoder_s:.2f} encoder calls."
+                    f"- {_label(key)}: a later click costs {res['later_click_s'] / encoder_s:.2f} encoder calls."
                 )
-    for row, res in result.items():
+    for key, res in result.items():
         lines += [
             "",
-            f"## Per organ: {ROWS[row]}",
+            f"## Per organ: {_label(key)}",
             "",
             "| organ | n | " + " | ".join(f"Dice {n}" for n in counts) + " |",
         ]
         lines.append("|---|---|" + "---|" * len(counts))
         for organ in ORGANS:
-            n_scans = len({r["case"] for r in rows if r["row"] == row and r["organ"] == organ})
+            n_scans = len({r["case"] for r in rows if _key(r) == key and r["organ"] == organ})
             if n_scans:
                 lines.append(
                     f"| {organ} | {n_scans} | "
@@ -293,10 +325,12 @@ def write_report(out: Path, args, options: EditOptions, rows: list[dict], result
     lines += ["", f"![Dice against clicks]({out.name}.png)", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"summary": result, "rows": rows}, indent=1))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row, res in result.items():
-        ax.plot(counts, [res["per_clicks"][n]["dice"] for n in counts], marker="o", label=ROWS[row])
+    summary_json = {" / ".join(key): res for key, res in result.items()}
+    out.with_suffix(".json").write_text(json.dumps({"summary": summary_json, "rows": rows}, indent=1))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, res in result.items():
+        style = "-" if key[0] == "refiner" else ":"
+        ax.plot(counts, [res["per_clicks"][n]["dice"] for n in counts], style, marker="o", label=_label(key))
     ax.axhline(0.75, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("clicks")
     ax.set_ylabel("mean Dice over organs")
@@ -307,6 +341,14 @@ def write_report(out: Path, args, options: EditOptions, rows: list[dict], result
     fig.savefig(out.with_suffix(".png"), dpi=90)
     plt.close(fig)
     print(f"wrote {out.with_suffix('.md')}")
+
+
+def _refiner_record(path: str) -> dict:
+    """The training record stored with the click refiner's weights (empty when there are none)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("record", {})
+    except (OSError, RuntimeError, AttributeError):
+        return {}
 
 
 def _mm(value: float) -> str:
@@ -330,6 +372,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an EditOptions field")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--method",
+        default="refiner",
+        choices=("refiner", "geodesic"),
+        help="the click refiner network or the geodesic edit",
+    )
+    parser.add_argument("--refiner", default=str(SHIPPED_CLICK_REFINER), help="the click refiner's weights")
     parser.add_argument("--cache", default="/tmp/medlsam-edit-cache")
     parser.add_argument("--encoder", action="store_true", help="also time one LiteMedSAM encoder call")
     parser.add_argument("--out", type=Path, default=RESULTS / "editing")
@@ -348,8 +397,9 @@ def main(argv=None) -> int:
     if args.cache_only:
         return 0
     result = summary(rows, args.max_clicks)
-    for row, res in result.items():
-        print(row, " ".join(f"{n}:{v['dice']:.3f}" for n, v in res["per_clicks"].items()), res["later_click_s"])
+    args.refiner_record = _refiner_record(args.refiner)
+    for key, res in result.items():
+        print(key, " ".join(f"{n}:{v['dice']:.3f}" for n, v in res["per_clicks"].items()), res["later_click_s"])
     write_report(args.out, args, options, rows, result, encoder_seconds(args.threads) if args.encoder else None)
     return 0
 

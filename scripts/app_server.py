@@ -16,11 +16,13 @@ APP_SOURCE = REPO_ROOT / "apps" / "medlsam"
 
 
 def private_app(tmp: Path) -> Path:
-    """A copy of apps/medlsam (code + shipped MedLAM link) whose model/ folder is private to the test."""
+    """A copy of apps/medlsam (code + links to the shipped MedLAM and click refiner) whose model/ folder is private to
+    the test."""
     app = tmp / "app"
     shutil.copytree(APP_SOURCE, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     (app / "model").mkdir()
-    os.symlink(APP_SOURCE / "model" / "pretrained_medlam.pt", app / "model" / "pretrained_medlam.pt")
+    for shipped in ("pretrained_medlam.pt", "click_refiner.pt"):
+        os.symlink(APP_SOURCE / "model" / shipped, app / "model" / shipped)
     return app
 
 

@@ -84,6 +84,7 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
         far = [2, 2, 2]
         label, result = _label(url, "kbp2", {"Brainstem": [missed.tolist()], "background": [far]}, folder)
         assert result["start"] == "auto" and result["label_names"] == {"Brainstem": 1}
+        assert result["method"] == "refiner"  # the shipped click refiner network
         assert label.shape == truth.shape and label[tuple(missed)] == 1 and label[tuple(far)] == 0
         # the same click again with a background click inside the brainstem: that voxel leaves it, the first stays
         inside = np.argwhere(label == 1)
@@ -98,6 +99,8 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
             {"foreground": [missed.tolist()], "background": [inside.tolist()], "label": "Brainstem"},
         )
         assert same.status_code == 200, same.text
+        geodesic = _post(url, "edit", "kbp2", {"Brainstem": [missed.tolist()], "method": "geodesic"})
+        assert geodesic.status_code == 200 and geodesic.json()["method"] == "geodesic", geodesic.text
         # a label sent with the request is the start (here: empty, so the brainstem starts from its prior)
         empty = tmp_path / "empty.nii.gz"
         write_volume(np.zeros(truth.shape, np.uint8), read_volume(kbp2[0]), empty)
@@ -115,6 +118,7 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
             ({}, None, "no clicks"),
             ({"foreground": [[10, 10, 10]], "label": "Heart"}, None, "Heart"),
             ({"Brainstem": [[10, 10, 10]]}, wrong, "shape"),
+            ({"Brainstem": [[10, 10, 10]], "method": "magic"}, None, "method must be refiner or geodesic"),
         ]
         for params, upload, needle in bad:
             if upload is None:

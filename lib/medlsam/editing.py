@@ -29,6 +29,7 @@ from scipy import ndimage
 from medlsam.errors import MedLSAMError
 from medlsam.grid import map_hu
 from medlsam.prior import HISTOGRAM_BINS, FilePrior, intensity_histograms
+from medlsam.refiner import ClickRefiner
 
 INFLUENCE_RANGE = 2.5  # reaches: a click's geodesic search stops there (influence exp(-6.25) < 0.002)
 
@@ -352,6 +353,20 @@ def check_clicks(clicks: dict[str, OrganClicks], shape: tuple[int, int, int]) ->
             raise ClickError(f"{name}: voxel(s) {sorted(both)} clicked both as foreground and as background")
 
 
+def _holding(
+    region: tuple[slice, ...], edited: np.ndarray, mask: np.ndarray, points: list[np.ndarray]
+) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(region, edited) widened to hold ``points`` (file voxels), the current ``mask`` where it was not edited."""
+    lo = np.min([[s.start for s in region]] + [p.min(axis=0) for p in points if len(p)], axis=0)
+    hi = np.max([[s.stop for s in region]] + [p.max(axis=0) + 1 for p in points if len(p)], axis=0)
+    wide = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    if wide == tuple(region):
+        return region, edited
+    out = mask[wide].copy()
+    out[tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo))] = edited
+    return wide, out
+
+
 def edit_label(
     label: np.ndarray,
     hu: np.ndarray,
@@ -362,9 +377,11 @@ def edit_label(
     intensities: dict[str, IntensityModel | None] | None = None,
     options: EditOptions | None = None,
     axis: int = 2,
+    refiner: ClickRefiner | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """The label with each clicked organ corrected (a copy), and per organ the number of voxels changed.
-    ``values``: organ -> label value; organs without clicks are untouched."""
+    ``values``: organ -> label value; organs without clicks are untouched. With a ``refiner`` the click refiner
+    network corrects each organ (``medlsam.refiner``), otherwise the geodesic edit (``edit_organ``)."""
     if label.shape != hu.shape:
         raise ClickError(f"label of shape {list(label.shape)} for an image of shape {list(hu.shape)}")
     check_clicks(clicks, hu.shape)
@@ -377,16 +394,19 @@ def edit_label(
         if not len(organ_clicks):
             continue
         value = values[name]
-        region, edited = edit_organ(
-            hu,
-            spacing,
-            out == value,
-            organ_clicks,
-            (priors or {}).get(name),
-            (intensities or {}).get(name),
-            options,
-            axis,
-        )
+        prior = (priors or {}).get(name)
+        if refiner is not None:
+            region, edited = refiner.refine(
+                hu, spacing, axis, out == value, organ_clicks.foreground, organ_clicks.background, prior
+            )
+            region, edited = _holding(region, edited, out == value, [organ_clicks.foreground, organ_clicks.background])
+            origin = np.array([s.start for s in region])
+            edited[tuple((organ_clicks.foreground - origin).T)] = True  # clicked voxels are hard constraints
+            edited[tuple((organ_clicks.background - origin).T)] = False
+        else:
+            region, edited = edit_organ(
+                hu, spacing, out == value, organ_clicks, prior, (intensities or {}).get(name), options, axis
+            )
         part = out[region]
         before = part == value
         removed = before & ~edited

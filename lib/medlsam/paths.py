@@ -9,6 +9,7 @@ from medlsam.errors import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_MEDLAM = REPO_ROOT / "apps" / "medlsam" / "model" / "pretrained_medlam.pt"
+SHIPPED_CLICK_REFINER = REPO_ROOT / "apps" / "medlsam" / "model" / "click_refiner.pt"
 
 
 def default_medlam_path() -> Path:

@@ -40,6 +40,10 @@ class Models:
         self._lock = threading.RLock()
         self._medlam = None  # (key, path, model, fingerprint)
         self._segmenter = None
+        self._click_refiner = None
+        self.edit_method = conf.get("edit_method", "refiner")
+        if self.edit_method not in ("refiner", "geodesic"):
+            raise ValueError(f"--conf edit_method must be refiner or geodesic, not {self.edit_method!r}")
 
     # ------------------------------------------------------------------ MedLAM
     @property
@@ -101,6 +105,29 @@ class Models:
             f"published MedLAM {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
             "the shipped/configured MedLAM serves instead"
         )
+
+    # ------------------------------------------------------------------ click refiner
+    @property
+    def shipped_click_refiner(self) -> Path:
+        return self.model_dir / "click_refiner.pt"
+
+    def click_refiner(self):
+        """The click refiner network of the ``edit`` task (``medlsam.refiner``), the shipped weights, loaded once;
+        None when the app runs without them (``--conf edit_method geodesic``, or the file is missing: logged)."""
+        from medlsam.refiner import build_click_refiner
+
+        with self._lock:
+            if self._click_refiner is None:
+                if self.edit_method == "geodesic":
+                    return None
+                path = self.shipped_click_refiner
+                if not path.is_file():
+                    logger.warning(f"no click refiner weights at {path}: the edit task uses the geodesic edit")
+                    self.edit_method = "geodesic"
+                    return None
+                self._click_refiner = build_click_refiner(path, device=self.device)
+                logger.info(f"click refiner loaded from {path.name}")
+            return self._click_refiner
 
     # ------------------------------------------------------------------ SAM
     @property

@@ -8,10 +8,12 @@ sent with the request, else the last auto-segmentation (`medlsam`) the server ma
 nothing (an organ with no voxels starts from its template prior). A ``background`` click of the DeepEdit form
 removes the voxel from the organ that holds it in that segmentation.
 
-The organ priors and intensity models come from the template bank (localised once per image and bank, then
-cached: a later click costs no localisation). Organs that the bank does not know but the datastore's or the
-request's ``label_names`` do are edited class-agnostically (clicks and image only). The result is the whole
-label with only the clicked organs changed.
+Method (request option ``method``, default ``--conf edit_method``): ``refiner``, the click refiner network
+(``medlsam.refiner``: image, the organ's template posterior and current mask, and the clicks, on a crop around the
+organ), or ``geodesic`` (``medlsam.editing.edit_organ``). The organ priors and intensity models come from the
+template bank (localised once per image and bank, then cached: a later click costs no localisation). Organs that the
+bank does not know but the datastore's or the request's ``label_names`` do are edited class-agnostically (clicks and
+image only, no prior). The result is the whole label with only the clicked organs changed.
 """
 
 from __future__ import annotations
@@ -126,9 +128,9 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
             InferType.DEEPEDIT,
             None,
             3,
-            "Edit: foreground/background clicks per organ correct the current segmentation (template prior x "
-            "intensity model, re-shaped around each click)",
-            config={"reach_mm": EditOptions().reach_mm},
+            "Edit: foreground/background clicks per organ correct the current segmentation (a click refiner "
+            "network given the image, the organ's template prior and current mask, and the clicks)",
+            config={"method": ["refiner", "geodesic"], "reach_mm": EditOptions().reach_mm},
         )
 
     def _bank(self):
@@ -224,8 +226,17 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         options = EditOptions(reach_mm=number(request, "reach_mm", EditOptions().reach_mm, float, 1.0, 100.0))
         spacing = np.asarray(volume.spacing, np.float64)
         axis = cranio_caudal_axis(volume.affine)
-        label, changed = edit_label(base, volume.array, spacing, known, clicks, priors, intensities, options, axis)
+        method = request.get("method") or self.models.edit_method
+        if isinstance(method, list):  # a client echoing the config's choices
+            method = method[0] if method else self.models.edit_method
+        if method not in ("refiner", "geodesic"):
+            raise HTTPException(status_code=400, detail=f"method must be refiner or geodesic, not {method!r}")
+        refiner = self.models.click_refiner() if method == "refiner" else None
+        label, changed = edit_label(
+            base, volume.array, spacing, known, clicks, priors, intensities, options, axis, refiner
+        )
         return label, {
+            "method": "refiner" if refiner is not None else "geodesic",
             "label_names": known,
             "changed_voxels": changed,
             "start": source,
