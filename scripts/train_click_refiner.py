@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import ORGANS, OpenKBP  # noqa: E402
 from medlsam.metrics import cranio_caudal_axis  # noqa: E402
-from medlsam.network import _numpy_safe_globals  # noqa: E402
 from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402
 from medlsam.prior import FilePrior  # noqa: E402
 from medlsam.refiner import (  # noqa: E402
@@ -269,8 +268,7 @@ def main(argv=None) -> int:
     step, seconds = 0, 0.0
     state_path = args.out.with_suffix(".state.pt")  # ignored by git
     if args.resume and state_path.exists():
-        with torch.serialization.safe_globals(_numpy_safe_globals()):  # older states held numpy learning rates
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         step, seconds = int(state["step"]), float(state["seconds"])

@@ -395,17 +395,18 @@ def edit_label(
             continue
         value = values[name]
         prior = (priors or {}).get(name)
+        current = out == value
         if refiner is not None:
             region, edited = refiner.refine(
-                hu, spacing, axis, out == value, organ_clicks.foreground, organ_clicks.background, prior
+                hu, spacing, axis, current, organ_clicks.foreground, organ_clicks.background, prior
             )
-            region, edited = _holding(region, edited, out == value, [organ_clicks.foreground, organ_clicks.background])
+            region, edited = _holding(region, edited, current, [organ_clicks.foreground, organ_clicks.background])
             origin = np.array([s.start for s in region])
             edited[tuple((organ_clicks.foreground - origin).T)] = True  # clicked voxels are hard constraints
             edited[tuple((organ_clicks.background - origin).T)] = False
         else:
             region, edited = edit_organ(
-                hu, spacing, out == value, organ_clicks, prior, (intensities or {}).get(name), options, axis
+                hu, spacing, current, organ_clicks, prior, (intensities or {}).get(name), options, axis
             )
         part = out[region]
         before = part == value
