@@ -65,6 +65,23 @@ def test_the_crop_always_holds_the_last_click_even_far_from_the_organ():
     assert all(s.start <= c < s.stop for s, c in zip(region, click))
 
 
+def test_an_organ_longer_than_a_crop_gets_overlapping_crops_along_its_whole_length():
+    spacing = np.array([4.0, 4.0, 2.5])
+    shape = (128, 128, 160)
+    cord = np.array([[60, 70, 5], [64, 74, 150]])  # 365 mm long: more than twice a crop's 158 mm
+    crops = Crop.tiled(spacing, 2, cord)
+    assert len(crops) >= 3
+    covered = np.zeros(shape[2], int)
+    for crop in crops:
+        region = crop.file_region(shape)
+        assert region[:2] == crops[0].file_region(shape)[:2]  # one in-plane window
+        covered[region[2]] += 1
+    assert (covered[5:151] >= 1).all() and (covered >= 2).sum() >= (len(crops) - 1) * CROP[2] // 4
+    short = np.array([[60, 70, 40], [64, 74, 80]])
+    (one,) = Crop.tiled(spacing, 2, short)
+    assert np.allclose(one.centre, Crop.around(spacing, 2, short).centre)
+
+
 def test_weights_that_are_missing_or_not_a_click_refiner_are_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         build_click_refiner(tmp_path / "none.pt")
@@ -244,3 +261,30 @@ def test_clicks_the_crop_cannot_hold_together_are_still_honoured(scene):
         refiner=scene["refiner"],
     )
     assert out[tuple(inside)] == BRAINSTEM and out[tuple(far)] == 0
+
+
+def test_the_spinal_cord_is_refined_along_its_whole_length_not_only_near_the_click(real_start, scene):
+    """Scan 1's cord is longer than one crop: two clicks correct it, and the edit reaches both its ends."""
+    value = 2
+    truth = real_start["truth"] == value
+    start = real_start["label"]
+    organ = OrganClicks()
+    out = start
+    for _ in range(2):
+        click, missed = error_click(out == value, truth)
+        fg, bg = organ.foreground, organ.background
+        organ = OrganClicks(np.vstack([fg, [click]]), bg) if missed else OrganClicks(fg, np.vstack([bg, [click]]))
+        out, _ = edit_label(
+            start,
+            real_start["volume"].array,
+            real_start["volume"].spacing,
+            {"SpinalCord": value},
+            {"SpinalCord": organ},
+            real_start["priors"],
+            axis=2,
+            refiner=scene["refiner"],
+        )
+    changed = np.flatnonzero(((out == value) != (start == value)).any(axis=(0, 1)))
+    crop_slices = CROP[2] * 2.5 / real_start["volume"].spacing[2]
+    assert changed.max() - changed.min() > crop_slices, "the edit stayed within one crop's length"
+    assert dice(out == value, truth) > dice(start == value, truth) + 0.1

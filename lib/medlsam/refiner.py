@@ -10,8 +10,10 @@ cranio-caudal axis last, whatever the file's orientation), six channels:
 4. / 5. foreground / background clicks, each a Gaussian ball (``CLICK_SIGMA_MM``) at its position.
 
 Output: the organ's probability on the crop, mapped back onto the file's voxels inside the crop; outside it the
-mask is unchanged. The network is trained with simulated clicks on OpenKBP train scans
-(``scripts/train_click_refiner.py``; the account in ``benchmarks/results/editing.md``).
+mask is unchanged. An organ longer than a crop (the spinal cord: 160 mm of crop, 300 mm of cord) gets crops
+overlapping along the cranio-caudal axis, all run in one batch and blended where they overlap. The network is
+trained with simulated clicks on OpenKBP train scans (``scripts/train_click_refiner.py``; the account in
+``benchmarks/results/editing.md``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,31 @@ class Crop:
             centre = np.clip(centre, a - half, a + half)
         return cls(axes, centre, step, tuple(size))
 
+    @classmethod
+    def tiled(cls, spacing, axis: int, points: np.ndarray, anchor: np.ndarray | None = None) -> list[Crop]:
+        """``around`` when the points' box fits a crop along the cranio-caudal axis; otherwise crops overlapping by
+        a quarter along it, their ends at the box's ends (same in-plane centre, moved to hold ``anchor``)."""
+        one = cls.around(spacing, axis, points, anchor)
+        pts = np.asarray(points, np.float64).reshape(-1, 3)[:, axis]
+        length = (one.size[2] - 1) * one.step[2]
+        lo, hi = float(pts.min()), float(pts.max())
+        if hi - lo <= length:
+            return [one]
+        count = int(np.ceil((hi - lo - length) / (0.75 * length))) + 1
+        centres = np.linspace(lo + length / 2, hi - length / 2, count)
+        return [cls(one.axes, np.array([*one.centre[:2], c]), one.step, one.size) for c in centres]
+
+    def centrality(self, region: tuple[slice, ...]) -> np.ndarray:
+        """Per file voxel of ``region`` (a box of the crop), the weight of the crop's answer where crops overlap:
+        falling linearly from 1 at the crop's centre to near 0 at its ends along the cranio-caudal axis."""
+        a = self.axes[2]
+        z = np.arange(region[a].start, region[a].stop, dtype=np.float64)
+        half = (self.size[2] - 1) / 2.0 * self.step[2] + 1.0
+        ramp = np.clip(1.0 - np.abs(z - self.centre[2]) / half, 1e-3, None).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[a] = len(z)
+        return ramp.reshape(shape)
+
     def coordinates(self) -> list[np.ndarray]:
         """Per network axis, the file-voxel coordinate of each crop voxel."""
         return [c + (np.arange(n) - (n - 1) / 2.0) * s for c, n, s in zip(self.centre, self.size, self.step)]
@@ -216,14 +243,17 @@ class ClickRefiner:
 
     @torch.no_grad()
     def probability(self, x: np.ndarray) -> np.ndarray:
-        """The organ's probability on the crop for an input (6, *CROP): the mean over the four in-plane flips (one
-        batch), so the answer does not depend on the file's left-right or front-back direction."""
+        """The organ's probability on each crop for inputs (N, 6, *CROP) (or one (6, *CROP)): the mean over the
+        four in-plane flips (one batch), so the answer does not depend on the file's left-right or front-back
+        direction."""
+        single = x.ndim == 4
+        one = torch.from_numpy(x[None] if single else x).to(self.device)
         flips = [(), (2,), (3,), (2, 3)]
-        one = torch.from_numpy(x)[None].to(self.device)
         batch = torch.cat([one.flip(f) if f else one for f in flips])
-        prob = torch.sigmoid(self.net(batch))
-        mean = sum(p.flip(f) if f else p for p, f in zip(prob[:, None], flips)) / len(flips)
-        return mean[0, 0].float().cpu().numpy()
+        prob = torch.sigmoid(self.net(batch)).reshape(len(flips), len(one), *one.shape[2:])
+        mean = sum(p.flip([a - 1 for a in f]) if f else p for p, f in zip(prob, flips)) / len(flips)
+        out = mean.float().cpu().numpy()
+        return out[0] if single else out
 
     def refine(
         self,
@@ -235,16 +265,31 @@ class ClickRefiner:
         background: np.ndarray,
         prior: FilePrior | None = None,
     ) -> tuple[tuple[slice, ...], np.ndarray]:
-        """The organ's corrected mask on the crop's file box. ``mask``: its starting mask (file shape), ``prior``:
+        """The organ's corrected mask on the crops' file box. ``mask``: its starting mask (file shape), ``prior``:
         its template posterior (None: an organ the templates do not know), ``axis``: the cranio-caudal file axis.
-        The crop holds the organ, its prior and clicks, and always the last click."""
-        x, crop = self.prepare(hu, spacing, axis, mask, foreground, background, prior)
-        region = crop.file_region(hu.shape)
-        return region, crop.to_file(self.probability(x), region) > 0.5
+        The crops hold the organ, its prior and clicks (``tiles``), and always the last click; where crops
+        overlap their answers are weighed by closeness to each crop's centre."""
+        crops = self.tiles(spacing, axis, mask, foreground, background, prior)
+        x = np.stack([network_input(c, hu, prior, mask, foreground, background) for c in crops])
+        probs = self.probability(x)
+        regions = [c.file_region(hu.shape) for c in crops]
+        lo = np.min([[r.start for r in region] for region in regions], axis=0)
+        hi = np.max([[r.stop for r in region] for region in regions], axis=0)
+        total = np.zeros(hi - lo, np.float32)
+        weights = np.zeros(hi - lo, np.float32)
+        for crop, prob, region in zip(crops, probs, regions):
+            inside = tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, lo))
+            weight = crop.centrality(region)
+            total[inside] += weight * crop.to_file(prob, region)
+            weights[inside] += weight
+        region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        return region, total > 0.5 * np.maximum(weights, 1e-6) * (weights > 0)
 
     @staticmethod
-    def prepare(hu, spacing, axis, mask, foreground, background, prior=None) -> tuple[np.ndarray, Crop]:
-        """The network's input and its crop for one organ's request."""
+    def tiles(spacing, axis, mask, foreground, background, prior=None) -> list[Crop]:
+        """The crops of one organ's request: one around the organ (its mask's and confident prior's boxes) and its
+        clicks, moved to hold the last click; an organ longer than a crop along the cranio-caudal axis (the spinal
+        cord) gets overlapping crops along it."""
         boxes = [np.asarray(p).reshape(-1, 3) for p in (foreground, background) if len(p)]
         inside = np.argwhere(mask)
         if len(inside):
@@ -256,5 +301,4 @@ class ClickRefiner:
             raise ValueError("a refinement needs a mask, a prior or a click")
         anchor = background[-1] if len(background) else None
         anchor = foreground[-1] if len(foreground) else anchor
-        crop = Crop.around(spacing, axis, np.concatenate(boxes), anchor)
-        return network_input(crop, hu, prior, mask, foreground, background), crop
+        return Crop.tiled(spacing, axis, np.concatenate(boxes), anchor)
