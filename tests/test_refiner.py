@@ -68,7 +68,7 @@ def test_the_crop_always_holds_the_last_click_even_far_from_the_organ():
 def test_an_organ_longer_than_a_crop_gets_overlapping_crops_along_its_whole_length():
     spacing = np.array([4.0, 4.0, 2.5])
     shape = (128, 128, 160)
-    cord = np.array([[60, 70, 5], [64, 74, 150]])  # 365 mm long: more than twice a crop's 158 mm
+    cord = np.array([[60, 70, 5], [64, 74, 150]])  # 362 mm long: more than twice a crop's 158 mm
     crops = Crop.tiled(spacing, 2, cord)
     assert len(crops) >= 3
     covered = np.zeros(shape[2], int)

@@ -138,7 +138,7 @@ class Crop:
     @classmethod
     def tiled(cls, spacing, axis: int, points: np.ndarray, anchor: np.ndarray | None = None) -> list[Crop]:
         """``around`` when the points' box fits a crop along the cranio-caudal axis; otherwise crops overlapping by
-        a quarter along it, their ends at the box's ends (same in-plane centre, moved to hold ``anchor``)."""
+        at least a quarter along it, their ends at the box's ends (same in-plane centre, moved to hold ``anchor``)."""
         one = cls.around(spacing, axis, points, anchor)
         pts = np.asarray(points, np.float64).reshape(-1, 3)[:, axis]
         length = (one.size[2] - 1) * one.step[2]
@@ -283,7 +283,7 @@ class ClickRefiner:
             total[inside] += weight * crop.to_file(prob, region)
             weights[inside] += weight
         region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        return region, total > 0.5 * np.maximum(weights, 1e-6) * (weights > 0)
+        return region, total > 0.5 * weights  # the weighted mean above 0.5 (weights > 0 wherever a crop reaches)
 
     @staticmethod
     def tiles(spacing, axis, mask, foreground, background, prior=None) -> list[Crop]:
