@@ -20,7 +20,7 @@ from medlsam.errors import CheckpointError
 from medlsam.metrics import dice
 from medlsam.paths import SHIPPED_CLICK_REFINER
 from medlsam.prior import FilePrior
-from medlsam.refiner import CROP, Crop, build_click_refiner
+from medlsam.refiner import CROP, CROP_SPACING_MM, Crop, build_click_refiner
 from medlsam.volume import load_ct, read_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -285,6 +285,6 @@ def test_the_spinal_cord_is_refined_along_its_whole_length_not_only_near_the_cli
             refiner=scene["refiner"],
         )
     changed = np.flatnonzero(((out == value) != (start == value)).any(axis=(0, 1)))
-    crop_slices = CROP[2] * 2.5 / real_start["volume"].spacing[2]
+    crop_slices = CROP[2] * CROP_SPACING_MM[2] / real_start["volume"].spacing[2]
     assert changed.max() - changed.min() > crop_slices, "the edit stayed within one crop's length"
     assert dice(out == value, truth) > dice(start == value, truth) + 0.1

@@ -243,17 +243,14 @@ class ClickRefiner:
 
     @torch.no_grad()
     def probability(self, x: np.ndarray) -> np.ndarray:
-        """The organ's probability on each crop for inputs (N, 6, *CROP) (or one (6, *CROP)): the mean over the
-        four in-plane flips (one batch), so the answer does not depend on the file's left-right or front-back
-        direction."""
-        single = x.ndim == 4
-        one = torch.from_numpy(x[None] if single else x).to(self.device)
+        """The organ's probability on each crop for inputs (N, 6, *CROP): the mean over the four in-plane flips (one
+        batch), so the answer does not depend on the file's left-right or front-back direction."""
+        crops = torch.from_numpy(x).to(self.device)
         flips = [(), (2,), (3,), (2, 3)]
-        batch = torch.cat([one.flip(f) if f else one for f in flips])
-        prob = torch.sigmoid(self.net(batch)).reshape(len(flips), len(one), *one.shape[2:])
+        batch = torch.cat([crops.flip(f) if f else crops for f in flips])
+        prob = torch.sigmoid(self.net(batch)).reshape(len(flips), len(crops), *crops.shape[2:])
         mean = sum(p.flip([a - 1 for a in f]) if f else p for p, f in zip(prob, flips)) / len(flips)
-        out = mean.float().cpu().numpy()
-        return out[0] if single else out
+        return mean.float().cpu().numpy()
 
     def refine(
         self,
