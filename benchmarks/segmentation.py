@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
-from medlsam.localize import Localizer, OrganLocation  # noqa: E402
+from medlsam.localize import LocalizeOptions, Localizer, OrganLocation  # noqa: E402
 from medlsam.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
 from medlsam.network import load_medlam  # noqa: E402
 from medlsam.outputs import write_segmentation  # noqa: E402
@@ -44,6 +44,12 @@ from medlsam.volume import load_ct, read_volume  # noqa: E402
 ROWS = {
     "default": ("MedLSAM default (adapted weights with --adapted, else shipped)", "medlam", {}, "default"),
     "prior": ("template prior alone (no SAM)", "medlam", {"prior_weight": 1.0}, "shipped"),
+    "prior_slabs": (
+        "template prior alone, slab matching only (no registration)",
+        "medlam",
+        {"prior_weight": 1.0},
+        "shipped",
+    ),
     "shipped": ("shipped LiteMedSAM + prior (w 0.8)", "medlam", {"prior_weight": 0.8}, "shipped"),
     "samprior": ("SAM on prior boxes, no blend", "medlam", {"prior_weight": 0.0}, "shipped"),
     "maskprompt": (
@@ -91,6 +97,8 @@ ROWS = {
         "adapted",
     ),
 }
+# rows whose localisation differs from the default (LocalizeOptions fields over the defaults)
+LOCALIZE = {"prior_slabs": {"prior_registration": False}}
 STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
 
 
@@ -155,7 +163,8 @@ def run(
     pipelines = {}
     for key in rows:
         opts = SegmentOptions(**{**options.__dict__, **ROWS[key][2]})
-        pipelines[key] = MedLSAMPipeline(Localizer(model, bank), segmenters[ROWS[key][3]], opts)
+        localizer = Localizer(model, bank, LocalizeOptions(**LOCALIZE.get(key, {})))
+        pipelines[key] = MedLSAMPipeline(localizer, segmenters[ROWS[key][3]], opts)
     names = [ROWS[key][0] for key in rows]
     results: dict = {name: {} for name in names}
     results["timings"], results["encoder_calls"] = {}, {}
@@ -179,7 +188,7 @@ def run(
                 embeddings = shared.with_segmenter(pipeline.segmenter)
                 if prompts == "medlam":  # rows with the same localisation share it (it is deterministic)
                     opts = pipeline.options
-                    how = (opts.localizer_mode, opts.uses_prior)
+                    how = (opts.localizer_mode, opts.uses_prior, str(LOCALIZE.get(key)))
                     tic = time.perf_counter()
                     if how not in located:
                         located[how] = pipeline.localizer.localize(

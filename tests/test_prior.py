@@ -79,3 +79,70 @@ def test_the_intensity_model_keeps_the_organs_intensities_and_drops_the_rest():
     bright, dark = post[:5, :, 2:], post[6:, :, 2:]  # query rows 1..5 are bright, 7..10 dark
     assert bright.min() > 0.9 and dark.max() < 0.1
     assert post[:, :, :2].max() == 0.0
+
+
+def _on_grid(shape: tuple[int, ...], values: np.ndarray, corner: np.ndarray) -> np.ndarray:
+    """``values`` pasted on a zero grid of ``shape`` with its first voxel at ``corner`` (clipped to the grid)."""
+    out = np.zeros(shape, np.float32)
+    lo, hi = np.maximum(corner, 0), np.minimum(np.asarray(corner) + values.shape, shape)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = values[
+        tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, corner))
+    ]
+    return out
+
+
+def test_registration_follows_an_organ_that_is_larger_and_tilted_in_the_query(openkbp_case):
+    """A real CT (OpenKBP) and its left parotid; the query is the same scan scaled by 1.25 and turned by 12 degrees
+    about the organ: translation alone (where the neighbourhood matched) misses part of the organ, the similarity
+    registration brings the template's mask onto it."""
+    from scipy import ndimage
+
+    from medlsam.matching import cut_organ_patch
+    from medlsam.registration import register_neighbourhood
+    from medlsam.volume import load_ct, read_volume
+
+    image, label = openkbp_case
+    volume = load_ct(image)
+    grid = to_localization_grid(volume)
+    organ = read_volume(label).array == 4  # LeftParotid
+    mask = resample_to_grid(organ.astype(np.float32), volume, grid.affine, grid.shape, fill=0.0)
+    inside = np.argwhere(mask > 0.5)
+    low, high = inside.min(axis=0).astype(float), inside.max(axis=0).astype(float)
+    patch = cut_organ_patch(grid, low, high, mask)
+    corner = np.maximum(np.floor(low).astype(int) - 8, 0)  # where the patch was cut: its matched place
+
+    angle = np.deg2rad(12.0)
+    turn = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    query_to_template = turn / 1.25  # the query is the template scaled by 1.25 and turned, about the organ
+    centre = (low + high) / 2
+    offset = centre - query_to_template @ centre
+
+    def to_query(array: np.ndarray) -> np.ndarray:
+        return ndimage.affine_transform(array, query_to_template, offset, order=1, cval=float(array.min()))
+
+    query, truth = to_query(grid.array), to_query(mask) > 0.5
+    placed = _on_grid(grid.shape, patch.mask.float().numpy(), corner) > 0.5  # where it matched, unmoved
+    assert dice(placed, truth) < 0.75
+
+    warped, at = register_neighbourhood(query, patch, corner)
+    registered = _on_grid(grid.shape, warped, at) > 0.5
+    assert dice(registered, truth) > dice(placed, truth) + 0.1
+
+
+def test_registration_declines_a_neighbourhood_without_contrast():
+    """A flat neighbourhood (all soft tissue) has nothing to register: None, and the prior keeps the matched
+    placement alone."""
+    import torch
+
+    from medlsam.matching import OrganPatch
+    from medlsam.prior import placed_masks
+    from medlsam.registration import register_neighbourhood
+
+    flat = torch.full((10, 12, 12), 0.5).half()
+    organ = torch.zeros((10, 12, 12)).half()
+    organ[3:7, 4:8, 4:8] = 1
+    patch = OrganPatch(flat, torch.tensor([[3.0, 4, 4], [6, 7, 7]]), organ)
+    array = np.full((30, 30, 30), 0.5, np.float32)
+    assert register_neighbourhood(array, patch, np.array([5, 5, 5])) is None
+    prior = placed_masks(array, [patch], [np.array([5, 5, 5])], register=True)
+    assert np.array_equal(prior.origin, [5, 5, 5]) and prior.probabilities.max() == 1.0

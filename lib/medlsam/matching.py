@@ -64,7 +64,12 @@ def cut_organ_patch(
 
 
 def _region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> torch.Tensor:
-    """array[corner : corner + size] with zeros (air) outside, as a (1, 1, ...) float tensor."""
+    """``window_region`` as a (1, 1, ...) float tensor."""
+    return torch.from_numpy(window_region(array, corner, size))[None, None]
+
+
+def window_region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """array[corner : corner + size] with zeros (air) outside, float32."""
     lo, hi = corner, corner + size
     src_lo, src_hi = np.maximum(lo, 0), np.minimum(hi, array.shape)
     out = np.zeros(size, np.float32)
@@ -75,7 +80,7 @@ def _region(array: np.ndarray, corner: np.ndarray, size: np.ndarray) -> torch.Te
             d[1] : d[1] + src_hi[1] - src_lo[1],
             d[2] : d[2] + src_hi[2] - src_lo[2],
         ] = array[src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]]
-    return torch.from_numpy(out)[None, None]
+    return out
 
 
 def _window_sums(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

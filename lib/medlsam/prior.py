@@ -1,7 +1,9 @@
 """The organ prior, built in one place and handed over in the query file's frame: ``file_prior``.
 
 1. Each template's organ mask is placed where its neighbourhood matched (``medlsam.matching``), slab by slab
-   so that it bends with the organ, and the placed masks are averaged (:class:`OrganPrior`, on the 3 mm grid).
+   so that it bends with the organ, and once more warped by a similarity registration of that neighbourhood
+   (``medlsam.registration``), so that it also scales and tilts; the placed masks are averaged (:class:`OrganPrior`,
+   on the 3 mm grid).
 2. ``intensity_posterior`` weighs that spatial prior by an intensity model learnt from the same templates
    (histograms of the mapped HU inside and around the organ): bone stays in the mandible, fat leaves the
    parotid.
@@ -20,6 +22,7 @@ from scipy import ndimage
 from medlsam.geometry import inplane_axes
 from medlsam.grid import LocalizationGrid
 from medlsam.matching import OrganPatch, match_slabs
+from medlsam.registration import register_neighbourhood
 
 HISTOGRAM_BINS = 32  # over the grid's mapped intensities [0, 1]
 
@@ -54,15 +57,12 @@ class FilePrior:
         return out
 
 
-def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.ndarray]]]) -> OrganPrior:
-    """The mean of the patches' organ masks, each slab of a mask placed at its corner (grid indices);
-    ``placements[i]``: the (first slice, corner) of patch i's slabs (one slab: ``[(0, corner)]``)."""
-    pieces = []
-    for patch, slabs in zip(patches, placements):
-        mask = patch.mask.float().numpy()
-        edges = [z for z, _ in slabs] + [mask.shape[0]]
-        pieces += [(mask[edges[i] : edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
-    pieces = [(m, c) for m, c in pieces if m.size]
+Piece = tuple[np.ndarray, np.ndarray]  # a part of a template's organ mask and its corner on the query grid
+
+
+def fuse_placements(placements: list[list[Piece]]) -> OrganPrior:
+    """The mean over placements of template organ masks, each placement one or more pieces at their corners."""
+    pieces = [(m, np.asarray(c, dtype=int)) for placement in placements for m, c in placement if m.size]
     origin = np.min([c for _, c in pieces], axis=0)
     end = np.max([c + np.array(m.shape) for m, c in pieces], axis=0)
     total = np.zeros(end - origin, np.float32)
@@ -70,7 +70,14 @@ def fuse_masks(patches: list[OrganPatch], placements: list[list[tuple[int, np.nd
         at = corner - origin
         d, h, w = mask.shape
         total[at[0] : at[0] + d, at[1] : at[1] + h, at[2] : at[2] + w] += mask
-    return OrganPrior(origin=origin, probabilities=total / len(patches))
+    return OrganPrior(origin=origin, probabilities=total / len(placements))
+
+
+def slab_pieces(patch: OrganPatch, slabs: list[tuple[int, np.ndarray]]) -> list[Piece]:
+    """A patch's organ mask cut at its slabs' first slices, each piece at its slab's corner (``match_slabs``)."""
+    mask = patch.mask.float().numpy()
+    edges = [z for z, _ in slabs] + [mask.shape[0]]
+    return [(mask[edges[i] : edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
 
 
 def placed_masks(
@@ -79,14 +86,20 @@ def placed_masks(
     corners: list[np.ndarray],
     slab_thickness: int = 0,
     slab_radius: int = 2,
+    register: bool = False,
 ) -> OrganPrior:
     """The templates' masks fused where their patches matched (``corners``, from match_organ); with
-    ``slab_thickness`` > 0 each mask follows its slabs' own matches."""
-    if slab_thickness > 0:
-        placements = [match_slabs(array, p, c, slab_thickness, slab_radius) for p, c in zip(patches, corners)]
-    else:
-        placements = [[(0, c)] for c in corners]
-    return fuse_masks(patches, placements)
+    ``slab_thickness`` > 0 each mask follows its slabs' own matches; with ``register`` each template adds a second
+    placement, its mask warped by a similarity registration of its neighbourhood (``medlsam.registration``)."""
+    placements = []
+    for patch, corner in zip(patches, corners):
+        slabs = match_slabs(array, patch, corner, slab_thickness, slab_radius) if slab_thickness > 0 else [(0, corner)]
+        placements.append(slab_pieces(patch, slabs))
+        if register:
+            warped = register_neighbourhood(array, patch, corner)
+            if warped is not None:
+                placements.append([warped])
+    return fuse_placements(placements)
 
 
 def file_prior(
@@ -96,10 +109,12 @@ def file_prior(
     slab_thickness: int,
     slab_radius: int,
     intensity_power: float,
+    register: bool = False,
 ) -> FilePrior | None:
     """The organ's prior on the query file's voxels (None when it lies outside the file): the templates' masks
-    placed where they matched, weighed by their intensities when ``intensity_power`` > 0."""
-    prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius)
+    placed where they matched (and registered, with ``register``), weighed by their intensities when
+    ``intensity_power`` > 0."""
+    prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius, register)
     if intensity_power > 0:
         prior = intensity_posterior(prior, grid.array, patches, intensity_power)
     return prior_on_file(prior, grid)
