@@ -117,7 +117,7 @@ def scene(data_dir: Path) -> dict:
 def real_start(data_dir: Path) -> dict:
     """Scan 1's auto-segmentation as the app makes it: a bank of two protocol templates (scans 4 and 13), the
     template prior alone (no SAM), and each organ's posterior."""
-    from medlsam.localize import Localizer
+    from medlsam.localize import LocalizeOptions, Localizer
     from medlsam.network import load_medlam
     from medlsam.paths import default_medlam_path
     from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
@@ -133,12 +133,11 @@ def real_start(data_dir: Path) -> dict:
         names,
     )
     volume = load_ct(root / "images" / "openkbp_pt_1.nii.gz")
-    located = Localizer(model, bank).localize(volume, None, prior=True)["organs"]
-    label = (
-        MedLSAMPipeline(Localizer(model, bank), None, SegmentOptions(prior_weight=1.0))
-        .segment_locations(volume, located)
-        .label
-    )
+    # the slab-matched prior only: a start the refiner must correct along the cord's whole length (the registered
+    # prior's start for this scan is close enough to the truth that two clicks change only part of it)
+    localizer = Localizer(model, bank, LocalizeOptions(prior_registration=False))
+    located = localizer.localize(volume, None, prior=True)["organs"]
+    label = MedLSAMPipeline(localizer, None, SegmentOptions(prior_weight=1.0)).segment_locations(volume, located).label
     return {
         "volume": volume,
         "label": label,
