@@ -37,8 +37,8 @@ def register_neighbourhood(
     """The template's organ mask after a similarity registration of its neighbourhood, which matched at ``corner``
     of the query grid ``array``: (mask on a box of the grid, the box's corner), or None when the neighbourhood is
     too flat or small to register or the registration fails (the caller keeps the matched placement alone)."""
-    intensities = patch.intensities.float().numpy()
-    organ = patch.mask.float().numpy() > 0.5
+    intensities, mask = patch.intensities.float().numpy(), patch.mask.float().numpy()
+    organ = mask > 0.5
     if min(intensities.shape) < 4 or float(intensities.std()) < 1e-3 or not organ.any():
         return None
     corner = np.asarray(corner, dtype=int)
@@ -69,5 +69,5 @@ def register_neighbourhood(
         fitted = method.Execute(fixed, moving)
     except RuntimeError:  # e.g. every sample mapped outside the neighbourhood
         return None
-    warped = sitk.Resample(_image(patch.mask.float().numpy(), corner), fixed, fitted, sitk.sitkLinear, 0.0)
+    warped = sitk.Resample(_image(mask, corner), fixed, fitted, sitk.sitkLinear, 0.0)
     return sitk.GetArrayFromImage(warped).astype(np.float32), low
