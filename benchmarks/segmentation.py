@@ -44,6 +44,12 @@ from medlsam.volume import load_ct, read_volume  # noqa: E402
 ROWS = {
     "default": ("MedLSAM default (adapted weights with --adapted, else shipped)", "medlam", {}, "default"),
     "prior": ("template prior alone (no SAM)", "medlam", {"prior_weight": 1.0}, "shipped"),
+    "prior_weighted": (
+        "template prior alone, placements weighed by their match (sharpness 10)",
+        "medlam",
+        {"prior_weight": 1.0},
+        "shipped",
+    ),
     "prior_slabs": (
         "template prior alone, slab matching only (no registration)",
         "medlam",
@@ -98,7 +104,10 @@ ROWS = {
     ),
 }
 # rows whose localisation differs from the default (LocalizeOptions fields over the defaults)
-LOCALIZE = {"prior_slabs": {"prior_registration": False}}
+LOCALIZE = {
+    "prior_weighted": {"prior_match_sharpness": 10.0},
+    "prior_slabs": {"prior_registration": False},
+}
 STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
 
 

@@ -50,6 +50,11 @@ class LocalizeOptions:
     # the mean of both placements). Prior alone, 10 OpenKBP train scans that are not templates: 0.631 without,
     # 0.670 with; about 10 s more per 7-organ scan (benchmarks/notes/segmentation.md).
     prior_registration: bool = True
+    # With > 0 each placement weighs exp(prior_match_sharpness x the correlation of its template's intensities
+    # with the query's over the organ and 9 mm around it); 0: the plain mean. Prior alone with 10: +0.015 on 25
+    # OpenKBP train scans, but on the 33 validation scans +0.002, and the brainstem collapses on 5 of them
+    # (0.585 -> 0.496), so it is off (benchmarks/notes/segmentation.md).
+    prior_match_sharpness: float = 0.0
     # The prior weighs the template masks by the templates' intensity model (medlsam.prior.intensity_posterior);
     # 0: masks only.
     intensity_power: float = 2.0
@@ -237,6 +242,7 @@ class Localizer:
                 opts.prior_slab_radius,
                 opts.intensity_power,
                 opts.prior_registration,
+                opts.prior_match_sharpness,
             )
         lo, hi = grid.box_to_file(low, high)
         result.box_voxel = [lo.tolist(), hi.tolist()]

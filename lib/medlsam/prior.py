@@ -3,7 +3,7 @@
 1. Each template's organ mask is placed where its neighbourhood matched (``medlsam.matching``), slab by slab
    so that it bends with the organ, and once more warped by a similarity registration of that neighbourhood
    (``medlsam.registration``), so that it also scales and tilts; the placed masks are averaged (:class:`OrganPrior`,
-   on the 3 mm grid).
+   on the 3 mm grid) (optionally each weighed by how well its template's intensities match the query there).
 2. ``intensity_posterior`` weighs that spatial prior by an intensity model learnt from the same templates
    (histograms of the mapped HU inside and around the organ): bone stays in the mandible, fat leaves the
    parotid.
@@ -21,8 +21,8 @@ from scipy import ndimage
 
 from medlsam.geometry import inplane_axes
 from medlsam.grid import LocalizationGrid
-from medlsam.matching import OrganPatch, match_slabs
-from medlsam.registration import register_neighbourhood
+from medlsam.matching import OrganPatch, match_slabs, window_region
+from medlsam.registration import FOCUS_VOXELS, register_neighbourhood
 
 HISTOGRAM_BINS = 32  # over the grid's mapped intensities [0, 1]
 
@@ -57,27 +57,54 @@ class FilePrior:
         return out
 
 
-Piece = tuple[np.ndarray, np.ndarray]  # a part of a template's organ mask and its corner on the query grid
+Piece = tuple[np.ndarray, np.ndarray, np.ndarray]  # a part of a template's organ mask, its intensities, its corner
+Placement = list[Piece]  # one template's organ mask placed on the query grid, in one or more pieces
 
 
-def fuse_placements(placements: list[list[Piece]]) -> OrganPrior:
-    """The mean over placements of template organ masks, each placement one or more pieces at their corners."""
-    pieces = [(m, np.asarray(c, dtype=int)) for placement in placements for m, c in placement if m.size]
-    origin = np.min([c for _, c in pieces], axis=0)
-    end = np.max([c + np.array(m.shape) for m, c in pieces], axis=0)
+def placement_match(array: np.ndarray, placement: Placement) -> float:
+    """Correlation of a placement's template intensities with the query grid ``array`` over the template's organ
+    and ``FOCUS_VOXELS`` around it (where the placement has intensities); 0 when there is too little to compare."""
+    origin = np.min([c for _, _, c in placement], axis=0)
+    shape = np.max([c + np.array(m.shape) for m, _, c in placement], axis=0) - origin
+    mask, intensities = np.zeros(shape, np.float32), np.full(shape, -1.0, np.float32)
+    for part, values, corner in placement:
+        at = tuple(slice(a, a + n) for a, n in zip(corner - origin, part.shape))
+        mask[at], intensities[at] = part, values
+    focus = ndimage.binary_dilation(mask > 0.5, iterations=FOCUS_VOXELS) & (intensities >= 0)
+    if focus.sum() < 10:
+        return 0.0
+    x, y = intensities[focus], window_region(array, origin, shape)[focus]
+    if x.std() < 1e-6 or y.std() < 1e-6:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def fuse_placements(array: np.ndarray, placements: list[Placement], sharpness: float = 0.0) -> OrganPrior:
+    """The weighted mean of the placed template masks, each placement weighing exp(``sharpness`` x its
+    ``placement_match``) (0: the plain mean): a template whose neighbourhood matches the query better counts more."""
+    weights = np.ones(len(placements))
+    if sharpness > 0:
+        matches = np.array([placement_match(array, p) for p in placements])
+        weights = np.exp(sharpness * (matches - matches.max()))
+    pieces = [(m, np.asarray(c, dtype=int), w) for p, w in zip(placements, weights) for m, _, c in p if m.size]
+    origin = np.min([c for _, c, _ in pieces], axis=0)
+    end = np.max([c + np.array(m.shape) for m, c, _ in pieces], axis=0)
     total = np.zeros(end - origin, np.float32)
-    for mask, corner in pieces:
-        at = corner - origin
-        d, h, w = mask.shape
-        total[at[0] : at[0] + d, at[1] : at[1] + h, at[2] : at[2] + w] += mask
-    return OrganPrior(origin=origin, probabilities=total / len(placements))
+    for mask, corner, weight in pieces:
+        at = tuple(slice(a, a + n) for a, n in zip(corner - origin, mask.shape))
+        total[at] += mask if sharpness <= 0 else np.float32(weight) * mask
+    return OrganPrior(origin=origin, probabilities=total / np.float32(weights.sum()))
 
 
-def slab_pieces(patch: OrganPatch, slabs: list[tuple[int, np.ndarray]]) -> list[Piece]:
-    """A patch's organ mask cut at its slabs' first slices, each piece at its slab's corner (``match_slabs``)."""
-    mask = patch.mask.float().numpy()
+def slab_pieces(patch: OrganPatch, slabs: list[tuple[int, np.ndarray]]) -> Placement:
+    """A patch's organ mask and intensities cut at its slabs' first slices, each piece at its slab's corner
+    (``match_slabs``)."""
+    mask, intensities = patch.mask.float().numpy(), patch.intensities.float().numpy()
     edges = [z for z, _ in slabs] + [mask.shape[0]]
-    return [(mask[edges[i] : edges[i + 1]], np.asarray(c, dtype=int)) for i, (_, c) in enumerate(slabs)]
+    return [
+        (mask[edges[i] : edges[i + 1]], intensities[edges[i] : edges[i + 1]], np.asarray(c, dtype=int))
+        for i, (_, c) in enumerate(slabs)
+    ]
 
 
 def placed_masks(
@@ -87,10 +114,12 @@ def placed_masks(
     slab_thickness: int = 0,
     slab_radius: int = 2,
     register: bool = False,
+    match_sharpness: float = 0.0,
 ) -> OrganPrior:
     """The templates' masks fused where their patches matched (``corners``, from match_organ); with
     ``slab_thickness`` > 0 each mask follows its slabs' own matches; with ``register`` each template adds a second
-    placement, its mask warped by a similarity registration of its neighbourhood (``medlsam.registration``)."""
+    placement, its mask warped by a similarity registration of its neighbourhood (``medlsam.registration``); with
+    ``match_sharpness`` > 0 the placements that match the query better weigh more (``fuse_placements``)."""
     placements = []
     for patch, corner in zip(patches, corners):
         slabs = match_slabs(array, patch, corner, slab_thickness, slab_radius) if slab_thickness > 0 else [(0, corner)]
@@ -99,7 +128,7 @@ def placed_masks(
             warped = register_neighbourhood(array, patch, corner)
             if warped is not None:
                 placements.append([warped])
-    return fuse_placements(placements)
+    return fuse_placements(array, placements, match_sharpness)
 
 
 def file_prior(
@@ -110,11 +139,12 @@ def file_prior(
     slab_radius: int,
     intensity_power: float,
     register: bool = False,
+    match_sharpness: float = 0.0,
 ) -> FilePrior | None:
     """The organ's prior on the query file's voxels (None when it lies outside the file): the templates' masks
-    placed where they matched (and registered, with ``register``), weighed by their intensities when
-    ``intensity_power`` > 0."""
-    prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius, register)
+    placed where they matched (and registered, with ``register``; weighed by how well they match, with
+    ``match_sharpness``), weighed by their intensities when ``intensity_power`` > 0."""
+    prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius, register, match_sharpness)
     if intensity_power > 0:
         prior = intensity_posterior(prior, grid.array, patches, intensity_power)
     return prior_on_file(prior, grid)

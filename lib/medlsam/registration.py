@@ -5,7 +5,8 @@ also differ in size and tilt between patients: ``register_neighbourhood`` starts
 fits a similarity transform (rotation, one scale, translation; SimpleITK, correlation of the grid intensities) whose
 metric counts only the template's organ and ``FOCUS_VOXELS`` around it, so the surrounding anatomy (a mouth opened
 or closed, dental streaks) does not pull the organ away. The template's organ mask, warped by that transform, is
-one more placement for the prior (``medlsam.prior.file_prior``). Measured on OpenKBP train scans that are not
+one more placement for the prior (``medlsam.prior.file_prior``), with the template's intensities warped alike (the
+prior weighs each placement by how well they match the query). Measured on OpenKBP train scans that are not
 templates: benchmarks/notes/segmentation.md.
 """
 
@@ -33,10 +34,11 @@ def _image(array: np.ndarray, corner: np.ndarray) -> sitk.Image:
 
 def register_neighbourhood(
     array: np.ndarray, patch: OrganPatch, corner: np.ndarray
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The template's organ mask after a similarity registration of its neighbourhood, which matched at ``corner``
-    of the query grid ``array``: (mask on a box of the grid, the box's corner), or None when the neighbourhood is
-    too flat or small to register or the registration fails (the caller keeps the matched placement alone)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The template's organ mask and intensities after a similarity registration of its neighbourhood, which
+    matched at ``corner`` of the query grid ``array``: (mask, intensities, the corner of their box on the grid;
+    intensities -1 where the warped neighbourhood does not reach), or None when the neighbourhood is too flat or
+    small to register or the registration fails (the caller keeps the matched placement alone)."""
     intensities, mask = patch.intensities.float().numpy(), patch.mask.float().numpy()
     organ = mask > 0.5
     if min(intensities.shape) < 4 or float(intensities.std()) < 1e-3 or not organ.any():
@@ -70,4 +72,9 @@ def register_neighbourhood(
     except RuntimeError:  # e.g. every sample mapped outside the neighbourhood
         return None
     warped = sitk.Resample(_image(mask, corner), fixed, fitted, sitk.sitkLinear, 0.0)
-    return sitk.GetArrayFromImage(warped).astype(np.float32), low
+    warped_intensities = sitk.Resample(moving, fixed, fitted, sitk.sitkLinear, -1.0)
+    return (
+        sitk.GetArrayFromImage(warped).astype(np.float32),
+        sitk.GetArrayFromImage(warped_intensities).astype(np.float32),
+        low,
+    )
