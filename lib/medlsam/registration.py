@@ -6,8 +6,8 @@ fits a similarity transform (rotation, one scale, translation; SimpleITK, correl
 metric counts only the template's organ and ``FOCUS_VOXELS`` around it, so the surrounding anatomy (a mouth opened
 or closed, dental streaks) does not pull the organ away. The template's organ mask, warped by that transform, is
 one more placement for the prior (``medlsam.prior.file_prior``), with the template's intensities warped alike (with
-``LocalizeOptions.prior_match_sharpness`` > 0 the prior weighs each placement by how well they match the query). Measured on OpenKBP train scans that are not
-templates: benchmarks/notes/segmentation.md.
+``LocalizeOptions.prior_match_sharpness`` > 0 the prior weighs each placement by how well they match the query).
+Measured on OpenKBP train scans that are not templates: benchmarks/notes/segmentation.md.
 """
 
 from __future__ import annotations
