@@ -32,7 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(app: Path, studies: Path, port: int, conf: dict, log: Path) -> subprocess.Popen:
+def start_server(
+    app: Path, studies: Path, port: int, conf: dict, log: Path, tmpdir: Path | None = None
+) -> subprocess.Popen:
+    """`monailabel start_server` in its own process group; with tmpdir, the server's temporary files go there."""
     cmd = [
         str(Path(sys.executable).parent / "monailabel"),
         "start_server",
@@ -50,6 +53,8 @@ def start_server(app: Path, studies: Path, port: int, conf: dict, log: Path) -> 
     handle = open(log, "w")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MONAILABEL_PYEXE": sys.executable}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 

@@ -85,8 +85,10 @@ def server(tmp_path_factory, data_dir):
     (folder / "outside").mkdir()
     (app / "model" / "train_stats.json").write_text(json.dumps({"epoch": 1, "total_epochs": 4, "status": "running"}))
     port = free_port()
-    log = folder / "server.log"
-    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}, log)
+    log, tmp = folder / "server.log", folder / "tmp"
+    tmp.mkdir()
+    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}
+    process = start_server(app, studies, port, conf, log, tmpdir=tmp)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url, process, log=log)
@@ -100,6 +102,7 @@ def server(tmp_path_factory, data_dir):
             app / "logs",
             app / "bin",
             log,
+            tmp,
         ]
         env = {
             "url": url,
@@ -110,6 +113,7 @@ def server(tmp_path_factory, data_dir):
             "log": log,
             "process": process,
             "skip": skip,
+            "tmp": tmp,
         }
         env["before"] = _tree(folder, skip)
         yield env
@@ -121,6 +125,11 @@ def _unchanged(server) -> None:
     """Nothing written outside the datastore, model/ byte-identical, /info/ 200."""
     assert _tree(server["folder"], server["skip"]) == server["before"]
     assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+
+
+def _temporary_files(server) -> set[str]:
+    """The server's temporary folder (its TMPDIR): an upload is copied there, to be removed after the request."""
+    return {path.name for path in server["tmp"].iterdir()}
 
 
 def _infer(server, model: str, image: str, params: dict | None = None, **kwargs):
@@ -178,6 +187,7 @@ def test_infer_reads_only_datastore_images(server):
 
 def test_uploads_cannot_leave_the_datastore(server):
     url, app, ct = server["url"], server["app"], server["files"]["kbp2"][0].read_bytes()
+    temporary = _temporary_files(server)
     escaped = requests.put(
         f"{url}/datastore/", params={"image": "../escaped_img"}, files={"file": ("x.nii.gz", ct)}, timeout=60
     )
@@ -194,11 +204,13 @@ def test_uploads_cannot_leave_the_datastore(server):
     weights = requests.put(f"{url}/model/medlsam", files={"file": ("medlam.pt", b"junk")}, timeout=30)
     assert weights.status_code == 403, weights.text
     assert not list((server["folder"] / "outside").iterdir()) and not (app / "model" / "medlam.pt").exists()
+    assert _temporary_files(server) == temporary  # each refused upload's temporary copy is removed
     _unchanged(server)
 
 
 def test_bad_labels_are_refused_and_nothing_is_written(server):
     junk, good = server["files"]["junk"], server["files"]["kbp3"][1]
+    temporary = _temporary_files(server)
     cases = [  # (image, label file, label_info, what the refusal names); junk/* are on kbp2's (= lat's) grid
         ("kbp3", good, {"label_info": [{"name": "Brainstem", "idx": "abc"}]}, "idx"),
         ("kbp3", good, {"label_info": [{"name": "Brainstem", "idx": 1}, {"name": "Brainstem", "idx": 2}]}, "twice"),
@@ -227,6 +239,7 @@ def test_bad_labels_are_refused_and_nothing_is_written(server):
         timeout=30,
     )
     assert relabel.status_code == 400, relabel.text
+    assert _temporary_files(server) == temporary  # no refused label left a temporary copy behind
     planted = _infer(server, "medlam", "kbp2", {"save_label": True, "label_tag": "final"})
     assert planted.status_code == 400 and "label_tag" in planted.json()["detail"], planted.text
     assert not list(server["studies"].glob("labels/final/kbp2*"))

@@ -4,9 +4,10 @@ even with MONAI_LABEL_INFER_CONCURRENCY, whose pool is awaited on the loop), and
 a JSON object fails with a bare 500.
 
 ``install(app)`` re-registers the heavy endpoints (infer, /info/ and the datastore listing, which may wait on a
-DICOMweb server, datastore uploads, label/image info, training) as plain ``def`` endpoints, which FastAPI runs in
-its worker threads, after checking their parameters (400 naming the parameter). The original handlers, with their
-authentication dependencies, do the work unchanged.
+DICOMweb server, datastore and model uploads, label/image info, training) as plain ``def`` endpoints, which FastAPI
+runs in its worker threads, after checking their parameters (400 naming the parameter). The original handlers, with
+their authentication dependencies, do the work unchanged; when one raises, the cleanups it queued (the removal of an
+upload's temporary file) run at once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 from typing import Any, Callable, Dict, Optional
 
-from fastapi import HTTPException
+from fastapi import BackgroundTasks, HTTPException
 from fastapi.routing import APIRoute
 
 from lib.datastore import valid_name
@@ -89,16 +90,32 @@ def _offload(endpoint: Callable, check: Optional[Callable[[Dict[str, Any]], None
     def run(**kwargs):
         if check is not None:
             check(kwargs)
-        return asyncio.run(endpoint(**kwargs))  # the original only wraps blocking calls: no await inside
+        try:
+            return asyncio.run(endpoint(**kwargs))  # the original only wraps blocking calls: no await inside
+        except Exception:
+            _run_cleanups(kwargs.get("background_tasks"))
+            raise
 
     run.__signature__ = inspect.signature(endpoint)  # FastAPI reads the parameters (and auth) from it
     run.__name__, run.__doc__ = endpoint.__name__, endpoint.__doc__
     return run
 
 
+def _run_cleanups(tasks: Optional[BackgroundTasks]) -> None:
+    """Run the tasks an endpoint queued before it raised. MONAI Label queues the removal of an upload's temporary
+    file as a background task, which Starlette runs only after a successful response: without this every refused
+    upload (a 400 for a bad label, a 409 for an existing image) would stay in the temporary folder."""
+    for task in list(tasks.tasks) if tasks is not None else []:
+        if not task.is_async:
+            try:
+                task.func(*task.args, **task.kwargs)
+            except Exception:  # a cleanup must not hide the refusal the client is owed
+                logger.exception(f"cleanup {getattr(task.func, '__name__', task.func)} failed")
+
+
 def install(app) -> int:
     """Re-register the heavy MONAI Label endpoints of ``app`` as checked worker-thread endpoints (idempotent)."""
-    from monailabel.endpoints import datastore, infer, info, train
+    from monailabel.endpoints import datastore, infer, info, model, train
 
     targets = {
         infer.api_run_inference: check_infer,
@@ -113,6 +130,7 @@ def install(app) -> int:
         datastore.api_update_label_info: check_form("params"),
         datastore.api_remove_image: None,
         datastore.api_remove_label: None,
+        model.api_update_model: None,  # refused by the app (403), after the upload was copied to a temporary file
         train.api_run: check_train,
         train.api_run_model: check_train,
     }
