@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from medlsam.paths import default_medlam_path  # noqa: E402
 from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
 from medlsam.sam import build_segmenter  # noqa: E402
 from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
+from medlsam.templates import TemplateBank  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
 # key -> (row name, prompts: MedLAM's localisation or ground truth, SegmentOptions fields over the defaults,
@@ -50,6 +52,13 @@ ROWS = {
         {"prior_weight": 1.0},
         "shipped",
     ),
+    "prior_uncalibrated": (
+        "template prior alone, uncalibrated (every organ cut at 0.5)",
+        "medlam",
+        {"prior_weight": 1.0},
+        "shipped",
+    ),
+    "default_uncalibrated": ("MedLSAM default, uncalibrated prior", "medlam", {}, "default"),
     "prior_slabs": (
         "template prior alone, slab matching only (no registration)",
         "medlam",
@@ -108,7 +117,15 @@ LOCALIZE = {
     "prior_weighted": {"prior_match_sharpness": 10.0},
     "prior_slabs": {"prior_registration": False},
 }
+# rows whose bank has every organ's prior cut at 0.5 (as before medlsam.calibration)
+UNCALIBRATED = {"prior_uncalibrated", "default_uncalibrated"}
 STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
+
+
+def uncalibrated(bank: TemplateBank) -> TemplateBank:
+    """A copy of ``bank`` whose organs' priors are all cut at 0.5."""
+    organs = {name: replace(organ, prior_cut=0.5) for name, organ in bank.organs.items()}
+    return TemplateBank(organs, bank.model_fingerprint, bank.sources)
 
 
 def truth_locations(
@@ -172,7 +189,8 @@ def run(
     pipelines = {}
     for key in rows:
         opts = SegmentOptions(**{**options.__dict__, **ROWS[key][2]})
-        localizer = Localizer(model, bank, LocalizeOptions(**LOCALIZE.get(key, {})))
+        row_bank = uncalibrated(bank) if key in UNCALIBRATED else bank
+        localizer = Localizer(model, row_bank, LocalizeOptions(**LOCALIZE.get(key, {})))
         pipelines[key] = MedLSAMPipeline(localizer, segmenters[ROWS[key][3]], opts)
     names = [ROWS[key][0] for key in rows]
     results: dict = {name: {} for name in names}
@@ -197,7 +215,7 @@ def run(
                 embeddings = shared.with_segmenter(pipeline.segmenter)
                 if prompts == "medlam":  # rows with the same localisation share it (it is deterministic)
                     opts = pipeline.options
-                    how = (opts.localizer_mode, opts.uses_prior, str(LOCALIZE.get(key)))
+                    how = (opts.localizer_mode, opts.uses_prior, str(LOCALIZE.get(key)), key in UNCALIBRATED)
                     tic = time.perf_counter()
                     if how not in located:
                         located[how] = pipeline.localizer.localize(

@@ -94,7 +94,8 @@ def test_templates_show_lists_organs_sources_and_the_medlam(case, capsys):
     printed = capsys.readouterr().out
     assert "version 3" in printed and "matches" in printed and "NOT" not in printed
     for value, name in keep.items():
-        assert any(line.split()[:3] == [str(value), name, "1"] for line in printed.splitlines())
+        # one template: no other to hold out, so its prior is cut at 0.5 (uncalibrated)
+        assert any(line.split()[:4] == [str(value), name, "1", "0.5"] for line in printed.splitlines())
     assert cli_main(["templates", "show", str(out / "bank.pt"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["matches_medlam"] and summary["sources"] == ["slab"]

@@ -3,7 +3,9 @@ the templates' organ slices, prompted the way inference prompts it.
 
 1. ``training_slices``: each template is localised with a bank of the *other* templates (leave one out), so its
    organ prior, the prior's slice boxes and the prior as mask prompt are what inference would hand SAM on an
-   unseen scan. Every organ slice is encoded once by the frozen image encoder (optionally cached on disk).
+   unseen scan (the priors calibrated by the cuts those held-out priors choose, as the bank's are:
+   ``medlsam.calibration``). Every organ slice is encoded once by the frozen image encoder (optionally cached on
+   disk).
 2. ``adapt_segmenter``: the decoder learns, on those cached embeddings, to turn (prior box or jittered true box,
    prior as mask prompt) into the true mask (binary cross-entropy + soft Dice on the slice grid).
 3. ``save_adapted``: the whole model's weights plus a record (backend, templates, organs, options), written
@@ -18,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from medlsam.atomic import torch_save_atomic
+from medlsam.calibration import choose_cuts, cut_scores, held_out_locations
 from medlsam.errors import MedLSAMError, TemplateError
-from medlsam.localize import Localizer
 from medlsam.metrics import cranio_caudal_axis
+from medlsam.prior import calibrated
 from medlsam.prompts import prompts_for
 from medlsam.sam.segmenter import Embedding, SamFamilySegmenter
 from medlsam.sam.slices import DEFAULT_WINDOW, SliceEmbeddings
-from medlsam.templates import build_bank, load_bank, merge_banks
+from medlsam.templates import build_bank, load_bank
 from medlsam.volume import CTVolume, load_ct, read_volume
 
 logger = logging.getLogger(__name__)
@@ -138,14 +141,19 @@ def training_slices(
     elif len(banks) != len(volumes):
         raise TemplateError(f"{len(volumes)} templates but {len(banks)} banks")
     logger.info(f"adapt: {len(banks)} one-template banks in {time.perf_counter() - tic:.1f} s")
+    held_out = [held_out_locations(medlam, banks, i, volume) for i, volume in enumerate(volumes)]
+    values = [_names_by_value(names, bank) for bank in banks]
+    cuts = choose_cuts([cut_scores(h, lab.array, v) for h, lab, v in zip(held_out, label_volumes, values)])
+    logger.info(f"adapt: {len(volumes)} templates localised with the others' banks; prior cuts {cuts}")
     out: list[TrainingSlice] = []
     for i, (volume, label) in enumerate(zip(volumes, label_volumes)):
-        others = merge_banks([b for j, b in enumerate(banks) if j != i])
-        values = _names_by_value(names, banks[i])
-        organs = [o for o in values if o in others.organs]
+        located = {  # the priors as inference gives them: calibrated by the cuts the bank would choose
+            o: loc if loc.prior is None else replace(loc, prior=calibrated(loc.prior, cuts.get(o, 0.5)))
+            for o, loc in held_out[i].items()
+        }
+        organs = list(located)
         if not organs:
             continue
-        located = Localizer(medlam, others).localize(volume, organs, mode="wpl", prior=True)["organs"]
         axis = cranio_caudal_axis(volume.affine)
         embeddings = SliceEmbeddings(
             segmenter,
@@ -157,7 +165,7 @@ def training_slices(
         prompts = {
             o: prompts_for(located[o], "prior", axis, volume.shape, True, opt.prior_box_threshold) for o in organs
         }
-        truth = {o: label.array == values[o] for o in organs}
+        truth = {o: label.array == values[i][o] for o in organs}
         truth_slices = {
             o: set(np.flatnonzero(np.moveaxis(truth[o], axis, 0).any(axis=(1, 2))).tolist()) for o in organs
         }

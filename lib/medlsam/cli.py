@@ -98,10 +98,10 @@ def _templates_show(args: argparse.Namespace) -> None:
     print(f"  MedLAM fingerprint {summary['model_fingerprint']}: {verdict}")
     print(f"  source scans ({len(summary['sources'])}): " + ", ".join(Path(s).name for s in summary["sources"]))
     print(f"  organs ({len(summary['organs'])}):")
-    print(f"    {'value':>5s}  {'organ':16s} {'templates':>9s}  mean extent (mm, z x y x x)")
+    print(f"    {'value':>5s}  {'organ':16s} {'templates':>9s}  {'prior cut':>9s}  mean extent (mm, z x y x x)")
     for name, organ in summary["organs"].items():
         size = " x ".join(f"{v:.0f}" for v in organ["size_mm"])
-        print(f"    {organ['value']:5d}  {name:16s} {organ['templates']:9d}  {size}")
+        print(f"    {organ['value']:5d}  {name:16s} {organ['templates']:9d}  {organ['prior_cut']:9.1f}  {size}")
 
 
 def _templates_build(args: argparse.Namespace) -> None:

@@ -243,6 +243,7 @@ class Localizer:
                 opts.intensity_power,
                 opts.prior_registration,
                 opts.prior_match_sharpness,
+                organ.prior_cut,
             )
         lo, hi = grid.box_to_file(low, high)
         result.box_voxel = [lo.tolist(), hi.tolist()]

@@ -6,7 +6,7 @@
    on the 3 mm grid) (optionally each weighed by how well its template's intensities match the query there).
 2. ``intensity_posterior`` weighs that spatial prior by an intensity model learnt from the same templates
    (histograms of the mapped HU inside and around the organ): bone stays in the mandible, fat leaves the
-   parotid.
+   parotid. ``calibrated`` then maps the organ's cut, chosen on the templates (``medlsam.calibration``), to 0.5.
 3. ``prior_on_file`` samples it at the query file's voxels (trilinear): a :class:`FilePrior`, from which the
    segmentation stage takes a box prompt on every slice (it follows oblique and curved organs, which one 3D
    box cannot) and against which it weighs SAM's masks.
@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -140,14 +140,27 @@ def file_prior(
     intensity_power: float,
     register: bool = False,
     match_sharpness: float = 0.0,
+    cut: float = 0.5,
 ) -> FilePrior | None:
     """The organ's prior on the query file's voxels (None when it lies outside the file): the templates' masks
     placed where they matched (and registered, with ``register``; weighed by how well they match, with
-    ``match_sharpness``), weighed by their intensities when ``intensity_power`` > 0."""
+    ``match_sharpness``), weighed by their intensities when ``intensity_power`` > 0, calibrated so that ``cut``
+    becomes 0.5."""
     prior = placed_masks(grid.array, patches, corners, slab_thickness, slab_radius, register, match_sharpness)
     if intensity_power > 0:
         prior = intensity_posterior(prior, grid.array, patches, intensity_power)
-    return prior_on_file(prior, grid)
+    return prior_on_file(calibrated(prior, cut), grid)
+
+
+def calibrated(prior: OrganPrior | FilePrior, cut: float) -> OrganPrior | FilePrior:
+    """The prior raised to the power that maps ``cut`` to 0.5 (0 and 1 stay, the order of voxels stays): the
+    organ's chosen cut (``medlsam.calibration``) becomes the 0.5 every later stage cuts at. 0.5: unchanged."""
+    if not 0.0 < cut < 1.0:
+        raise ValueError(f"prior cut must lie in (0, 1), got {cut}")
+    if cut == 0.5:
+        return prior
+    power = np.float32(np.log(0.5) / np.log(cut))
+    return replace(prior, probabilities=np.clip(prior.probabilities, 0.0, 1.0) ** power)
 
 
 def intensity_histograms(patches: list[OrganPatch]) -> tuple[np.ndarray, np.ndarray]:

@@ -67,10 +67,14 @@ def register_neighbourhood(
     method.SetShrinkFactorsPerLevel([2, 1])
     method.SetSmoothingSigmasPerLevel([1.0, 0.0])
     method.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a diverging fit warns on stderr per iteration; it is declined
     try:
         fitted = method.Execute(fixed, moving)
     except RuntimeError:  # e.g. every sample mapped outside the neighbourhood
         return None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     warped = sitk.Resample(_image(mask, corner), fixed, fitted, sitk.sitkLinear, 0.0)
     warped_intensities = sitk.Resample(moving, fixed, fitted, sitk.sitkLinear, -1.0)
     return (

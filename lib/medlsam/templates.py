@@ -83,6 +83,7 @@ class OrganTemplate:
     count: int  # templates averaged
     size_mm: list[float] = field(default_factory=list)  # mean box extent along (z, y, x)
     neighbourhoods: list[OrganPatch] = field(default_factory=list)  # per template: intensities around the organ
+    prior_cut: float = 0.5  # where its prior is cut, chosen on the templates held out (medlsam.calibration)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class TemplateBank:
                     "neighbourhoods": [p.intensities for p in o.neighbourhoods],
                     "neighbourhood_boxes": [p.box for p in o.neighbourhoods],
                     "neighbourhood_masks": [p.mask for p in o.neighbourhoods],
+                    "prior_cut": o.prior_cut,
                 }
                 for name, o in self.organs.items()
             },
@@ -127,7 +129,7 @@ class TemplateBank:
             "model_fingerprint": self.model_fingerprint,
             "sources": list(self.sources),
             "organs": {
-                name: {"value": o.value, "templates": o.count, "size_mm": o.size_mm}
+                name: {"value": o.value, "templates": o.count, "size_mm": o.size_mm, "prior_cut": o.prior_cut}
                 for name, o in sorted(self.organs.items(), key=lambda kv: kv[1].value)
             },
         }
@@ -172,6 +174,7 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
                     OrganPatch(t, b, m)
                     for t, b, m in zip(o["neighbourhoods"], o["neighbourhood_boxes"], o["neighbourhood_masks"])
                 ],
+                prior_cut=float(o.get("prior_cut", 0.5)),  # banks saved before the calibration: uncalibrated
             )
             for name, o in data["organs"].items()
         },
@@ -248,8 +251,11 @@ def build_bank(
     labels: list | None = None,
     names: dict[int, str] | None = None,
     extreme_points_json: list[dict | None] | None = None,
+    calibrate: bool = True,
 ) -> TemplateBank:
-    """Build a bank from template scans with labels and/or six extreme points per organ (file indices)."""
+    """Build a bank from template scans with labels and/or six extreme points per organ (file indices); with
+    ``calibrate`` and at least three labelled templates, each organ's prior cut is chosen by leaving one labelled
+    template out (``medlsam.calibration``)."""
     labels = labels or [None] * len(images)
     points_json = extreme_points_json or [None] * len(images)
     if not (len(images) == len(labels) == len(points_json)):
@@ -271,6 +277,13 @@ def build_bank(
         raise TemplateError(f"organ(s) {absent} named in the label names are in none of the templates")
     if not bank.organs:
         raise TemplateError("no organ found in the templates")
+    if calibrate:
+        from medlsam.calibration import prior_cuts, with_cuts  # calibration localises: it imports this module
+
+        held = [i for i, label in enumerate(labels) if label is not None]
+        with_cuts(
+            bank, prior_cuts(model, [banks[i] for i in held], [images[i] for i in held], [labels[i] for i in held])
+        )
     return bank
 
 

@@ -51,7 +51,8 @@ class TemplateSource:
         self._progress: dict = {"state": "not built"}  # what /info/ reports (template_bank)
 
     def progress(self) -> dict:
-        """The bank build's state for /info/: not built | building (built k of N) | ready | failed (why)."""
+        """The bank build's state for /info/: not built | building (built k of N; then its prior cuts) | ready | failed
+        (why)."""
         with self._lock:
             return dict(self._progress)
 
@@ -231,12 +232,9 @@ class TemplateSource:
             if self._build is not None:
                 self._build.cancel.set()
 
-    def _template_bank(self, model, fingerprint: str, item: dict):
-        """One template's bank (cached on disk per image, label and model; refusals cached in memory)."""
-        from medlsam.templates import build_bank, load_bank
-        from medlsam.volume import read_volume
-
-        digest = hashlib.sha1(
+    def _template_digest(self, fingerprint: str, item: dict) -> str:
+        """What one template's bank depends on: the model, the image, the label and its names."""
+        return hashlib.sha1(
             json.dumps(
                 [
                     fingerprint,
@@ -247,6 +245,13 @@ class TemplateSource:
                 ]
             ).encode()
         ).hexdigest()[:12]
+
+    def _template_bank(self, model, fingerprint: str, item: dict):
+        """One template's bank (cached on disk per image, label and model; refusals cached in memory)."""
+        from medlsam.templates import build_bank, load_bank
+        from medlsam.volume import read_volume
+
+        digest = self._template_digest(fingerprint, item)
         if digest in self._unusable:
             raise TemplateError(self._unusable[digest])
         folder = self.model_dir / "templates"
@@ -276,7 +281,8 @@ class TemplateSource:
                 raise TemplateError(
                     f"final label of {item['id']}: value(s) {big} cover over {MAX_ORGAN_FRACTION:.0%} of the scan"
                 )
-            bank = build_bank(model, [item["image"]], [label], self.template_names(item, sorted(organs)))
+            names = self.template_names(item, sorted(organs))
+            bank = build_bank(model, [item["image"]], [label], names, calibrate=False)
         except MedLSAMError as exc:
             self._unusable[digest] = str(exc)
             raise
@@ -295,9 +301,11 @@ class TemplateSource:
         cancel: threading.Event | None = None,
     ):
         """The bank of the newest ``templates`` usable candidates (unusable ones are skipped and reported)."""
+        from medlsam.calibration import with_cuts
         from medlsam.templates import merge_banks
 
         banks, used, skipped = [], [], {}
+        by_id = {item["id"]: item for item in candidates}
         for item in candidates:
             if len(banks) >= self.max_templates:
                 break
@@ -320,12 +328,44 @@ class TemplateSource:
         if not banks:
             raise NoTemplatesError("no usable template: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         bank = merge_banks(banks, names)
+        with_cuts(bank, self._prior_cuts(model, fingerprint, [by_id[i] for i in used], banks, cancel))
         info = {
             "templates": sorted(used),
             "skipped": skipped,
-            "organs": {n: {"value": o.value, "templates": o.count} for n, o in bank.organs.items()},
+            "organs": {
+                n: {"value": o.value, "templates": o.count, "prior_cut": o.prior_cut} for n, o in bank.organs.items()
+            },
         }
         return bank, info
+
+    def _prior_cuts(
+        self, model, fingerprint: str, items: list[dict], banks: list, cancel: threading.Event | None
+    ) -> dict[str, float]:
+        """Each organ's prior cut chosen by leaving one template out (``medlsam.calibration``), kept on disk per
+        set of templates; {} (every organ cut at 0.5) when it cannot be chosen."""
+        from medlsam.calibration import CalibrationCancelled, prior_cuts
+
+        digest = hashlib.sha1(json.dumps([self._template_digest(fingerprint, i) for i in items]).encode()).hexdigest()
+        path = self.model_dir / "templates" / f"prior-cuts-{digest[:12]}.json"
+        if path.is_file():
+            try:
+                return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+            except (ValueError, AttributeError):
+                path.unlink(missing_ok=True)
+        tic = time.perf_counter()
+        self._report(state="building", built=len(banks), of=len(banks), step="prior cuts (templates held out)")
+        try:
+            cuts = prior_cuts(model, banks, [i["image"] for i in items], [i["label"] for i in items], cancel)
+        except CalibrationCancelled:
+            raise BuildCancelled() from None
+        except Exception as exc:  # noqa: BLE001 - an uncalibrated prior still serves
+            logger.warning(f"template bank: prior cuts not chosen, every organ cut at 0.5: {scrub_paths(str(exc))}")
+            return {}
+        for old in path.parent.glob("prior-cuts-*.json"):
+            old.unlink(missing_ok=True)
+        write_json_atomic(cuts, path)
+        logger.info(f"template bank: prior cuts {cuts} chosen in {time.perf_counter() - tic:.1f} s")
+        return cuts
 
     def rebuild_in_background(self) -> None:
         """Start building the bank now (after a label change) so that the next medlsam finds it ready; a build
