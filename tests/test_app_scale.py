@@ -87,6 +87,37 @@ def test_batch_infer_labels_every_datastore_image(server):
     assert "original" not in listing["objects"]["kbp1"]["labels"]
 
 
+@pytest.mark.slow
+def test_three_templates_choose_each_organs_prior_cut(server, data_dir, tmp_path):
+    """Two more templates saved through the API: the bank holds each of the three out in turn to choose the
+    brainstem's prior cut (medlsam.calibration), reports it in templates.json and keeps it for that template set."""
+    from medlsam.calibration import CUTS
+
+    url = server["url"]
+    for case in (2, 3):
+        image, label = tiny_case(data_dir, case, [1], tmp_path, f"cut{case}")
+        added = requests.put(
+            f"{url}/datastore/image", params={"image": f"cut{case}"}, files={"file": (image.name, image.read_bytes())}
+        )
+        assert added.status_code == 200, added.text
+        saved = requests.put(
+            f"{url}/datastore/label",
+            params={"image": f"cut{case}", "tag": "final"},
+            data={"params": json.dumps(label_info([1]))},
+            files={"label": (label.name, label.read_bytes())},
+        )
+        assert saved.status_code == 200, saved.text
+    result = requests.post(
+        f"{url}/infer/medlam", params={"image": "kbp2", "output": "json"}, data={"params": "{}"}, timeout=300
+    )
+    assert result.status_code == 200 and result.json()["templates"] == ["cut2", "cut3", "kbp1"], result.text
+    organs = json.loads((server["app"] / "model" / "templates.json").read_text())["organs"]
+    assert organs["Brainstem"]["templates"] == 3 and organs["Brainstem"]["prior_cut"] in CUTS, organs
+    kept = list((server["app"] / "model" / "templates").glob("prior-cuts-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"Brainstem": organs["Brainstem"]["prior_cut"]}
+    assert requests.get(f"{url}/info/").json()["template_bank"]["state"] == "ready"
+
+
 def _tree(pid: int) -> list:
     try:
         return psutil.Process(pid).children(recursive=True)
