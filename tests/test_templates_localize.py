@@ -123,6 +123,14 @@ def test_bank_round_trip_and_model_fingerprint(bank, model, tmp_path):
         load_bank(path, other)
     with pytest.raises(TemplateError, match="not found"):
         load_bank(tmp_path / "missing.pt")
+    data = torch.load(path, weights_only=True)
+    data["organs"]["Bar"]["prior_cut"] = float("nan")  # a damaged or hand-edited bank
+    torch.save(data, tmp_path / "bad_cut.pt")
+    with pytest.raises(TemplateError, match="prior cut outside"):
+        load_bank(tmp_path / "bad_cut.pt")
+    del data["organs"]["Bar"]["prior_cut"]  # a bank saved before the calibration: uncalibrated
+    torch.save(data, tmp_path / "old.pt")
+    assert load_bank(tmp_path / "old.pt").organs["Bar"].prior_cut == 0.5
 
 
 def test_unknown_organ_is_refused(bank, model):

@@ -181,6 +181,9 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
         model_fingerprint=data["model_fingerprint"],
         sources=list(data["sources"]),
     )
+    bad = {name: o.prior_cut for name, o in bank.organs.items() if not 0.0 < o.prior_cut < 1.0}
+    if bad:
+        raise TemplateError(f"{path}: prior cut outside (0, 1) for {bad}; rebuild it with `medlsam templates build`")
     if model is not None and model_fingerprint(model) != bank.model_fingerprint:
         raise TemplateError(
             f"{path}: template bank was built with another MedLAM model (fingerprint {bank.model_fingerprint}, "

@@ -349,9 +349,12 @@ class TemplateSource:
         path = self.model_dir / "templates" / f"prior-cuts-{digest[:12]}.json"
         if path.is_file():
             try:
-                return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+                kept = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+                if all(0.0 < v < 1.0 for v in kept.values()):
+                    return kept
             except (ValueError, AttributeError):
-                path.unlink(missing_ok=True)
+                pass
+            path.unlink(missing_ok=True)  # unreadable or out of range: chosen again
         tic = time.perf_counter()
         self._report(state="building", built=len(banks), of=len(banks), step="prior cuts (templates held out)")
         try:
