@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medlsam.atomic import torch_save_atomic
-from medlsam.calibration import choose_cuts, cut_scores, held_out_locations
+from medlsam.calibration import MAX_HELD_OUT, choose_cuts, cut_scores, held_out_locations
 from medlsam.errors import MedLSAMError, TemplateError
 from medlsam.metrics import cranio_caudal_axis
 from medlsam.prior import calibrated
@@ -143,7 +143,8 @@ def training_slices(
     logger.info(f"adapt: {len(banks)} one-template banks in {time.perf_counter() - tic:.1f} s")
     held_out = [held_out_locations(medlam, banks, i, volume) for i, volume in enumerate(volumes)]
     values = [_names_by_value(names, bank) for bank in banks]
-    cuts = choose_cuts([cut_scores(h, lab.array, v) for h, lab, v in zip(held_out, label_volumes, values)])
+    scored = list(zip(held_out, label_volumes, values))[:MAX_HELD_OUT]  # the templates the bank's cuts come from
+    cuts = choose_cuts([cut_scores(h, lab.array, v) for h, lab, v in scored])
     logger.info(f"adapt: {len(volumes)} templates localised with the others' banks; prior cuts {cuts}")
     out: list[TrainingSlice] = []
     for i, (volume, label) in enumerate(zip(volumes, label_volumes)):
