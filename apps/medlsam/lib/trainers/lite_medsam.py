@@ -18,6 +18,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.models import Models
 from lib.template_source import TemplateSource
 from lib.trainers.options import check_train_options
+from medlsam.adapt import AdaptOptions
 from medlsam.devices import check_device, device_choices
 from medlsam.errors import MedLSAMError, TemplateError
 
@@ -35,7 +36,13 @@ class LiteMedSAMTrainer(TrainTask):
         self.models, self.templates = models, templates
         self.running = False  # an adaptation runs in this process (run_sync)
         self._stats = None  # (file key, record) of the published weights
-        self._config = {"steps": 300, "slice_step": 2, "threads": 0, "device": device_choices()}
+        defaults = AdaptOptions()  # the measured defaults of `medlsam adapt`
+        self._config = {
+            "steps": defaults.steps,
+            "slice_step": defaults.slice_step,
+            "threads": 0,
+            "device": device_choices(),
+        }
 
     def config(self):
         return self._config
@@ -75,7 +82,7 @@ class LiteMedSAMTrainer(TrainTask):
 
     def run_adaptation(self, options: dict) -> dict:
         """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
-        from medlsam.adapt import AdaptOptions, fit, save_adapted, training_slices
+        from medlsam.adapt import fit, save_adapted, training_slices
         from medlsam.sam import build_segmenter
 
         tic = time.perf_counter()
