@@ -386,18 +386,13 @@ def choose_prior_weights(held_out: dict[str, dict[float, list[int]]]) -> dict[st
     choose per organ), except that an organ whose prior alone (w 1) beats that blend by more than SAM_TOLERANCE
     gets 1 (SAM is not run for it). Chosen on OpenKBP train scans that are not templates: per-organ choices
     followed the held-out folds' noise and dropped SAM where it pays (benchmarks/results/segmentation.md)."""
-    organs = [o for o, per in held_out.items() if per]
-    if not organs:
+    if not held_out:
         return {}
-    shared = [w for w in WEIGHT_CHOICES if all(w in held_out[o] for o in organs)]
-    mean = {w: float(np.mean([_dice(held_out[o][w]) for o in organs])) for w in shared}
-    blend = max(shared, key=lambda w: (round(mean[w], 6), w))  # ties: the larger weight (less SAM)
-    weights = {}
-    for organ in organs:
-        per = held_out[organ]
-        alone = _dice(per[1.0]) if 1.0 in per else -1.0
-        weights[organ] = 1.0 if alone > _dice(per[blend]) + SAM_TOLERANCE else blend
-    return weights
+    mean = {w: float(np.mean([_dice(per[w]) for per in held_out.values()])) for w in WEIGHT_CHOICES}
+    blend = max(WEIGHT_CHOICES, key=lambda w: (round(mean[w], 6), w))  # ties: the larger weight (less SAM)
+    return {
+        organ: 1.0 if _dice(per[1.0]) > _dice(per[blend]) + SAM_TOLERANCE else blend for organ, per in held_out.items()
+    }
 
 
 def fit(
