@@ -1,4 +1,5 @@
-"""Segmentation benchmark on the OpenKBP validation split (protocol: ../shared/docs/evaluation.md).
+"""Segmentation benchmark on the OpenKBP validation split (protocol: ../shared/docs/evaluation.md), or on train
+scans that are not templates (``--split train``: for tuning, never reported as the result).
 
 Per organ Dice and HD95 (a missed organ counts Dice 0 and is never dropped; its HD95 is reported missing)
 for the rows of ROWS: the default pipeline (MedLAM + template matching, per-slice boxes of the organ prior,
@@ -9,6 +10,7 @@ slice). Writes benchmarks/results/segmentation.md, .json and .png (--out), and a
 benchmarks/notes/segmentation.md (the measured account of what was tried).
 
     python benchmarks/segmentation.py [--rows default,prior,wpl] [--cases N] [--first-case N] [--threads 1]
+                                      [--split validation|train]
                                       [--bank BANK] [--set key=value] [--model CKPT] [--backend lite_medsam]
 
 The rows of one scan share one slice-embedding cache; the timing split and the encoder calls are those of
@@ -281,6 +283,7 @@ def write_report(
     model_path: Path,
     templates: list[str],
     n_cases: int,
+    split: str,
     options: SegmentOptions,
     backend: str,
     command: str,
@@ -294,9 +297,11 @@ def write_report(
     enc = float(np.median([c["encoder_calls"] for c in calls.values()]))
     ref = float(np.median([c["reference_encoder_calls"] for c in calls.values()]))
     lines = [
-        "# Segmentation benchmark (OpenKBP validation split)",
+        f"# Segmentation benchmark (OpenKBP {split} split)",
         "",
-        f"- Scans: {n_cases} validation cases; templates: {', '.join(templates)} (as the localisation benchmark); "
+        f"- Scans: {n_cases} {split} cases"
+        + (" that are not templates" if split == "train" else "")
+        + "; templates: {', '.join(templates)} (as the localisation benchmark); "
         "only contoured organs are scored.",
         f"- MedLAM model: `{model_path}`; segmenter: `{backend}`; options: `{options}`; machine: {machine_line()}.",
         "- Dice: 3D on the scan's own grid, a missed organ (not found, empty mask) counts 0; HD95 in mm over the "
@@ -388,7 +393,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="MedLAM checkpoint (default: the shipped model)")
     parser.add_argument("--data", type=Path, help="openkbp folder (default: $MEDLSAM_DATA/openkbp)")
-    parser.add_argument("--cases", type=int, default=0, help="only the first N validation cases")
+    parser.add_argument("--cases", type=int, default=0, help="only the first N cases of the split")
     parser.add_argument("--backend", default="lite_medsam")
     parser.add_argument("--checkpoint", help="segmenter weights (SAM/MedSAM backends)")
     parser.add_argument(
@@ -413,7 +418,13 @@ def main() -> None:
     parser.add_argument(
         "--rows", default=",".join(ROWS), help=f"comma-separated rows, the first timed: {', '.join(ROWS)}"
     )
-    parser.add_argument("--first-case", type=int, default=0, help="skip the first N validation cases")
+    parser.add_argument("--first-case", type=int, default=0, help="skip the first N cases of the split")
+    parser.add_argument(
+        "--split",
+        choices=("validation", "train"),
+        default="validation",
+        help="validation (the reported figures) or train scans that are not templates (tuning)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "segmentation", help="report path without suffix")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -431,14 +442,25 @@ def main() -> None:
     missing = [r for r in rows if ROWS[r][3] not in segmenters]
     if missing:
         parser.error(f"rows {missing} need --adapted WEIGHTS (medlsam adapt on the templates)")
-    cases = data.split("validation")[args.first_case :][: args.cases or None]
     templates = data.templates(5)
+    cases = [c for c in data.split(args.split) if c["id"] not in templates][args.first_case :][: args.cases or None]
     options = SegmentOptions(**dict(_option(item) for item in args.set))
     bank = template_bank(data, model, templates, args.bank)
     results = run(data, model, segmenters, cases, bank, options, rows, args.embedding_cache)
     summaries = {ROWS[key][0]: summarise(results[ROWS[key][0]]) for key in rows}
     command = "python benchmarks/segmentation.py " + " ".join(sys.argv[1:])
-    write_report(results, summaries, Path(model_path), templates, len(cases), options, args.backend, command, args.out)
+    write_report(
+        results,
+        summaries,
+        Path(model_path),
+        templates,
+        len(cases),
+        args.split,
+        options,
+        args.backend,
+        command,
+        args.out,
+    )
     print(args.out.with_suffix(".md").read_text())
 
 

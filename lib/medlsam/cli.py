@@ -218,7 +218,7 @@ def _adapt(args: argparse.Namespace) -> None:
         f"adapted LiteMedSAM on {len(record['templates'])} templates ({record['slices']} slices, "
         f"{', '.join(record['organs'])}): {record['steps']} steps, loss {record['loss_first']:.3f} -> "
         f"{record['loss_last']:.3f}, template slice Dice {record['template_slice_dice_before']:.3f} -> "
-        f"{record['template_slice_dice_after']:.3f}; {record['prepare_s'] + record['train_s']:.0f} s"
+        f"{record['template_slice_dice_after']:.3f}; {record['total_s']:.0f} s"
     )
     print(f"weights {out.resolve()} (use: medlsam segment --checkpoint {out})")
 
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--model", help="MedLAM checkpoint for the templates' priors (default: the shipped model)")
     adapt.add_argument("--out", required=True, help="adapted weights file (written atomically)")
     adapt.add_argument("--steps", type=int, help="optimiser steps (default 120)")
-    adapt.add_argument("--slice-step", dest="slice_step", type=int, help="use every n-th organ slice (default 2)")
+    adapt.add_argument("--slice-step", dest="slice_step", type=int, help="use every n-th organ slice (default 3)")
     adapt.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop training after this many s")
     adapt.add_argument("--cache", help="folder to keep the templates' slice embeddings in (reused by later runs)")
     adapt.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
