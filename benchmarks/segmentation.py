@@ -301,7 +301,7 @@ def write_report(
         "",
         f"- Scans: {n_cases} {split} cases"
         + (" that are not templates" if split == "train" else "")
-        + "; templates: {', '.join(templates)} (as the localisation benchmark); "
+        + f"; templates: {', '.join(templates)} (as the localisation benchmark); "
         "only contoured organs are scored.",
         f"- MedLAM model: `{model_path}`; segmenter: `{backend}`; options: `{options}`; machine: {machine_line()}.",
         "- Dice: 3D on the scan's own grid, a missed organ (not found, empty mask) counts 0; HD95 in mm over the "
