@@ -34,7 +34,7 @@ system-deps:  ## Orthanc + Chromium for the DICOMweb/OHIF tests: apt-installed w
 	bash scripts/system_deps.sh
 
 test: setup system-deps lint  ## lint, then run the test suite (CPU only, no network)
-	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q tests
+	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q --durations=20 tests
 
 sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans
 	$(BIN)/python scripts/make_sample_datastore.py --data $(DATA) --out $(SAMPLE)

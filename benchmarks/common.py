@@ -61,8 +61,11 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def template_bank(data: "OpenKBP", model, templates: list[str], path: Path | None) -> TemplateBank:
-    """The bank of these templates; with `path`, reused from there when the same model made it from them."""
+def template_bank(
+    data: "OpenKBP", model, templates: list[str], path: Path | None, localize_options=None
+) -> TemplateBank:
+    """The bank of these templates, calibrated with ``localize_options`` (the defaults when None); with `path`,
+    reused from there when the same model made it from them."""
     if path is not None and path.is_file():
         try:
             bank = load_bank(path, model)
@@ -71,7 +74,8 @@ def template_bank(data: "OpenKBP", model, templates: list[str], path: Path | Non
         except TemplateError:
             pass
     tic = time.perf_counter()
-    bank = build_bank(model, [data.image(c) for c in templates], [data.label(c) for c in templates], data.names)
+    images, labels = [data.image(c) for c in templates], [data.label(c) for c in templates]
+    bank = build_bank(model, images, labels, data.names, localize_options=localize_options)
     print(f"bank of {len(templates)} templates built in {time.perf_counter() - tic:.1f} s", flush=True)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

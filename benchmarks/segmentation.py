@@ -43,6 +43,7 @@ from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
 from medlsam.templates import TemplateBank  # noqa: E402
 from medlsam.volume import load_ct, read_volume  # noqa: E402
 
+POOL_ATLASES = 5  # the prior_atlas row: each organ's prior from this many of the --pool templates
 # key -> (row name, prompts: MedLAM's localisation or ground truth, SegmentOptions fields over the defaults,
 # segmenter: the shipped LiteMedSAM or the one adapted to the templates, --adapted WEIGHTS)
 ROWS = {
@@ -61,6 +62,13 @@ ROWS = {
         "shipped",
     ),
     "default_uncalibrated": ("MedLSAM default, uncalibrated prior", "medlam", {}, "default"),
+    "prior_atlas": (
+        f"template prior alone, atlas selection: the {POOL_ATLASES} best-matching pool templates per organ",
+        "medlam",
+        {"prior_weight": 1.0},
+        "shipped",
+    ),
+    "prior_pool": ("template prior alone, every pool template", "medlam", {"prior_weight": 1.0}, "shipped"),
     "prior_slabs": (
         "template prior alone, slab matching only (no registration)",
         "medlam",
@@ -118,7 +126,11 @@ ROWS = {
 LOCALIZE = {
     "prior_weighted": {"prior_match_sharpness": 10.0},
     "prior_slabs": {"prior_registration": False},
+    "prior_atlas": {"prior_atlases": POOL_ATLASES},
+    "prior_pool": {"prior_atlases": 0},
 }
+# rows whose bank holds the --pool templates (the protocol's 5 among them), calibrated with the row's localisation
+POOL_ROWS = {"prior_atlas", "prior_pool"}
 # rows whose bank has every organ's prior cut at 0.5 (as before medlsam.calibration)
 UNCALIBRATED = {"prior_uncalibrated", "default_uncalibrated"}
 STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
@@ -180,7 +192,7 @@ def run(
     model,
     segmenters: dict,
     cases: list[dict],
-    bank,
+    banks: dict[str, TemplateBank],
     options: SegmentOptions,
     rows: list[str],
     embedding_cache: Path | None = None,
@@ -191,8 +203,7 @@ def run(
     pipelines = {}
     for key in rows:
         opts = SegmentOptions(**{**options.__dict__, **ROWS[key][2]})
-        row_bank = uncalibrated(bank) if key in UNCALIBRATED else bank
-        localizer = Localizer(model, row_bank, LocalizeOptions(**LOCALIZE.get(key, {})))
+        localizer = Localizer(model, banks[key], LocalizeOptions(**LOCALIZE.get(key, {})))
         pipelines[key] = MedLSAMPipeline(localizer, segmenters[ROWS[key][3]], opts)
     names = [ROWS[key][0] for key in rows]
     results: dict = {name: {} for name in names}
@@ -217,7 +228,7 @@ def run(
                 embeddings = shared.with_segmenter(pipeline.segmenter)
                 if prompts == "medlam":  # rows with the same localisation share it (it is deterministic)
                     opts = pipeline.options
-                    how = (opts.localizer_mode, opts.uses_prior, str(LOCALIZE.get(key)), key in UNCALIBRATED)
+                    how = (opts.localizer_mode, opts.uses_prior, str(LOCALIZE.get(key)), id(banks[key]))
                     tic = time.perf_counter()
                     if how not in located:
                         located[how] = pipeline.localizer.localize(
@@ -282,6 +293,7 @@ def write_report(
     summaries: dict,
     model_path: Path,
     templates: list[str],
+    pool: list[str],
     n_cases: int,
     split: str,
     options: SegmentOptions,
@@ -301,8 +313,9 @@ def write_report(
         "",
         f"- Scans: {n_cases} {split} cases"
         + (" that are not templates" if split == "train" else "")
-        + f"; templates: {', '.join(templates)} (as the localisation benchmark); "
-        "only contoured organs are scored.",
+        + f"; templates: {', '.join(templates)} (as the localisation benchmark)"
+        + (f"; the pool rows' templates: {', '.join(pool)}" if pool else "")
+        + "; only contoured organs are scored.",
         f"- MedLAM model: `{model_path}`; segmenter: `{backend}`; options: `{options}`; machine: {machine_line()}.",
         "- Dice: 3D on the scan's own grid, a missed organ (not found, empty mask) counts 0; HD95 in mm over the "
         "organs segmented (misses listed separately). Mean over scans per organ, then over organs (± std over organs).",
@@ -425,6 +438,12 @@ def main() -> None:
         default="validation",
         help="validation (the reported figures) or train scans that are not templates (tuning)",
     )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=10,
+        help="templates of the prior_atlas / prior_pool rows: the first N train scans with all seven organs",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "segmentation", help="report path without suffix")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -443,10 +462,17 @@ def main() -> None:
     if missing:
         parser.error(f"rows {missing} need --adapted WEIGHTS (medlsam adapt on the templates)")
     templates = data.templates(5)
-    cases = [c for c in data.split(args.split) if c["id"] not in templates][args.first_case :][: args.cases or None]
+    pool = data.templates(args.pool) if POOL_ROWS & set(rows) else []
+    cases = [c for c in data.split(args.split) if c["id"] not in templates + pool]
+    cases = cases[args.first_case :][: args.cases or None]
     options = SegmentOptions(**dict(_option(item) for item in args.set))
     bank = template_bank(data, model, templates, args.bank)
-    results = run(data, model, segmenters, cases, bank, options, rows, args.embedding_cache)
+    banks = {key: uncalibrated(bank) if key in UNCALIBRATED else bank for key in rows}
+    for key in POOL_ROWS & set(rows):
+        localize = LocalizeOptions(**LOCALIZE[key])
+        path = args.bank and args.bank.with_name(f"{args.bank.stem}-pool{args.pool}-atlases{localize.prior_atlases}.pt")
+        banks[key] = template_bank(data, model, pool, path, localize)
+    results = run(data, model, segmenters, cases, banks, options, rows, args.embedding_cache)
     summaries = {ROWS[key][0]: summarise(results[ROWS[key][0]]) for key in rows}
     command = "python benchmarks/segmentation.py " + " ".join(sys.argv[1:])
     write_report(
@@ -454,6 +480,7 @@ def main() -> None:
         summaries,
         Path(model_path),
         templates,
+        pool,
         len(cases),
         args.split,
         options,

@@ -176,3 +176,35 @@ def test_the_placement_that_matches_the_query_weighs_more(openkbp_case):
 
     weighed, plain = placed_dice(10.0), placed_dice(0.0)
     assert weighed > 0.85 and weighed > plain + 0.1, (weighed, plain)
+
+
+@pytest.mark.slow
+def test_atlas_selection_keeps_the_templates_that_match_the_query(data_dir):
+    """Three real templates of the brainstem, one of them the query scan itself: chosen by how well their
+    neighbourhoods match (``prior_atlases=1``), the prior is the query's own brainstem; the plain mean of all three
+    is not."""
+    from medlsam.localize import LocalizeOptions, Localizer
+    from medlsam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+    from medlsam.templates import build_bank
+    from medlsam.volume import load_ct, read_volume
+
+    kbp = data_dir / "openkbp"
+    cases = ("openkbp_pt_1", "openkbp_pt_4", "openkbp_pt_13")  # the query first
+    images = [load_ct(kbp / "images" / f"{c}.nii.gz") for c in cases]
+    labels = []
+    for c in cases:
+        label = read_volume(kbp / "labels" / f"{c}.nii.gz")
+        labels.append(CTVolume((label.array == 1).astype(np.uint8), label.affine, label.source))
+    model = load_medlam(default_medlam_path())
+    bank = build_bank(model, images, labels, {1: "Brainstem"}, calibrate=False)
+
+    def prior_dice(atlases: int) -> float:
+        options = LocalizeOptions(prior_atlases=atlases, intensity_power=0.0)  # the placed masks alone
+        organ = Localizer(model, bank, options).localize(images[0], prior=True)["organs"]["Brainstem"]
+        placed = np.zeros(images[0].shape, bool)
+        placed[organ.prior.region()] = organ.prior.probabilities >= 0.5
+        return dice(placed, labels[0].array == 1)
+
+    selected, plain = prior_dice(1), prior_dice(0)
+    assert selected > 0.9 and selected > plain + 0.15, (selected, plain)

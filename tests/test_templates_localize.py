@@ -12,7 +12,7 @@ from medlsam.cli import main as cli_main
 from medlsam.errors import TemplateError
 from medlsam.grid import resample_to_grid, to_localization_grid
 from medlsam.localize import LocalizeOptions, Localizer
-from medlsam.matching import cut_organ_patch, match_organ, match_patch
+from medlsam.matching import best_matches, cut_organ_patch, match_organ, match_patch
 from medlsam.metrics import dice
 from medlsam.network import MedLAM, MedLAMConfig, save_medlam
 from medlsam.prior import placed_masks
@@ -296,8 +296,9 @@ def test_intensity_matching_recovers_a_known_shift(radius):
     box, score, corner = match_patch(query_grid.array, patch, start, radius)
     assert np.allclose(box, np.stack([low, high]) + shift, atol=1.01), (box, low + shift)
     assert score > 0.9
-    median_box, _, corners = match_organ(query_grid.array, [patch, patch], start, radius)
+    median_box, scores, corners = match_organ(query_grid.array, [patch, patch], start, radius)
     assert np.allclose(median_box, box) and all(np.array_equal(c, corner) for c in corners)
+    assert scores == [score, score]
     prior = placed_masks(query_grid.array, [patch, patch], corners, slab_thickness=3)
     # the fused prior is the template's organ mask moved with the body: it covers the query's ball
     truth = np.zeros(query_grid.shape, bool)
@@ -308,3 +309,9 @@ def test_intensity_matching_recovers_a_known_shift(radius):
     src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, prior.origin))
     placed[tuple(slice(a, b) for a, b in zip(lo, hi))] = prior.probabilities[src]
     assert dice(placed >= 0.5, truth) > 0.8
+
+
+def test_atlas_selection_keeps_the_best_matches_best_first():
+    scores = [0.2, 0.9, 0.5, 0.7]
+    assert best_matches(scores, 2) == [1, 3]
+    assert best_matches(scores, 0) == best_matches(scores, 4) == best_matches(scores, 9) == [0, 1, 2, 3]

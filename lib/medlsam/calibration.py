@@ -65,16 +65,16 @@ def choose_cuts(per_template: list[dict[str, list[float]]]) -> dict[str, float]:
     return {name: choose_cut(r) for name, r in rows.items() if len(r) >= 2}
 
 
-def held_out_locations(medlam, banks: list[TemplateBank], i: int, volume: CTVolume) -> dict:
+def held_out_locations(medlam, banks: list[TemplateBank], i: int, volume: CTVolume, options=None) -> dict:
     """Template ``i``'s organs (name -> OrganLocation, with its prior), localised with a bank merged from the
-    other templates' one-template ``banks``: what an unseen scan would get."""
+    other templates' one-template ``banks`` (and the localiser's ``options``): what an unseen scan would get."""
     from medlsam.localize import Localizer  # localize imports templates: imported here to keep the order one-way
 
     others = merge_banks([b for j, b in enumerate(banks) if j != i])
     organs = [name for name in banks[i].organs if name in others.organs]
     if not organs:
         return {}
-    located = Localizer(medlam, others).localize(volume, organs, mode="wpl", prior=True)["organs"]
+    located = Localizer(medlam, others, options).localize(volume, organs, mode="wpl", prior=True)["organs"]
     return {name: located[name] for name in organs}
 
 
@@ -84,9 +84,11 @@ def prior_cuts(
     images: list,
     labels: list,
     cancel: threading.Event | None = None,
+    options=None,
 ) -> dict[str, float]:
     """Per organ held out on at least two templates, its chosen cut (the first ``MAX_HELD_OUT`` templates held out
-    in turn); {} with fewer than ``MIN_TEMPLATES``."""
+    in turn, localised with the ``LocalizeOptions`` that will serve, the defaults when None); {} with fewer than
+    ``MIN_TEMPLATES``."""
     if len(banks) != len(images) or len(banks) != len(labels):
         raise TemplateError(f"{len(banks)} template banks, {len(images)} images and {len(labels)} labels differ")
     if len(banks) < MIN_TEMPLATES:
@@ -99,7 +101,7 @@ def prior_cuts(
         volume = images[i] if isinstance(images[i], CTVolume) else load_ct(images[i])
         label = labels[i] if isinstance(labels[i], CTVolume) else read_volume(labels[i])
         values = {name: organ.value for name, organ in banks[i].organs.items()}
-        per_template.append(cut_scores(held_out_locations(medlam, banks, i, volume), label.array, values))
+        per_template.append(cut_scores(held_out_locations(medlam, banks, i, volume, options), label.array, values))
     cuts = choose_cuts(per_template)
     logger.info(f"prior cuts {cuts} from {len(per_template)} held-out templates in {time.perf_counter() - tic:.1f} s")
     return cuts

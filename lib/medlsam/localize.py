@@ -17,7 +17,7 @@ import torch
 from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
 from medlsam.grid import GRID_SPACING_MM, LocalizationGrid, to_localization_grid
 from medlsam.losses import DISTANCE_RATIO_MM
-from medlsam.matching import match_organ
+from medlsam.matching import best_matches, match_organ
 from medlsam.network import MedLAM
 from medlsam.patches import BODY_THRESHOLD
 from medlsam.prior import FilePrior, file_prior
@@ -55,6 +55,12 @@ class LocalizeOptions:
     # OpenKBP train scans, but on the 33 validation scans +0.002, and the brainstem collapses on 5 of them
     # (0.585 -> 0.496), so it is off (benchmarks/notes/segmentation.md).
     prior_match_sharpness: float = 0.0
+    # Atlas selection: each organ's prior from only this many of its templates, those whose neighbourhoods matched
+    # the query best (NCC of the matching stage); 0: all of them. The organ box stays the median of all; with this
+    # many templates or fewer nothing changes. Prior alone with 10 OpenKBP templates, 20 train scans that are not
+    # templates: all 10 0.614, the best 7 0.619, 5 0.642, 4 0.638 (the protocol's first 5 alone 0.631), at half the
+    # time of all 10 (only the chosen are registered); validation: benchmarks/results/segmentation_atlas.md.
+    prior_atlases: int = 5
     # The prior weighs the template masks by the templates' intensity model (medlsam.prior.intensity_posterior);
     # 0: masks only.
     intensity_power: float = 2.0
@@ -218,9 +224,10 @@ class Localizer:
         elif self.options.refine and score < self.options.min_score:
             result.found, result.reason = False, f"similarity {score:.2f} below {self.options.min_score}"
         elif self.options.match and organ.neighbourhoods:
-            box, result.match_score, corners = match_organ(
+            box, match_scores, corners = match_organ(
                 grid.array, organ.neighbourhoods, (low + high) / 2, self.options.match_radius
             )
+            result.match_score = float(np.median(match_scores))
             points = points + ((box[0] + box[1]) - (low + high)) / 2  # slab points follow the organ
             low, high = box
             if outside(low, high):
@@ -234,10 +241,11 @@ class Localizer:
             return result
         if prior and corners is not None:
             opts = self.options
+            atlases = best_matches(match_scores, opts.prior_atlases)
             result.prior = file_prior(
                 grid,
-                organ.neighbourhoods,
-                corners,
+                [organ.neighbourhoods[i] for i in atlases],
+                [corners[i] for i in atlases],
                 opts.prior_slab,
                 opts.prior_slab_radius,
                 opts.intensity_power,

@@ -160,8 +160,16 @@ def match_slabs(
 
 def match_organ(
     array: np.ndarray, patches: list[OrganPatch], centre: np.ndarray, radius: int
-) -> tuple[np.ndarray, float, list[np.ndarray]]:
-    """Median over templates of the matched organ boxes (2, 3), the median NCC, and each patch's corner."""
+) -> tuple[np.ndarray, list[float], list[np.ndarray]]:
+    """Median over templates of the matched organ boxes (2, 3), and each patch's NCC and corner there."""
     matches = [match_patch(array, p, centre, radius) for p in patches]
     boxes = np.stack([b for b, _, _ in matches])
-    return np.median(boxes, axis=0), float(np.median([s for _, s, _ in matches])), [c for _, _, c in matches]
+    return np.median(boxes, axis=0), [s for _, s, _ in matches], [c for _, _, c in matches]
+
+
+def best_matches(scores: list[float], count: int) -> list[int]:
+    """Indices of the ``count`` best scores, best first (all of them, in order, when ``count`` is 0 or covers
+    them all): atlas selection, the templates whose neighbourhoods match the query best."""
+    if count <= 0 or count >= len(scores):
+        return list(range(len(scores)))
+    return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:count]]

@@ -255,10 +255,12 @@ def build_bank(
     names: dict[int, str] | None = None,
     extreme_points_json: list[dict | None] | None = None,
     calibrate: bool = True,
+    localize_options=None,
 ) -> TemplateBank:
     """Build a bank from template scans with labels and/or six extreme points per organ (file indices); with
     ``calibrate`` and at least three labelled templates, each organ's prior cut is chosen by leaving one labelled
-    template out (``medlsam.calibration``)."""
+    template out (``medlsam.calibration``), localised with ``localize_options`` (the bank's ``LocalizeOptions``;
+    None: the defaults)."""
     labels = labels or [None] * len(images)
     points_json = extreme_points_json or [None] * len(images)
     if not (len(images) == len(labels) == len(points_json)):
@@ -285,7 +287,14 @@ def build_bank(
 
         held = [i for i, label in enumerate(labels) if label is not None]
         with_cuts(
-            bank, prior_cuts(model, [banks[i] for i in held], [images[i] for i in held], [labels[i] for i in held])
+            bank,
+            prior_cuts(
+                model,
+                [banks[i] for i in held],
+                [images[i] for i in held],
+                [labels[i] for i in held],
+                options=localize_options,
+            ),
         )
     return bank
 
