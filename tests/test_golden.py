@@ -1,6 +1,8 @@
 """What `medlsam localize` and `medlsam segment` (default, prior alone, SAM + prior) write for three OpenKBP validation
 scans is pinned in tests/golden/outputs.json (made with the code before the library's restructuring, by
-scripts/pin_outputs.py): the current code must write exactly the same labels and JSON."""
+scripts/pin_outputs.py): the current code must write exactly the same labels and JSON. The test checks the first
+scan's pinned outputs (about a third of the time: the three took 7 min of the CI's 30); ``pin(data)`` writes all
+three for a full comparison."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SCANS = ("openkbp_pt_201",)  # of the pinned scans
 
 
 @pytest.mark.slow
@@ -18,8 +21,10 @@ def test_outputs_are_identical_to_the_pinned_ones(data_dir):
     spec = importlib.util.spec_from_file_location("pin_outputs", REPO_ROOT / "scripts" / "pin_outputs.py")
     pin_outputs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pin_outputs)
-    expected = json.loads((REPO_ROOT / "tests" / "golden" / "outputs.json").read_text())
-    actual = json.loads(json.dumps(pin_outputs.pin(data_dir), sort_keys=True))  # same types as the file
+    pinned = json.loads((REPO_ROOT / "tests" / "golden" / "outputs.json").read_text())
+    expected = {key: value for key, value in pinned.items() if key.split()[0] in SCANS}
+    assert len(expected) == 1 + len(pin_outputs.RUNS)  # the scan's localize and each segment run
+    actual = json.loads(json.dumps(pin_outputs.pin(data_dir, SCANS), sort_keys=True))  # same types as the file
     assert sorted(actual) == sorted(expected)
     changed = [key for key in expected if actual[key] != expected[key]]
     details = {key: {"expected": expected[key], "actual": actual[key]} for key in changed[:2]}
