@@ -1,7 +1,7 @@
 """What `medlsam localize` and `medlsam segment` (default, prior alone, SAM + prior) write for three OpenKBP validation
 scans is pinned in tests/golden/outputs.json (made with the code before the library's restructuring, by
 scripts/pin_outputs.py): the current code must write exactly the same labels and JSON. The test checks the first
-scan's pinned outputs (about a third of the time: the three took 7 min of the CI's 30); ``pin(data)`` writes all
+scan's pinned outputs (about half the time: the three took 419 s of a 33 min CI); ``pin(data)`` writes all
 three for a full comparison."""
 
 from __future__ import annotations
