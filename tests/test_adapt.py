@@ -20,7 +20,10 @@ from medlsam.adapt import (
     SAM_TOLERANCE,
     WEIGHT_CHOICES,
     AdaptOptions,
+    OrganSlice,
+    TrainingSlice,
     adapt,
+    adapt_segmenter,
     check_slices,
     choose_prior_weights,
     slice_dice,
@@ -28,10 +31,12 @@ from medlsam.adapt import (
 )
 from medlsam.cli import main
 from medlsam.errors import CheckpointError, TemplateError
+from medlsam.metrics import cranio_caudal_axis
 from medlsam.network import load_medlam
 from medlsam.paths import default_medlam_path
 from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
 from medlsam.sam import build_segmenter, bundled_lite_medsam_checkpoint
+from medlsam.sam.slices import SliceEmbeddings
 from medlsam.templates import build_bank
 from medlsam.volume import CTVolume, load_ct, read_volume
 
@@ -167,6 +172,41 @@ def test_segment_with_the_adapted_checkpoint(adapted, medlam, templates, data_di
     for value in ORGANS:
         pred, true = result == value, truth == value
         assert 2 * (pred & true).sum() / (pred.sum() + true.sum()) > 0.4
+
+
+def test_bf16_training_steps_learn_like_float32_ones_and_keep_float32_weights(data_dir):
+    """AdaptOptions.bf16: training steps under bfloat16 autocast (the loss and the weights in float32) on one real
+    slice with two organs: the decoder's masks under autocast match float32's, training raises the slice's Dice as
+    much as float32 steps do, and the record says which ran (None: native bfloat16 only, ``medlsam.precision``)."""
+    image, label = _case(data_dir, TEMPLATES[0])
+    axis = cranio_caudal_axis(image.affine)
+    present = [np.moveaxis(label.array == value, axis, 0).any(axis=(1, 2)) for value in ORGANS]
+    both = np.flatnonzero(present[0] & present[1])
+    k = int(both[len(both) // 2])  # a slice with the brainstem and the mandible
+    shipped = build_segmenter("lite_medsam")
+    embeddings = SliceEmbeddings(shipped, image, axis=axis)
+    entry = TrainingSlice(str(image.source), k, embeddings.get(k))
+    for value, name in ORGANS.items():
+        target = embeddings.to_display(np.take(label.array == value, k, axis=axis))
+        rows, cols = np.flatnonzero(target.any(axis=1)), np.flatnonzero(target.any(axis=0))
+        box = np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+        entry.organs.append(OrganSlice(name, target, box, box + [-6, -6, 6, 6], None))
+    boxes = np.array([o.prior_box for o in entry.organs])
+    with torch.inference_mode():
+        fp32 = torch.sigmoid(shipped.decode_logits(entry.embedding, boxes)[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = torch.sigmoid(shipped.decode_logits(entry.embedding, boxes)[0])
+    assert bf16.dtype == torch.float32 and float((bf16 - fp32).abs().mean()) < 0.01
+    options = {flag: AdaptOptions(steps=40, slices_per_step=1, mask_prompt=False, bf16=flag) for flag in (False, True)}
+    before = slice_dice(shipped, [entry], options[False])
+    after = {}
+    for flag, opt in options.items():
+        segmenter = build_segmenter("lite_medsam")
+        assert adapt_segmenter(segmenter, [entry], opt)["bf16"] is flag
+        assert all(p.dtype == torch.float32 for p in segmenter.model.parameters())
+        after[flag] = slice_dice(segmenter, [entry], opt)
+    assert min(after.values()) > before + 0.02
+    assert after[True] == pytest.approx(after[False], abs=0.02)
 
 
 def test_adaptation_needs_two_templates(medlam, data_dir, tmp_path):

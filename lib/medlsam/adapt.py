@@ -31,6 +31,7 @@ from medlsam.atomic import torch_save_atomic
 from medlsam.calibration import MAX_HELD_OUT, choose_cuts, cut_scores, held_out_locations
 from medlsam.errors import MedLSAMError, TemplateError
 from medlsam.metrics import cranio_caudal_axis
+from medlsam.precision import use_bf16
 from medlsam.prior import calibrated
 from medlsam.prompts import prompts_for
 from medlsam.sam.segmenter import Embedding, SamFamilySegmenter
@@ -62,6 +63,9 @@ class AdaptOptions:
     window: tuple[float, float] = DEFAULT_WINDOW
     seed: int = 0
     time_limit_s: float = 0.0  # stop training after this many seconds (0: no limit)
+    # bfloat16 autocast for the training steps (the loss and the weights stay float32): None where the hardware
+    # runs it natively (medlsam.precision), True / False always / never. Scoring and inference stay float32.
+    bf16: bool | None = None
 
 
 @dataclass
@@ -303,6 +307,7 @@ def adapt_segmenter(
     torch.manual_seed(opt.seed)
     params = _trainable(segmenter)
     optimiser = torch.optim.AdamW(params, lr=opt.learning_rate, weight_decay=1e-4)
+    bf16 = use_bf16(opt.bf16, segmenter.device)
     losses = []
     tic = time.perf_counter()
     try:
@@ -316,8 +321,9 @@ def adapt_segmenter(
                     continue
                 if rng.random() < opt.mask_dropout:
                     masks = None
-                logits, _ = segmenter.decode_logits(entry.embedding, boxes, mask_inputs=masks)
-                loss = _loss(logits, torch.from_numpy(targets.astype(np.float32)).to(logits.device))
+                with torch.autocast(segmenter.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits, _ = segmenter.decode_logits(entry.embedding, boxes, mask_inputs=masks)
+                loss = _loss(logits.float(), torch.from_numpy(targets.astype(np.float32)).to(logits.device))
                 loss.backward()
                 total, count = total + float(loss.detach()), count + 1
             if count:
@@ -340,6 +346,7 @@ def adapt_segmenter(
         "loss_first": float(np.mean(losses[:20])) if losses else None,
         "loss_last": float(np.mean(losses[-20:])) if losses else None,
         "train_s": round(time.perf_counter() - tic, 1),
+        "bf16": bf16,
     }
 
 

@@ -201,8 +201,11 @@ def _adapt(args: argparse.Namespace) -> None:
     if len(args.labels) != len(args.images):
         raise MedLSAMError(f"{len(args.images)} images need as many --labels files, got {len(args.labels)}")
     names = read_names(args.names)  # a bad names file fails before any work
+    from medlsam.precision import parse_precision
+
     options = AdaptOptions(
-        **{k: getattr(args, k) for k in ("steps", "slice_step", "time_limit_s") if getattr(args, k) is not None}
+        **{k: getattr(args, k) for k in ("steps", "slice_step", "time_limit_s") if getattr(args, k) is not None},
+        bf16=parse_precision(args.precision),
     )
     record = adapt(
         _model(args.model),
@@ -382,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--steps", type=int, help="optimiser steps (default 120)")
     adapt.add_argument("--slice-step", dest="slice_step", type=int, help="use every n-th organ slice (default 3)")
     adapt.add_argument("--time-limit", dest="time_limit_s", type=float, help="stop training after this many s")
+    adapt.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="training steps: auto (default) bfloat16 autocast only where the CPU/GPU runs it natively",
+    )
     adapt.add_argument("--cache", help="folder to keep the templates' slice embeddings in (reused by later runs)")
     adapt.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     adapt.set_defaults(func=_adapt)
