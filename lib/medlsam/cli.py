@@ -194,6 +194,7 @@ def _adapt(args: argparse.Namespace) -> None:
     from medlsam.adapt import AdaptOptions, adapt
     from medlsam.devices import check_device
     from medlsam.names import read_names
+    from medlsam.precision import parse_precision
 
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():
@@ -201,8 +202,6 @@ def _adapt(args: argparse.Namespace) -> None:
     if len(args.labels) != len(args.images):
         raise MedLSAMError(f"{len(args.images)} images need as many --labels files, got {len(args.labels)}")
     names = read_names(args.names)  # a bad names file fails before any work
-    from medlsam.precision import parse_precision
-
     options = AdaptOptions(
         **{k: getattr(args, k) for k in ("steps", "slice_step", "time_limit_s") if getattr(args, k) is not None},
         bf16=parse_precision(args.precision),
@@ -221,7 +220,8 @@ def _adapt(args: argparse.Namespace) -> None:
         f"adapted LiteMedSAM on {len(record['templates'])} templates ({record['slices']} slices, "
         f"{', '.join(record['organs'])}): {record['steps']} steps, loss {record['loss_first']:.3f} -> "
         f"{record['loss_last']:.3f}, template slice Dice {record['template_slice_dice_before']:.3f} -> "
-        f"{record['template_slice_dice_after']:.3f}; {record['total_s']:.0f} s"
+        f"{record['template_slice_dice_after']:.3f}; {record['total_s']:.0f} s "
+        f"({'bfloat16' if record['bf16'] else 'float32'} training steps)"
     )
     print(f"weights {out.resolve()} (use: medlsam segment --checkpoint {out})")
 
