@@ -5,7 +5,9 @@ organ names as Slicer's label_info), plus unlabeled scans to segment and to trai
                                             [--templates 3] [--unlabeled 5] [--copy]
 
 Templates: the first train-split cases with all seven organs contoured. Unlabeled: validation-split scans.
-Images are symlinked (or copied with --copy); labels are saved through MONAI Label's datastore API.
+Images are hard-linked where the file system allows it (else copied; always copied with --copy), never symlinked:
+deleting a scan through the server then removes the datastore's entry only, never the shared data. Labels are saved
+through MONAI Label's datastore API.
 Existing entries are kept, so running it again is cheap.
 """
 
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=REPO_ROOT / "sample-datastore")
     parser.add_argument("--templates", type=int, default=3)
     parser.add_argument("--unlabeled", type=int, default=5)
-    parser.add_argument("--copy", action="store_true", help="copy the scans instead of symlinking them")
+    parser.add_argument("--copy", action="store_true", help="copy the scans instead of hard-linking them")
     args = parser.parse_args(argv)
 
     kbp = Path(args.data) / "openkbp"
@@ -55,12 +57,16 @@ def main(argv=None) -> int:
     for case in templates + unlabeled:
         src = (kbp / "images" / f"{case['id']}.nii.gz").resolve()
         dst = out / f"{case['id']}.nii.gz"
-        if dst.exists() or dst.is_symlink():
+        if dst.is_symlink():  # made by an earlier version: a delete through the server followed it
+            dst.unlink()
+        if dst.exists():
             continue
-        if args.copy:
+        try:
+            if args.copy:
+                raise OSError("copy asked for")
+            os.link(src, dst)
+        except OSError:  # another file system, or --copy
             shutil.copy(src, dst)
-        else:
-            dst.symlink_to(src)
     (out / "labels.json").write_text(json.dumps({str(k): v for k, v in names.items()}, indent=2))
 
     from monailabel.datastore.local import LocalDatastore

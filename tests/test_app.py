@@ -119,7 +119,7 @@ def client(env):
     from fastapi.testclient import TestClient
     from monailabel.app import app
 
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:  # the server answers its own names only
         yield test_client
     sys.path.remove(str(env["app"]))
 

@@ -205,3 +205,37 @@ def test_foreground_click_on_a_missed_slice_adds_it_and_keeps_the_first_result()
     assert again.anchors == [7] and np.array_equal(again.mask, one.mask)
     assert emb.encoder_calls == 18  # slices 3-11 and 13-21 once each: a repeated request costs decoder calls only
     assert emb.segmenter.decoder_calls > calls
+
+
+def test_click_sets_are_bounded_and_a_voxel_is_never_both_kinds():
+    from medlsam.interactive import MAX_CLICKS
+
+    shape = (10, 12, 8)
+    with pytest.raises(PromptError, match=f"at most {MAX_CLICKS}"):
+        parse_prompts(shape, foreground=[[1, 1, 1]] * (MAX_CLICKS // 2 + 1), background=[[2, 2, 2]] * (MAX_CLICKS // 2))
+    assert len(parse_prompts(shape, foreground=[[1, 1, 1]] * MAX_CLICKS).foreground) == MAX_CLICKS
+    with pytest.raises(PromptError, match="both as foreground and as background"):
+        parse_prompts(shape, foreground=[[1, 2, 3]], background=[[1, 2, 3]])
+
+
+def test_bounded_propagation_stops_at_its_next_slice():
+    """Within ``cancel.bounded`` the 3D propagation stops with Cancelled once the time is over or its requester
+    leaves; outside a bound the same request runs to the end."""
+    from medlsam import cancel
+
+    ct, rod = _rod([(2, 27)])
+    prompts = parse_prompts(ct.shape, foreground=[[14, 20, 10]])
+    emb = SliceEmbeddings(IdealSegmenter(), ct, axis=2)
+    with cancel.bounded(0.0), pytest.raises(cancel.Cancelled, match="time bound of 0 s"):
+        segment_volume(emb, prompts)
+    left = {"calls": 0}
+
+    def stopped() -> bool:  # the client leaves once three slices are done
+        left["calls"] += 1
+        return left["calls"] > 3
+
+    fresh = SliceEmbeddings(IdealSegmenter(), ct, axis=2)
+    with cancel.bounded(600, stopped), pytest.raises(cancel.Cancelled, match="no longer waiting"):
+        segment_volume(fresh, prompts)
+    assert fresh.encoder_calls < 6
+    assert np.array_equal(segment_volume(fresh, prompts).mask, rod)  # no bound: the whole rod

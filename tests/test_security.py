@@ -40,6 +40,10 @@ def _datastore(folder: Path, data_dir: Path) -> tuple[Path, dict]:
     kbp3 = tiny_case(data_dir, 3, [1], src)
     studies = folder / "studies"
     studies.mkdir()
+    shared = folder / "shared_scans"  # a scan the datastore links to (as `make sample-datastore` once did)
+    shared.mkdir()
+    shutil.copy(kbp2[0], shared / "linked.nii.gz")
+    (studies / "linked.nii.gz").symlink_to(shared / "linked.nii.gz")
     for name, path in (
         ("kbp1", kbp1[0]),
         ("kbp2", kbp2[0]),
@@ -343,7 +347,9 @@ def test_label_values_beyond_uint8_are_not_wrapped(server):
 
 def test_a_bad_published_model_is_set_aside(server):
     model = server["app"] / "model"
-    shipped = (model / "pretrained_medlam.pt").read_bytes()
+    from medlsam.paths import SHIPPED_MEDLAM
+
+    shipped = SHIPPED_MEDLAM.read_bytes()
     (model / "medlam.pt").write_bytes(shipped[: len(shipped) // 2])  # a truncated publication
     response = _infer(server, "medlam", "kbp2")
     assert response.status_code == 200, response.text
@@ -432,3 +438,239 @@ def _raises(function):
     except Exception as exc:  # noqa: BLE001
         return exc
     return None
+
+
+# ---------------------------------------------------------------------------------------------- issue 26: round two
+
+
+def _unchanged_since(server, before: dict[str, str]) -> None:
+    """Nothing written outside the datastore since ``before`` (a _tree snapshot), /info/ 200."""
+    assert _tree(server["folder"], server["skip"]) == before
+    assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+
+
+def _nrrd_header(data_file: str, shape=(64, 64, 24)) -> bytes:
+    """A 281-byte-style detached NRRD header whose voxels are another file on the server."""
+    sizes = " ".join(map(str, shape))
+    return (
+        f"NRRD0004\ntype: short\ndimension: 3\nsizes: {sizes}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+        f"space: left-posterior-superior\nencoding: raw\nendian: little\ndata file: {data_file}\n\n"
+    ).encode()
+
+
+def _nifti_claiming(shape: tuple[int, int, int], payload: bytes = b"") -> bytes:
+    """A gzip NIfTI whose header claims ``shape`` int16 voxels but holds only ``payload``."""
+    import gzip
+
+    import nibabel
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    return gzip.compress(header.binaryblock + b"\0" * 4 + payload)
+
+
+def _peak_rss_mb(process) -> float:
+    """The server process's peak resident memory (VmHWM), MB."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_session_archives_are_never_extracted(server):
+    """PUT /session/?uncompress=true with a tar whose members climb out (../, absolute, symlink) is refused; nothing
+    lands anywhere; a plain image still makes a session, a detached header does not."""
+    before = _tree(server["folder"], server["skip"])
+    import io
+    import tarfile
+
+    url, app = server["url"], server["app"]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("../../app/lib/configs/evil.py", str(app / "lib" / "configs" / "evil2.py")):
+            data = b"open('/tmp/pwned', 'w').write('x')\n"
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        link = tarfile.TarInfo("weights.pt")
+        link.type, link.linkname = tarfile.SYMTYPE, str(app / "model" / "pretrained_medlam.pt")
+        tar.addfile(link)
+    archive = requests.put(
+        f"{url}/session/", params={"uncompress": "true"}, files={"files": ("a.tar.gz", buffer.getvalue())}, timeout=60
+    )
+    assert archive.status_code == 400 and "uncompress" in archive.json()["detail"], archive.text
+    assert not list(app.rglob("evil*.py")) and not Path("/tmp/pwned").exists()
+    detached = requests.put(
+        f"{url}/session/",
+        files={"files": ("d.nrrd", _nrrd_header(str(server["files"]["kbp2"][0])))},
+        timeout=60,
+    )
+    assert detached.status_code == 400 and "detached" in detached.json()["detail"], detached.text
+    plain = requests.put(
+        f"{url}/session/", files={"files": ("kbp2.nii.gz", server["files"]["kbp2"][0].read_bytes())}, timeout=60
+    )
+    assert plain.status_code == 200, plain.text
+    assert requests.delete(f"{url}/session/{plain.json()['session_id']}", timeout=30).status_code == 200
+    _unchanged_since(server, before)
+
+
+def test_edit_never_reads_a_server_path_named_by_the_request(server):
+    """`label` in a request's params names a structure; a server file it names is never read, and the answer for
+    an existing path is the one for a missing path."""
+    before = _tree(server["folder"], server["skip"])
+    clicks = {"Brainstem": [[32, 34, 8]]}
+    existing = str(server["studies"] / "labels" / "final" / "kbp1.nii.gz")
+    assert Path(existing).is_file()
+    answers = []
+    for path in (existing, "/nonexistent/kbp1.nii.gz"):
+        response = _infer(server, "edit", "kbp2", {**clicks, "label": path, "label_file": path})
+        assert response.status_code == 400, response.text
+        answers.append(response.json()["detail"].replace(path, "<path>"))
+    assert answers[0] == answers[1] and "label" in answers[0]
+    _unchanged_since(server, before)
+
+
+def test_files_that_name_other_files_are_refused_at_upload(server):
+    """A detached NRRD header, an .mha whose ElementDataFile and a .nii whose .img pair lie elsewhere: 400 naming
+    why, as images and as labels."""
+    before = _tree(server["folder"], server["skip"])
+    import nibabel
+
+    url, target = server["url"], server["files"]["kbp2"][0]
+    raw = server["folder"] / "outside" / "voxels.raw"
+    raw.write_bytes(np.zeros((64, 64, 24), np.int16).tobytes())
+    pair = bytearray(nibabel.Nifti1Header().binaryblock)
+    pair[344:348] = b"ni1\x00"
+    uploads = [
+        ("d.nrrd", _nrrd_header(str(raw)), "detached NRRD"),
+        ("d.nrrd", _nrrd_header(str(target)), "detached NRRD"),
+        (
+            "m.mha",
+            f"ObjectType = Image\nNDims = 3\nDimSize = 64 64 24\nElementType = MET_SHORT\n"
+            f"ElementDataFile = {raw}\n".encode(),
+            "ElementDataFile",
+        ),
+        ("p.nii", bytes(pair), "separate .img"),
+    ]
+    for name, content, needle in uploads:
+        image = requests.put(f"{url}/datastore/image", params={"image": "detached"}, files={"file": (name, content)})
+        assert image.status_code == 400 and needle in image.json()["detail"], (name, image.text)
+        label = _put_label(server, "kbp3", content, label_info([1]), name=name)
+        assert label.status_code == 400 and needle in label.json()["detail"], (name, label.text)
+    raw.unlink()
+    assert "detached" not in requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).text
+    _unchanged_since(server, before)
+
+
+def test_oversized_and_forged_headers_are_refused_before_their_voxels(server):
+    """A 70-byte .nii.gz claiming 1000^3 voxels and one claiming a real scan's size with no voxels: 400 at once,
+    as image, label and session, and the server's peak memory rises by less than 500 MB."""
+    before = _tree(server["folder"], server["skip"])
+    url, peak = server["url"], _peak_rss_mb(server["process"])
+    bomb = _nifti_claiming((1000, 1000, 1000))
+    forged = _nifti_claiming((512, 512, 300), b"\0" * 1024)
+    assert len(bomb) < 100
+    for content, needle in ((bomb, "budget"), (forged, "truncated or forged")):
+        image = requests.put(f"{url}/datastore/image", params={"image": "bomb"}, files={"file": ("b.nii.gz", content)})
+        assert image.status_code == 400 and needle in image.json()["detail"], image.text
+        label = _put_label(server, "kbp3", content, label_info([1]))
+        assert label.status_code == 400 and needle in label.json()["detail"], label.text
+        session = requests.put(f"{url}/session/", files={"files": ("b.nii.gz", content)}, timeout=60)
+        assert session.status_code == 400 and needle in session.json()["detail"], session.text
+    assert _peak_rss_mb(server["process"]) - peak < 500
+    _unchanged_since(server, before)
+
+
+def test_deleting_a_linked_scan_removes_the_link_only(server):
+    """DELETE /datastore/ of an image that is a symlink unlinks the datastore's entry; the file it points to stays."""
+    before = _tree(server["folder"], server["skip"])
+    link, target = server["studies"] / "linked.nii.gz", server["folder"] / "shared_scans" / "linked.nii.gz"
+    assert link.is_symlink() and target.is_file()
+    content = target.read_bytes()
+    response = requests.delete(f"{server['url']}/datastore/", params={"id": "linked"}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert not link.exists() and not link.is_symlink()
+    assert target.is_file() and target.read_bytes() == content
+    _unchanged_since(server, before)
+
+
+def test_other_origins_foreign_hosts_and_the_log_are_refused(server):
+    """No CORS grant for a foreign page, DNS-rebinding Host headers refused, /logs/ not served."""
+    url = server["url"]
+    preflight = requests.options(
+        f"{url}/datastore/image",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "PUT"},
+        timeout=30,
+    )
+    assert "access-control-allow-origin" not in {k.lower() for k in preflight.headers}, preflight.headers
+    simple = requests.get(f"{url}/info/", headers={"Origin": "http://evil.example"}, timeout=30)
+    assert simple.status_code == 200 and "access-control-allow-origin" not in {k.lower() for k in simple.headers}
+    rebound = requests.get(f"{url}/info/", headers={"Host": "evil.example"}, timeout=30)
+    assert rebound.status_code == 400 and "allowed_hosts" in rebound.json()["detail"], rebound.text
+    port = url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert requests.get(f"{url}/info/", headers={"Host": host}, timeout=30).status_code == 200
+    assert requests.get(f"{url}/logs/", timeout=30).status_code == 404
+    assert requests.get(f"{url}/logs/", params={"lines": 10}, timeout=30).status_code == 404
+
+
+def test_every_option_and_click_set_is_checked_before_any_work(server):
+    """Floods of clicks, a voxel both foreground and background, bad output options, an absent device: 400 naming
+    the problem, answered before any inference ran (the log shows no new finished inference)."""
+    flood = [[32, 34, 8]] * 10_000
+    done = server["log"].read_text().count(" done in ")
+    cases = [
+        ("sam_3d", {"foreground": flood}, "at most 200"),
+        ("edit", {"Brainstem": flood}, "at most 200"),
+        ("edit", {"foreground": flood, "label": "Brainstem"}, "at most 200"),
+        ("sam_3d", {"foreground": [[32, 34, 8]], "background": [[32, 34, 8]]}, "both as foreground and as background"),
+        ("medlsam", {"result_extension": ".exe"}, "result_extension"),
+        ("medlsam", {"result_dtype": "complex64"}, "result_dtype"),
+        ("edit", {"Brainstem": [[32, 34, 8]], "reach_mm": -1}, "reach_mm"),
+        ("medlsam", {"device": "cuda:99"}, "cuda:99"),
+        ("sam", {"foreground": [[32, 34, 8]], "label": "<img src=x onerror=alert(1)>"}, "plain text"),
+    ]
+    for model, params, needle in cases:
+        response = _infer(server, model, "kbp2", params)
+        assert response.status_code == 400 and needle in response.json()["detail"], (model, needle, response.text)
+    assert server["log"].read_text().count(" done in ") == done
+
+
+def test_an_inference_stops_when_its_client_leaves(server):
+    """A client that gives up after a second: the inference stops at its next check, frees its slot and says why in
+    the log; the server keeps serving."""
+    log = server["log"]
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(
+            f"{server['url']}/infer/sam_3d",
+            params={"image": "kbp3", "output": "json"},
+            data={"params": json.dumps({"foreground": [[32, 34, 12]], "min_iou": 0})},
+            timeout=1.0,
+        )
+    deadline = time.time() + 120
+    while "client is no longer waiting" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    assert "client is no longer waiting" in log.read_text()
+    assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+
+
+def test_final_labels_name_every_value_in_plain_text(server):
+    """A value without a name, a name for an absent value, a name with markup: 400; /info/ shows no markup."""
+    before = _tree(server["folder"], server["skip"])
+    label = read_volume(server["files"]["kbp3"][1])
+    odd = server["folder"] / "src" / "odd.nii.gz"
+    write_volume(np.where(label.array == 1, 301, 0).astype(np.uint16), label, odd)
+    good = server["files"]["kbp3"][1]
+    cases = [
+        (odd, {}, "no entry in label_info"),
+        (good, {"label_info": [{"name": "Brainstem", "idx": 1}, {"name": "Liver", "idx": 9}]}, "does not hold"),
+        (good, {"label_info": [{"name": "<img src=x onerror=alert(1)>", "idx": 1}]}, "plain text"),
+    ]
+    for file, info, needle in cases:
+        response = _put_label(server, "kbp3", file, info)
+        assert response.status_code == 400 and needle in response.json()["detail"], (info, response.text)
+    odd.unlink()
+    labels = requests.get(f"{server['url']}/info/", timeout=30).json()["labels"]
+    assert not any("<" in name or "label_301" == name for name in labels), labels
+    _unchanged_since(server, before)

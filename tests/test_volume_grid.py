@@ -421,3 +421,55 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(phantom, tmp_path):
         write_volume(label.array, ct, old)
     assert [p.name for p in tmp_path.iterdir()] == [old.name]
     assert old.read_bytes() == b"previous"
+
+
+def test_headers_are_checked_before_any_voxel_is_read(data_dir, tmp_path, monkeypatch):
+    """A header claiming more voxels than the budget, or more than its file holds, and a file naming another file
+    are refused by every reader, naming why; a detached pair beside its header (.nhdr/.mhd) still reads."""
+    import gzip
+
+    import nibabel
+
+    from medlsam.errors import InvalidImageError
+    from medlsam.image_header import check_header
+
+    ct = read_volume(data_dir / "openkbp" / "images" / "openkbp_pt_1.nii.gz")
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((1000, 1000, 1000))
+    header.set_data_dtype(np.int16)
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    header.set_data_shape((512, 512, 300))
+    (tmp_path / "forged.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 1028))
+    (tmp_path / "forged.nii").write_bytes(header.binaryblock + b"\0" * 1028)
+    raw = ct.array.astype(np.int16)
+    (tmp_path / "voxels.raw").write_bytes(np.ascontiguousarray(raw.transpose(2, 1, 0)).tobytes())
+    sizes = " ".join(map(str, raw.shape))
+    nrrd = f"NRRD0004\ntype: short\ndimension: 3\nsizes: {sizes}\nencoding: raw\nendian: little\n"
+    (tmp_path / "elsewhere.nrrd").write_text(nrrd + f"data file: {tmp_path / 'voxels.raw'}\n\n")
+    (tmp_path / "pair.nhdr").write_text(nrrd + "data file: voxels.raw\n\n")
+    (tmp_path / "climbs.nhdr").write_text(nrrd + "data file: ../voxels.raw\n\n")
+    meta = f"ObjectType = Image\nNDims = 3\nDimSize = {sizes}\nElementType = MET_SHORT\nElementDataFile = "
+    (tmp_path / "elsewhere.mha").write_text(meta + f"{tmp_path / 'voxels.raw'}\n")
+    (tmp_path / "pair.mhd").write_text(meta + "voxels.raw\n")
+    pair = bytearray(nibabel.Nifti1Header().binaryblock)
+    pair[344:348] = b"ni1\x00"
+    (tmp_path / "pair.nii").write_bytes(bytes(pair))
+    refused = {
+        "bomb.nii.gz": "over the server's budget",
+        "forged.nii.gz": "truncated or forged",
+        "forged.nii": "truncated or forged",
+        "elsewhere.nrrd": "detached NRRD header",
+        "climbs.nhdr": "not a plain file name",
+        "elsewhere.mha": "ElementDataFile names another file",
+        "pair.nii": "separate .img",
+    }
+    for name, needle in refused.items():
+        with pytest.raises(InvalidImageError, match=needle):
+            read_volume(tmp_path / name)
+    for name in ("pair.nhdr", "pair.mhd"):
+        assert np.array_equal(read_volume(tmp_path / name).array, raw), name
+    write_volume(raw, ct, tmp_path / "ct.nii.gz")
+    assert check_header(tmp_path / "ct.nii.gz") == raw.shape
+    monkeypatch.setenv("MEDLSAM_MAX_VOXELS", str(raw.size - 1))  # the budget is the operator's to set
+    with pytest.raises(InvalidImageError, match="budget"):
+        load_ct(tmp_path / "ct.nii.gz")

@@ -7,6 +7,10 @@ weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max t
 cuda:N), labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
 (torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2), prior_weight (default blend
 of the template prior against SAM), dicomweb_timeout (seconds a DICOMweb server may take to answer, 120).
+Front door (lib/guard.py, docs/security.md): allowed_hosts (Host names accepted besides this machine's names and
+literal IPs; * for any), cors_origins (exact origins a browser page may call from; none by default), expose_logs
+(serve /logs/, false), infer_timeout (seconds an inference may run, 600), max_voxels (voxels one image may claim,
+512 x 512 x 1024).
 
 Requests name datastore images by id only; uploads and labels are checked (lib/datastore.py); inference runs in
 worker threads, so /info/ and light requests answer while it runs (lib/server.py).
@@ -19,11 +23,10 @@ import os
 import sys
 from typing import Dict
 
-_REPO_LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "lib")
-try:  # the medlsam package is installed with the repository (pip install -e .); else use the checkout
+try:  # the app runs on the installed medlsam library (pip install . or make setup), never on a path edit
     import medlsam  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.append(_REPO_LIB)
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("the medlsam library is not installed in this Python: `pip install .` in the checkout") from exc
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -35,7 +38,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
-from lib.conf import conf_bool, conf_float, parse_bool
+from lib.conf import conf_bool, conf_float, conf_int, parse_bool
 from lib.datastore import GatedDatastore, valid_name
 from lib.template_source import TemplateSource
 
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 class MedLSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        if (conf or {}).get("max_voxels") not in (None, ""):  # read by every image reader, training children too
+            os.environ["MEDLSAM_MAX_VOXELS"] = str(conf_int(conf, "max_voxels", 0, 1_000_000))
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         configs = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
@@ -98,6 +103,7 @@ class MedLSAMApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             on_label_change=self._labels_changed,
+            organ_names=self._organ_names,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
@@ -131,7 +137,7 @@ class MedLSAMApp(MONAILabelApp):
         if "monailabel.app" in sys.modules:
             from lib.server import install
 
-            install(sys.modules["monailabel.app"].app)
+            install(sys.modules["monailabel.app"].app, self.conf)
         super().on_init_complete()
         self._labels_changed()  # build the template bank now, so the first request does not wait for it
 
@@ -160,6 +166,7 @@ class MedLSAMApp(MONAILabelApp):
                 "'original' labels; submit a final label with PUT "
                 "/datastore/label",
             )
+        self._label_file(request)
         store = datastore or self.datastore()
         image = request.get("image")
         session = self._session_image(request)
@@ -178,6 +185,19 @@ class MedLSAMApp(MONAILabelApp):
         if save and result.get("file"):
             result["label"] = store.save_label(image, result["file"], DefaultLabelTag.ORIGINAL.value, {"model": model})
         return result
+
+    @staticmethod
+    def _label_file(request: dict) -> None:
+        """``label_file``: the request's label file, only when the client uploaded one (never a path it names);
+        a ``label`` text from any other route (batch inference) names a structure (``label_name``)."""
+        from lib.server import UPLOADED_LABEL
+
+        label = request.pop("label", None)
+        request.pop("label_file", None)
+        if UPLOADED_LABEL.get() and isinstance(label, str) and os.path.isfile(label):
+            request["label_file"] = label
+        elif isinstance(label, str) and label:
+            request.setdefault("label_name", label)
 
     def _session_image(self, request: dict) -> str:
         """The image of the request's session when it is a real session of this server, else ""."""
@@ -220,6 +240,12 @@ class MedLSAMApp(MONAILabelApp):
         """Labelled images of the datastore (adaptation needs two)."""
         source = self._template_source()
         return 0 if source is None else len(source.candidate_templates())
+
+    def _organ_names(self) -> Dict[int, str]:
+        """value -> organ name: the labels file and the names of the saved labels (they name a new label's values
+        where its label_info does not)."""
+        source = self._template_source()
+        return {} if source is None else {value: name for name, value in source.label_names().items()}
 
     def _labels_changed(self) -> None:
         source = self._template_source()

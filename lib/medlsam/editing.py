@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from medlsam import cancel
 from medlsam.errors import MedLSAMError
 from medlsam.grid import map_hu
+from medlsam.interactive import check_click_count
 from medlsam.prior import HISTOGRAM_BINS, FilePrior, intensity_histograms
 from medlsam.refiner import ClickRefiner
 
@@ -340,6 +342,7 @@ def check_clicks(clicks: dict[str, OrganClicks], shape: tuple[int, int, int]) ->
     and there is at least one click."""
     if not any(len(c) for c in clicks.values()):
         raise ClickError("no clicks: give at least one foreground or background click")
+    check_click_count(sum(len(c) for c in clicks.values()))
     for name, c in clicks.items():
         for kind, points in (("foreground", c.foreground), ("background", c.background)):
             outside = np.any((points < 0) | (points >= np.array(shape)), axis=1)
@@ -393,6 +396,7 @@ def edit_label(
     for name, organ_clicks in clicks.items():
         if not len(organ_clicks):
             continue
+        cancel.check()
         value = values[name]
         prior = (priors or {}).get(name)
         current = out == value

@@ -22,6 +22,8 @@ from scipy import ndimage
 from medlsam.errors import MedLSAMError
 from medlsam.geometry import inplane_axes
 
+MAX_CLICKS = 200  # clicks in one request, every organ and kind together: more is a script, not an annotator
+
 
 class PromptError(MedLSAMError):
     """Clicks or a box that cannot be used: outside the image, zero-size box, no prompt at all."""
@@ -36,7 +38,15 @@ class Prompts:
     roi: np.ndarray | None = None  # (3, 2) inclusive low/high index per file axis
 
 
-def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+def check_click_count(count: int) -> None:
+    """PromptError when a request carries more than MAX_CLICKS clicks."""
+    if count > MAX_CLICKS:
+        raise PromptError(f"{count} clicks in one request: at most {MAX_CLICKS} (every organ and kind together)")
+
+
+def parse_points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """[[i, j, k], ...] (or one [i, j, k]) inside an image of ``shape`` as an (N, 3) int array; PromptError naming
+    ``name`` otherwise."""
     if value is None or (hasattr(value, "__len__") and len(value) == 0):
         return np.zeros((0, 3), dtype=int)
     try:
@@ -60,7 +70,11 @@ def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
 
 def parse_prompts(shape: tuple[int, int, int], foreground=None, background=None, roi=None) -> Prompts:
     """Check clicks and Slicer's roi against the image shape; raise PromptError with a clear message."""
-    fg, bg = _points(foreground, "foreground", shape), _points(background, "background", shape)
+    fg, bg = parse_points(foreground, "foreground", shape), parse_points(background, "background", shape)
+    check_click_count(len(fg) + len(bg))
+    both = sorted({tuple(p) for p in fg.tolist()} & {tuple(p) for p in bg.tolist()})
+    if both:
+        raise PromptError(f"voxel(s) {both[:10]} clicked both as foreground and as background")
     box = None
     if roi is not None and len(roi) > 0:
         try:

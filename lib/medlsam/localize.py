@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from medlsam import cancel
 from medlsam.encoding import cluster_points, encode_latents, encode_patches, refine_points
 from medlsam.grid import GRID_SPACING_MM, LocalizationGrid, to_localization_grid
 from medlsam.losses import DISTANCE_RATIO_MM
@@ -190,6 +191,7 @@ class Localizer:
         tic = time.perf_counter()
         results = {}
         for name, organ in chosen.items():
+            cancel.check()
             rows = [k for k, (n, _) in enumerate(keys) if n == name]
             roles = [organ.roles[keys[k][1]] for k in rows]
             results[name] = self._organ_result(name, organ, grid, points[rows], scores[rows], roles, mode, prior)

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from medlsam.errors import MedLSAMError
 
 FORMAT_HELP = 'expected {"1": "Brainstem", "2": "SpinalCord", ...} (or a dataset.json with such "labels")'
+# An organ name is shown by clients (Slicer, OHIF, web pages): plain text only, never markup or control characters.
+PLAIN_NAME = re.compile(r"^\w[\w .,()+:/#-]{0,63}$")
+NAME_RULE = "1-64 characters: letters, digits, spaces and _ . , ( ) + : / # - (starting with a letter or digit)"
+
+
+def is_plain_name(name) -> bool:
+    """True for an organ name that is plain text (``PLAIN_NAME``): no markup, quotes or control characters."""
+    return isinstance(name, str) and bool(PLAIN_NAME.match(name))
 
 
 class NamesFileError(MedLSAMError, ValueError):
@@ -81,6 +90,8 @@ def parse_names(data, source: str = "names") -> dict[int, str]:
         name = name.strip()
         if value == 0 or name.lower() == "background":
             continue
+        if not is_plain_name(name):
+            raise NamesFileError(f"{source}: organ name {name[:80]!r} is not plain text; use {NAME_RULE}")
         if value < 0:
             raise NamesFileError(f"{source}: label value {value} of {name!r} is negative")
         if value in names:

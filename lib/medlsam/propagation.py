@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from medlsam import cancel
 from medlsam.geometry import largest_component
 from medlsam.interactive import (
     Prompts,
@@ -199,6 +200,7 @@ def _propagate(
     axis, (lo_limit, hi_limit), n = embeddings.axis, limits, embeddings.num_slices
     k, done = seed + step, 0
     while True:
+        cancel.check()
         if k < lo_limit or k > hi_limit:
             return "end of image" if k < 0 or k >= n else "end of roi"
         if k in filled:

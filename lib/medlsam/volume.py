@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from medlsam.atomic import atomic_path
 from medlsam.errors import InvalidImageError
+from medlsam.image_header import check_header, check_series_header
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_EXTENT_MM = 48.0  # the localiser needs at least a quarter of a 192 mm patch along every axis
@@ -70,8 +71,10 @@ def _read_sitk(path: Path) -> sitk.Image:
             if not series:
                 raise InvalidImageError(f"{path}: folder holds no DICOM series")
             files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
+            check_series_header(files)
             reader.SetFileNames(files)
             return reader.Execute()
+        check_header(path)  # the voxel budget and files naming other files, before any voxel is read
         return sitk.ReadImage(str(path))
     except InvalidImageError:
         raise

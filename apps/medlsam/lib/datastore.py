@@ -17,6 +17,8 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from medlsam.names import NAME_RULE, is_plain_name
+
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ids and tags: file names, never paths
@@ -78,6 +80,10 @@ def parse_label_info(info: Any) -> Dict[int, str]:
             )
         if not isinstance(name, str) or not name.strip():
             raise HTTPException(status_code=400, detail=f"label_info idx {value}: the name must be a non-empty string")
+        if not is_plain_name(name.strip()):
+            raise HTTPException(
+                status_code=400, detail=f"label_info idx {value}: the name is not plain text; use {NAME_RULE}"
+            )
         if value == 0 or name.strip().lower() in ("background", "foreground_scribbles", "background_scribbles"):
             continue
         if value in names:
@@ -88,15 +94,19 @@ def parse_label_info(info: Any) -> Dict[int, str]:
     return names
 
 
-def check_label(label_path: str, image_path: str, label_info: Any, require_organ: bool) -> None:
-    """An integer label on the image's grid, with bounded organs whose values ``label_info`` names; else 400."""
+def check_label(
+    label_path: str, image_path: str, label_info: Any, require_organ: bool, known: Optional[Dict[int, str]] = None
+) -> None:
+    """An integer label on the image's grid, with bounded organs; every value named by ``label_info`` or, where it
+    gives no name, by ``known`` (the datastore's organ names, value -> name), and every ``label_info`` name present
+    in the volume; else 400."""
     import SimpleITK as sitk
 
-    from medlsam.errors import MedLSAMError
+    from medlsam.errors import InvalidImageError, MedLSAMError
     from medlsam.volume import read_volume
 
     try:
-        label = read_volume(label_path)
+        label = read_volume(label_path)  # header first: voxel budget, no detached data file
         label_header = sitk.ImageFileReader()
         label_header.SetFileName(label_path)
         label_header.ReadImageInformation()
@@ -104,9 +114,8 @@ def check_label(label_path: str, image_path: str, label_info: Any, require_organ
         image_header.SetFileName(image_path)
         image_header.ReadImageInformation()
     except (MedLSAMError, RuntimeError) as exc:
-        raise HTTPException(
-            status_code=400, detail=f"label cannot be read as a 3D label volume ({type(exc).__name__})"
-        ) from None
+        why = str(exc).replace(label_path, "label") if isinstance(exc, InvalidImageError) else type(exc).__name__
+        raise HTTPException(status_code=400, detail=f"label cannot be read as a 3D label volume ({why})") from None
     size = tuple(image_header.GetSize())[:3]
     if label.shape != size:
         raise HTTPException(
@@ -151,20 +160,47 @@ def check_label(label_path: str, image_path: str, label_info: Any, require_organ
             detail=f"label value(s) {big} cover more than {MAX_ORGAN_FRACTION:.0%} of the scan: not an organ",
         )
     names = parse_label_info(label_info)
-    unnamed = sorted(set(organs) - set(names))
-    if names and unnamed:
+    unnamed = sorted(set(organs) - set(names) - (set(known or {}) if not names else set()))
+    if unnamed:
+        given = f"label_info names {sorted(names)[:10]}" if names else "no label_info was given"
         raise HTTPException(
             status_code=400,
-            detail=f"label value(s) {unnamed[:10]} have no entry in label_info (it names {sorted(names)[:10]})",
+            detail=f"label value(s) {unnamed[:10]} have no entry in label_info ({given}; the datastore's organ "
+            f"names cover {sorted(known or {})[:10]}): name every value",
+        )
+    absent = sorted(set(names) - set(organs))
+    if absent:
+        raise HTTPException(
+            status_code=400,
+            detail=f"label_info names value(s) {absent[:10]} ({', '.join(names[v] for v in absent[:10])}) that the "
+            "label volume does not hold",
         )
 
 
 class GatedDatastore(LocalDatastore):
-    """LocalDatastore whose ids and tags are plain names and whose saved labels are checked first."""
+    """LocalDatastore whose ids and tags are plain names, whose saved labels are checked first, and whose deletes
+    and overwrites act on its own entries only (a symlinked scan is unlinked as a link, never followed).
+    ``organ_names()`` gives the organ names (value -> name) that name a label's values where its label_info does
+    not."""
 
-    def __init__(self, *args, on_label_change: Optional[Callable[[], None]] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        on_label_change: Optional[Callable[[], None]] = None,
+        organ_names: Optional[Callable[[], Dict[int, str]]] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.on_label_change = on_label_change
+        self.organ_names = organ_names or (lambda: {})
+
+    def _entry(self, folder: str, image_id: str, ext: str) -> str:
+        """The datastore's own file of an image or label (not resolved: a symlink stays the link)."""
+        return os.path.join(folder, self._filename(image_id, ext))
+
+    def _unlink(self, path: str) -> None:
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
 
     def _known_image(self, image_id: Any) -> str:
         if not valid_name(image_id) or image_id not in self._datastore.objects:
@@ -203,7 +239,13 @@ class GatedDatastore(LocalDatastore):
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
-        super().remove_image(self._known_image(image_id))
+        """Its labels, then the datastore's entry itself: a symlink is removed as a link, its target kept."""
+        obj = self._datastore.objects[self._known_image(image_id)]
+        for tag in list(obj.labels):
+            self._unlink(self._entry(self._datastore.label_path(tag), image_id, obj.labels[tag].ext))
+        self._unlink(self._entry(self._datastore.image_path(), image_id, obj.image.ext))
+        if not self._auto_reload:
+            self.refresh()
         self._label_changed()
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
@@ -216,17 +258,24 @@ class GatedDatastore(LocalDatastore):
             self.get_image_uri(image_id),
             label_info.get("label_info"),
             require_organ=label_tag == DefaultLabelTag.FINAL.value,
+            known=self.organ_names(),
         )
         label_info = {k: v for k, v in label_info.items() if k not in SERVER_KEYS}
-        label_id = super().save_label(image_id, label_filename, label_tag, label_info)
-        return label_id
+        old = self._datastore.label(image_id, label_tag)
+        entry = self._entry(self._datastore.label_path(label_tag), image_id, old.ext) if old is not None else ""
+        if entry and os.path.islink(entry):
+            os.unlink(entry)  # replace the link itself, never write through it
+        return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         self._known_image(label_id)
         check_name(label_tag, "tag")
-        if not self.get_label_uri(label_id, label_tag):
+        label = self._datastore.label(label_id, label_tag)
+        if label is None or not self.get_label_uri(label_id, label_tag):
             raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
-        super().remove_label(label_id, label_tag)
+        self._unlink(self._entry(self._datastore.label_path(label_tag), label_id, label.ext))
+        if not self._auto_reload:
+            self.refresh()
         self._label_changed()
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
@@ -246,7 +295,9 @@ class GatedDatastore(LocalDatastore):
         if refused:
             raise HTTPException(status_code=400, detail=f"info keys {refused} are set by the server")
         if "label_info" in info:
-            check_label(label, self.get_image_uri(label_id), info["label_info"], require_organ=False)
+            check_label(
+                label, self.get_image_uri(label_id), info["label_info"], require_organ=False, known=self.organ_names()
+            )
         super().update_label_info(label_id, label_tag, info)
         self._label_changed()
 

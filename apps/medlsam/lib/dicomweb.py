@@ -212,7 +212,10 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         try:
             instances = self._call("series download", self._client.retrieve_series, study_id, series_id)
             for instance in instances:
-                instance.save_as(os.path.join(tmp, f"{instance.SOPInstanceUID}.dcm"))
+                uid = str(instance.get("SOPInstanceUID", ""))
+                if not UID_PATTERN.match(uid) or len(uid) > 64:  # a file name from the server: never a path
+                    raise HTTPException(status_code=502, detail=f"series {series_id}: an instance's UID is malformed")
+                instance.save_as(os.path.join(tmp, f"{uid}.dcm"))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         finally:

@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import json
 import logging
+from contextvars import ContextVar
 from typing import Any, Callable, Dict, Optional
 
 from fastapi import BackgroundTasks, HTTPException
@@ -39,8 +40,21 @@ def json_object(value: Any, key: str) -> Dict[str, Any]:
     return data
 
 
+UPLOADED_LABEL: ContextVar[bool] = ContextVar("medlsam_uploaded_label", default=False)
+
+
 def check_infer(kwargs: Dict[str, Any]) -> None:
-    json_object(kwargs.get("params"), "params")
+    """400 for bad parameters. The request's ``label`` text names a structure and travels as ``label_name``: no
+    text a client sends is ever taken as a server path. Only an uploaded ``label`` file is a label file (MONAI Label
+    puts its temporary path into the request; UPLOADED_LABEL tells the app it came from an upload)."""
+    params = json_object(kwargs.get("params"), "params")
+    if "label" in params or "label_file" in params:
+        params = dict(params)
+        params.pop("label_file", None)
+        if "label" in params:
+            params["label_name"] = params.pop("label")
+        kwargs["params"] = json.dumps(params)
+    UPLOADED_LABEL.set(kwargs.get("label") is not None)
     if kwargs.get("file") is not None:
         raise HTTPException(
             status_code=400,
@@ -113,10 +127,15 @@ def _run_cleanups(tasks: Optional[BackgroundTasks]) -> None:
                 logger.exception(f"cleanup {getattr(task.func, '__name__', task.func)} failed")
 
 
-def install(app) -> int:
-    """Re-register the heavy MONAI Label endpoints of ``app`` as checked worker-thread endpoints (idempotent)."""
+def install(app, conf: Optional[Dict[str, Any]] = None) -> int:
+    """Re-register the heavy MONAI Label endpoints of ``app`` as checked worker-thread endpoints (idempotent), and
+    put the front door on it (lib/guard.py: hosts, CORS, /logs/, sessions, inference time bounds)."""
     from monailabel.endpoints import datastore, infer, info, model, train
 
+    from lib import train_queue
+    from lib.guard import protect
+
+    replace = train_queue.install()  # at most MAX_WAITING queued per trainer; DELETE /train/ also drops them
     targets = {
         infer.api_run_inference: check_infer,
         info.api_app_info: None,  # over DICOMweb these two read the server's series lists
@@ -131,16 +150,17 @@ def install(app) -> int:
         datastore.api_remove_image: None,
         datastore.api_remove_label: None,
         model.api_update_model: None,  # refused by the app (403), after the upload was copied to a temporary file
-        train.api_run: check_train,
-        train.api_run_model: check_train,
+        train.api_run: train_queue.check_train_all,
+        train.api_run_model: train_queue.check_train_model,
+        train.api_stop: None,  # replaced by train_queue.api_stop
     }
     replaced = 0
-    for router in _routers(app.router):
+    for router in routers(app.router):
         for i, route in enumerate(router.routes):
             if isinstance(route, APIRoute) and route.endpoint in targets:
                 router.routes[i] = APIRoute(
                     route.path,
-                    _offload(route.endpoint, targets[route.endpoint]),
+                    _offload(replace.get(route.endpoint, route.endpoint), targets[route.endpoint]),
                     methods=list(route.methods),
                     name=route.name,
                     summary=route.summary,
@@ -153,10 +173,11 @@ def install(app) -> int:
         getattr(router, "_mark_routes_changed", lambda: None)()  # FastAPI >= 0.160 caches included routes
     app.openapi_schema = None
     logger.info(f"{replaced} endpoints run off the event loop with parameter checks")
+    protect(app, conf or {})
     return replaced
 
 
-def _routers(router, seen=None) -> list:
+def routers(router, seen=None) -> list:
     """``router`` and every router included in it (FastAPI keeps included routers by reference since 0.160)."""
     seen = seen if seen is not None else set()
     if id(router) in seen:
@@ -165,5 +186,5 @@ def _routers(router, seen=None) -> list:
     found = [router]
     for route in router.routes:
         if hasattr(route, "original_router"):
-            found += _routers(route.original_router, seen)
+            found += routers(route.original_router, seen)
     return found

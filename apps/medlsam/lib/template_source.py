@@ -18,6 +18,7 @@ from lib.conf import scrub_paths
 from lib.models import Models
 from medlsam.atomic import write_json_atomic
 from medlsam.errors import MedLSAMError, TemplateError
+from medlsam.names import is_plain_name
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +411,9 @@ def _label_names(label_info) -> dict[int, str]:
             logger.debug(f"label_info entry {item!r} ignored: idx is not an integer")
             continue
         name = item["name"].strip()
+        if not is_plain_name(name):  # saved before names were checked: never shown to a client
+            logger.warning(f"label_info name {name[:40]!r} ignored: not plain text")
+            continue
         if value > 0 and name.lower() not in ("background", "foreground_scribbles", "background_scribbles"):
             names.setdefault(value, name)
     return names

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections import OrderedDict
 
 from lib.models import Models
+from medlsam import cancel
 
 MAX_WAITING = 16  # inference requests waiting for a slot; more are refused (429)
 SLOT_TIMEOUT_S = 600
@@ -38,7 +40,13 @@ class Volumes:
                 )
             self._waiting += 1
         try:
-            acquired = self._slots.acquire(timeout=SLOT_TIMEOUT_S)
+            acquired, deadline = False, time.monotonic() + SLOT_TIMEOUT_S
+            while not acquired and time.monotonic() < deadline:
+                try:
+                    cancel.check()  # a request whose client left, or whose time is over, stops waiting
+                except cancel.Cancelled as exc:
+                    raise HTTPException(status_code=503, detail=f"inference {exc}") from None
+                acquired = self._slots.acquire(timeout=0.25)
         finally:
             with self._lock:
                 self._waiting -= 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlsam import cancel
 from medlsam.atomic import torch_save_atomic
 from medlsam.errors import MedLSAMError
 from medlsam.geometry import inplane_axes
@@ -186,6 +187,7 @@ class SliceEmbeddings:
                 todo.append(key)
         if not todo:
             return
+        cancel.check()  # encoding is the costly step of every SAM task: a bounded request stops here
         embeddings = self.segmenter.encode_batch([self.slice_image(k, crop) for k, crop in todo])
         self.encoder_calls += len(todo)
         for key, embedding in zip(todo, embeddings):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -15,6 +16,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from lib.conf import parse_bool, scrub_paths
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
+from medlsam import cancel
+from medlsam.cancel import Cancelled
 from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -27,7 +30,9 @@ def http_error(exc: Exception) -> HTTPException:
     """A clear HTTP error for a failure the user can fix (the server keeps serving); no server path in it."""
     if isinstance(exc, HTTPException):
         return HTTPException(status_code=exc.status_code, detail=scrub_paths(str(exc.detail)))
-    if isinstance(exc, NoTemplatesError):
+    if isinstance(exc, Cancelled):
+        status, detail = 503, f"inference {exc}"
+    elif isinstance(exc, NoTemplatesError):
         status, detail = 409, str(exc)
     elif isinstance(exc, CheckpointError):
         status, detail = 503, f"model weights unavailable: {exc}"
@@ -108,16 +113,35 @@ class MedLSAMInferTask(InferTask):
             )
         return path
 
+    def check_options(self, request: dict):
+        """A task's own options, checked before any work (400 naming a bad one); the base task has none."""
+
+    def check_request(self, request: dict) -> None:
+        """Every option checked before any work: the output's extension and dtype, the device, the number of clicks
+        and the task's own options; 400 naming the bad one."""
+        from medlsam.devices import check_device
+        from medlsam.interactive import check_click_count
+
+        result_options(request)
+        if request.get("device") not in (None, ""):
+            check_device(request["device"])
+        check_click_count(count_clicks(request))
+        self.check_options(request)
+
     def __call__(self, request: dict):
         name = request.get("model") or self.__class__.__name__
         image_id = request.get("image_id") or os.path.basename(str(request.get("image", "")))
+        try:
+            self.check_request(request)
+        except (HTTPException, MedLSAMError) as exc:
+            raise http_error(exc) from None
         with self.volumes.infer_slot():
             tic = time.perf_counter()
             try:
                 path = self.image_path(request)
                 entry = self.volumes.volume_entry(path)
                 loaded = time.perf_counter()
-                with entry["lock"]:  # one inference per image at a time: embeddings are shared
+                with waiting(entry["lock"]):  # one inference per image at a time: embeddings are shared
                     label, result = self.run(request, entry)
                 inferred = time.perf_counter()
                 out, dtype = self.write(label, entry["volume"], request)
@@ -154,20 +178,47 @@ class MedLSAMInferTask(InferTask):
         """(result file, its dtype): the requested dtype, widened when the label's values need it."""
         from medlsam.volume import write_volume
 
-        ext = request.get("result_extension") or ".nii.gz"
-        if ext not in RESULT_EXTENSIONS:
-            raise HTTPException(
-                status_code=400, detail=f"result_extension {ext!r} not supported; use one of {list(RESULT_EXTENSIONS)}"
-            )
-        dtype = request.get("result_dtype") or "uint8"
-        if dtype not in RESULT_DTYPES:
-            raise HTTPException(
-                status_code=400, detail=f"result_dtype {dtype!r} not supported; use one of {list(RESULT_DTYPES)}"
-            )
+        ext, dtype = result_options(request)
         dtype = output_dtype(dtype, label)
         path = os.path.join(tempfile.gettempdir(), f"medlsam-{uuid.uuid4().hex}{ext}")
         write_volume(label.astype(dtype), volume, path)
         return path, dtype
+
+
+def result_options(request: dict) -> tuple[str, str]:
+    """(result_extension, result_dtype) of the request; 400 naming a bad one."""
+    ext = request.get("result_extension") or ".nii.gz"
+    if ext not in RESULT_EXTENSIONS:
+        raise HTTPException(
+            status_code=400, detail=f"result_extension {ext!r} not supported; use one of {list(RESULT_EXTENSIONS)}"
+        )
+    dtype = request.get("result_dtype") or "uint8"
+    if dtype not in RESULT_DTYPES:
+        raise HTTPException(
+            status_code=400, detail=f"result_dtype {dtype!r} not supported; use one of {list(RESULT_DTYPES)}"
+        )
+    return ext, dtype
+
+
+def count_clicks(request: dict) -> int:
+    """Clicks in a request, every form together: lists of [i, j, k] under ``foreground``, ``background`` or an
+    organ's name (a malformed list counts by its length; the task's own parsing names what is wrong with it)."""
+    total = 0
+    for value in request.values():
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
+            total += len(value)
+    return total
+
+
+@contextlib.contextmanager
+def waiting(lock):
+    """Hold ``lock``, waiting for it in short steps that honour the request's bound (medlsam.cancel)."""
+    while not lock.acquire(timeout=0.25):
+        cancel.check()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def stages(load: float, infer: float, write: float, timings: dict | None) -> list[tuple[str, float]]:

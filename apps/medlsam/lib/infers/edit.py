@@ -18,7 +18,6 @@ image only, no prior). The result is the whole label with only the clicked organ
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -29,11 +28,15 @@ from lib.infers.common import DynamicLabels, MedLSAMInferTask, number
 from lib.models import Models
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
+from medlsam.errors import MedLSAMError
+from medlsam.names import NAME_RULE, is_plain_name
 
 RESERVED = {
     "foreground",
     "background",
     "label",
+    "label_name",
+    "label_file",
     "label_names",
     "image",
     "image_id",
@@ -48,37 +51,16 @@ RESERVED = {
 }
 
 
-def _points(value, name: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """[[i, j, k], ...] (or one [i, j, k]) inside the image as an (N, 3) int array; 400 naming ``name`` otherwise."""
-    try:
-        arr = np.asarray(value if value is not None else [], dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = np.zeros((0, 2))
-    if arr.size == 0:
-        return np.zeros((0, 3), int)
-    if arr.ndim == 1 and arr.shape == (3,):
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != 3 or not np.isfinite(arr).all():
-        raise HTTPException(status_code=400, detail=f"{name} must be a list of [i, j, k] voxel indices, got {value!r}")
-    points = np.rint(arr).astype(int)
-    outside = np.any((points < 0) | (points >= np.array(shape)), axis=1)
-    if outside.any():
-        raise HTTPException(
-            status_code=400,
-            detail=f"{name} click(s) {points[outside].tolist()} outside the image (voxel indices must lie in "
-            f"[0, {shape[0] - 1}] x [0, {shape[1] - 1}] x [0, {shape[2] - 1}])",
-        )
-    return points
-
-
 def request_clicks(
     request: dict, known: dict[str, int], shape: tuple[int, int, int]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(foreground clicks per organ, DeepEdit ``background`` clicks, foreground/background-form background clicks
-    of the ``label`` organ), checked against the image; 400 naming the problem. Keys of the request that hold
+    of the ``label_name`` organ), checked against the image; 400 naming the problem. Keys of the request that hold
     lists of points and are not options must be organ names."""
-    label = request.get("label")
-    organ_form = isinstance(label, str) and label and not os.path.exists(label)
+    from medlsam.interactive import parse_points as _points
+
+    label = request.get("label_name")
+    organ_form = isinstance(label, str) and bool(label)
     foreground: dict[str, np.ndarray] = {}
     for key, value in request.items():
         if key in RESERVED or not isinstance(value, (list, tuple)) or not value:
@@ -95,7 +77,9 @@ def request_clicks(
     own_background = np.zeros((0, 3), int)
     if request.get("foreground") is not None and len(request.get("foreground") or []) or organ_form:
         if not organ_form:
-            raise HTTPException(status_code=400, detail="foreground clicks need `label`: the organ they belong to")
+            raise HTTPException(
+                status_code=400, detail="foreground clicks need `label`: the name of the organ they belong to"
+            )
         if label not in known:
             raise HTTPException(
                 status_code=400,
@@ -118,6 +102,24 @@ def request_clicks(
     return foreground, background, own_background
 
 
+def request_label_names(request: dict) -> dict[str, int]:
+    """The request's ``label_names`` {name: value} for structures the bank does not know; 400 unless every name
+    is plain text and every value a positive integer."""
+    names = request.get("label_names")
+    if names is None or names == {}:
+        return {}
+    if not isinstance(names, dict):
+        raise HTTPException(status_code=400, detail='label_names must be an object {"name": value, ...}')
+    for name, value in names.items():
+        if not is_plain_name(name):
+            raise HTTPException(
+                status_code=400, detail=f"label_names: {str(name)[:80]!r} is not plain text ({NAME_RULE})"
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 65535:
+            raise HTTPException(status_code=400, detail=f"label_names: {name!r} needs an integer value in 1..65535")
+    return dict(names)
+
+
 class EditInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes):
         from medlsam.editing import EditOptions
@@ -132,6 +134,19 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
             "network given the image, the organ's template prior and current mask, and the clicks)",
             config={"method": ["refiner", "geodesic"], "reach_mm": EditOptions().reach_mm},
         )
+
+    def check_options(self, request: dict):
+        """(EditOptions, method) of the request; 400 naming a bad one (checked before any work)."""
+        from medlsam.editing import EditOptions
+
+        options = EditOptions(reach_mm=number(request, "reach_mm", EditOptions().reach_mm, float, 1.0, 100.0))
+        method = request.get("method") or self.models.edit_method
+        if isinstance(method, list):  # a client echoing the config's choices
+            method = method[0] if method else self.models.edit_method
+        if method not in ("refiner", "geodesic"):
+            raise HTTPException(status_code=400, detail=f"method must be refiner or geodesic, not {method!r}")
+        request_label_names(request)
+        return options, method
 
     def _bank(self):
         try:
@@ -160,12 +175,13 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         from medlsam.volume import read_volume
 
         volume = entry["volume"]
-        label = request.get("label")
-        if isinstance(label, str) and label and os.path.exists(label):
+        label = request.get("label_file")  # set by the app for an uploaded label only, never from a request's text
+        if label:
             try:
                 array = read_volume(label).array
             except Exception as exc:  # noqa: BLE001 - an unreadable upload is the client's error
-                raise HTTPException(status_code=400, detail=f"label file unreadable: {type(exc).__name__}") from None
+                why = str(exc).replace(label, "upload") if isinstance(exc, MedLSAMError) else type(exc).__name__
+                raise HTTPException(status_code=400, detail=f"label file unreadable: {why}") from None
             if array.shape != volume.shape:
                 raise HTTPException(
                     status_code=400,
@@ -180,18 +196,15 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         return np.zeros(volume.shape, np.uint8), "none"
 
     def run(self, request: dict, entry: dict):
-        from medlsam.editing import EditOptions, IntensityModel, OrganClicks, edit_label
+        from medlsam.editing import IntensityModel, OrganClicks, edit_label
         from medlsam.metrics import cranio_caudal_axis
 
         tic = time.perf_counter()
         volume = entry["volume"]
         bank, info = self._bank()
         known = dict(self.labels)
-        extra = request.get("label_names")
-        if isinstance(extra, dict):
-            for name, value in extra.items():
-                if isinstance(name, str) and isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    known.setdefault(name, value)
+        for name, value in request_label_names(request).items():
+            known.setdefault(name, value)
         if bank is not None:
             for name, organ in bank.organs.items():
                 known.setdefault(name, organ.value)
@@ -223,14 +236,9 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
                 part = base[prior.region()]
                 part[(prior.probabilities > 0.5) & (part == 0)] = known[name]
         localized = time.perf_counter()
-        options = EditOptions(reach_mm=number(request, "reach_mm", EditOptions().reach_mm, float, 1.0, 100.0))
+        options, method = self.check_options(request)
         spacing = np.asarray(volume.spacing, np.float64)
         axis = cranio_caudal_axis(volume.affine)
-        method = request.get("method") or self.models.edit_method
-        if isinstance(method, list):  # a client echoing the config's choices
-            method = method[0] if method else self.models.edit_method
-        if method not in ("refiner", "geodesic"):
-            raise HTTPException(status_code=400, detail=f"method must be refiner or geodesic, not {method!r}")
         refiner = self.models.click_refiner() if method == "refiner" else None
         label, changed = edit_label(
             base, volume.array, spacing, known, clicks, priors, intensities, options, axis, refiner

@@ -14,6 +14,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.common import MedLSAMInferTask, number
 from lib.volumes import Volumes
+from medlsam.names import NAME_RULE, is_plain_name
 
 SLICER_SLICE_AXIS = 2
 MAX_SLICES = 10000  # sam_3d max_slices (per direction; 0 = until the object ends)
@@ -26,8 +27,13 @@ def _prompts(request: dict, shape):
 
 
 def _label_name(request: dict) -> str:
-    label = request.get("label")
-    return label if isinstance(label, str) and label else "sam"
+    """The result's structure name (the request's ``label``), plain text; else 400."""
+    label = request.get("label_name")
+    if label is None or label == "":
+        return "sam"
+    if not is_plain_name(label):
+        raise HTTPException(status_code=400, detail=f"label {str(label)[:80]!r} is not plain text ({NAME_RULE})")
+    return label
 
 
 class SAM2DInfer(MedLSAMInferTask):
@@ -78,15 +84,22 @@ class SAM3DInfer(MedLSAMInferTask):
             config={"max_slices": 0, "min_iou": 0.5},
         )
 
-    def run(self, request: dict, entry: dict):
-        from medlsam.propagation import PropagationOptions, segment_volume
+    def check_options(self, request: dict):
+        """The request's PropagationOptions; 400 naming a bad one (checked before any work)."""
+        from medlsam.propagation import PropagationOptions
 
-        volume = entry["volume"]
-        prompts = _prompts(request, volume.shape)
-        options = PropagationOptions(
+        _label_name(request)
+        return PropagationOptions(
             max_slices=number(request, "max_slices", 0, int, 0, MAX_SLICES),
             min_iou=number(request, "min_iou", 0.5, float, 0.0, 1.0),
         )
+
+    def run(self, request: dict, entry: dict):
+        from medlsam.propagation import segment_volume
+
+        volume = entry["volume"]
+        prompts = _prompts(request, volume.shape)
+        options = self.check_options(request)
         embeddings = self.volumes.embeddings(entry)
         calls = embeddings.encoder_calls
         result = segment_volume(embeddings, prompts, options)
