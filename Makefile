@@ -11,7 +11,13 @@ ORTHANC_PORT ?= 8042
 RUNTIME ?= runs/dicomweb
 CONF ?= --conf models medlsam
 
-.PHONY: setup system-deps lint test sample-datastore serve serve-dicomweb demo clean
+.PHONY: help setup system-deps lint test test-quick sample-datastore serve serve-dicomweb demo clean
+.DEFAULT_GOAL := help
+
+help:  ## this list (each target and what it does)
+	@echo "make <target>, from the repository root:"
+	@awk -F':.*## ' '/^[a-z-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Variables (make VAR=value): DATA=$(DATA) PORT=$(PORT) HOST=$(HOST) SAMPLE=$(SAMPLE) CONF='$(CONF)'"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +36,14 @@ setup: $(VENV)/.installed  ## create .venv when missing (reused when present) an
 lint: setup  ## ruff: lint and format check (configured in pyproject.toml)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-system-deps:  ## Orthanc + Chromium for the DICOMweb/OHIF tests: apt-installed when missing (root only)
+system-deps:  ## Orthanc + Chromium (DICOMweb/OHIF tests), dicom3tools + plastimatch (RTSTRUCT tests): apt-installed when missing (root only)
 	bash scripts/system_deps.sh
 
 test: setup system-deps lint  ## lint, then run the test suite (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q --durations=20 tests
+
+test-quick: setup  ## the tests that need no data folder and no server (markers: not slow, not data): under a minute
+	$(BIN)/python -m pytest -q -m "not slow and not data" tests
 
 sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans
 	$(BIN)/python scripts/make_sample_datastore.py --data $(DATA) --out $(SAMPLE)
@@ -56,5 +65,5 @@ serve-dicomweb: sample-datastore  ## Orthanc (loopback) + the sample datastore a
 demo: setup  ## ask the running server (make serve) for an auto-segmentation like Slicer; writes runs/demo/
 	$(BIN)/python scripts/demo.py --server http://127.0.0.1:$(PORT) --out runs/demo
 
-clean:
+clean:  ## remove .venv and .pytest_cache
 	rm -rf $(VENV) .pytest_cache

@@ -16,13 +16,11 @@ APP_SOURCE = REPO_ROOT / "apps" / "medlsam"
 
 
 def private_app(tmp: Path) -> Path:
-    """A copy of apps/medlsam (code + links to the shipped MedLAM and click refiner) whose model/ folder is private to
-    the test."""
+    """A copy of apps/medlsam (code only) whose model/ folder is private to the test (the app reads the shipped
+    MedLAM and click refiner from the medlsam package)."""
     app = tmp / "app"
     shutil.copytree(APP_SOURCE, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     (app / "model").mkdir()
-    for shipped in ("pretrained_medlam.pt", "click_refiner.pt"):
-        os.symlink(APP_SOURCE / "model" / shipped, app / "model" / shipped)
     return app
 
 

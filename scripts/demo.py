@@ -4,9 +4,10 @@ label file, the result JSON and a QC PNG.
     python scripts/demo.py [--server http://127.0.0.1:8000] [--image ID] [--model medlsam]
                            [--organs Brainstem,Mandible] [--out runs/demo]
 
-Without --image the first unlabeled image of the datastore is used. Like Slicer, the request is multipart
-(result_extension .nrrd, result_dtype uint8) through monailabel.client.MONAILabelClient; the scan itself
-is downloaded from /datastore/image for the QC picture.
+Without --image the first unlabeled image of the datastore is used. After a server start the template bank is built
+first (minutes): the demo prints its progress from the server's /info/ (``template_bank``) until it is ready, then
+asks. Like Slicer, the request is multipart (result_extension .nrrd, result_dtype uint8) through
+monailabel.client.MONAILabelClient; the scan itself is downloaded from /datastore/image for the QC picture.
 """
 
 from __future__ import annotations
@@ -20,6 +21,43 @@ import time
 from pathlib import Path
 
 import requests
+
+
+def bank_line(bank: dict) -> str:
+    """One line for the template bank's state as /info/ reports it (``template_bank``)."""
+    state = bank.get("state", "?")
+    if state == "building" and bank.get("step"):
+        return f"template bank: {bank.get('built')} of {bank.get('of')} templates built; {bank['step']}"
+    if state == "building":
+        last = f" (last: {bank['last']})" if bank.get("last") else ""
+        return f"template bank: built {bank.get('built', 0)} of {bank.get('of', '?')} templates{last}"
+    if state == "ready":
+        organs, seconds = len(bank.get("organs", [])), bank.get("build_s")
+        took = f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
+        return f"template bank ready: {len(bank.get('templates', []))} template(s), {organs} organ(s){took}"
+    if state == "failed":
+        return f"template bank failed: {bank.get('error', 'no reason given')}"
+    if state == "not built":
+        return "template bank: not started yet (the server loads MedLAM first)"
+    return f"template bank: {state}"
+
+
+def wait_for_bank(server: str, poll_s: float = 2.0, start_s: float = 60.0) -> None:
+    """Print the template bank's progress (from /info/) while the server builds it; return once it is built, has
+    failed or has no templates (the request then says why). A bank not started within start_s is not waited for."""
+    tic, last = time.monotonic(), None
+    while True:
+        bank = requests.get(f"{server}/info/", timeout=30).json().get("template_bank")
+        if not bank:  # a server without template banks
+            return
+        line = bank_line(bank)
+        if line != last:
+            print(f"[{time.monotonic() - tic:5.0f} s] {line}", flush=True)
+            last = line
+        state = bank.get("state")
+        if state != "building" and (state != "not built" or time.monotonic() - tic > start_s):
+            return
+        time.sleep(poll_s)
 
 
 def main(argv=None) -> int:
@@ -63,9 +101,14 @@ def main(argv=None) -> int:
     params = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what Slicer sends
     if args.organs:
         params["organs"] = [o.strip() for o in args.organs.split(",") if o.strip()]
+    try:
+        wait_for_bank(server)
+    except requests.RequestException as exc:
+        print(f"error: the server at {server} stopped answering ({type(exc).__name__})", file=sys.stderr)
+        return 2
     print(
-        f"{args.model} on {image} at {server} ... (the first request after a start loads the models and builds the "
-        "template bank: minutes; later ones take seconds)",
+        f"{args.model} on {image} at {server} ... (the first request loads the segmenter: seconds to a minute; "
+        "later ones take seconds)",
         flush=True,
     )
     tic = time.perf_counter()

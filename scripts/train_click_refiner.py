@@ -1,7 +1,7 @@
 """Train the click refiner (``medlsam.refiner``) with simulated clicks on OpenKBP train scans that are not templates.
 
     python benchmarks/editing.py --split train --cache-only   # the train scans' starts (about 4 min)
-    python scripts/train_click_refiner.py                      # 45 minutes, writes apps/medlsam/model/click_refiner.pt
+    python scripts/train_click_refiner.py                      # 45 minutes, writes lib/medlsam/weights/click_refiner.pt
 
 Each scan's starting point (the 5 protocol templates' prior auto-segmentation and organ posteriors) comes from the
 editing benchmark's cache (``benchmarks/editing.py --split train --cache-only``). Every organ of every scan is

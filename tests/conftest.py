@@ -18,6 +18,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(int(os.environ.get("MEDLSAM_TEST_THREADS", "1")))
 
 
+DATA_FIXTURES = {"data_dir", "openkbp_case"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that read the shared data folder (through these fixtures) are marked ``data``: `make test-quick` runs
+    the others."""
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """$MEDLSAM_DATA, or ../shared/data beside the repository; skips only when that folder is missing."""

@@ -11,7 +11,6 @@ import torch
 
 from medlsam.errors import CheckpointError, MedLSAMError
 from medlsam.metrics import dice
-from medlsam.paths import data_dir
 from medlsam.sam import BACKENDS, Embedding, build_segmenter, ct_slice_to_image
 
 LIVER = 5
@@ -26,9 +25,9 @@ def box_of(mask: np.ndarray) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def abdomen():
+def abdomen(data_dir):
     nib = pytest.importorskip("nibabel")
-    folder = data_dir() / "abdomen"
+    folder = data_dir / "abdomen"
     ct_path, label_path = folder / "abdomen_slab_ct.nii.gz", folder / "abdomen_slab_label.nii.gz"
     if not (ct_path.is_file() and label_path.is_file()):
         pytest.skip(f"abdomen test data not found in {folder} (set MEDLSAM_DATA)")

@@ -1,6 +1,9 @@
 """The app's model cache: MedLAM (the published model when it loads, else the configured or shipped one; reloaded
 when its file changes) and the SAM-family segmenter, both loaded on first use and shared by every task.
 
+The shipped weights (MedLAM, click refiner) are the medlsam package's (``medlsam.paths``); the app's model/ folder
+holds what the running app writes (published models, template banks).
+
 Nothing heavy happens at construction: MONAI Label re-creates the app in every training subprocess.
 """
 
@@ -17,6 +20,7 @@ import torch
 from lib.conf import conf_bool, conf_int
 from medlsam.devices import check_device
 from medlsam.errors import CheckpointError
+from medlsam.paths import SHIPPED_CLICK_REFINER, SHIPPED_MEDLAM
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class Models:
 
     @property
     def shipped_medlam(self) -> Path:
-        return self.model_dir / "pretrained_medlam.pt"
+        return SHIPPED_MEDLAM
 
     def _medlam_candidates(self) -> list[Path]:
         return [self.published_medlam, Path(self.medlam_conf) if self.medlam_conf else self.shipped_medlam]
@@ -109,7 +113,7 @@ class Models:
     # ------------------------------------------------------------------ click refiner
     @property
     def shipped_click_refiner(self) -> Path:
-        return self.model_dir / "click_refiner.pt"
+        return SHIPPED_CLICK_REFINER
 
     def click_refiner(self):
         """The click refiner network of the ``edit`` task (``medlsam.refiner``), the shipped weights, loaded once;
