@@ -243,6 +243,10 @@ def _export(args: argparse.Namespace) -> None:
 def _dicom_export(args: argparse.Namespace) -> None:
     from medlsam.dicom import SeriesFields, export_ct_series, stow_files
 
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        raise MedLSAMError("medlsam dicom needs the dicom extra: pip install 'medlsam[dicom]'") from None
     fields = SeriesFields(
         patient_id=args.patient_id,
         patient_name=args.patient_name,
@@ -258,6 +262,28 @@ def _dicom_export(args: argparse.Namespace) -> None:
     )
     if args.stow:
         print(f"stored {stow_files(series.files, args.stow)} instances on {args.stow} (STOW-RS)")
+
+
+def _dicom_import(args: argparse.Namespace) -> None:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        raise MedLSAMError("medlsam dicom needs the dicom extra: pip install 'medlsam[dicom]'") from None
+    from medlsam.names import read_names
+    from medlsam.roi_names import load_synonyms
+    from medlsam.rtstruct_import import import_series
+
+    done = import_series(
+        args.series,
+        args.out,
+        args.rtstruct,
+        synonyms=load_synonyms(args.synonyms),  # a bad synonyms or names file fails before any work
+        keep_targets=args.keep_targets,
+        organs=read_names(args.names) if args.names else None,
+        ignore_frame_of_reference=args.ignore_frame_of_reference,
+        fmt=args.format,
+    )
+    print("\n".join(done.lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--half", action="store_true")
     export.set_defaults(func=_export)
 
-    dicom = commands.add_parser("dicom", help="DICOM: export a scan as a CT series").add_subparsers(
+    dicom = commands.add_parser("dicom", help="DICOM: export a scan as a CT series, import a series").add_subparsers(
         dest="action", required=True
     )
     dicom_export = dicom.add_parser(
@@ -417,6 +443,31 @@ def build_parser() -> argparse.ArgumentParser:
     dicom_export.add_argument("--study-uid", help="add the series to this study (default: a new study)")
     dicom_export.add_argument("--stow", metavar="URL", help="also store it on this DICOMweb server (STOW-RS)")
     dicom_export.set_defaults(func=_dicom_export)
+    dicom_import = dicom.add_parser(
+        "import",
+        help="a DICOM CT series folder (+ its RT Structure Set) -> image and label (NIfTI/NRRD) with organ names",
+    )
+    dicom_import.add_argument("series", metavar="SERIES_DIR", help="folder of the CT series (the largest series)")
+    dicom_import.add_argument(
+        "--rtstruct", metavar="RS.dcm", help="the RT Structure Set (default: the only one in SERIES_DIR, if any)"
+    )
+    dicom_import.add_argument("--out", required=True, help="folder for image.*, label.*, names.json, import.json")
+    dicom_import.add_argument(
+        "--synonyms", help='JSON {"TG-263 name": ["other name", ...]} extending the built-in ROI name synonyms'
+    )
+    dicom_import.add_argument(
+        "--names", help='map onto these organs and values (JSON {"1": "Brainstem", ...}, e.g. a bank\'s names)'
+    )
+    dicom_import.add_argument(
+        "--keep-targets", action="store_true", help="also import targets (GTV/CTV/PTV/ITV), PRVs, rings, helpers"
+    )
+    dicom_import.add_argument(
+        "--ignore-frame-of-reference",
+        action="store_true",
+        help="place the contours by patient coordinates even when the structure set names another frame of reference",
+    )
+    dicom_import.add_argument("--format", choices=["nii.gz", "nii", "nrrd"], default="nii.gz")
+    dicom_import.set_defaults(func=_dicom_import)
     return parser
 
 
