@@ -3,10 +3,12 @@ with benchmarks/app.py) a private copy of the app, free ports and a real server.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medlsam.volume import CTVolume, read_volume, write_volume
 
@@ -16,6 +18,7 @@ from app_server import APP_SOURCE, free_port, private_app, start_server, stop_se
 
 __all__ = [
     "APP_SOURCE",
+    "require",
     "NAMES",
     "crop",
     "free_port",
@@ -73,3 +76,11 @@ def tiny_case(data: Path, case: int, organs: list[int] | None, out_dir: Path, na
 
 def label_info(organs: list[int]) -> dict:
     return {"label_info": [{"name": NAMES[v], "idx": v} for v in organs]}
+
+
+def require(why: str) -> None:
+    """Skip with the reason, or fail when CI demands these tests (MEDLSAM_REQUIRE_DICOMWEB=1)."""
+    if why:
+        if os.environ.get("MEDLSAM_REQUIRE_DICOMWEB") == "1":
+            pytest.fail(f"MEDLSAM_REQUIRE_DICOMWEB=1 but {why}")
+        pytest.skip(why)

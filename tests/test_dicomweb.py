@@ -22,7 +22,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from app_support import NAMES, free_port, private_app, start_server, stop_server, wait_for_server
+from app_support import NAMES, free_port, private_app, require, start_server, stop_server, wait_for_server
 from medlsam.dicom import SeriesFields, export_ct_series, label_to_seg, stow_files
 from medlsam.metrics import dice
 from medlsam.volume import CTVolume, read_volume, write_volume
@@ -35,14 +35,6 @@ pytestmark = pytest.mark.slow  # real Orthanc + real MONAI Label server (+ a rea
 TEMPLATE_SEG, TEMPLATE_API, QUERY = 4, 13, 201  # train, train (all 7 organs), validation
 SLOW_TIMEOUT_S = 8  # --conf dicomweb_timeout of the test server
 SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ohif_autosegmentation.png"
-
-
-def require(why: str) -> None:
-    """Skip with the reason, or fail when CI demands these tests (MEDLSAM_REQUIRE_DICOMWEB=1)."""
-    if why:
-        if os.environ.get("MEDLSAM_REQUIRE_DICOMWEB") == "1":
-            pytest.fail(f"MEDLSAM_REQUIRE_DICOMWEB=1 but {why}")
-        pytest.skip(why)
 
 
 def kbp(data_dir: Path, case: int) -> tuple[Path, Path]:

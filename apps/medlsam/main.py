@@ -10,7 +10,8 @@ of the template prior against SAM), dicomweb_timeout (seconds a DICOMweb server 
 Front door (lib/guard.py, docs/security.md): allowed_hosts (Host names accepted besides this machine's names and
 literal IPs; * for any), cors_origins (exact origins a browser page may call from; none by default), expose_logs
 (serve /logs/, false), infer_timeout (seconds an inference may run, 600), max_voxels (voxels one image may claim,
-512 x 512 x 1024).
+512 x 512 x 1024). DICOMweb: rt_synonyms (a JSON of ROI name synonyms extending the built-in TG-263 map for RT
+Structure Sets on the server).
 
 Requests name datastore images by id only; uploads and labels are checked (lib/datastore.py); inference runs in
 worker threads, so /info/ and light requests answer while it runs (lib/server.py).
@@ -89,6 +90,7 @@ class MedLSAMApp(MONAILabelApp):
                 cache,
                 on_label_change=self._labels_changed,
                 read_timeout_s=conf_float(self.conf, "dicomweb_timeout", 120.0, 1.0),
+                rt_synonyms=self.conf.get("rt_synonyms") or None,
             )
         studies, app_dir = os.path.realpath(self.studies), os.path.realpath(self.app_dir)
         if studies == app_dir or studies.startswith(app_dir + os.sep):
@@ -181,9 +183,22 @@ class MedLSAMApp(MONAILabelApp):
                     "(GET /datastore/?output=all lists the image ids)",
                 )
             request["image"], request["image_id"] = path, image
+        from lib.server import RTSTRUCT_OUTPUT
+
+        rtstruct = RTSTRUCT_OUTPUT.get()
+        if rtstruct and not hasattr(store, "rtstruct_of"):
+            raise HTTPException(
+                status_code=400,
+                detail="output=rtstruct needs a DICOM image: start the server on a DICOMweb datastore (the structure "
+                "set references the CT series' instances)",
+            )
         result = super().infer(request, store)
         if save and result.get("file"):
             result["label"] = store.save_label(image, result["file"], DefaultLabelTag.ORIGINAL.value, {"model": model})
+        if rtstruct and result.get("file"):
+            names = (result.get("params") or {}).get("label_names") or {}
+            stow = parse_bool(request.get("stow", False)) is True
+            result["file"] = store.rtstruct_of(image, result["file"], names, stow=stow)
         return result
 
     @staticmethod

@@ -113,7 +113,19 @@ def _templates_build(args: argparse.Namespace) -> None:
     if len(labels) != len(args.images) or len(points) != len(args.images):
         raise MedLSAMError(f"{len(args.images)} images need as many --labels or --points files")
     names = read_names(args.names)  # a bad names file fails before any work
-    bank = build_bank(_model(args.model), args.images, labels, names, points)
+    images = args.images
+    if args.rtstruct is not None:  # DICOM series folders whose structure sets are the labels
+        if args.labels or args.points:
+            raise MedLSAMError("--rtstruct gives the labels: leave out --labels and --points")
+        from medlsam.roi_names import load_synonyms
+        from medlsam.rtstruct_import import rtstruct_templates
+
+        synonyms = load_synonyms(args.synonyms) if args.synonyms else None
+        images, labels, names, lines = rtstruct_templates(
+            args.images, args.rtstruct, names=names or None, synonyms=synonyms
+        )
+        print("\n".join(lines))
+    bank = build_bank(_model(args.model), images, labels, names, points)
     bank.save(args.out)
     summary = ", ".join(f"{n} ({o.count})" for n, o in bank.organs.items())
     print(f"template bank {args.out}: {summary}")
@@ -157,9 +169,18 @@ def _segment(args: argparse.Namespace) -> int | None:
 
     args.device = check_device(args.device)
     if is_batch(args.images, args.out):
+        if args.rtstruct:
+            raise MedLSAMError("--rtstruct writes one structure set: give one DICOM series folder, not a batch")
         return run_batch(args, args.argv)
     args.image = args.images[0]
     check_output_path(args.out)  # fail before any work
+    if args.rtstruct and not Path(args.image).is_dir():
+        raise MedLSAMError(
+            f"--rtstruct needs a DICOM series folder as the scan (the structure set references its "
+            f"instances), not {args.image}"
+        )
+    if args.rtstruct and not Path(args.rtstruct).expanduser().resolve().parent.is_dir():
+        raise MedLSAMError(f"--rtstruct: the folder of {args.rtstruct} does not exist")
     weight = {} if args.prior_weight is None else {"prior_weight": args.prior_weight}
     options = SegmentOptions(mode=args.mode, **weight)
     if args.qc:
@@ -185,6 +206,11 @@ def _segment(args: argparse.Namespace) -> int | None:
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings_s.items())
     print(f"{timings}; {result.encoder_calls} encoder calls (reference approach: {result.reference_encoder_calls})")
     print(f"label   {Path(args.out).expanduser().resolve()}\nresult  {Path(args.out).expanduser().resolve()}.json")
+    if args.rtstruct:
+        from medlsam.rtstruct_write import write_rtstruct
+
+        found = {v: n for n, v in result.label_names.items() if n not in result.not_found}
+        print(f"RTSTRUCT {write_rtstruct(result.label, found, args.image, args.rtstruct).resolve()}")
     if args.qc:
         qc = qc_montage(volume, result.label, result.label_names, args.qc, reference=reference)
         print(f"QC      {qc.resolve()}")
@@ -335,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--points", nargs="+", help='one JSON per image: {"Organ": {"value": 1, "points": [[i,j,k] x6]}}'
     )
     build.add_argument("--names", help='JSON {"1": "Brainstem", ...} (or a dataset.json with "labels")')
+    build.add_argument(
+        "--rtstruct",
+        nargs="*",
+        help="--images are DICOM series folders labelled by RT Structure Sets: one RS file per folder, or none to "
+        "take the only one in each folder (ROI names mapped by TG-263 and synonyms; --names maps onto a bank's)",
+    )
+    build.add_argument("--synonyms", help="a synonyms JSON extending the built-in ROI name map (with --rtstruct)")
     build.add_argument("--model", help="MedLAM checkpoint (default: the shipped model)")
     build.add_argument("--out", required=True)
     build.set_defaults(func=_templates_build)
@@ -395,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--qc-reference",
         help="a reference label on the scan's grid (same values as the bank's "
         "organs) shown beside each organ in the QC picture, with the Dice",
+    )
+    segment.add_argument(
+        "--rtstruct",
+        help="also write the result as a DICOM RT Structure Set (OUT.dcm) referencing the scan, a DICOM series folder",
     )
     segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")

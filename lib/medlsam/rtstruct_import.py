@@ -123,3 +123,44 @@ def import_series(
     done.lines.extend(_summary(result, volume.spacing))
     done.lines.append(f"report  {done.report_file}")
     return done
+
+
+def rtstruct_templates(
+    series_dirs: list[str | os.PathLike],
+    rtstructs: list[str | os.PathLike | None] | None = None,
+    *,
+    names: dict[int, str] | None = None,
+    synonyms=None,
+    keep_targets: bool = False,
+) -> tuple[list, list, dict[int, str], list[str]]:
+    """(CT volumes, their labels, {value: organ}, one report line per series) of DICOM series folders and their
+    RT Structure Sets (given per folder, or the only one in it), every label numbered by one organ list: ``names``
+    when given (ROIs mapped onto them), else the organs in the order first met; ready for ``build_bank``."""
+    rtstructs = list(rtstructs) if rtstructs else [None] * len(series_dirs)
+    if len(rtstructs) != len(series_dirs):
+        raise MedLSAMError(f"{len(series_dirs)} series need as many structure sets, not {len(rtstructs)}")
+    organs = dict(names or {})
+    images, labels, lines = [], [], []
+    for folder, given in zip(series_dirs, rtstructs):
+        folder = Path(folder).expanduser()
+        chosen = choose_rtstruct(folder, given) if folder.is_dir() else None
+        if chosen is None:
+            raise MedLSAMError(f"{folder}: a DICOM series folder with an RT Structure Set is needed (--rtstruct)")
+        series = read_ct_series(folder)
+        result = read_rtstruct(chosen, series, synonyms=synonyms, keep_targets=keep_targets, organs=names)
+        if not result.names:
+            raise TemplateError(f"{chosen.name}: no organ could be imported onto {folder.name}")
+        lut = np.zeros(max(result.names) + 1, dtype=np.uint16)
+        for value, organ in result.names.items():
+            if organ not in organs.values():
+                organs[max(organs, default=0) + 1] = organ
+            lut[value] = next(v for v, n in organs.items() if n == organ)
+        label = lut[result.label.array]
+        images.append(series.volume)
+        labels.append(type(result.label)(label.astype(np.uint16), result.label.affine, str(chosen)))
+        unmapped = [d.name for d in result.rois if d.status == "unmapped"]
+        lines.append(
+            f"{folder.name}: {', '.join(result.names.values())} from {chosen.name}"
+            + (f"; unmapped ROIs: {', '.join(unmapped)}" if unmapped else "")
+        )
+    return images, labels, dict(sorted(organs.items())), lines

@@ -44,6 +44,7 @@ LIST_TTL_S = 5.0  # the series lists are re-read after this (and after every sav
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0  # default of --conf dicomweb_timeout: a slow server becomes a 503, not a hung request
 FINAL = DefaultLabelTag.FINAL.value
+DRAFT_DESCRIPTION = "MedLSAM Label draft"  # the series description of the structure sets output=rtstruct stores
 
 
 class TimeoutSession(requests.Session):
@@ -87,7 +88,11 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         cache_path: Optional[str] = None,
         on_label_change=None,
         read_timeout_s: float = READ_TIMEOUT_S,
+        rt_synonyms: Optional[str] = None,
     ):
+        from medlsam.roi_names import load_synonyms
+
+        self.synonyms = load_synonyms(rt_synonyms) if rt_synonyms else None  # a bad file stops the start, named
         client = dicomweb_client(url, read_timeout_s)
         super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=True)
         self.url = url.rstrip("/")
@@ -143,39 +148,55 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         return self._cached("images", read)
 
     def _final_segs(self) -> Dict[str, dict]:
-        """{image series: its newest SEG {"seg", "study", "ts"}} for every SEG on the server referencing an image."""
+        """{image series: its newest final label {"seg", "study", "ts", "kind"}}: every SEG and every RT Structure
+        Set on the server referencing an image of this datastore (the newest of either wins). A structure set that
+        has lost its references (anonymised) refers to the only CT series of its study. The app's own drafts
+        (output=rtstruct with stow, series description DRAFT_DESCRIPTION) are never final labels."""
 
         def read():
-            segs = self._call("SEG search", self._client.search_for_series, search_filters={"Modality": "SEG"})
             images, newest = set(self.list_images()), {}
-            for seg in segs:
-                seg_id, study = _tag(seg, "0020000E"), _tag(seg, "0020000D")
-                if seg_id not in self._seg_refs:
-                    meta = self._call("SEG metadata", self._client.retrieve_series_metadata, study, seg_id)
-                    first = Dataset.from_json(meta[0]) if meta else Dataset()
-                    refs = first.get("ReferencedSeriesSequence")
-                    self._seg_refs[seg_id] = (
-                        {
-                            "image": str(refs[0].SeriesInstanceUID),
-                            "ts": _timestamp(
-                                str(first.get("ContentDate", first.get("SeriesDate", ""))),
-                                str(first.get("ContentTime", first.get("SeriesTime", ""))),
-                            ),
-                        }
-                        if refs
-                        else None
-                    )
-                ref = self._seg_refs[seg_id]
-                if ref is None or ref["image"] not in images:
-                    logger.debug(f"SEG {seg_id} ignored: it references no CT series of this datastore")
-                    continue
-                item = {"seg": seg_id, "study": study, "ts": ref["ts"]}
-                old = newest.get(ref["image"])
-                if old is None or (item["ts"], item["seg"]) > (old["ts"], old["seg"]):
-                    newest[ref["image"]] = item
+            for kind in ("SEG", "RTSTRUCT"):
+                found = self._call(f"{kind} search", self._client.search_for_series, search_filters={"Modality": kind})
+                for series in found:
+                    seg_id, study = _tag(series, "0020000E"), _tag(series, "0020000D")
+                    if _tag(series, "0008103E") == DRAFT_DESCRIPTION:
+                        continue
+                    if seg_id not in self._seg_refs:
+                        self._seg_refs[seg_id] = self._label_reference(kind, study, seg_id)
+                    ref = self._seg_refs[seg_id]
+                    if ref is None or ref["image"] not in images:
+                        logger.debug(f"{kind} {seg_id} ignored: it references no CT series of this datastore")
+                        continue
+                    item = {"seg": seg_id, "study": study, "ts": ref["ts"], "kind": kind}
+                    old = newest.get(ref["image"])
+                    if old is None or (item["ts"], item["seg"]) > (old["ts"], old["seg"]):
+                        newest[ref["image"]] = item
             return newest
 
         return self._cached("segs", read)
+
+    def _label_reference(self, kind: str, study: str, series_id: str) -> Optional[dict]:
+        """{"image": the CT series a SEG / RTSTRUCT labels, "ts": its time}; None when it names none here."""
+        meta = self._call(f"{kind} metadata", self._client.retrieve_series_metadata, study, series_id)
+        first = Dataset.from_json(meta[0]) if meta else Dataset()
+        image = None
+        if kind == "SEG":
+            refs = first.get("ReferencedSeriesSequence")
+            image = str(refs[0].SeriesInstanceUID) if refs else None
+        else:
+            for frame in first.get("ReferencedFrameOfReferenceSequence") or []:
+                for ref_study in frame.get("RTReferencedStudySequence") or []:
+                    for ref_series in ref_study.get("RTReferencedSeriesSequence") or []:
+                        image = image or str(ref_series.SeriesInstanceUID)
+            if image is None:  # anonymised: the only CT series of its study
+                found = self._call(
+                    "CT search", self._client.search_for_series, search_filters={"StudyInstanceUID": study}
+                )
+                cts = sorted({_tag(s, "0020000E") for s in found if _tag(s, "00080060") == "CT"})
+                image = cts[0] if len(cts) == 1 else None
+        date = first.get("StructureSetDate", first.get("ContentDate", first.get("SeriesDate", "")))
+        clock = first.get("StructureSetTime", first.get("ContentTime", first.get("SeriesTime", "")))
+        return {"image": image, "ts": _timestamp(str(date), str(clock))} if image else None
 
     # ------------------------------------------------------------------ images
     def get_image_uri(self, image_id: str) -> str:
@@ -254,10 +275,55 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         folder = self._download(seg["seg"], seg["study"], self._label_dir)
         files = sorted(os.listdir(folder))
         if len(files) != 1:
-            raise ValueError(f"SEG series {seg['seg']} holds {len(files)} instances, expected one")
-        label, names = seg_to_label(os.path.join(folder, files[0]), image)
+            raise ValueError(f"{seg.get('kind', 'SEG')} series {seg['seg']} holds {len(files)} instances, expected one")
+        if seg.get("kind") == "RTSTRUCT":
+            label, names = self._rtstruct_label(image_id, os.path.join(folder, files[0]), image)
+        else:
+            label, names = seg_to_label(os.path.join(folder, files[0]), image)
         write_json_atomic({str(k): v for k, v in names.items()}, nifti[: -len(".nii.gz")] + ".json")
         write_volume(label.array.astype(np.uint16), label, nifti)
+
+    def _rtstruct_label(self, image_id: str, rtstruct: str, image: str):
+        """(label on the image's NIfTI grid, {value: organ}) of a structure set: contours rasterised on the CT series
+        by patient coordinates, ROI names mapped to organs (TG-263 and synonyms; targets, PRVs, rings left out)."""
+        from medlsam.rtstruct import read_rtstruct
+        from medlsam.rtstruct_write import label_on_grid
+        from medlsam.volume import CTVolume, read_volume
+
+        result = read_rtstruct(rtstruct, os.path.join(self._datastore.image_path(), image_id), synonyms=self.synonyms)
+        unmapped = [d.name for d in result.rois if d.status == "unmapped"]
+        if unmapped:
+            logger.info(f"RTSTRUCT of {image_id}: ROIs not mapped to an organ: {', '.join(unmapped)}")
+        volume = read_volume(image)
+        array = label_on_grid(result.label, volume)
+        return CTVolume(array, volume.affine), result.names
+
+    def rtstruct_of(self, image_id: str, label_file: str, names: Dict[str, int], stow: bool = False) -> str:
+        """An inference result (``label_file`` on the image's grid, {organ: value}) as an RT Structure Set of the
+        image's CT series, written to a temporary file (the label file is removed); with ``stow`` also stored on
+        the DICOMweb server as a draft (DRAFT_DESCRIPTION: never a final label)."""
+        import pydicom
+
+        from medlsam.errors import MedLSAMError
+        from medlsam.rtstruct_write import write_rtstruct
+        from medlsam.volume import read_volume
+
+        label = read_volume(label_file)
+        present = set(np.unique(label.array).tolist())
+        organs = {int(v): n for n, v in names.items() if int(v) in present and int(v) != 0}
+        out = os.path.join(tempfile.gettempdir(), f"medlsam-rtstruct-{image_id}-{time.time_ns()}.dcm")
+        try:
+            path = write_rtstruct(
+                label, organs, os.path.join(self._datastore.image_path(), image_id), out, description=DRAFT_DESCRIPTION
+            )
+        except MedLSAMError as exc:
+            raise HTTPException(status_code=400, detail=f"no RT Structure Set written: {exc}") from None
+        finally:
+            os.unlink(label_file)
+        if stow:
+            self._call("RTSTRUCT upload (STOW-RS)", self._client.store_instances, [pydicom.dcmread(str(path))])
+            logger.info(f"RTSTRUCT draft of {image_id} stored on {self.url} ({len(organs)} organs)")
+        return str(path)
 
     def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
         if label_tag != FINAL:

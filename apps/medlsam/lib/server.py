@@ -41,6 +41,8 @@ def json_object(value: Any, key: str) -> Dict[str, Any]:
 
 
 UPLOADED_LABEL: ContextVar[bool] = ContextVar("medlsam_uploaded_label", default=False)
+RTSTRUCT_OUTPUT: ContextVar[bool] = ContextVar("medlsam_rtstruct_output", default=False)
+OUTPUTS = ("image", "json", "all", "dicom_seg", "rtstruct")  # MONAI Label's ResultType, and rtstruct
 
 
 def check_infer(kwargs: Dict[str, Any]) -> None:
@@ -55,6 +57,14 @@ def check_infer(kwargs: Dict[str, Any]) -> None:
             params["label_name"] = params.pop("label")
         kwargs["params"] = json.dumps(params)
     UPLOADED_LABEL.set(kwargs.get("label") is not None)
+    output = kwargs.get("output")
+    if output is not None and output not in OUTPUTS:
+        raise HTTPException(status_code=400, detail=f"output {str(output)[:40]!r}: use one of {list(OUTPUTS)}")
+    RTSTRUCT_OUTPUT.set(output == "rtstruct")  # the app writes the structure set; MONAI Label sends it as a file
+    if output is not None:
+        from monailabel.endpoints.infer import ResultType
+
+        kwargs["output"] = ResultType("image" if output == "rtstruct" else output)
     if kwargs.get("file") is not None:
         raise HTTPException(
             status_code=400,
@@ -99,7 +109,8 @@ def check_train(kwargs: Dict[str, Any]) -> None:
 
 
 def _offload(endpoint: Callable, check: Optional[Callable[[Dict[str, Any]], None]]) -> Callable:
-    """A sync endpoint (run in a worker thread) with the original's signature: check, then the original."""
+    """A sync endpoint (run in a worker thread) with the original's signature (infer's ``output`` as plain text,
+    checked by ``check_infer``: it also takes rtstruct): check, then the original."""
 
     def run(**kwargs):
         if check is not None:
@@ -110,7 +121,13 @@ def _offload(endpoint: Callable, check: Optional[Callable[[Dict[str, Any]], None
             _run_cleanups(kwargs.get("background_tasks"))
             raise
 
-    run.__signature__ = inspect.signature(endpoint)  # FastAPI reads the parameters (and auth) from it
+    signature = inspect.signature(endpoint)  # FastAPI reads the parameters (and auth) from it
+    run.__signature__ = signature.replace(
+        parameters=[
+            p.replace(annotation=Optional[str]) if p.name == "output" and check is check_infer else p
+            for p in signature.parameters.values()
+        ]
+    )
     run.__name__, run.__doc__ = endpoint.__name__, endpoint.__doc__
     return run
 

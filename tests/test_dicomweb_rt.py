@@ -1,0 +1,130 @@
+"""Radiotherapy DICOM through the app on a real DICOMweb server (Orthanc): a real scanner series with its ARIA RT
+Structure Set (references lost to anonymisation) is a template; another series of the patient is segmented with
+``output=rtstruct``, stored back as a draft (``stow``), valid for DICOM's validator and read back as the label.
+
+One Orthanc and one MONAI Label server for the module. Skipped with the reason when Orthanc or dciodvfy are not
+installed (scripts/system_deps.sh), unless MEDLSAM_REQUIRE_DICOMWEB=1 (CI), where a skip is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from app_support import free_port, private_app, require, start_server, stop_server, wait_for_server
+from medlsam.dicom import SeriesFields, export_ct_series, stow_files
+from medlsam.metrics import dice
+from medlsam.rtstruct import read_ct_series, read_rtstruct
+from medlsam.rtstruct_check import dciodvfy, missing_tools
+from medlsam.volume import CTVolume, write_volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import orthanc  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real Orthanc + a real MONAI Label server building a bank from a 512 x 512 series
+
+ARIA = "20191031-215249_m.dcm"
+ORGANS = ("Lung_R", "Lung_L", "Heart", "SpinalCord", "Liver")
+EVERY_2ND = (slice(0, None, 2), slice(0, None, 2), slice(10, 95, 2))  # the second series: 2.5 x 2.5 x 8 mm
+
+
+@pytest.fixture(scope="module")
+def stack(data_dir, tmp_path_factory):
+    require(orthanc.missing() or missing_tools())
+    tmp = tmp_path_factory.mktemp("dicomweb_rt")
+    thorax_dir = data_dir / "dicom_rt" / "thorax_rt"
+    port = free_port()
+    orthanc.start(tmp / "orthanc", port)
+    url = orthanc.dicomweb_url(port)
+    server = None
+    try:
+        stow_files(sorted(thorax_dir.glob("*.dcm")), url)  # the scanner's series and the planning system's RTSTRUCT
+        thorax = read_ct_series(thorax_dir)
+        truth = read_rtstruct(thorax_dir / ARIA, thorax)
+        affine = thorax.volume.affine.copy()
+        affine[:3, 3] = thorax.volume.index_to_world(np.array([0, 0, 10]))[0]
+        affine[:3, :3] *= 2.0
+        second = CTVolume(np.ascontiguousarray(thorax.volume.array[EVERY_2ND]).astype(np.int16), affine)
+        write_volume(second.array, second, tmp / "second.nii.gz")
+        fields = SeriesFields(patient_id="THORAX2", series_description="thorax, every 2nd voxel")
+        exported = export_ct_series(tmp / "second.nii.gz", tmp / "second", fields)
+        stow_files(exported.files, url)
+        app, api, log = private_app(tmp), free_port(), tmp / "server.log"
+        os.environ["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp / "cache")
+        conf = {"models": "medlsam", "prior_weight": 1, "adapt_on_save": "false", "threads": "1"}
+        server = start_server(app, url, api, conf, log)
+        wait_for_server(f"http://127.0.0.1:{api}", server, timeout=180, log=log)
+        yield {
+            "url": url,
+            "api": f"http://127.0.0.1:{api}",
+            "second": exported,
+            "second_dir": tmp / "second",
+            "truth": {n: truth.label.array[EVERY_2ND] == v for v, n in truth.names.items()},
+            "tmp": tmp,
+            "log": log,
+        }
+    finally:
+        if server is not None:
+            stop_server(server)
+        os.environ.pop("MONAI_LABEL_DICOMWEB_CACHE_PATH", None)
+        orthanc.stop(tmp / "orthanc")
+
+
+def _series_uid(folder: Path) -> str:
+    import pydicom
+
+    first = next(iter(sorted(folder.glob("*.dcm"))))
+    return str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_a_structure_set_without_references_is_its_series_final_label(stack):
+    """The ARIA structure set (no ReferencedFrameOfReferenceSequence) labels the only CT series of its study: the
+    series is labelled, its ROIs are organs by their TG-263 names, the second series is not labelled."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        info = requests.get(f"{stack['api']}/info/", timeout=60).json()
+        if info.get("template_bank", {}).get("state") in ("ready", "failed"):
+            break
+        time.sleep(2)
+    bank = info["template_bank"]
+    assert bank.get("state") == "ready" and len(bank.get("templates", [])) == 1, bank
+    assert info["datastore"]["total"] == 2 and info["datastore"]["completed"] == 1, info["datastore"]
+    assert _series_uid(stack["second_dir"]) not in bank["templates"]
+    assert set(ORGANS) <= set(info["models"]["medlsam"]["labels"]), info["models"]["medlsam"]["labels"]
+
+
+def test_output_rtstruct_is_valid_stored_as_a_draft_and_reads_back(stack):
+    second = _series_uid(stack["second_dir"])
+    response = requests.post(
+        f"{stack['api']}/infer/medlsam",
+        params={"image": second, "output": "rtstruct"},
+        data={"params": json.dumps({"stow": True})},
+        timeout=600,
+    )
+    assert response.status_code == 200, response.text
+    rs = stack["tmp"] / "result_rs.dcm"
+    rs.write_bytes(response.content)
+    assert dciodvfy(rs)["errors"] == [], dciodvfy(rs)["output"]
+    back = read_rtstruct(rs, stack["second_dir"])
+    for organ in ORGANS:
+        mask = back.label.array == next(v for v, n in back.names.items() if n == organ)
+        assert dice(mask, stack["truth"][organ]) > 0.8, organ
+    drafts = requests.get(f"{stack['url']}/series", params={"Modality": "RTSTRUCT"}, timeout=60).json()
+    assert len(drafts) == 2  # the ARIA structure set and the stored draft
+    time.sleep(6)  # the series lists are re-read after 5 s
+    info = requests.get(f"{stack['api']}/info/", timeout=60).json()
+    assert info["datastore"]["total"] == 2 and info["datastore"]["completed"] == 1, info["datastore"]  # no template
+
+
+def test_output_rtstruct_needs_a_dicom_image_and_output_is_checked(stack):
+    bogus = requests.post(
+        f"{stack['api']}/infer/medlam", params={"image": _series_uid(stack["second_dir"]), "output": "pdf"}, timeout=60
+    )
+    assert bogus.status_code == 400 and "output" in bogus.json()["detail"], bogus.text
