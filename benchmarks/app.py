@@ -40,10 +40,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 
-from clicks import error_click, organ_centre_click  # noqa: E402
-
 from app_server import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
 from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
+from medlsam.click_simulator import error_click, organ_centre_click
 from medlsam.metrics import dice  # noqa: E402
 
 

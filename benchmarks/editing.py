@@ -12,7 +12,7 @@ against 0.548 for the SAM blend on the 33 validation scans) and each organ's pri
   organ starts from its template posterior alone (what the edit task does for an organ with no current label).
 - agnostic: no template knowledge (no prior, no intensity model): the class-agnostic edit from the same clicks.
 
-Clicks: ``benchmarks/clicks.py`` (each later click at the most interior voxel of the largest 3D error). Dice and
+Clicks: ``medlsam.click_simulator`` (each later click at the most interior voxel of the largest 3D error). Dice and
 HD95 after 0, 1, 2, 3, 5, 10 clicks; seconds per click (median) against one LiteMedSAM encoder call. Writes
 benchmarks/results/editing.md, .png and .json (--out). The query's labels are read only to place the clicks and
 score, as a simulated annotator would.
@@ -34,9 +34,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from clicks import error_click, organ_centre_click  # noqa: E402
-
 from common import ORGANS, RESULTS, OpenKBP, machine_line, template_bank  # noqa: E402
+from medlsam.click_simulator import error_click, organ_centre_click
 from medlsam.editing import EditOptions, IntensityModel, OrganClicks, edit_label  # noqa: E402
 from medlsam.metrics import cranio_caudal_axis, dice, hd95  # noqa: E402
 from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402

@@ -7,7 +7,6 @@ and its neighbourhood); the clicks are placed by the benchmark's simulator."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,13 @@ import pytest
 import torch
 from scipy import ndimage
 
+from medlsam.click_simulator import error_click
 from medlsam.editing import ClickError, EditOptions, IntensityModel, OrganClicks, edit_label
 from medlsam.grid import map_hu
 from medlsam.matching import OrganPatch
 from medlsam.metrics import dice
 from medlsam.prior import FilePrior
 from medlsam.volume import load_ct, read_volume
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from clicks import error_click  # noqa: E402
 
 BRAINSTEM, MANDIBLE = 1, 7
 

@@ -7,7 +7,6 @@ benchmark's simulator."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from medlsam.click_simulator import error_click, organ_centre_click
 from medlsam.editing import OrganClicks, edit_label
 from medlsam.errors import CheckpointError
 from medlsam.metrics import dice
@@ -22,9 +22,6 @@ from medlsam.paths import SHIPPED_CLICK_REFINER
 from medlsam.prior import FilePrior
 from medlsam.refiner import CROP, CROP_SPACING_MM, Crop, build_click_refiner
 from medlsam.volume import load_ct, read_volume
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from clicks import error_click, organ_centre_click  # noqa: E402
 
 BRAINSTEM, MANDIBLE = 1, 7
 ORGANS = {1: "Brainstem", 2: "SpinalCord", 4: "LeftParotid"}

@@ -1,6 +1,6 @@
-"""The click simulator of the interactive benchmarks: the first click at the organ's centre on its middle slice,
-each later click at the most interior voxel of the largest 3D error (foreground where missed, background where
-spurious)."""
+"""The click simulator shared by the interactive benchmarks, the tests and the click refiner's training: the first
+click at the organ's centre on its middle slice, each later click at the most interior voxel of the largest 3D error
+(foreground where missed, background where spurious)."""
 
 from __future__ import annotations
 
