@@ -357,3 +357,25 @@ def test_bad_structure_sets(kbp, thorax, thorax_dir):
     with pytest.raises(MedLSAMError, match="not on the CT series' voxel grid"):
         write_rtstruct(wrong, {}, series, kbp["tmp"] / "never.dcm")
     assert not (kbp["tmp"] / "never.dcm").exists()
+
+
+def test_three_hundred_rois_and_duplicated_names(kbp, tmp_path):
+    """A structure set of 300 ROIs (a planning system's helpers, z_*) is read with every ROI accounted for: left out
+    with the reason, or imported on request; two ROIs that map to one organ keep the first and report the second."""
+    label = np.zeros(kbp["series"].volume.shape, np.uint16)
+    for n in range(300):
+        i, j = 4 + 6 * (n % 20), 4 + 6 * (n // 20)
+        label[i : i + 3, j : j + 3, 2:5] = n + 1
+    many = write_rtstruct(label, {n + 1: f"z_opt_{n}" for n in range(300)}, kbp["series"], tmp_path / "many.dcm")
+    helpers = read_rtstruct(many, kbp["series"])
+    assert not helpers.names and len(helpers.rois) == 300
+    assert all(d.status == "excluded" and "helper" in d.reason for d in helpers.rois)
+    kept = read_rtstruct(many, kbp["series"], keep_targets=True)
+    assert len(kept.names) == 300 and min(kept.voxels.values()) == 27
+    twice = copy.deepcopy(pydicom.dcmread(kbp["rs"]))
+    twice.StructureSetROISequence[1].ROIName = twice.StructureSetROISequence[0].ROIName  # two ROIs, one name
+    result = read_rtstruct(twice, kbp["series"])
+    first, second = (int(r.ROINumber) for r in twice.StructureSetROISequence[:2])
+    decisions = {d.number: d for d in result.rois}
+    assert decisions[first].status == "mapped" and decisions[second].status != "mapped"
+    assert "duplicate" in decisions[second].reason, decisions[second]

@@ -49,6 +49,7 @@ class TemplateSource:
         self._bank = None  # (key, bank, info)
         self._build: _Build | None = None  # the bank build in progress
         self._unusable: dict[str, str] = {}  # template digest -> why it cannot serve
+        self._unreadable: dict[str, str] = {}  # image id -> why its final label could not be read (shown in /info/)
         self._progress: dict = {"state": "not built"}  # what /info/ reports (template_bank)
 
     def progress(self) -> dict:
@@ -86,7 +87,7 @@ class TemplateSource:
         Never raises: a malformed entry is skipped with a warning (a label can never break /info/)."""
         if self.datastore is None:
             return []
-        out = []
+        out, unreadable = [], {}
         for image_id in sorted(self.datastore.get_labeled_images()):
             try:
                 label = self.datastore.get_label_uri(image_id, "final")
@@ -104,6 +105,9 @@ class TemplateSource:
                 )
             except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the others
                 logger.warning(f"final label of {image_id} ignored: {exc}")
+                unreadable[image_id] = scrub_paths(str(getattr(exc, "detail", exc)))[:300]
+        with self._lock:
+            self._unreadable = unreadable
         return out
 
     def label_names(self, labelled: list[dict] | None = None) -> dict[str, int]:
@@ -305,7 +309,9 @@ class TemplateSource:
         from medlsam.calibration import with_cuts
         from medlsam.templates import merge_banks
 
-        banks, used, skipped = [], [], {}
+        banks, used = [], []
+        with self._lock:
+            skipped = {image_id: f"final label unreadable: {why}" for image_id, why in self._unreadable.items()}
         by_id = {item["id"]: item for item in candidates}
         for item in candidates:
             if len(banks) >= self.max_templates:
