@@ -54,9 +54,13 @@ class TemplateSource:
 
     def progress(self) -> dict:
         """The bank build's state for /info/: not built | building (built k of N; then its prior cuts) | ready | failed
-        (why)."""
+        (why); ``skipped`` also names the final labels that cannot be read now (they never reach a build)."""
         with self._lock:
-            return dict(self._progress)
+            progress = dict(self._progress)
+            if progress.get("state") == "ready" and self._unreadable:
+                unreadable = {i: f"final label unreadable: {why}" for i, why in self._unreadable.items()}
+                progress["skipped"] = {**unreadable, **progress.get("skipped", {})}
+            return progress
 
     def _report(self, **fields) -> None:
         with self._lock:
