@@ -22,6 +22,7 @@ from medlsam.errors import TemplateError
 from medlsam.grid import LocalizationGrid, resample_to_grid, to_localization_grid
 from medlsam.matching import OrganPatch, cut_organ_patch
 from medlsam.network import MedLAM, model_fingerprint
+from medlsam.plausibility import body_profile
 from medlsam.volume import CTVolume, load_ct, read_volume
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class OrganTemplate:
     size_mm: list[float] = field(default_factory=list)  # mean box extent along (z, y, x)
     neighbourhoods: list[OrganPatch] = field(default_factory=list)  # per template: intensities around the organ
     prior_cut: float = 0.5  # where its prior is cut, chosen on the templates held out (medlsam.calibration)
+    # per template: the body's (depth, width) in mm on the organ's first, middle and last slice
+    # (medlsam.plausibility.body_profile); empty in banks saved before it (the localiser then skips that cue)
+    body_mm: list[list[list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class TemplateBank:
                     "neighbourhood_boxes": [p.box for p in o.neighbourhoods],
                     "neighbourhood_masks": [p.mask for p in o.neighbourhoods],
                     "prior_cut": o.prior_cut,
+                    "body_mm": o.body_mm,
                 }
                 for name, o in self.organs.items()
             },
@@ -175,6 +180,7 @@ def load_bank(path: str | os.PathLike, model: MedLAM | None = None) -> TemplateB
                     for t, b, m in zip(o["neighbourhoods"], o["neighbourhood_boxes"], o["neighbourhood_masks"])
                 ],
                 prior_cut=float(o.get("prior_cut", 0.5)),  # banks saved before the calibration: uncalibrated
+                body_mm=[[[float(v) for v in level] for level in b] for b in o.get("body_mm", [])],
             )
             for name, o in data["organs"].items()
         },
@@ -330,6 +336,7 @@ def _one_template(model: MedLAM, image, label, pts: dict | None, names: dict[int
             count=1,
             size_mm=((coords.max(axis=0) - coords.min(axis=0)) * 3.0).tolist(),
             neighbourhoods=[neighbourhood],
+            body_mm=[body_profile(grid.array, wpl.min(axis=0), wpl.max(axis=0)).tolist()],
         )
     return TemplateBank(organs=out, model_fingerprint=model_fingerprint(model), sources=[volume.source])
 
@@ -369,6 +376,7 @@ def merge_banks(banks: list[TemplateBank], names: dict[str, int] | None = None) 
             count=count,
             size_mm=size.round(1).tolist(),
             neighbourhoods=[n for p in parts for n in p.neighbourhoods],
+            body_mm=[b for p in parts for b in p.body_mm],
         )
     return TemplateBank(
         organs=organs, model_fingerprint=banks[0].model_fingerprint, sources=[s for b in banks for s in b.sources]
