@@ -196,7 +196,7 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
         "",
         f"- Scans: {cases} validation cases; templates: {', '.join(templates)} (the first five train cases, "
         "by case number, with all seven organs); only contoured organs are scored.",
-        f"- MedLAM model: `{model_path}`; machine: {machine_line()}.",
+        f"- MedLAM model: `{Path(model_path).name}`; machine: {machine_line()}.",
         "- Box IoU: 3D, inclusive voxel indices in each scan's own grid; a missed organ counts 0. Wall distance:"
         " mean |face difference| in mm over found organs (z = the two cranio-caudal faces). Slice IoU: mean 2D"
         " IoU, over the organ's slices, of the prompt box (WPL: the organ box, SPL: the slab box) with the"

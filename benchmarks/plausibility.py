@@ -538,7 +538,7 @@ def write_report(rows: list[dict], drawn: list[dict], options: LocalizeOptions, 
         "# Organs that are not in the scan: plausibility of the template match (issue 30, part 4)",
         "",
         f"- Banks: {BANKS['hn']}; {BANKS['thorax']}. Data sets: see benchmarks/plausibility.py's docstring. "
-        f"MedLAM `{model_path}`; machine: {machine_line()}.",
+        f"MedLAM `{Path(model_path).name}`; machine: {machine_line()}.",
         f"- The decision (`LocalizeOptions`, `medlsam.plausibility.implausible`): {rule}.",
         f"- Command: `{command}`",
         "",
