@@ -19,7 +19,7 @@ from lib.models import Models
 from lib.template_source import TemplateSource
 from lib.trainers.options import check_train_options
 from medlsam.errors import MedLSAMError, TemplateError
-from medlsam.segment.adapt import AdaptOptions
+from medlsam.segment.adapt_data import AdaptOptions
 from medlsam.utils.devices import check_device, device_choices
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class LiteMedSAMTrainer(TrainTask):
 
     def run_adaptation(self, options: dict) -> dict:
         """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
-        from medlsam.segment.adapt import fit, save_adapted, training_slices
+        from medlsam.segment.adapt import fit, save_adapted
+        from medlsam.segment.adapt_data import training_slices
         from medlsam.segment.sam import build_segmenter
 
         tic = time.perf_counter()
@@ -92,7 +93,7 @@ class LiteMedSAMTrainer(TrainTask):
             if len(banks) >= self.templates.max_templates:
                 break
             try:
-                banks.append(self.templates._template_bank(model, fingerprint, item))
+                banks.append(self.templates.template_bank(item))
             except MedLSAMError as exc:
                 logger.warning(f"adaptation skips template {item['id']}: {exc}")
                 continue

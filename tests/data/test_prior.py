@@ -183,8 +183,8 @@ def test_atlas_selection_keeps_the_templates_that_match_the_query(data_dir):
     """Three real templates of the brainstem, one of them the query scan itself: chosen by how well their
     neighbourhoods match (``prior_atlases=1``), the prior is the query's own brainstem; the plain mean of all three
     is not."""
+    from medlsam.atlas.bank_builder import build_bank
     from medlsam.atlas.localize import LocalizeOptions, Localizer
-    from medlsam.atlas.templates import build_bank
     from medlsam.io.volume import load_ct, read_volume
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path

@@ -231,6 +231,17 @@ VIEWPORT_CENTRE = """() => {
 }"""
 
 
+RT_SETTLED = (
+    """(rt) => {
+  const drawn = (%s)(rt);
+  const segments = Object.values(drawn.segments);
+  return !drawn.loading && segments.some((s) => s.annotations > 0)
+    && segments.every((s) => s.drawn === s.annotations);
+}"""
+    % RT_DRAWN
+)
+
+
 def show_rtstruct(
     playwright,
     chromium: str,
@@ -251,45 +262,9 @@ def show_rtstruct(
     browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors: list[str] = []  # the page's errors, less resources outside the server (OHIF's web fonts)
-        page.on(
-            "console",
-            lambda m: (
-                errors.append(f"{m.text} ({m.location.get('url', '')})")
-                if m.type == "error" and (m.location.get("url") or server).startswith(server)
-                else None
-            ),
-        )
-        page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+        errors = _page_errors(page, server)
         seconds = {}
-        tic = time.perf_counter()
-        page.goto(f"{server}/ohif/viewer?StudyInstanceUIDs={study_uid}")
-        find = (
-            "(uid) => window.services && window.services.displaySetService.getActiveDisplaySets()"
-            ".some((d) => d.Modality === 'RTSTRUCT' && d.SeriesInstanceUID === uid)"
-        )
-        page.wait_for_function(find, arg=series_uid, timeout=ms)
-        rt = page.evaluate(
-            "(uid) => window.services.displaySetService.getActiveDisplaySets()"
-            ".find((d) => d.Modality === 'RTSTRUCT' && d.SeriesInstanceUID === uid).displaySetInstanceUID",
-            series_uid,
-        )
-        seconds["study_loaded"] = time.perf_counter() - tic
-        hide = page.locator("[data-cy=confirm-and-hide-button]")
-        if hide.count():
-            hide.first.click()
-        tic = time.perf_counter()
-        page.locator(f"#thumbnail-{rt}").dblclick()
-        page.locator("[data-cy=yes-hydrate-btn]").click(timeout=ms)  # "Do you want to open this Segmentation?"
-        hydrated = """(rt) => {
-          const seg = window.services.segmentationService;
-          const viewportId = window.services.viewportGridService.getActiveViewportId();
-          const s = seg.getSegmentation(rt);
-          return !!s && Object.keys(s.segments).length > 0
-            && seg.getSegmentationRepresentations(viewportId).some((r) => r.segmentationId === rt);
-        }"""
-        page.wait_for_function(hydrated, arg=rt, timeout=ms)
-        seconds["rtstruct_loaded"] = time.perf_counter() - tic
+        rt, clicked = _load_rtstruct(page, server, study_uid, series_uid, ms, seconds)
         state = page.evaluate(RT_STATE, rt)
         panel = page.get_by_text("Appearance Settings")
         if not panel.is_visible():
@@ -297,32 +272,14 @@ def show_rtstruct(
         panel.wait_for(timeout=ms)
         index = next(int(k) for k, v in state["segments"].items() if v == segment)
         target = page.evaluate(SEGMENT_SLICE, [rt, index])
-        page.mouse.move(*page.evaluate(VIEWPORT_CENTRE))
-        step = 100  # scroll there as a user does: a wheel step is a slice (its direction learnt on the way)
-        for _ in range(2 * target["slices"]):
-            now = page.evaluate(CURRENT_SLICE)
-            if now == target["index"]:
-                break
-            page.mouse.wheel(0, step if target["index"] > now else -step)
-            page.wait_for_function(f"() => ({CURRENT_SLICE})() !== {now}", timeout=ms)
-            if abs(page.evaluate(CURRENT_SLICE) - target["index"]) > abs(now - target["index"]):
-                step = -step
-        settled = (
-            """(rt) => {
-          const drawn = (%s)(rt);
-          const segments = Object.values(drawn.segments);
-          return !drawn.loading && segments.some((s) => s.annotations > 0)
-            && segments.every((s) => s.drawn === s.annotations);
-        }"""
-            % RT_DRAWN
-        )
-        _wait_quietly(page, settled, rt, 15)  # the caller's assertions say what differs if it never settles
+        _scroll_to(page, target, ms)
+        _wait_quietly(page, RT_SETTLED, rt, 15)  # the caller's assertions say what differs if it never settles
         drawn = page.evaluate(RT_DRAWN, rt)
         rows = page.locator("[data-cy=data-row]").all_inner_texts()  # the segmentation panel's segments
         overlay = page.locator("[data-cy=viewport-overlay-bottom-right]").inner_text()
-        seconds["shown"] = time.perf_counter() - tic
+        seconds["shown"] = time.perf_counter() - clicked
         page.evaluate(FOCUS_ON_BOX, [drawn["box"], 1.25])
-        _wait_quietly(page, settled, rt, 15)  # the outlines redrawn after the zoom
+        _wait_quietly(page, RT_SETTLED, rt, 15)  # the outlines redrawn after the zoom
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot))
         return {
@@ -336,6 +293,69 @@ def show_rtstruct(
         }
     finally:
         browser.close()
+
+
+def _page_errors(page, server: str) -> list[str]:
+    """The page's errors as they come, less resources outside the server (OHIF's web fonts)."""
+    errors: list[str] = []
+    page.on(
+        "console",
+        lambda m: (
+            errors.append(f"{m.text} ({m.location.get('url', '')})")
+            if m.type == "error" and (m.location.get("url") or server).startswith(server)
+            else None
+        ),
+    )
+    page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    return errors
+
+
+def _load_rtstruct(page, server: str, study_uid: str, series_uid: str, ms: float, seconds: dict) -> tuple[str, float]:
+    """The study opened and the RTSTRUCT series loaded as a user does (``seconds``: study_loaded, rtstruct_loaded);
+    returns its display set's uid and the time (perf_counter) of the double-click on its thumbnail."""
+    tic = time.perf_counter()
+    page.goto(f"{server}/ohif/viewer?StudyInstanceUIDs={study_uid}")
+    find = (
+        "(uid) => window.services && window.services.displaySetService.getActiveDisplaySets()"
+        ".some((d) => d.Modality === 'RTSTRUCT' && d.SeriesInstanceUID === uid)"
+    )
+    page.wait_for_function(find, arg=series_uid, timeout=ms)
+    rt = page.evaluate(
+        "(uid) => window.services.displaySetService.getActiveDisplaySets()"
+        ".find((d) => d.Modality === 'RTSTRUCT' && d.SeriesInstanceUID === uid).displaySetInstanceUID",
+        series_uid,
+    )
+    seconds["study_loaded"] = time.perf_counter() - tic
+    hide = page.locator("[data-cy=confirm-and-hide-button]")
+    if hide.count():
+        hide.first.click()
+    tic = time.perf_counter()
+    page.locator(f"#thumbnail-{rt}").dblclick()
+    page.locator("[data-cy=yes-hydrate-btn]").click(timeout=ms)  # "Do you want to open this Segmentation?"
+    hydrated = """(rt) => {
+      const seg = window.services.segmentationService;
+      const viewportId = window.services.viewportGridService.getActiveViewportId();
+      const s = seg.getSegmentation(rt);
+      return !!s && Object.keys(s.segments).length > 0
+        && seg.getSegmentationRepresentations(viewportId).some((r) => r.segmentationId === rt);
+    }"""
+    page.wait_for_function(hydrated, arg=rt, timeout=ms)
+    seconds["rtstruct_loaded"] = time.perf_counter() - tic
+    return rt, tic
+
+
+def _scroll_to(page, target: dict, ms: float) -> None:
+    """Scroll there as a user does: a wheel step is a slice (its direction learnt on the way)."""
+    page.mouse.move(*page.evaluate(VIEWPORT_CENTRE))
+    step = 100
+    for _ in range(2 * target["slices"]):
+        now = page.evaluate(CURRENT_SLICE)
+        if now == target["index"]:
+            break
+        page.mouse.wheel(0, step if target["index"] > now else -step)
+        page.wait_for_function(f"() => ({CURRENT_SLICE})() !== {now}", timeout=ms)
+        if abs(page.evaluate(CURRENT_SLICE) - target["index"]) > abs(now - target["index"]):
+            step = -step
 
 
 def _wait_quietly(page, function: str, arg, timeout_s: float) -> bool:

@@ -41,7 +41,7 @@ def abdomen(data_dir):
 @pytest.fixture(scope="module")
 def files(abdomen, tmp_path_factory):
     """The thinned scan on disk and a template bank built from it with the shipped MedLAM."""
-    from medlsam.atlas.templates import build_bank
+    from medlsam.atlas.bank_builder import build_bank
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
 

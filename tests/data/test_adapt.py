@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.atlas.templates import build_bank
+from medlsam.atlas.bank_builder import build_bank
 from medlsam.cli import main
 from medlsam.errors import CheckpointError, TemplateError
 from medlsam.io.volume import CTVolume, load_ct, read_volume
@@ -26,22 +26,19 @@ from medlsam.paths import default_medlam_path
 from medlsam.segment.adapt import (
     SAM_TOLERANCE,
     WEIGHT_CHOICES,
-    AdaptOptions,
-    OrganSlice,
-    TrainingSlice,
     adapt,
     adapt_segmenter,
     check_slices,
     choose_prior_weights,
     slice_dice,
-    training_slices,
 )
+from medlsam.segment.adapt_data import AdaptOptions, OrganSlice, TrainingSlice, training_slices
 from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
 from medlsam.segment.sam import build_segmenter, bundled_lite_medsam_checkpoint
 from medlsam.segment.sam.slices import SliceEmbeddings
 from medlsam.utils.metrics import cranio_caudal_axis
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ORGANS = {1: "Brainstem", 7: "Mandible"}  # two organs keep the run short
 TEMPLATES = ("openkbp_pt_4", "openkbp_pt_13")  # protocol templates (train split)
 QUERY = "openkbp_pt_34"  # a train scan that is no template

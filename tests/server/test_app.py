@@ -177,7 +177,11 @@ def test_medlsam_multipart_and_ohif_image(client, env):
     assert np.array_equal(_read_label(ohif.content, ".nrrd", env["folder"]), label)
     prior_only = infer(client, "medlsam", "kbp2", {"prior_weight": 1})  # the template prior alone: no SAM
     assert prior_only.status_code == 200 and prior_only.json()["encoder_calls"] == 0, prior_only.text
-    assert prior_only.json()["boxes"]["Brainstem"]["voxels"] > 0
+    assert prior_only.json()["boxes"]["Brainstem"]["voxels"] > 0 and prior_only.json()["cached"] is False
+    # a repeated request (same image, bank, models, options) returns the kept result: no localisation, no SAM
+    again = infer(client, "medlsam", "kbp2", {"prior_weight": 1})
+    assert again.status_code == 200 and again.json()["cached"] is True, again.text
+    assert again.json()["boxes"] == prior_only.json()["boxes"] and "localize" not in again.json()["timings_s"]
     unknown = infer(client, "medlsam", "kbp1", {"organs": ["Liver"]})
     assert unknown.status_code == 400 and "Liver" in unknown.json()["detail"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import make_phantom
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = REPO_ROOT / "lib" / "medlsam"
 SHIPPED_FINGERPRINT = "416179d323899aa9"  # the shipped MedLAM's (apps/medlsam/model/README.md)
 

@@ -136,7 +136,6 @@ def test_queue_is_bounded_and_delete_drops_it(server):
     assert other.status_code == 200, other.text
     assert len(_tasks(server)) == 2 + MAX_WAITING
 
-    tic = time.perf_counter()
     stop = requests.delete(f"{server['url']}/train/", timeout=60)
     assert stop.status_code == 200, stop.text
     answer = stop.json()
@@ -145,7 +144,6 @@ def test_queue_is_bounded_and_delete_drops_it(server):
     assert {t["id"] for t in answer["dropped"]} == waited, answer
     assert {t["model"] for t in answer["dropped"]} == {"medlam", "lite_medsam"}
     assert "dropped 3" in answer["detail"], answer
-    assert time.perf_counter() - tic < 10
 
     time.sleep(3)  # the worker is free: today it would start the next queued training now
     assert requests.get(f"{server['url']}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 404

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from medlsam.atlas.bank_builder import build_bank
 from medlsam.atlas.localize import LocalizeOptions, Localizer
 from medlsam.atlas.prior import placed_masks
 from medlsam.atlas.templates import (
     WPL_ROLES,
-    build_bank,
     extreme_points,
     load_bank,
     organ_grid_coords,

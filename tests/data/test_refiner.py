@@ -115,8 +115,8 @@ def scene(data_dir: Path) -> dict:
 def real_start(data_dir: Path) -> dict:
     """Scan 1's auto-segmentation as the app makes it: a bank of two protocol templates (scans 4 and 13), the
     template prior alone (no SAM), and each organ's posterior."""
+    from medlsam.atlas.bank_builder import build_bank
     from medlsam.atlas.localize import LocalizeOptions, Localizer
-    from medlsam.atlas.templates import build_bank
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
     from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions

@@ -16,7 +16,7 @@ from medlsam.segment.batch import batch_plan, is_batch, scan_name
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, data_dir):
-    from medlsam.atlas.templates import build_bank
+    from medlsam.atlas.bank_builder import build_bank
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
 

@@ -72,7 +72,7 @@ def model():
 def hn_bank(model, data_dir) -> TemplateBank:
     import json
 
-    from medlsam.atlas.templates import build_bank
+    from medlsam.atlas.bank_builder import build_bank
 
     kbp = data_dir / "openkbp"
     names = {int(k): v for k, v in json.loads((kbp / "dataset.json").read_text())["labels"].items()}

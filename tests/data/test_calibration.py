@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medlsam.atlas.bank_builder import build_bank
 from medlsam.atlas.calibration import CUTS, choose_cut, prior_cuts
 from medlsam.atlas.localize import Localizer
 from medlsam.atlas.prior import OrganPrior, calibrated
-from medlsam.atlas.templates import TemplateBank, build_bank, load_bank
+from medlsam.atlas.templates import TemplateBank, load_bank
 from medlsam.io.volume import CTVolume, load_ct, read_volume
 from medlsam.medlam.network import load_medlam
 from medlsam.paths import default_medlam_path

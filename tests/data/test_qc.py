@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import right_anterior_marker
 
-from medlsam.atlas.templates import build_bank
+from medlsam.atlas.bank_builder import build_bank
 from medlsam.cli import main as cli_main
 from medlsam.io.volume import CTVolume, read_volume, write_volume
 from medlsam.medlam.network import load_medlam
