@@ -16,15 +16,16 @@ import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.models import Models
+from lib.option_spec import TRAIN_OPTIONS
+from lib.options import train_config
 from lib.template_source import TemplateSource
 from lib.trainers.options import check_train_options
 from medlsam.errors import MedLSAMError, TemplateError
 from medlsam.segment.adapt_data import AdaptOptions
-from medlsam.utils.devices import check_device, device_choices
 
 logger = logging.getLogger(__name__)
 
-BOUNDS = {"steps": (1, 100000), "slice_step": (1, 16), "threads": (0, 1024)}
+SPEC = TRAIN_OPTIONS["lite_medsam"]  # its options: lib/option_spec.py (defaults: AdaptOptions)
 
 
 class LiteMedSAMTrainer(TrainTask):
@@ -36,13 +37,7 @@ class LiteMedSAMTrainer(TrainTask):
         self.models, self.templates = models, templates
         self.running = False  # an adaptation runs in this process (run_sync)
         self._stats = None  # (file key, record) of the published weights
-        defaults = AdaptOptions()  # the measured defaults of `medlsam adapt`
-        self._config = {
-            "steps": defaults.steps,
-            "slice_step": defaults.slice_step,
-            "threads": 0,
-            "device": device_choices(),
-        }
+        self._config = train_config(SPEC)  # /info/: defaults, the devices present
 
     def config(self):
         return self._config
@@ -65,10 +60,8 @@ class LiteMedSAMTrainer(TrainTask):
         return self._stats[1]
 
     def validate(self, request: dict) -> dict:
-        """The request's options, checked (unknown keys or out-of-range values: MedLSAMError naming the key)."""
-        options = check_train_options(request, self._config, BOUNDS)
-        options["device"] = check_device(options["device"])
-        return options
+        """The request's options, checked (unknown keys or out-of-range values: OptionError naming the key)."""
+        return check_train_options(request, SPEC)
 
     def __call__(self, request, datastore):
         options = self.validate(request)
