@@ -240,11 +240,30 @@ class MedLSAMApp(MONAILabelApp):
         result = super().on_save_label(image_id, label_id)
         self._labels_changed()
         if "lite_medsam" in self._trainers and conf_value(self.conf, "adapt_on_save") and self._templates() >= 2:
-            try:
-                self.async_training("lite_medsam", enqueue=True)
-            except Exception as exc:  # noqa: BLE001 - saving the label must not fail because training cannot start
-                logger.warning(f"LiteMedSAM adaptation not started: {exc}")
+            self._queue_training("lite_medsam")
+        if self._learning_due():
+            self._learning_queued_at = self._templates()  # a training that does not publish is not asked again
+            self._queue_training("segmentation")
         return result
+
+    def _queue_training(self, name: str) -> None:
+        """Queue trainer ``name`` behind any running training; saving a label never fails because it cannot."""
+        try:
+            self.async_training(name, enqueue=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. its queue is full (HTTP 429): the next save asks again
+            logger.warning(f"training {name} not started: {getattr(exc, 'detail', exc)}")
+
+    def _learning_due(self) -> bool:
+        """`--conf learn_every` final labels saved since those the learned model in use saw (3 at least)."""
+        from lib.trainers.segmentation import MIN_LABELS
+
+        every = conf_value(self.conf, "learn_every")
+        trainer = self._trainers.get("segmentation")
+        if not every or trainer is None:
+            return False
+        labelled = self._templates()
+        seen = max(trainer.stats().get("labels", 0), getattr(self, "_learning_queued_at", 0))
+        return labelled >= MIN_LABELS and labelled - seen >= every
 
     def _template_source(self) -> TemplateSource | None:
         """The template source of the `medlsam` model config (None when no config has one)."""

@@ -127,6 +127,14 @@ CONF_OPTIONS: tuple[Option, ...] = (
         "label is saved and the datastore has two or more templates; `false` turns that off.",
     ),
     Option(
+        "learn_every",
+        "int",
+        5,
+        "queue the `segmentation` trainer whenever this many final labels were saved since the labels the model in "
+        "use learnt from (it needs at least 3); 0: only when asked (POST /train/segmentation).",
+        low=0,
+    ),
+    Option(
         "dicomweb_timeout",
         "float",
         120.0,
@@ -308,6 +316,25 @@ TRAIN_OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("max_images", "int", 0, "at most this many images, the first by id (0: all).", 0, 100000),
         _THREADS,
         Option("base_channels", "int", 6, "network width (`init: scratch` only).", 1, 64),
+    ),
+    "segmentation": (
+        Option("max_epochs", "int", 200, "epochs at most (medlsam.learn.options.LearnOptions.max_epochs).", 1, 100000),
+        Option(
+            "time_limit_min",
+            "float",
+            25.0,
+            "stop after this many minutes and keep the best network so far (0: no limit).",
+            0.0,
+            10000.0,
+        ),
+        Option(
+            "publish",
+            "choice",
+            "if_better",
+            "`if_better`: only when its held-out Dice beats the model in use; `always`.",
+            choices=("if_better", "always"),
+        ),
+        Option("threads", "int", 2, "torch threads of the training.", 1, 1024),
     ),
     "lite_medsam": (
         Option("steps", "int", 120, "optimiser steps (AdaptOptions.steps).", 1, 100000),

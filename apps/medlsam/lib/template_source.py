@@ -43,6 +43,7 @@ class TemplateSource:
         self._bank = None  # (key, bank, info)
         self._build: _Build | None = None  # the bank build in progress
         self._builder: BankBuilder | None = None  # for the current MedLAM: caches templates' banks and refusals
+        self._all_labels = None  # (key, bank of every labelled image, uncalibrated) for the learned network
         self._unreadable: dict[str, str] = {}  # image id -> why its final label could not be read (shown in /info/)
         self._progress: dict = {"state": "not built"}  # what /info/ reports (template_bank)
 
@@ -162,21 +163,7 @@ class TemplateSource:
                     "organs in Slicer or OHIF and submit the label - then run medlsam again"
                 )
             names = self.label_names(candidates)
-            key = (
-                fingerprint,
-                json.dumps(
-                    [
-                        [
-                            t["id"],
-                            self._file_key(t["image"]),
-                            self._file_key(t["label"]),
-                            sorted(t["label_info"].items()),
-                        ]
-                        for t in candidates
-                    ]
-                ),
-                json.dumps(names),
-            )
+            key = self._key(fingerprint, candidates, names)
             with self._lock:
                 if self._bank is not None and self._bank[0] == key:
                     return self._bank[1], self._bank[2]
@@ -195,6 +182,31 @@ class TemplateSource:
             if build.error is not None:
                 raise build.error
             return build.result
+
+    def _key(self, fingerprint: str, candidates: list[dict], names: dict[str, int]) -> tuple:
+        """What a bank depends on: the MedLAM, every labelled image and label (file versions, names)."""
+        files = [
+            [t["id"], self._file_key(t["image"]), self._file_key(t["label"]), sorted(t["label_info"].items())]
+            for t in candidates
+        ]
+        return fingerprint, json.dumps(files), json.dumps(names)
+
+    def all_labels_bank(self):
+        """The uncalibrated bank of every usable labelled image (no ``templates`` limit, every prior cut 0.5): the
+        prior the learned segmentation network takes as input (``medlsam.learn``). Built from the per-template
+        banks the template bank keeps, cached until the labels or the MedLAM change."""
+        model, _, fingerprint = self.models.medlam()
+        candidates = self.candidate_templates()
+        names = self.label_names(candidates)
+        key = self._key(fingerprint, candidates, names)
+        with self._lock:
+            if self._all_labels is not None and self._all_labels[0] == key:
+                return self._all_labels[1]
+        templates = [self.template(item) for item in candidates]
+        bank = self.builder(model).build(templates, names, skip_unusable=True, calibrate=False).bank
+        with self._lock:
+            self._all_labels = (key, bank)
+        return bank
 
     def _run_build(
         self, build: "_Build", model, model_path: Path, fingerprint: str, candidates: list[dict], names: dict[str, int]

@@ -1,5 +1,6 @@
 """The `medlsam` model: automatic MedLSAM, MedLAM localisation, interactive SAM (2D and 3D), click editing, the
-self-supervised MedLAM trainer and the LiteMedSAM adaptation to the templates (trainer lite_medsam). Each task gets
+self-supervised MedLAM trainer, the LiteMedSAM adaptation to the templates (trainer lite_medsam) and the network learnt
+from the final labels (trainer segmentation). Each task gets
 what it needs of the app's shared state: the model cache (lib/models.py), the template source (datastore -> bank,
 lib/template_source.py), the volume cache with its slice embeddings and inference slots (lib/volumes.py)."""
 
@@ -17,7 +18,7 @@ from lib.infers import EditInfer, MedLAMInfer, MedLSAMInfer, SAM2DInfer, SAM3DIn
 from lib.models import Models
 from lib.option_spec import infer_options
 from lib.template_source import TemplateSource
-from lib.trainers import LiteMedSAMTrainer, MedLAMTrainer
+from lib.trainers import LiteMedSAMTrainer, MedLAMTrainer, SegmentationTrainer
 from lib.volumes import Volumes
 
 logger = logging.getLogger(__name__)
@@ -57,4 +58,8 @@ class MedLSAM(TaskConfig):
         return {self.name if task == "medlsam" else task: infer for task, infer in tasks.items()}
 
     def trainer(self) -> Optional[Union[TrainTask, Dict[str, TrainTask]]]:
-        return {"medlam": MedLAMTrainer(self.models), "lite_medsam": LiteMedSAMTrainer(self.models, self.templates)}
+        return {
+            "medlam": MedLAMTrainer(self.models),
+            "lite_medsam": LiteMedSAMTrainer(self.models, self.templates),
+            "segmentation": SegmentationTrainer(self.models, self.templates),
+        }

@@ -56,11 +56,18 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             entry["auto_label"] = cached[3]
             answer = {**cached[4], "cached": True, "timings_s": timings}
             return cached[3].copy(), answer
+        learned = self.models.learned()
+        if learned is not None:  # the segmentation trainer published a network: the better path per organ
+            label, answer = self.learned_path(entry, learned, bank, localize, organs, timings)
+            entry["auto_label"] = label
+            entry["medlsam_result"] = (key, bank, segmenter, label, answer)
+            return label.copy(), {**answer, "cached": False, "medlam": {"path": medlam_path.name}}
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
         result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
         entry["auto_label"] = result.label  # the current segmentation the `edit` task corrects
         answer = {
             **result.to_json(),
+            "paths": {name: "fewshot" for name in result.label_names},
             "label_names": self.labels,
             "templates": info.get("templates", []),
             "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
@@ -69,3 +76,33 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         }
         entry["medlsam_result"] = (key, bank, segmenter, result.label, answer)  # what a repeated request returns
         return result.label.copy(), {**answer, "cached": False}
+
+    def learned_path(self, entry: dict, learned, bank, localize, organs: list[str] | None, timings: dict):
+        """(label, result JSON) of the per-organ choice: the learned network where it beat the few-shot prior on the
+        held-out saved labels (recorded in its file), the calibrated template prior elsewhere and for organs the
+        network does not know. The network's prior channels come from the bank of every saved label."""
+        from medlsam.atlas.localize import Localizer
+        from medlsam.learn.predict import chosen_probabilities, to_label
+
+        tic = time.perf_counter()
+        model = self.models.medlam()[0]
+        every = self.templates.all_labels_bank()
+        wanted = [o for o in (organs or list(bank.organs)) if o in every.organs]
+        located = Localizer(model, every, localize).localize(entry["volume"], wanted, prior=True)["organs"]
+        priors = {name: (loc.prior if loc.found else None) for name, loc in located.items()}
+        localized = time.perf_counter()
+        cuts = {**{name: organ.prior_cut for name, organ in bank.organs.items()}, **learned.prior_cuts}
+        probabilities, used = chosen_probabilities(learned, entry["volume"], priors, cuts, wanted)
+        values = {name: value for name, value in self.labels.items() if name in probabilities}
+        label = to_label({name: probabilities[name] for name in values}, values)
+        timings.update({"localize": round(localized - tic, 3), "learned": round(time.perf_counter() - localized, 3)})
+        held_out = {name: learned.held_out.get(path, {}).get(name) for name, path in used.items()}
+        return label, {
+            "label_names": self.labels,
+            "paths": used,
+            "held_out_dice": held_out,
+            "not_found": [name for name in wanted if not (label == values.get(name, -1)).any()],
+            "boxes": {name: loc.to_json() for name, loc in located.items()},
+            "timings_s": timings,
+            "learned_model": {"labels": len(learned.record.get("labels", [])), "organs": learned.organs},
+        }
