@@ -168,6 +168,10 @@ def _segment(args: argparse.Namespace) -> int | None:
     from medlsam.volume import load_ct, read_volume
 
     args.device = check_device(args.device)
+    if getattr(args, "learned", None):  # medlsam.learn: the learnt network + the template prior
+        from medlsam.learn.cli import segment
+
+        return segment(args)
     if is_batch(args.images, args.out):
         if args.rtstruct:
             raise MedLSAMError("--rtstruct writes one structure set: give one DICOM series folder, not a batch")
@@ -313,6 +317,8 @@ def _dicom_import(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medlsam.learn import cli as learn_cli
+
     parser = argparse.ArgumentParser(prog="medlsam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -436,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=_segment)
+    learn_cli.add_segment_arguments(segment)
+    learn_cli.add_parser(commands)
 
     adapt = commands.add_parser(
         "adapt", help="adapt LiteMedSAM's decoder to labelled templates (weights for segment --checkpoint)"
