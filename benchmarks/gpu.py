@@ -26,17 +26,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, OpenKBP  # noqa: E402
-from medlsam.localize import Localizer  # noqa: E402
-from medlsam.metrics import dice  # noqa: E402
-from medlsam.network import MedLAMConfig, load_medlam  # noqa: E402
+from common import RESULTS, OpenKBP, command_line  # noqa: E402
+from medlsam.atlas.bank_builder import build_bank  # noqa: E402
+from medlsam.atlas.localize import Localizer  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
+from medlsam.medlam.network import MedLAMConfig, load_medlam  # noqa: E402
+from medlsam.medlam.precision import autocast_dtype  # noqa: E402
+from medlsam.medlam.training import Trainer, TrainOptions  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
-from medlsam.precision import autocast_dtype  # noqa: E402
-from medlsam.sam import build_segmenter  # noqa: E402
-from medlsam.templates import build_bank  # noqa: E402
-from medlsam.training import Trainer, TrainOptions  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
+from medlsam.segment.sam import build_segmenter  # noqa: E402
+from medlsam.utils.metrics import dice  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -170,8 +170,8 @@ def training(data: OpenKBP, device: str, scans: int, iterations: int, batch: int
 def click_refiner(data: OpenKBP, device: str) -> dict:
     """The edit task's click refiner on one validation brainstem (moved 3 voxels, one foreground click at the
     organ's centre): median seconds per request on the CPU and on ``device``, and the Dice between their masks."""
+    from medlsam.interact.refiner import build_click_refiner
     from medlsam.paths import SHIPPED_CLICK_REFINER
-    from medlsam.refiner import build_click_refiner
 
     case = data.split("validation")[0]["id"]
     volume = load_ct(data.image(case))
@@ -212,7 +212,8 @@ def markdown(report: dict) -> str:
         "",
         f"GPU: {g.get('gpu')} ({g.get('memory_gb')} GB, compute {g.get('capability')}, "
         f"bf16 {'yes' if g.get('bf16') else 'no'}: autocast {g.get('autocast')}); torch {g['torch']}, CUDA "
-        f"{g['cuda']}; CPU {g['cpu']}. Written by `python benchmarks/gpu.py` in {report['total_s']:.0f} s.",
+        f"{g['cuda']}; CPU {g['cpu']}. Written by `{report.get('command', 'python benchmarks/gpu.py')}` (from the "
+        f"clone's root) in {report['total_s']:.0f} s.",
         "",
     ]
     seg = report.get("segmentation", {})
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = OpenKBP(Path(args.data) / "openkbp" if args.data else None)
     tic = time.perf_counter()
-    report = {"machine": gpu_info(args.device), "args": vars(args)}
+    report = {"machine": gpu_info(args.device), "args": vars(args), "command": command_line("benchmarks/gpu.py", argv)}
     stage("segmentation", lambda: segmentation(data, args.device, args.scans), report)
     stage("click_refiner", lambda: click_refiner(data, args.device), report)
     used = time.perf_counter() - tic

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.volume import CTVolume
+from medlsam.io.volume import CTVolume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,10 +22,13 @@ DATA_FIXTURES = {"data_dir", "openkbp_case"}
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Tests that read the shared data folder (through these fixtures) are marked ``data``: `make test-quick` runs
-    the others."""
+    """Tests that read the shared data folder (through these fixtures) are marked ``data``; tests/unit holds none
+    (`make test-quick` runs it without the data folder)."""
+    unit = Path(__file__).resolve().parent / "unit"
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            if unit in Path(str(item.fspath)).resolve().parents:
+                raise pytest.UsageError(f"{item.nodeid} reads the data folder: it belongs in tests/data")
             item.add_marker(pytest.mark.data)
 
 

@@ -15,7 +15,7 @@ from lib.volumes import Volumes
 
 def _modes(default: str) -> list[str]:
     """The pipeline's prompt modes, the server's default first (clients show the first as selected)."""
-    from medlsam.pipeline import MODES
+    from medlsam.segment.pipeline import MODES
 
     return [default] + [m for m in MODES if m != default]
 
@@ -37,8 +37,8 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         )
 
     def run(self, request: dict, entry: dict):
-        from medlsam.localize import Localizer
-        from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
+        from medlsam.atlas.localize import Localizer
+        from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
 
         options = SegmentOptions(
             mode=request_mode(request, self.modes[0], self.modes), prior_weight=prior_weight(request, self.prior_weight)
@@ -50,10 +50,16 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         bank, info = self.templates.bank()
         segmenter = self.models.segmenter()
         timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
+        key = (fingerprint, repr(options), repr(localize), repr(organs), segmenter.name)
+        cached = entry.get("medlsam_result")  # a repeated request: the same image, bank, models and options
+        if cached is not None and cached[0] == key and cached[1] is bank and cached[2] is segmenter:
+            entry["auto_label"] = cached[3]
+            answer = {**cached[4], "cached": True, "timings_s": timings}
+            return cached[3].copy(), answer
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
         result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
         entry["auto_label"] = result.label  # the current segmentation the `edit` task corrects
-        return result.label, {
+        answer = {
             **result.to_json(),
             "label_names": self.labels,
             "templates": info.get("templates", []),
@@ -61,3 +67,5 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             "backend": segmenter.name,
             "adapted": segmenter.adaptation is not None,  # LiteMedSAM adapted to the templates (trainer lite_medsam)
         }
+        entry["medlsam_result"] = (key, bank, segmenter, result.label, answer)  # what a repeated request returns
+        return result.label.copy(), {**answer, "cached": False}
