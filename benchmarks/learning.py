@@ -27,18 +27,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
-from medlsam.atomic import write_json_atomic  # noqa: E402
+from common import ORGANS, RESULTS, OpenKBP, command_line, machine_line  # noqa: E402
+from medlsam.atlas.templates import merge_banks  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
 from medlsam.learn import fewshot  # noqa: E402
 from medlsam.learn.model import LearnedModel, load_learned  # noqa: E402
 from medlsam.learn.options import LearnOptions  # noqa: E402
 from medlsam.learn.predict import learned_probabilities, to_label  # noqa: E402
 from medlsam.learn.trainer import learn  # noqa: E402
-from medlsam.metrics import dice, hd95  # noqa: E402
-from medlsam.network import load_medlam  # noqa: E402
+from medlsam.medlam.network import load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.templates import merge_banks  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.utils.atomic import write_json_atomic  # noqa: E402
+from medlsam.utils.metrics import dice, hd95  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "learning"
@@ -277,11 +277,11 @@ def main() -> None:
             continue
         results = [r for r in results if r["size"] != size]
         results.append(run_size(data, order, size, options, medlam, args.cases))
-        results[-1]["command"] = "python benchmarks/learning.py " + " ".join(sys.argv[1:])
+        results[-1]["command"] = command_line("benchmarks/learning.py")
         results[-1]["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
         results.sort(key=lambda r: r["size"])
         meta = {
-            "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks/learning.py"),
             "machine": machine_line(),
             "load_start": round(load_start, 2),
             "load_end": round(os.getloadavg()[0], 2),

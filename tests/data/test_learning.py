@@ -13,15 +13,15 @@ import pytest
 import torch
 from scipy import ndimage
 
+from medlsam.atlas.prior import FilePrior
 from medlsam.cli import main
+from medlsam.io.volume import CTVolume, load_ct, read_volume
 from medlsam.learn.data import example
 from medlsam.learn.loss import masked_loss
 from medlsam.learn.model import load_learned
 from medlsam.learn.options import LearnError, LearnOptions
 from medlsam.learn.predict import chosen_probabilities, learned_probabilities
 from medlsam.learn.trainer import learn
-from medlsam.prior import FilePrior
-from medlsam.volume import CTVolume, load_ct, read_volume
 
 CASES = ("openkbp_pt_1", "openkbp_pt_2", "openkbp_pt_3")
 TINY = {

@@ -1,5 +1,6 @@
 """``medlsam learn`` (train the segmentation network on labelled scans) and ``medlsam segment --learned MODEL``
-(the per-organ choice of the learnt network and the template prior). Hooked into ``medlsam.cli``."""
+(the per-organ choice of the learnt network and the template prior).
+Hooked into ``medlsam.cli`` (its parser and ``medlsam.cli.segment``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from medlsam.errors import MedLSAMError
 
 
-def add_parser(commands) -> None:
+def add_parsers(commands) -> None:
     """The ``learn`` subcommand on ``commands`` (argparse sub-parsers)."""
     learn = commands.add_parser("learn", help="train a segmentation network on scans with final labels")
     learn.add_argument("--images", nargs="+", required=True, help="labelled scans")
@@ -54,9 +55,9 @@ def _options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> None:
     """``medlsam learn``: train, print the held-out Dice and the choice, write the model atomically."""
     from medlsam.learn.trainer import learn
-    from medlsam.names import read_names
-    from medlsam.network import load_medlam
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
+    from medlsam.utils.names import read_names
 
     options = _options(args)  # bad options fail before any work
     names = read_names(args.names)
@@ -76,15 +77,15 @@ def run(args: argparse.Namespace) -> None:
 
 def segment(args: argparse.Namespace) -> None:
     """``medlsam segment SCAN --templates BANK --learned MODEL --out LABEL``: one scan."""
+    from medlsam.atlas.templates import load_bank
+    from medlsam.io.volume import load_ct
     from medlsam.learn.fewshot import scan_priors
     from medlsam.learn.model import load_learned
     from medlsam.learn.predict import chosen_probabilities, to_label
-    from medlsam.network import load_medlam
-    from medlsam.outputs import write_segmentation
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
-    from medlsam.pipeline import SegmentationResult
-    from medlsam.templates import load_bank
-    from medlsam.volume import load_ct
+    from medlsam.segment.outputs import write_segmentation
+    from medlsam.segment.pipeline import SegmentationResult
 
     if len(args.images) != 1 or args.rtstruct or args.qc:
         raise MedLSAMError("--learned segments one scan (no batch, --rtstruct or --qc yet)")

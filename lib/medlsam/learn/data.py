@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medlsam.io.volume import CTVolume
 from medlsam.learn.fewshot import Priors, dense
 from medlsam.learn.grid import ModelGrid, image_channel, label_on_grid, model_grid
 from medlsam.learn.options import LearnError
-from medlsam.volume import CTVolume
 
 
 @dataclass

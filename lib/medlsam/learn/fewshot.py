@@ -1,9 +1,9 @@
 """The few-shot path for the learner: the template prior of the *other* labels, as the app's bank would give it.
 
-Each labelled scan becomes a one-template bank (``medlsam.templates``, cached on disk when asked); a labelled scan's
-prior comes from the bank merged from the others (leave one out), a new scan's from the bank of them all. Priors are
-kept uncalibrated (cut 0.5, the network's input); ``cuts`` chooses each organ's calibration from the held-out priors
-exactly as ``medlsam.calibration.prior_cuts`` does, and ``calibrated_dense`` applies it for the few-shot path.
+Each labelled scan becomes a one-template bank (``medlsam.atlas.templates``, cached on disk when asked); a labelled
+scan's prior comes from the bank merged from the others (leave one out), a new scan's from the bank of them all.
+Priors are kept uncalibrated (cut 0.5, the network's input); ``cuts`` chooses each organ's calibration from the
+held-out priors exactly as ``medlsam.atlas.calibration.prior_cuts`` does; ``calibrated_dense`` applies it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlsam.atomic import atomic_path
-from medlsam.calibration import MAX_HELD_OUT, choose_cuts
+from medlsam.atlas.calibration import MAX_HELD_OUT, choose_cuts
+from medlsam.atlas.localize import LocalizeOptions, Localizer
+from medlsam.atlas.prior import FilePrior, calibrated
+from medlsam.atlas.templates import TemplateBank, load_bank, merge_banks, template_bank
 from medlsam.errors import TemplateError
-from medlsam.localize import LocalizeOptions, Localizer
-from medlsam.metrics import dice
-from medlsam.network import MedLAM, model_fingerprint
-from medlsam.prior import FilePrior, calibrated
-from medlsam.templates import TemplateBank, _one_template, load_bank, merge_banks
-from medlsam.volume import CTVolume
+from medlsam.io.volume import CTVolume
+from medlsam.medlam.network import MedLAM, model_fingerprint
+from medlsam.utils.atomic import atomic_path
+from medlsam.utils.metrics import dice
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def one_template_banks(
             except TemplateError:
                 pass
         tic = time.perf_counter()
-        bank = _one_template(medlam, image, label, None, names)
+        bank = template_bank(medlam, image, label, names)
         logger.info(f"one-template bank of {Path(image.source).name} in {time.perf_counter() - tic:.1f} s")
         if path is not None:
             bank.save(path)
@@ -158,8 +158,8 @@ def calibrated_dense(
 
 def cuts(held_out: list[Priors], labels: list[np.ndarray], values: list[dict[str, int]]) -> dict[str, float]:
     """Each organ's prior cut from the held-out priors of the first ``MAX_HELD_OUT`` labels, as the bank's own
-    calibration chooses it (``medlsam.calibration``); organs a label lacks are skipped there."""
-    from medlsam.calibration import CUTS
+    calibration chooses it (``medlsam.atlas.calibration``); organs a label lacks are skipped there."""
+    from medlsam.atlas.calibration import CUTS
 
     per_label = []
     for priors, label, vals in list(zip(held_out, labels, values))[:MAX_HELD_OUT]:

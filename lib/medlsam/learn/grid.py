@@ -1,6 +1,6 @@
-"""The model grid: a scan in the canonical orientation (``medlsam.grid``: z superior->inferior, y anterior->posterior,
-x right->left) at the model's per-axis spacing, cropped to the body; and the exact maps to and from the scan's own
-voxels, so any file orientation gives the network the same view."""
+"""The model grid: a scan in the canonical orientation (``medlsam.io.grid``: z superior->inferior,
+y anterior->posterior, x right->left) at the model's per-axis spacing, cropped to the body; and the exact maps to and
+from the scan's own voxels, so any file orientation gives the network the same view."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medlsam.grid import CANONICAL_DIRECTIONS, body_index_box, map_hu, resample_to_grid
-from medlsam.volume import CTVolume
+from medlsam.io.grid import CANONICAL_DIRECTIONS, body_index_box, map_hu, resample_to_grid
+from medlsam.io.volume import CTVolume
 
 BODY_MARGIN_MM = 20.0
 
@@ -48,7 +48,7 @@ def model_grid(volume: CTVolume, spacing: tuple[float, float, float]) -> ModelGr
 
 
 def image_channel(volume: CTVolume, grid: ModelGrid) -> np.ndarray:
-    """The CT on the model grid, HU mapped to [0, 1] as MedLAM sees it (``medlsam.grid.map_hu``)."""
+    """The CT on the model grid, HU mapped to [0, 1] as MedLAM sees it (``medlsam.io.grid.map_hu``)."""
     return map_hu(grid.sample(volume.array.astype(np.float32, copy=False), volume, fill=-1024.0))
 
 

@@ -1,5 +1,6 @@
 """The learnt model file: weights, options, organ names, held-out Dice per organ per path and the per-organ choice.
-Written atomically (``medlsam.atomic``); read with ``weights_only=True``; anything else fails with a clear error."""
+Written atomically (``medlsam.utils.atomic``); read with ``weights_only=True``; anything else fails with a clear
+error."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from medlsam.atomic import torch_save_atomic
 from medlsam.learn.network import build_network
 from medlsam.learn.options import LearnError, LearnOptions
+from medlsam.utils.atomic import torch_save_atomic
 
 FORMAT = "medlsam-learned-segmentation"
 VERSION = 1

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medlsam.io.volume import CTVolume
 from medlsam.learn.data import scan_inputs
 from medlsam.learn.fewshot import Priors, calibrated_dense
 from medlsam.learn.model import LearnedModel
-from medlsam.precision import autocast_dtype
-from medlsam.volume import CTVolume
+from medlsam.medlam.precision import autocast_dtype
 
 OVERLAP = 0.25
 

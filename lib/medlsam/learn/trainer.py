@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlsam.errors import MedLSAMError
+from medlsam.io.labels import check_label_array
+from medlsam.io.volume import CTVolume, load_ct, read_volume
 from medlsam.learn import fewshot
 from medlsam.learn.data import Example, example
 from medlsam.learn.loss import masked_loss
@@ -28,9 +31,8 @@ from medlsam.learn.network import build_network
 from medlsam.learn.options import LearnError, LearnOptions
 from medlsam.learn.patches import sample_batch
 from medlsam.learn.predict import grid_probabilities, learned_probabilities
-from medlsam.metrics import dice
-from medlsam.precision import autocast_dtype
-from medlsam.volume import CTVolume, load_ct, read_volume
+from medlsam.medlam.precision import autocast_dtype
+from medlsam.utils.metrics import dice
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,11 @@ def _volumes(images: list, labels: list, names) -> tuple[list[CTVolume], list[CT
         raise LearnError("every label needs its organ names (label value -> organ)")
     vols = [i if isinstance(i, CTVolume) else load_ct(i) for i in images]
     labs = [la if isinstance(la, CTVolume) else read_volume(la) for la in labels]
+    for label in labs:
+        try:
+            check_label_array(label.array, require_organ=False)
+        except MedLSAMError as exc:
+            raise LearnError(f"label {label.source or '(in memory)'}: {exc}") from None
     return vols, labs, per_label
 
 
@@ -179,7 +186,7 @@ def _held_out_priors(vols, labs, per_label, held, options: LearnOptions, medlam,
     """The few-shot priors each label needs: all of them with prior channels, else the held-out ones and those
     that choose the prior cuts."""
     if medlam is None:
-        from medlsam.network import load_medlam
+        from medlsam.medlam.network import load_medlam
         from medlsam.paths import default_medlam_path
 
         medlam = load_medlam(default_medlam_path())
