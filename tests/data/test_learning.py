@@ -100,7 +100,7 @@ def test_an_organ_a_label_did_not_draw_teaches_nothing(scans):
     loss.backward()
     assert torch.all(logits.grad[0, 0] == 0) and torch.any(logits.grad[0, 1] != 0)
     target[:, 0] = 0
-    assert float(loss) == float(masked_loss(logits.detach(), target, torch.from_numpy(ex.known[None])))
+    assert loss.detach().item() == float(masked_loss(logits.detach(), target, torch.from_numpy(ex.known[None])))
 
 
 def test_model_write_is_atomic(trained, tmp_path, monkeypatch):
