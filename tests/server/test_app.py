@@ -17,55 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
+from app_support import TINY_TRAIN, app_datastore, app_images, label_info, private_app
 from medlsam.errors import MedLSAMError
 from medlsam.io.volume import read_volume
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
 
 THREADS = os.environ.get("MEDLSAM_TEST_THREADS", "1")
-TINY_TRAIN = {
-    "epochs": 1,
-    "iterations_per_epoch": 1,
-    "batch_size": 1,
-    "validation_pairs": 1,
-    "max_images": 2,
-    "threads": int(THREADS),
-    "publish": "always",
-}
-
-
-def _images(data_dir: Path, folder: Path) -> dict:
-    src = folder / "src"
-    paths = {
-        "kbp1": tiny_case(data_dir, 1, [1], src),
-        "kbp2": tiny_case(data_dir, 2, None, src),
-        "kbp3": tiny_case(data_dir, 3, [1, 4], src),
-    }
-    nib = pytest.importorskip("nibabel")
-    flat = src / "flat2d.nii.gz"  # a 2D image
-    nib.save(nib.Nifti1Image(np.full((64, 64), -500, np.int16), np.eye(4)), str(flat))
-    notct = src / "notct.nii.gz"  # a label volume, not Hounsfield units
-    nib.save(
-        nib.Nifti1Image(
-            np.random.default_rng(0).integers(0, 8, (64, 64, 24)).astype(np.int16), np.diag([4, 4, 5, 1.0])
-        ),
-        str(notct),
-    )
-    return {**{k: v for k, v in paths.items()}, "flat2d": (flat, None), "notct": (notct, None)}
-
-
-def _datastore(folder: Path, images: dict, labelled: list[str]) -> Path:
-    from monailabel.datastore.local import LocalDatastore
-
-    studies = folder / "studies"
-    studies.mkdir(parents=True)
-    for name, (image, _) in images.items():
-        shutil.copy(image, studies / f"{name}.nii.gz")
-    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
-    for name in labelled:
-        store.save_label(name, str(images[name][1]), "final", label_info([1]))
-    return studies
 
 
 def _multipart(response) -> tuple[dict, bytes]:
@@ -93,8 +51,8 @@ def _read_label(content: bytes, suffix: str, folder: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, data_dir):
     folder = tmp_path_factory.mktemp("app")
-    images = _images(data_dir, folder)
-    studies = _datastore(folder, images, ["kbp1"])
+    images = app_images(data_dir, folder)
+    studies = app_datastore(folder, images, ["kbp1"])
     app_dir = private_app(folder)
     return {"folder": folder, "images": images, "studies": studies, "app": app_dir}
 
@@ -320,65 +278,37 @@ def test_lite_medsam_adaptation_publishes_weights_the_next_request_uses(client, 
     assert (model_dir / "lite_medsam_adapted.pt.rejected").is_file()
 
 
-# ===================================================================== a real server
-
-
-def test_real_server_slicer_ohif_and_background_training(tmp_path, data_dir):
-    import requests
-    from monailabel.client import MONAILabelClient
-    from monailabel.client.client import MONAILabelClientException
-
-    images = _images(data_dir, tmp_path)
-    studies = _datastore(tmp_path, {k: images[k] for k in ("kbp1", "kbp2")}, [])  # no template yet
-    app_dir = private_app(tmp_path)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    server = start_server(app_dir, studies, port, {"models": "medlsam", "threads": THREADS}, log)
-    try:
-        wait_for_server(url, server, log=log)
-        client = MONAILabelClient(url, tmpdir=str(tmp_path))
-        # no template: a clear error, and the server keeps serving
-        with pytest.raises(MONAILabelClientException) as error:
-            client.infer("medlsam", "kbp2", {})
-        assert "save a final label" in str(error.value.msg)
-        # Slicer's "submit label": multipart with label_info; the bank is rebuilt for the next inference
-        client.save_label("kbp1", str(images["kbp1"][1]), tag="final", params=label_info([1]))
-        # Slicer: multipart, .nrrd, uint8
-        result_file, params = client.infer(
-            "medlsam", "kbp2", {"result_extension": ".nrrd", "result_dtype": "uint8", "organs": ["Brainstem"]}
-        )
-        assert params["label_names"] == client.info()["models"]["medlsam"]["labels"] == {"Brainstem": 1}
-        label = read_volume(result_file).array
-        assert label.shape == (64, 64, 24) and label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
-        # OHIF: output=image
-        ohif = requests.post(
-            f"{url}/infer/medlsam?image=kbp2&output=image",
-            data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})},
-        )
-        assert ohif.status_code == 200 and len(ohif.content) > 100
-        # bad input over HTTP, then still serving
-        bad = requests.post(f"{url}/infer/sam?image=kbp2", data={"params": json.dumps({"foreground": [[99, 0, 0]]})})
-        assert bad.status_code == 400 and "outside the image" in bad.json()["detail"]
-        # background training through /train/, polled to completion as the clients do
-        started = requests.post(f"{url}/train/medlam", json=TINY_TRAIN)
-        assert started.status_code == 200, started.text
-        deadline = time.time() + 1200  # a generous ceiling: the trainer's state decides, not a time budget
-        while time.time() < deadline:
-            status = requests.get(f"{url}/train/").json()
-            if status["status"] not in ("SUBMITTED", "RUNNING"):
-                break
-            time.sleep(2)
-        assert status["status"] == "DONE", status
-        assert (app_dir / "model" / "medlam.pt").is_file()
-        assert client.info()["train_stats"]["medlam"]["epoch"] == 1
-        # the next inference uses the published model and a rebuilt bank, without a restart
-        _, boxes = client.infer("medlam", "kbp2", {})
-        assert boxes["medlam"]["path"] == "medlam.pt"
-        assert (
-            json.loads((app_dir / "model" / "templates.json").read_text())["medlam_fingerprint"]
-            == boxes["medlam"]["fingerprint"]
-        )
-    finally:
-        stop_server(server)
-    assert server.poll() is not None
+def test_segmentation_training_learns_from_the_saved_labels_and_serves_its_choice(client, env):
+    """Trainer segmentation on the three saved labels (kbp1, kbp3, kbp4): a model published atomically and shown in
+    /info/; the next medlsam answer names the path that served each organ and its held-out Dice; bad options are
+    refused; a published file that does not load is set aside and the few-shot path serves again."""
+    model_dir = env["app"] / "model"
+    before = infer(client, "medlsam", "kbp2", {"prior_weight": 1}).json()
+    assert set(before["paths"].values()) == {"fewshot"}, before["paths"]
+    too_few = client.post("/train/segmentation?run_sync=True", json={"max_epochs": 1})
+    assert too_few.status_code == 409 and "at least 3 final labels" in too_few.text, too_few.text
+    for image in ("kbp3", "kbp4"):  # with kbp1: three final labels
+        with open(env["images"][image][1], "rb") as handle:
+            saved = client.put(
+                f"/datastore/label?image={image}&tag=final",
+                data={"params": json.dumps(label_info([1, 4]))},
+                files={"label": (f"{image}.nii.gz", handle, "application/gzip")},
+            )
+        assert saved.status_code == 200, saved.text
+    bad = client.post("/train/segmentation?run_sync=True", json={"max_epochs": 0})
+    assert bad.status_code != 200 and "max_epochs" in bad.text, bad.text
+    options = {"max_epochs": 1, "time_limit_min": 2, "threads": int(THREADS), "publish": "always"}
+    response = client.post("/train/segmentation?run_sync=True", json=options)
+    assert response.status_code == 200, response.text
+    assert (model_dir / "segmentation.pt").is_file()
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".tmp-")]
+    stats = client.get("/info/").json()["train_stats"]["segmentation"]
+    assert stats["labels"] == 3 and {"Brainstem", "LeftParotid"} <= set(stats["organs"]), stats
+    result = infer(client, "medlsam", "kbp2", {"prior_weight": 1}).json()
+    assert result["cached"] is False and set(result["paths"]) == {"Brainstem", "LeftParotid"}, result
+    assert set(result["paths"].values()) <= {"learned", "fewshot"}
+    assert set(result["held_out_dice"]) == set(result["paths"])
+    assert result["learned_model"]["labels"] == 3
+    (model_dir / "segmentation.pt").write_bytes(b"not a model")
+    after = infer(client, "medlsam", "kbp2", {"prior_weight": 1}).json()
+    assert set(after["paths"].values()) == {"fewshot"} and (model_dir / "segmentation.pt.rejected").is_file()

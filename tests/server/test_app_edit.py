@@ -47,9 +47,12 @@ def _label(url: str, image: str, params: dict, folder) -> tuple[np.ndarray, dict
     return read_volume(path).array, result
 
 
-def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    """A real server on a datastore with one template (kbp1's brainstem) and kbp2 auto-segmented once."""
     from monailabel.datastore.local import LocalDatastore
 
+    tmp_path = tmp_path_factory.mktemp("edit")
     src = tmp_path / "src"
     kbp1, kbp2 = tiny_case(data_dir, 1, [1], src), tiny_case(data_dir, 2, [1], src)
     studies = tmp_path / "studies"
@@ -59,76 +62,94 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
     store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
     store.save_label("kbp1", str(kbp1[1]), "final", label_info([1]))
     saved = studies / "labels" / "final" / "kbp1.nii.gz"
-    saved_bytes = saved.read_bytes()
-    truth = read_volume(kbp2[1]).array == 1
-
     app_dir = private_app(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}  # no background adaptation
-    server = start_server(app_dir, studies, port, conf, log)
+    process = start_server(app_dir, studies, port, conf, log)
     folder = tmp_path / "results"
     folder.mkdir()
     try:
-        wait_for_server(url, server, log=log)
-        import requests
-
-        info = requests.get(f"{url}/info/").json()["models"]["edit"]
-        assert info["type"] == "deepedit" and info["dimension"] == 3 and info["labels"] == {"Brainstem": 1}
-
+        wait_for_server(url, process, log=log)
         auto = _post(url, "medlsam", "kbp2", {"prior_weight": 1})  # the auto-segmentation the edit starts from
         assert auto.status_code == 200, auto.text
-        # Slicer's DeepEdit form: a missed brainstem voxel and a spurious one
-        missed = np.argwhere(truth)[len(np.argwhere(truth)) // 2]
-        far = [2, 2, 2]
-        label, result = _label(url, "kbp2", {"Brainstem": [missed.tolist()], "background": [far]}, folder)
-        assert result["start"] == "auto" and result["label_names"] == {"Brainstem": 1}
-        assert result["method"] == "refiner"  # the shipped click refiner network
-        assert label.shape == truth.shape and label[tuple(missed)] == 1 and label[tuple(far)] == 0
-        # the same click again with a background click inside the brainstem: that voxel leaves it, the first stays
-        inside = np.argwhere(label == 1)
-        inside = inside[np.argmax(np.abs(inside - missed).sum(axis=1))]
-        again, _ = _label(url, "kbp2", {"Brainstem": [missed.tolist()], "background": [inside.tolist()]}, folder)
-        assert again[tuple(missed)] == 1 and again[tuple(inside)] == 0
-        # the foreground/background + label form gives the same answer
-        same = _post(
-            url,
-            "edit",
-            "kbp2",
-            {"foreground": [missed.tolist()], "background": [inside.tolist()], "label": "Brainstem"},
-        )
-        assert same.status_code == 200, same.text
-        geodesic = _post(url, "edit", "kbp2", {"Brainstem": [missed.tolist()], "method": "geodesic"})
-        assert geodesic.status_code == 200 and geodesic.json()["method"] == "geodesic", geodesic.text
-        # a label sent with the request is the start (here: empty, so the brainstem starts from its prior)
-        empty = tmp_path / "empty.nii.gz"
-        write_volume(np.zeros(truth.shape, np.uint8), read_volume(kbp2[0]), empty)
-        with open(empty, "rb") as f:
-            sent = _post(url, "edit", "kbp2", {"Brainstem": [missed.tolist()]}, files={"label": f})
-        assert sent.status_code == 200 and sent.json()["start"] == "request", sent.text
-
-        wrong = tmp_path / "wrong.nii.gz"
-        nib = pytest.importorskip("nibabel")
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(wrong))
-        bad = [
-            ({"Liver": [[10, 10, 10]]}, None, "Liver"),
-            ({"Brainstem": [[70, 1, 1]]}, None, "outside the image"),
-            ({"Brainstem": [[10, 10, 10]], "background": [[10, 10, 10]]}, None, "both as foreground and"),
-            ({}, None, "no clicks"),
-            ({"foreground": [[10, 10, 10]], "label": "Heart"}, None, "Heart"),
-            ({"Brainstem": [[10, 10, 10]]}, wrong, "shape"),
-            ({"Brainstem": [[10, 10, 10]], "method": "magic"}, None, "method must be refiner or geodesic"),
-        ]
-        for params, upload, needle in bad:
-            if upload is None:
-                response = _post(url, "edit", "kbp2", params)
-            else:
-                with open(upload, "rb") as f:
-                    response = _post(url, "edit", "kbp2", params, files={"label": f})
-            assert response.status_code == 400, (params, response.text)
-            assert needle in response.json()["detail"], response.text
-        assert requests.get(f"{url}/info/").status_code == 200  # still serving
-        assert saved.read_bytes() == saved_bytes  # the saved label untouched
+        truth = read_volume(kbp2[1]).array == 1
+        yield {
+            "url": url,
+            "folder": folder,
+            "truth": truth,
+            "missed": np.argwhere(truth)[len(np.argwhere(truth)) // 2],  # a brainstem voxel
+            "image": kbp2[0],
+            "saved": saved,
+            "saved_bytes": saved.read_bytes(),
+            "tmp": tmp_path,
+        }
     finally:
-        stop_server(server)
+        stop_server(process)
+
+
+def test_info_describes_edit_as_deepedit(server):
+    import requests
+
+    info = requests.get(f"{server['url']}/info/", timeout=60).json()["models"]["edit"]
+    assert info["type"] == "deepedit" and info["dimension"] == 3 and info["labels"] == {"Brainstem": 1}
+
+
+def test_slicer_deepedit_clicks_correct_the_auto_segmentation(server):
+    """A missed brainstem voxel and a spurious one, then a background click inside the brainstem."""
+    url, folder, truth, missed = server["url"], server["folder"], server["truth"], server["missed"]
+    far = [2, 2, 2]
+    label, result = _label(url, "kbp2", {"Brainstem": [missed.tolist()], "background": [far]}, folder)
+    assert result["start"] == "auto" and result["label_names"] == {"Brainstem": 1}
+    assert result["method"] == "refiner"  # the shipped click refiner network
+    assert label.shape == truth.shape and label[tuple(missed)] == 1 and label[tuple(far)] == 0
+    inside = np.argwhere(label == 1)
+    inside = inside[np.argmax(np.abs(inside - missed).sum(axis=1))]
+    again, _ = _label(url, "kbp2", {"Brainstem": [missed.tolist()], "background": [inside.tolist()]}, folder)
+    assert again[tuple(missed)] == 1 and again[tuple(inside)] == 0  # that voxel leaves it, the first stays
+
+
+def test_the_foreground_background_form_and_the_geodesic_method(server):
+    url, missed = server["url"], server["missed"].tolist()
+    same = _post(url, "edit", "kbp2", {"foreground": [missed], "background": [[2, 2, 2]], "label": "Brainstem"})
+    assert same.status_code == 200, same.text
+    geodesic = _post(url, "edit", "kbp2", {"Brainstem": [missed], "method": "geodesic"})
+    assert geodesic.status_code == 200 and geodesic.json()["method"] == "geodesic", geodesic.text
+
+
+def test_a_label_sent_with_the_request_is_the_start(server):
+    """Here an empty one: the brainstem starts from its prior."""
+    empty = server["tmp"] / "empty.nii.gz"
+    write_volume(np.zeros(server["truth"].shape, np.uint8), read_volume(server["image"]), empty)
+    with open(empty, "rb") as f:
+        sent = _post(server["url"], "edit", "kbp2", {"Brainstem": [server["missed"].tolist()]}, files={"label": f})
+    assert sent.status_code == 200 and sent.json()["start"] == "request", sent.text
+
+
+def test_bad_clicks_are_400_and_leave_the_server_and_the_saved_label(server):
+    import requests
+
+    url = server["url"]
+    wrong = server["tmp"] / "wrong.nii.gz"
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(wrong))
+    bad = [
+        ({"Liver": [[10, 10, 10]]}, None, "Liver"),
+        ({"Brainstem": [[70, 1, 1]]}, None, "outside the image"),
+        ({"Brainstem": [[10, 10, 10]], "background": [[10, 10, 10]]}, None, "both as foreground and"),
+        ({}, None, "no clicks"),
+        ({"foreground": [[10, 10, 10]], "label": "Heart"}, None, "Heart"),
+        ({"Brainstem": [[10, 10, 10]]}, wrong, "shape"),
+        ({"Brainstem": [[10, 10, 10]], "method": "magic"}, None, "method must be refiner or geodesic"),
+    ]
+    for params, upload, needle in bad:
+        if upload is None:
+            response = _post(url, "edit", "kbp2", params)
+        else:
+            with open(upload, "rb") as f:
+                response = _post(url, "edit", "kbp2", params, files={"label": f})
+        assert response.status_code == 400, (params, response.text)
+        assert needle in response.json()["detail"], response.text
+    assert requests.get(f"{url}/info/", timeout=60).status_code == 200  # still serving
+    assert server["saved"].read_bytes() == server["saved_bytes"]  # the saved label untouched

@@ -86,6 +86,7 @@ def test_conf_defaults_are_the_old_ones():
         "expose_logs": False,
         "infer_timeout": 600.0,
         "max_voxels": 512 * 512 * 1024,
+        "learn_every": 5,
     }
     parsed = parse_conf({"templates": "7", "compile": "YES", "prior_weight": "0.8", "models": "medlsam, all"})
     assert (parsed["templates"], parsed["compile"], parsed["prior_weight"]) == (7, True, 0.8)
@@ -343,6 +344,8 @@ def test_spec_matches_the_library_and_app_constants():
         assert option(INFER_OPTIONS[task], name).default == lib[field], (task, name, lib[field])
     for name in ("steps", "slice_step"):
         assert option(TRAIN_OPTIONS["lite_medsam"], name).default == lib[f"AdaptOptions.{name}"], name
+    for name in ("max_epochs", "time_limit_min", "threads"):
+        assert option(TRAIN_OPTIONS["segmentation"], name).default == lib[f"LearnOptions.{name}"], name
 
 
 def test_option_declarations_are_checked():

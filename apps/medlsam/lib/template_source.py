@@ -203,7 +203,7 @@ class TemplateSource:
             if self._all_labels is not None and self._all_labels[0] == key:
                 return self._all_labels[1]
         templates = [self.template(item) for item in candidates]
-        bank = self.builder(model).build(templates, names, skip_unusable=True, calibrate=False).bank
+        bank = self.builder(model).build(templates, names, skip_unusable=True, calibrate=False, report=False).bank
         with self._lock:
             self._all_labels = (key, bank)
         return bank

@@ -123,12 +123,14 @@ class BankBuilder:
         cancel: threading.Event | None = None,
         skip_unusable: bool = False,
         calibrate: bool = True,
+        report: bool = True,
     ) -> BuiltBank:
         """The bank of the first ``max_templates`` usable ``templates`` (in their order), organs renumbered by
         ``names`` (organ -> value); an unusable template fails the build, or with ``skip_unusable`` is skipped and
         reported (and prior cuts that cannot be chosen leave every organ cut at 0.5). With ``calibrate`` and at least
         three labelled templates, each organ's prior cut is chosen by leaving one out (``medlsam.atlas.calibration``).
-        BuildCancelled when ``cancel`` is set between templates."""
+        BuildCancelled when ``cancel`` is set between templates. ``report``: tell ``progress`` (a side build, e.g. a
+        bank for another use than the app's template bank, says nothing)."""
         of = min(max_templates or len(templates), len(templates))
         banks, used, skipped = [], [], {}
         for template in templates:
@@ -148,7 +150,8 @@ class BankBuilder:
                 skipped[template.id] = str(exc)
                 continue
             used.append(template.id)
-            self._progress(state="building", built=len(banks), of=of, last=template.id)
+            if report:
+                self._progress(state="building", built=len(banks), of=of, last=template.id)
             logger.info(f"template bank: built {len(banks)}/{of} ({template.id}) in {time.perf_counter() - tic:.1f} s")
         if not banks:
             raise NoTemplatesError("no usable template: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

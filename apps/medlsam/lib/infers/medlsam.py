@@ -50,18 +50,20 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         bank, info = self.templates.bank()
         segmenter = self.models.segmenter()
         timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
+        learned = self.models.learned()  # the network the segmentation trainer published, if any
         key = (fingerprint, repr(options), repr(localize), repr(organs), segmenter.name)
         cached = entry.get("medlsam_result")  # a repeated request: the same image, bank, models and options
-        if cached is not None and cached[0] == key and cached[1] is bank and cached[2] is segmenter:
-            entry["auto_label"] = cached[3]
-            answer = {**cached[4], "cached": True, "timings_s": timings}
-            return cached[3].copy(), answer
-        learned = self.models.learned()
+        models = (bank, segmenter, learned)  # the same objects: nothing was rebuilt or published meanwhile
+        if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], models)):
+            entry["auto_label"] = cached[2]
+            answer = {**cached[3], "cached": True, "timings_s": timings}
+            return cached[2].copy(), answer
         if learned is not None:  # the segmentation trainer published a network: the better path per organ
             label, answer = self.learned_path(entry, learned, bank, localize, organs, timings)
+            answer["medlam"] = {"path": medlam_path.name, "fingerprint": fingerprint}
             entry["auto_label"] = label
-            entry["medlsam_result"] = (key, bank, segmenter, label, answer)
-            return label.copy(), {**answer, "cached": False, "medlam": {"path": medlam_path.name}}
+            entry["medlsam_result"] = (key, models, label, answer)
+            return label.copy(), {**answer, "cached": False}
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
         result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
         entry["auto_label"] = result.label  # the current segmentation the `edit` task corrects
@@ -74,7 +76,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             "backend": segmenter.name,
             "adapted": segmenter.adaptation is not None,  # LiteMedSAM adapted to the templates (trainer lite_medsam)
         }
-        entry["medlsam_result"] = (key, bank, segmenter, result.label, answer)  # what a repeated request returns
+        entry["medlsam_result"] = (key, models, result.label, answer)  # what a repeated request returns
         return result.label.copy(), {**answer, "cached": False}
 
     def learned_path(self, entry: dict, learned, bank, localize, organs: list[str] | None, timings: dict):

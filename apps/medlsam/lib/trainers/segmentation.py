@@ -67,6 +67,20 @@ class SegmentationTrainer(TrainTask):
         """The request's options, checked (unknown keys or out-of-range values: OptionError naming the key)."""
         return check_train_options(request, SPEC)
 
+    def check_ready(self) -> None:
+        """Enough final labels to learn from, checked when this trainer is asked for by name (a 409 at submission,
+        not a failed training); asked with every trainer, it finishes at once saying why."""
+        labelled = len(self.templates.candidate_templates())
+        if labelled < MIN_LABELS:
+            raise TemplateError(self._too_few(labelled))
+
+    @staticmethod
+    def _too_few(count: int) -> str:
+        return (
+            f"segmentation training needs at least {MIN_LABELS} final labels, the datastore has {count}; "
+            "the few-shot path keeps serving"
+        )
+
     def __call__(self, request, datastore):
         return self.run_learning(self.validate(request))
 
@@ -92,10 +106,8 @@ class SegmentationTrainer(TrainTask):
         tic = time.perf_counter()
         templates = self.usable_templates()
         if len(templates) < MIN_LABELS:
-            raise TemplateError(
-                f"segmentation training needs at least {MIN_LABELS} usable final labels, the datastore has "
-                f"{len(templates)}; the few-shot path keeps serving"
-            )
+            logger.warning(f"segmentation training skipped: {self._too_few(len(templates))}")
+            return {"skipped": self._too_few(len(templates)), "published": False}
         medlam, _, fingerprint = self.models.medlam()
         learn_options = LearnOptions(
             max_epochs=options["max_epochs"], time_limit_min=options["time_limit_min"], threads=options["threads"]
