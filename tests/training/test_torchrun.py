@@ -11,11 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from medlsam.io.volume import write_volume
 from medlsam.medlam.network import MedLAMConfig
 
 TESTS = Path(__file__).resolve().parents[1]  # tests/, where ddp_steps.py lives
@@ -23,15 +21,9 @@ TINY = MedLAMConfig(base_channels=2, patch_size=(32, 32, 32))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module")
-def scans(tmp_path_factory, make_ct) -> list[Path]:
-    folder = tmp_path_factory.mktemp("dist-scans")
-    paths = []
-    for n, centre in enumerate([(14.0, 20.0, 10.0), (24.0, 14.0, 18.0), (18.0, 18.0, 14.0)]):
-        ct, _ = make_ct(ball_centre=centre, ball_radius=5.0)
-        write_volume(ct.array.astype(np.int16), ct, folder / f"scan{n}.nii.gz")
-        paths.append(folder / f"scan{n}.nii.gz")
-    return paths
+@pytest.fixture
+def scans(phantom_scans) -> list[Path]:
+    return phantom_scans
 
 
 # -- shards, seeds, batches -----------------------------------------------------------------------------
