@@ -1,0 +1,116 @@
+"""A class-agnostic structure from all of its prompts (issue 30): the union of the blobs under its foreground
+clicks (``medlsam.click_any.grow_blob``; the box's blob when it has only a box), split along its narrowest necks
+against the background clicks that fall inside it (one marker watershed on its distance map), the foreground side
+kept, the box bounding it.
+
+``AnyCache`` (one per image) makes a click cheap: each click's blob is grown once and kept, and a structure whose
+prompts did not change since the last request is answered from the cache without any work (Slicer and OHIF send
+every click of every structure with each request).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from medlsam.click_any import AnyOptions, AnyPrompts, _block_mean, _component_at, _upsample, grow_blob
+
+Region = tuple[slice, ...]
+
+
+@dataclass
+class AnyCache:
+    """Per image: blobs by (click, box), each structure's last prompts and answer; counters for tests and reports."""
+
+    max_blobs: int = 256
+    blobs: OrderedDict = field(default_factory=OrderedDict)
+    structures: dict = field(default_factory=dict)
+    blob_runs: int = 0  # blobs grown
+    structure_runs: int = 0  # structures computed
+    structure_hits: int = 0  # structures answered from the cache
+
+    def blob(self, hu, spacing, at, box, axis: int, options: AnyOptions) -> tuple[Region, np.ndarray]:
+        key = (None if at is None else tuple(int(v) for v in at), None if box is None else box.tobytes(), options)
+        if key not in self.blobs:
+            self.blobs[key] = grow_blob(hu, spacing, at, box, axis, options)
+            self.blob_runs += 1
+            while len(self.blobs) > self.max_blobs:
+                self.blobs.popitem(last=False)
+        self.blobs.move_to_end(key)
+        return self.blobs[key]
+
+
+def _prompt_key(prompts: AnyPrompts, options: AnyOptions) -> tuple:
+    box = None if prompts.box is None else prompts.box.tobytes()
+    return (np.asarray(prompts.foreground, int).tobytes(), np.asarray(prompts.background, int).tobytes(), box, options)
+
+
+def _union(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, np.ndarray]:
+    low = np.min([[s.start for s in r] for r, _ in parts], axis=0)
+    high = np.max([[s.stop for s in r] for r, _ in parts], axis=0)
+    mask = np.zeros(tuple(high - low), bool)
+    for region, part in parts:
+        mask[tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, low))] |= part
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high)), mask
+
+
+def split_background(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing, budget: int) -> np.ndarray:
+    """``mask`` without the parts on the background clicks' side of its narrowest necks: a marker watershed of the
+    distance map from the foreground clicks (1) and the background clicks inside the mask (2). Masks above
+    ``budget`` voxels are split on blocks of the slice plane (the finest axes) and the result repeated back."""
+    from skimage.segmentation import watershed
+
+    inside = bg[mask[tuple(bg.T)]] if len(bg) else bg
+    if not len(inside) or not len(fg):
+        return mask
+    spacing = np.asarray(spacing, np.float64)
+    factor = max(1, int(np.ceil(np.sqrt(mask.size / budget))))
+    step = np.where(spacing <= np.sort(spacing)[1], factor, 1)
+    small = _block_mean(mask, step) > 0.5 if factor > 1 else mask
+    limit = np.array(small.shape) - 1
+    markers = np.zeros(small.shape, np.int32)
+    markers[tuple(np.minimum(inside // step, limit).T)] = 2
+    markers[tuple(np.minimum(fg // step, limit).T)] = 1  # a block holding both kinds stays with the foreground
+    depth = ndimage.distance_transform_edt(small, sampling=spacing * step)
+    regions = watershed(-depth, markers, mask=small | (markers > 0))
+    removed = _upsample(regions == 2, step, mask.shape)
+    return mask & ~removed
+
+
+def segment_structure(
+    hu: np.ndarray,
+    spacing,
+    prompts: AnyPrompts,
+    axis: int = 2,
+    options: AnyOptions | None = None,
+    cache: AnyCache | None = None,
+    name: str = "",
+) -> tuple[Region, np.ndarray]:
+    """(region, mask on it) of the structure the prompts point at (file indices, checked by
+    ``medlsam.click_any.check_prompts``). With a ``cache``, a structure ``name`` whose prompts are those of its last
+    call is answered from it."""
+    options = options or AnyOptions()
+    cache = cache if cache is not None else AnyCache()
+    key = _prompt_key(prompts, options)
+    stored = cache.structures.get(name)
+    if stored is not None and stored[0] == key:
+        cache.structure_hits += 1
+        return stored[1], stored[2].copy()
+    fg = np.asarray(prompts.foreground, int).reshape(-1, 3)
+    bg = np.asarray(prompts.background, int).reshape(-1, 3)
+    seeds = ([None] if prompts.box is not None else []) + list(fg)  # a box keeps its own blob under its clicks
+    region, mask = _union([cache.blob(hu, spacing, at, prompts.box, axis, options) for at in seeds])
+    origin = np.array([s.start for s in region])
+    local_bg = bg - origin
+    local_bg = local_bg[np.all((local_bg >= 0) & (local_bg < np.array(mask.shape)), axis=1)]
+    if len(fg):
+        mask = split_background(mask, fg - origin, local_bg, spacing, options.grid_voxels)
+        mask = _component_at(mask, fg - origin)
+        mask[tuple((fg - origin).T)] = True
+    mask[tuple(local_bg.T)] = False
+    cache.structure_runs += 1
+    cache.structures[name] = (key, region, mask.copy())
+    return region, mask
