@@ -42,8 +42,8 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 
 from app_server import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
 from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
-from medlsam.click_simulator import error_click, organ_centre_click
-from medlsam.metrics import dice  # noqa: E402
+from medlsam.interact.click_simulator import error_click, organ_centre_click
+from medlsam.utils.metrics import dice  # noqa: E402
 
 
 def post(url: str, model: str, image: str, params: dict) -> tuple[float, dict]:
@@ -70,11 +70,11 @@ def peak_memory_mb(pid: int) -> float:
 
 
 def interactive_dice(kbp: OpenKBP, cases: list[dict], organs: list[str], clicks: list[int], max_slices: int) -> dict:
-    from medlsam.interactive import parse_prompts
-    from medlsam.propagation import PropagationOptions, segment_volume
-    from medlsam.sam import build_segmenter
-    from medlsam.sam.slices import SliceEmbeddings
-    from medlsam.volume import load_ct, read_volume
+    from medlsam.interact.interactive import parse_prompts
+    from medlsam.interact.propagation import PropagationOptions, segment_volume
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.segment.sam import build_segmenter
+    from medlsam.segment.sam.slices import SliceEmbeddings
 
     segmenter = build_segmenter("lite_medsam")
     rows = []
@@ -184,7 +184,7 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
     )
     try:
         wait_for_server(url, server, log=log)
-        from medlsam.volume import read_volume
+        from medlsam.io.volume import read_volume
 
         for n, image in enumerate(unlabeled):
             params = {"result_extension": ".nrrd", "result_dtype": "uint8"}

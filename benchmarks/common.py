@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlsam.atlas.templates import TemplateBank, build_bank, load_bank
 from medlsam.errors import TemplateError
 from medlsam.paths import data_dir
-from medlsam.templates import TemplateBank, build_bank, load_bank
 
 ORGANS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -6,13 +6,14 @@ Each scan's starting point is cached in --cache (default /tmp/medlsam-edit-cache
 templates' bank, the template-prior auto-segmentation (``SegmentOptions(prior_weight=1)``: no SAM, Dice 0.550
 against 0.548 for the SAM blend on the 33 validation scans) and each organ's prior. Rows:
 
-- edit: clicks correct the auto-segmentation (``medlsam.editing.edit_label``); the first click already at the
+- edit: clicks correct the auto-segmentation (``medlsam.interact.editing.edit_label``); the first click already at the
   largest error.
 - scratch: no auto-segmentation; organ-labelled clicks, the first at the organ's centre on its middle slice; the
   organ starts from its template posterior alone (what the edit task does for an organ with no current label).
 - agnostic: no template knowledge (no prior, no intensity model): the class-agnostic edit from the same clicks.
 
-Clicks: ``medlsam.click_simulator`` (each later click at the most interior voxel of the largest 3D error). Dice and
+Clicks: ``medlsam.interact.click_simulator`` (each later click at the most interior voxel of the largest 3D error).
+Dice and
 HD95 after 0, 1, 2, 3, 5, 10 clicks; seconds per click (median) against one LiteMedSAM encoder call. Writes
 benchmarks/results/editing.md, .png and .json (--out). The query's labels are read only to place the clicks and
 score, as a simulated annotator would.
@@ -35,12 +36,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import ORGANS, RESULTS, OpenKBP, machine_line, template_bank  # noqa: E402
-from medlsam.click_simulator import error_click, organ_centre_click
-from medlsam.editing import EditOptions, IntensityModel, OrganClicks, edit_label  # noqa: E402
-from medlsam.metrics import cranio_caudal_axis, dice, hd95  # noqa: E402
+from medlsam.atlas.prior import FilePrior  # noqa: E402
+from medlsam.interact.click_simulator import error_click, organ_centre_click
+from medlsam.interact.editing import EditOptions, IntensityModel, OrganClicks, edit_label  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
 from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402
-from medlsam.prior import FilePrior  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.utils.metrics import cranio_caudal_axis, dice, hd95  # noqa: E402
 
 CLICKS = (0, 1, 2, 3, 5, 10)
 ROWS = {
@@ -55,8 +56,8 @@ def cached_start(data: OpenKBP, case_id: str, cache: Path, localizer, bank) -> d
     """The scan's auto-segmentation (template prior, no SAM) and organ priors, computed once and cached."""
     path = cache / f"{case_id}.npz"
     if not path.exists():
-        from medlsam.atomic import atomic_path
-        from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
+        from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
+        from medlsam.utils.atomic import atomic_path
 
         volume = load_ct(data.image(case_id))
         tic = time.perf_counter()
@@ -135,8 +136,8 @@ def simulate(
 
 
 def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
-    from medlsam.localize import Localizer
-    from medlsam.network import load_medlam
+    from medlsam.atlas.localize import Localizer
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
 
     cache = Path(args.cache)
@@ -147,7 +148,7 @@ def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
     localizer = Localizer(model, bank)
     refiner = None
     if args.method == "refiner":
-        from medlsam.refiner import build_click_refiner
+        from medlsam.interact.refiner import build_click_refiner
 
         refiner = build_click_refiner(args.refiner)
     cases = [c for c in data.split(args.split) if c["id"] not in templates][args.first_case :][: args.cases or None]
@@ -248,8 +249,8 @@ def summary(rows: list[dict], clicks: int) -> dict:
 
 def encoder_seconds(threads: int) -> float:
     """Median seconds of one LiteMedSAM encoder call on a 128 x 128 CT slice (3 calls)."""
-    from medlsam.sam import build_segmenter
-    from medlsam.sam.slices import SliceEmbeddings
+    from medlsam.segment.sam import build_segmenter
+    from medlsam.segment.sam.slices import SliceEmbeddings
 
     volume = load_ct(OpenKBP().image(OpenKBP().split("validation")[0]["id"]))
     embeddings = SliceEmbeddings(build_segmenter("lite_medsam"), volume)

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, OpenKBP, machine_line  # noqa: E402
-from medlsam.metrics import cranio_caudal_axis, dice  # noqa: E402
-from medlsam.sam import build_segmenter  # noqa: E402
-from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
+from medlsam.segment.sam import build_segmenter  # noqa: E402
+from medlsam.segment.sam.slices import SliceEmbeddings  # noqa: E402
+from medlsam.utils.metrics import cranio_caudal_axis, dice  # noqa: E402
 
 VARIANTS = [  # name, threads, build_segmenter options, slices per encoder call
     ("fp32 eager", 1, dict(channels_last=False), 1),

@@ -27,16 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, OpenKBP  # noqa: E402
-from medlsam.localize import Localizer  # noqa: E402
-from medlsam.metrics import dice  # noqa: E402
-from medlsam.network import MedLAMConfig, load_medlam  # noqa: E402
+from medlsam.atlas.localize import Localizer  # noqa: E402
+from medlsam.atlas.templates import build_bank  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
+from medlsam.medlam.network import MedLAMConfig, load_medlam  # noqa: E402
+from medlsam.medlam.precision import autocast_dtype  # noqa: E402
+from medlsam.medlam.training import Trainer, TrainOptions  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
-from medlsam.precision import autocast_dtype  # noqa: E402
-from medlsam.sam import build_segmenter  # noqa: E402
-from medlsam.templates import build_bank  # noqa: E402
-from medlsam.training import Trainer, TrainOptions  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
+from medlsam.segment.sam import build_segmenter  # noqa: E402
+from medlsam.utils.metrics import dice  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -170,8 +170,8 @@ def training(data: OpenKBP, device: str, scans: int, iterations: int, batch: int
 def click_refiner(data: OpenKBP, device: str) -> dict:
     """The edit task's click refiner on one validation brainstem (moved 3 voxels, one foreground click at the
     organ's centre): median seconds per request on the CPU and on ``device``, and the Dice between their masks."""
+    from medlsam.interact.refiner import build_click_refiner
     from medlsam.paths import SHIPPED_CLICK_REFINER
-    from medlsam.refiner import build_click_refiner
 
     case = data.split("validation")[0]["id"]
     volume = load_ct(data.image(case))

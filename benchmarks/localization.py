@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
-from medlsam.grid import to_localization_grid  # noqa: E402
-from medlsam.localize import LocalizeOptions, Localizer  # noqa: E402
-from medlsam.metrics import box_iou, cranio_caudal_axis, label_box, wall_distances  # noqa: E402
-from medlsam.network import load_medlam  # noqa: E402
+from medlsam.atlas.localize import LocalizeOptions, Localizer  # noqa: E402
+from medlsam.io.grid import to_localization_grid  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
+from medlsam.medlam.network import load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.utils.metrics import box_iou, cranio_caudal_axis, label_box, wall_distances  # noqa: E402
 from registration_baseline import register_and_fuse  # noqa: E402
 
 DEFAULT = "MedLAM jump + template matching (default)"

@@ -17,7 +17,8 @@ Two template banks, each applied to scans that hold its organs and to scans that
   present, lung bases partial, heart absent).
 
 Every organ is localised with the decision off (``LocalizeOptions(plausibility=False, min_match_score=-1)``), its
-cues (``medlsam.plausibility.organ_cues``) recorded, and the decision (``medlsam.plausibility.implausible`` with the
+cues (``medlsam.atlas.plausibility.organ_cues``) recorded, and the decision
+(``medlsam.atlas.plausibility.implausible`` with the
 default options) applied to them; an organ whose MedLAM estimate falls outside the scan is refused before
 matching, as in the localiser. Then ``medlsam segment``'s default pipeline (default options: the decision on) on
 the scans without the head: the voxels it draws per organ. Writes benchmarks/results/plausibility.md, .json, .png.
@@ -42,16 +43,16 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, template_bank  # noqa: E402
-from medlsam.grid import map_hu, to_localization_grid  # noqa: E402
-from medlsam.localize import LocalizeOptions, Localizer  # noqa: E402
-from medlsam.network import load_medlam  # noqa: E402
+from medlsam.atlas.localize import LocalizeOptions, Localizer  # noqa: E402
+from medlsam.atlas.plausibility import OrganCues, implausible, template_agreement  # noqa: E402
+from medlsam.atlas.templates import build_bank, load_bank  # noqa: E402
+from medlsam.io.grid import map_hu, to_localization_grid  # noqa: E402
+from medlsam.io.volume import CTVolume, load_ct, read_volume  # noqa: E402
+from medlsam.medlam.network import load_medlam  # noqa: E402
 from medlsam.paths import data_dir, default_medlam_path  # noqa: E402
-from medlsam.pipeline import MedLSAMPipeline  # noqa: E402
-from medlsam.plausibility import OrganCues, implausible, template_agreement  # noqa: E402
-from medlsam.rtstruct_import import rtstruct_templates  # noqa: E402
-from medlsam.sam import build_segmenter  # noqa: E402
-from medlsam.templates import build_bank, load_bank  # noqa: E402
-from medlsam.volume import CTVolume, load_ct, read_volume  # noqa: E402
+from medlsam.rt.importer import rtstruct_templates  # noqa: E402
+from medlsam.segment.pipeline import MedLSAMPipeline  # noqa: E402
+from medlsam.segment.sam import build_segmenter  # noqa: E402
 
 NECK = ["Larynx", "Mandible", "RightParotid", "LeftParotid"]  # a cut below these leaves them out
 HEAD = ["Mandible", "RightParotid", "LeftParotid"]  # a cut above these keeps the brain and skull
@@ -539,7 +540,7 @@ def write_report(rows: list[dict], drawn: list[dict], options: LocalizeOptions, 
         "",
         f"- Banks: {BANKS['hn']}; {BANKS['thorax']}. Data sets: see benchmarks/plausibility.py's docstring. "
         f"MedLAM `{Path(model_path).name}`; machine: {machine_line()}.",
-        f"- The decision (`LocalizeOptions`, `medlsam.plausibility.implausible`): {rule}.",
+        f"- The decision (`LocalizeOptions`, `medlsam.atlas.plausibility.implausible`): {rule}.",
         f"- Command: `{command}`",
         "",
         "## Outcome of the decision",

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from medlsam.metrics import label_box
+from medlsam.utils.metrics import label_box
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import RESULTS, OpenKBP, machine_line
-from medlsam.dicom import SeriesFields, export_ct_series
-from medlsam.metrics import dice
+from medlsam.io.dicom import SeriesFields, export_ct_series
+from medlsam.io.volume import CTVolume, read_volume
 from medlsam.paths import data_dir
-from medlsam.rtstruct import read_ct_series, read_rtstruct, roi_masks
-from medlsam.rtstruct_check import dciodvfy, missing_tools, plastimatch_masks
-from medlsam.rtstruct_import import import_series
-from medlsam.rtstruct_write import label_on_grid, write_rtstruct
-from medlsam.volume import CTVolume, read_volume
+from medlsam.rt.check import dciodvfy, missing_tools, plastimatch_masks
+from medlsam.rt.importer import import_series
+from medlsam.rt.rtstruct import read_ct_series, read_rtstruct, roi_masks
+from medlsam.rt.write import label_on_grid, write_rtstruct
+from medlsam.utils.metrics import dice
 
 ARIA = "20191031-215249_m.dcm"
 COMMAND = "make setup && sudo bash scripts/system_deps.sh && .venv/bin/python benchmarks/rtstruct.py"
@@ -113,7 +113,7 @@ def resampled_series(series, label: np.ndarray, slices: int, tmp: Path):
     """The thorax CT and label resampled to ``slices`` slices (linear / nearest) and written as a DICOM series."""
     from scipy import ndimage
 
-    from medlsam.volume import write_volume
+    from medlsam.io.volume import write_volume
 
     zoom = (1, 1, (slices - 1) / (series.volume.shape[2] - 1))
     ct = ndimage.zoom(series.volume.array.astype(np.float32), zoom, order=1, grid_mode=False)
@@ -157,7 +157,7 @@ def picture(state: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medlsam.rtstruct import load_rtstruct, roi_slices
+    from medlsam.rt.rtstruct import load_rtstruct, roi_slices
 
     series, folder = state["series"], state["series"].folder
     ours = {name: m.full(series.volume.shape) for name, m in roi_masks(folder / ARIA, series).values()}
@@ -240,7 +240,7 @@ def report(result: dict, path: Path) -> None:
         f"## OpenKBP labels -> RTSTRUCT -> labels ({len(cases)} validation scans, 2.7-5.4 mm pixels)",
         "",
         "Each scan written as a DICOM CT series by `medlsam dicom export`'s code, its label written as an RTSTRUCT on",
-        "it (`medlsam.rtstruct_write.write_rtstruct`) and read back (`medlsam.rtstruct.read_rtstruct`); plastimatch",
+        "it (`medlsam.rt.write.write_rtstruct`) and read back (`medlsam.rt.rtstruct.read_rtstruct`); plastimatch",
         "rasterises the same RTSTRUCT on the same series.",
         "",
         *_organ_rows(cases),

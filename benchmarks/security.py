@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "security")
     args = parser.parse_args(argv)
 
-    from medlsam.volume import read_volume, write_volume
+    from medlsam.io.volume import read_volume, write_volume
 
     kbp = args.data / "openkbp"
     folder = Path(tempfile.mkdtemp(prefix="medlsam-security-"))

@@ -32,16 +32,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
-from medlsam.localize import LocalizeOptions, Localizer, OrganLocation  # noqa: E402
-from medlsam.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
-from medlsam.network import load_medlam  # noqa: E402
-from medlsam.outputs import write_segmentation  # noqa: E402
+from medlsam.atlas.localize import LocalizeOptions, Localizer, OrganLocation  # noqa: E402
+from medlsam.atlas.templates import TemplateBank  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
+from medlsam.medlam.network import load_medlam  # noqa: E402
 from medlsam.paths import default_medlam_path  # noqa: E402
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
-from medlsam.sam import build_segmenter  # noqa: E402
-from medlsam.sam.slices import SliceEmbeddings  # noqa: E402
-from medlsam.templates import TemplateBank  # noqa: E402
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.segment.outputs import write_segmentation  # noqa: E402
+from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions  # noqa: E402
+from medlsam.segment.sam import build_segmenter  # noqa: E402
+from medlsam.segment.sam.slices import SliceEmbeddings  # noqa: E402
+from medlsam.utils.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
 
 POOL_ATLASES = 5  # the prior_atlas row: each organ's prior from this many of the --pool templates
 # key -> (row name, prompts: MedLAM's localisation or ground truth, SegmentOptions fields over the defaults,
@@ -131,7 +131,7 @@ LOCALIZE = {
 }
 # rows whose bank holds the --pool templates (the protocol's 5 among them), calibrated with the row's localisation
 POOL_ROWS = {"prior_atlas", "prior_pool"}
-# rows whose bank has every organ's prior cut at 0.5 (as before medlsam.calibration)
+# rows whose bank has every organ's prior cut at 0.5 (as before medlsam.atlas.calibration)
 UNCALIBRATED = {"prior_uncalibrated", "default_uncalibrated"}
 STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
 

@@ -7,7 +7,7 @@ Sections:
 - precision: seconds per training step (the default 64^3 patch and network, one scan per step) in float32
   and under bfloat16 autocast, on this CPU as it is and with oneDNN limited by ONEDNN_MAX_CPU_ISA to
   AVX512_CORE (AVX-512 without bf16 instructions) and to AVX2 (like the 2-core EPYC of issue 14), and which
-  precision `medlsam.precision` picks by default in each case.
+  precision `medlsam.medlam.precision` picks by default in each case.
 - throughput: training patches/s with 1 process and with 2 torch.distributed (gloo) processes, and the patch
   loader alone with 0, 1 and 2 DataLoader workers against what a training step consumes.
 """
@@ -31,10 +31,10 @@ STEP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np, torch
     torch.set_num_threads(int(sys.argv[2]))
-    from medlsam import precision
-    from medlsam.network import MedLAMConfig
-    from medlsam.training import Trainer, TrainOptions
-    from medlsam.volume import CTVolume, write_volume
+    from medlsam.medlam import precision
+    from medlsam.medlam.network import MedLAMConfig
+    from medlsam.medlam.training import Trainer, TrainOptions
+    from medlsam.io.volume import CTVolume, write_volume
     steps = int(sys.argv[1])
     folder = Path(tempfile.mkdtemp())
     paths = []
@@ -71,7 +71,7 @@ CASES = [
 def machine() -> dict:
     import torch
 
-    from medlsam.precision import cpu_capability, cpu_model
+    from medlsam.medlam.precision import cpu_capability, cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "capability": cpu_capability()}
 
@@ -117,10 +117,10 @@ THROUGHPUT_SCRIPT = textwrap.dedent("""
     import json, os, sys, tempfile, time
     from pathlib import Path
     import numpy as np, torch
-    from medlsam.distributed import barrier, close_distributed, init_distributed
-    from medlsam.network import MedLAMConfig
-    from medlsam.training import Trainer, TrainOptions
-    from medlsam.volume import CTVolume, write_volume
+    from medlsam.utils.distributed import barrier, close_distributed, init_distributed
+    from medlsam.medlam.network import MedLAMConfig
+    from medlsam.medlam.training import Trainer, TrainOptions
+    from medlsam.io.volume import CTVolume, write_volume
     steps, batch, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
     ctx = init_distributed("cpu")

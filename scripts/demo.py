@@ -129,8 +129,8 @@ def main(argv=None) -> int:
     scan = tmp / name
     scan.write_bytes(response.content)
 
-    from medlsam.qc import qc_montage
-    from medlsam.volume import load_ct, read_volume
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.segment.qc import qc_montage
 
     volume = load_ct(scan)
     qc = qc_montage(

@@ -43,7 +43,7 @@ def series_on_server(url: str, series_uid: str) -> bool:
 def load(studies: Path, url: str, state_path: Path) -> dict:
     from monailabel.datastore.local import LocalDatastore
 
-    from medlsam.dicom import SeriesFields, export_ct_series, label_to_seg, stow_files
+    from medlsam.io.dicom import SeriesFields, export_ct_series, label_to_seg, stow_files
 
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     store = LocalDatastore(str(studies), extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=False)

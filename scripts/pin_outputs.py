@@ -49,7 +49,7 @@ def _pinned_json(path: Path) -> dict:
 
 
 def _label_digest(path: Path) -> dict:
-    from medlsam.volume import read_volume
+    from medlsam.io.volume import read_volume
 
     array = read_volume(path).array
     return {

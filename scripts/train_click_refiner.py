@@ -1,4 +1,5 @@
-"""Train the click refiner (``medlsam.refiner``) with simulated clicks on OpenKBP train scans that are not templates.
+"""Train the click refiner (``medlsam.interact.refiner``) with simulated clicks on OpenKBP train scans that are not
+templates.
 
     python benchmarks/editing.py --split train --cache-only   # the train scans' starts (about 4 min)
     python scripts/train_click_refiner.py                      # 45 minutes, writes lib/medlsam/weights/click_refiner.pt
@@ -38,10 +39,8 @@ sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import ORGANS, OpenKBP  # noqa: E402
-from medlsam.metrics import cranio_caudal_axis  # noqa: E402
-from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402
-from medlsam.prior import FilePrior  # noqa: E402
-from medlsam.refiner import (  # noqa: E402
+from medlsam.atlas.prior import FilePrior  # noqa: E402
+from medlsam.interact.refiner import (  # noqa: E402
     BONE_WINDOW,
     CROP_SPACING_MM,
     SOFT_WINDOW,
@@ -50,7 +49,9 @@ from medlsam.refiner import (  # noqa: E402
     click_balls,
     save_click_refiner,
 )
-from medlsam.volume import load_ct, read_volume  # noqa: E402
+from medlsam.io.volume import load_ct, read_volume  # noqa: E402
+from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402
+from medlsam.utils.metrics import cranio_caudal_axis  # noqa: E402
 
 REGION = (64, 64, 96)  # the organ's region on the network grid, from which training crops are cut
 TRAIN_CROP = (32, 32, 48)
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
 
 
 def save(net, opt, args, step: int, seconds: float, organs: int, scans: int, state_path: Path) -> None:
-    from medlsam.atomic import torch_save_atomic
+    from medlsam.utils.atomic import torch_save_atomic
 
     record = {
         "data": f"OpenKBP train split, {scans} scans that are neither templates nor among the first {args.holdout}",

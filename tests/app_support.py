@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medlsam.volume import CTVolume, read_volume, write_volume
+from medlsam.io.volume import CTVolume, read_volume, write_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.volume import CTVolume
+from medlsam.io.volume import CTVolume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlsam.distributed import close_distributed, init_distributed
-from medlsam.network import MedLAMConfig
-from medlsam.sampling import draw_batch, split_batch
-from medlsam.training import Trainer, TrainOptions
+from medlsam.medlam.network import MedLAMConfig
+from medlsam.medlam.sampling import draw_batch, split_batch
+from medlsam.medlam.training import Trainer, TrainOptions
+from medlsam.utils.distributed import close_distributed, init_distributed
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Adaptation of LiteMedSAM to templates (medlsam.adapt, `medlsam adapt`) on real OpenKBP scans: a short run lowers
+"""Adaptation of LiteMedSAM to templates (medlsam.segment.adapt, `medlsam adapt`) on real OpenKBP scans: a short run
+lowers
 the loss and raises the template slices' Dice, writes weights that `segment --checkpoint` uses; bad input fails
 clearly and leaves the previous weights in place."""
 
@@ -16,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.adapt import (
+from medlsam.atlas.templates import build_bank
+from medlsam.cli import main
+from medlsam.errors import CheckpointError, TemplateError
+from medlsam.io.volume import CTVolume, load_ct, read_volume
+from medlsam.medlam.network import load_medlam
+from medlsam.paths import default_medlam_path
+from medlsam.segment.adapt import (
     SAM_TOLERANCE,
     WEIGHT_CHOICES,
     AdaptOptions,
@@ -29,16 +36,10 @@ from medlsam.adapt import (
     slice_dice,
     training_slices,
 )
-from medlsam.cli import main
-from medlsam.errors import CheckpointError, TemplateError
-from medlsam.metrics import cranio_caudal_axis
-from medlsam.network import load_medlam
-from medlsam.paths import default_medlam_path
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
-from medlsam.sam import build_segmenter, bundled_lite_medsam_checkpoint
-from medlsam.sam.slices import SliceEmbeddings
-from medlsam.templates import build_bank
-from medlsam.volume import CTVolume, load_ct, read_volume
+from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
+from medlsam.segment.sam import build_segmenter, bundled_lite_medsam_checkpoint
+from medlsam.segment.sam.slices import SliceEmbeddings
+from medlsam.utils.metrics import cranio_caudal_axis
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = {1: "Brainstem", 7: "Mandible"}  # two organs keep the run short
@@ -177,7 +178,8 @@ def test_segment_with_the_adapted_checkpoint(adapted, medlam, templates, data_di
 def test_bf16_training_steps_learn_like_float32_ones_and_keep_float32_weights(data_dir):
     """AdaptOptions.bf16: training steps under bfloat16 autocast (the loss and the weights in float32) on one real
     slice with two organs: the decoder's masks under autocast match float32's, training raises the slice's Dice as
-    much as float32 steps do, and the record says which ran (None: native bfloat16 only, ``medlsam.precision``)."""
+    much as float32 steps do, and the record says which ran (None: native bfloat16 only,
+    ``medlsam.medlam.precision``)."""
     image, label = _case(data_dir, TEMPLATES[0])
     axis = cranio_caudal_axis(image.affine)
     present = [np.moveaxis(label.array == value, axis, 0).any(axis=(1, 2)) for value in ORGANS]

@@ -19,7 +19,7 @@ import pytest
 
 from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
 from medlsam.errors import MedLSAMError
-from medlsam.volume import read_volume
+from medlsam.io.volume import read_volume
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
 

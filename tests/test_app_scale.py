@@ -90,8 +90,9 @@ def test_batch_infer_labels_every_datastore_image(server):
 @pytest.mark.slow
 def test_three_templates_choose_each_organs_prior_cut(server, data_dir, tmp_path):
     """Two more templates saved through the API: the bank holds each of the three out in turn to choose the
-    brainstem's prior cut (medlsam.calibration), reports it in templates.json and keeps it for that template set."""
-    from medlsam.calibration import CUTS
+    brainstem's prior cut (medlsam.atlas.calibration), reports it in templates.json and keeps it for that template
+    set."""
+    from medlsam.atlas.calibration import CUTS
 
     url = server["url"]
     for case in (2, 3):
@@ -187,7 +188,7 @@ def test_conf_device_cuda_without_a_gpu_is_a_clear_error():
     import sys
 
     from app_support import APP_SOURCE
-    from medlsam.devices import cuda_count
+    from medlsam.utils.devices import cuda_count
 
     if cuda_count():
         pytest.skip("a GPU is present")

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from medlsam.errors import InvalidImageError, MedLSAMError
-from medlsam.volume import CTVolume, load_ct, write_volume
+from medlsam.io.volume import CTVolume, load_ct, write_volume
 
 
 def _write(array: np.ndarray, path, spacing=(1.0, 1.0, 1.0)) -> None:

@@ -10,15 +10,15 @@ import sys
 import pytest
 
 from app_support import NAMES, tiny_case
-from medlsam.batch import batch_plan, is_batch, scan_name
 from medlsam.cli import main as cli_main
+from medlsam.segment.batch import batch_plan, is_batch, scan_name
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, data_dir):
-    from medlsam.network import load_medlam
+    from medlsam.atlas.templates import build_bank
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
-    from medlsam.templates import build_bank
 
     folder = tmp_path_factory.mktemp("batch")
     scans = folder / "scans"
@@ -58,7 +58,7 @@ def test_batch_mode_is_chosen_by_the_inputs(tmp_path):
 
 
 def test_interrupted_batch_restarts_and_writes_every_output_once(inputs, tmp_path, monkeypatch, capsys):
-    import medlsam.outputs as outputs
+    import medlsam.segment.outputs as outputs
 
     out = tmp_path / "labels"
     written = []

@@ -1,4 +1,4 @@
-"""Each organ's prior cut, chosen by leaving one template out (medlsam.calibration), and the calibrated prior."""
+"""Each organ's prior cut, chosen by leaving one template out (medlsam.atlas.calibration), and the calibrated prior."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medlsam.calibration import CUTS, choose_cut, prior_cuts
-from medlsam.localize import Localizer
-from medlsam.metrics import dice
-from medlsam.network import load_medlam
+from medlsam.atlas.calibration import CUTS, choose_cut, prior_cuts
+from medlsam.atlas.localize import Localizer
+from medlsam.atlas.prior import OrganPrior, calibrated
+from medlsam.atlas.templates import TemplateBank, build_bank, load_bank
+from medlsam.io.volume import CTVolume, load_ct, read_volume
+from medlsam.medlam.network import load_medlam
 from medlsam.paths import default_medlam_path
-from medlsam.prior import OrganPrior, calibrated
-from medlsam.templates import TemplateBank, build_bank, load_bank
-from medlsam.volume import CTVolume, load_ct, read_volume
+from medlsam.utils.metrics import dice
 
 KEEP = {1: "Brainstem", 7: "Mandible"}  # OpenKBP values: a soft-tissue organ and a thin bone
 TEMPLATES = ("openkbp_pt_4", "openkbp_pt_13", "openkbp_pt_17")  # protocol templates (train split)

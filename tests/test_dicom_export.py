@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from medlsam.cli import main
-from medlsam.dicom import SeriesFields, export_ct_series, label_to_seg, seg_to_label
 from medlsam.errors import InvalidImageError, MedLSAMError, TemplateError
-from medlsam.volume import CTVolume, read_volume, write_volume
+from medlsam.io.dicom import SeriesFields, export_ct_series, label_to_seg, seg_to_label
+from medlsam.io.volume import CTVolume, read_volume, write_volume
 
 ORIENTATIONS = [
     (perm, flips) for perm in itertools.permutations(range(3)) for flips in itertools.product((1, -1), repeat=3)

@@ -23,9 +23,9 @@ import requests
 import SimpleITK as sitk
 
 from app_support import NAMES, free_port, private_app, require, start_server, stop_server, wait_for_server
-from medlsam.dicom import SeriesFields, export_ct_series, label_to_seg, stow_files
-from medlsam.metrics import dice
-from medlsam.volume import CTVolume, read_volume, write_volume
+from medlsam.io.dicom import SeriesFields, export_ct_series, label_to_seg, stow_files
+from medlsam.io.volume import CTVolume, read_volume, write_volume
+from medlsam.utils.metrics import dice
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import orthanc  # noqa: E402

@@ -20,11 +20,11 @@ import pytest
 import requests
 
 from app_support import free_port, private_app, require, start_server, stop_server, wait_for_server
-from medlsam.dicom import SeriesFields, export_ct_series, stow_files
-from medlsam.metrics import dice
-from medlsam.rtstruct import read_ct_series, read_rtstruct
-from medlsam.rtstruct_check import dciodvfy, missing_tools
-from medlsam.volume import CTVolume, write_volume
+from medlsam.io.dicom import SeriesFields, export_ct_series, stow_files
+from medlsam.io.volume import CTVolume, write_volume
+from medlsam.rt.check import dciodvfy, missing_tools
+from medlsam.rt.rtstruct import read_ct_series, read_rtstruct
+from medlsam.utils.metrics import dice
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import orthanc  # noqa: E402

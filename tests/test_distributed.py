@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.devices import check_device, cuda_count, device_choices
-from medlsam.distributed import TrainingLock, epoch_shard, rank_seed, strip_option
 from medlsam.errors import MedLSAMError
-from medlsam.network import MedLAMConfig
-from medlsam.patches import body_voxels, cached_grid_array
-from medlsam.sampling import TrainingBatches, split_batch
-from medlsam.volume import write_volume
+from medlsam.io.volume import write_volume
+from medlsam.medlam.network import MedLAMConfig
+from medlsam.medlam.patches import body_voxels, cached_grid_array
+from medlsam.medlam.sampling import TrainingBatches, split_batch
+from medlsam.utils.devices import check_device, cuda_count, device_choices
+from medlsam.utils.distributed import TrainingLock, epoch_shard, rank_seed, strip_option
 
 TESTS = Path(__file__).resolve().parent
 TINY = MedLAMConfig(base_channels=2, patch_size=(32, 32, 32))
@@ -195,7 +195,7 @@ def test_training_lock_refuses_a_second_training(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from medlsam.distributed import TrainingLock\n"
+            "import sys; from medlsam.utils.distributed import TrainingLock\n"
             "try:\n    TrainingLock(sys.argv[1]).acquire()\nexcept Exception as e:\n"
             "    print(e); sys.exit(3)",
             str(tmp_path / "medlam.lock"),
@@ -211,7 +211,7 @@ def test_training_lock_refuses_a_second_training(tmp_path):
 
 
 def test_trainer_holds_the_lock_while_it_runs(scans, tmp_path):
-    from medlsam.training import Trainer, TrainOptions
+    from medlsam.medlam.training import Trainer, TrainOptions
 
     with TrainingLock(tmp_path / "medlam.lock"):
         trainer = Trainer(

@@ -1,4 +1,4 @@
-"""Click editing (medlsam.editing) on a real OpenKBP scan: a foreground click adds the organ around it, a
+"""Click editing (medlsam.interact.editing) on a real OpenKBP scan: a foreground click adds the organ around it, a
 background click removes it, clicks accumulate, other organs keep their voxels, bad clicks are refused.
 
 The starting segmentation is the scan's own brainstem moved by 3 voxels (a realistic localisation error), its
@@ -14,13 +14,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medlsam.click_simulator import error_click
-from medlsam.editing import ClickError, EditOptions, IntensityModel, OrganClicks, edit_label
-from medlsam.grid import map_hu
-from medlsam.matching import OrganPatch
-from medlsam.metrics import dice
-from medlsam.prior import FilePrior
-from medlsam.volume import load_ct, read_volume
+from medlsam.atlas.prior import FilePrior
+from medlsam.interact.click_simulator import error_click
+from medlsam.interact.editing import ClickError, EditOptions, IntensityModel, OrganClicks, edit_label
+from medlsam.io.grid import map_hu
+from medlsam.io.volume import load_ct, read_volume
+from medlsam.medlam.matching import OrganPatch
+from medlsam.utils.metrics import dice
 
 BRAINSTEM, MANDIBLE = 1, 7
 

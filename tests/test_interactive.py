@@ -1,4 +1,4 @@
-"""Interactive SAM (medlsam.interactive): prompt checks, the file-order coordinate convention and 3D
+"""Interactive SAM (medlsam.interact.interactive): prompt checks, the file-order coordinate convention and 3D
 propagation, with an ideal stand-in segmenter on a phantom and with LiteMedSAM on a real liver."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medlsam.interactive import PromptError, parse_prompts, segment_slice, slice_mask_to_volume
-from medlsam.metrics import dice
-from medlsam.propagation import PropagationOptions, segment_volume
-from medlsam.sam.segmenter import Embedding
-from medlsam.sam.slices import SliceEmbeddings
+from medlsam.interact.interactive import PromptError, parse_prompts, segment_slice, slice_mask_to_volume
+from medlsam.interact.propagation import PropagationOptions, segment_volume
+from medlsam.segment.sam.segmenter import Embedding
+from medlsam.segment.sam.slices import SliceEmbeddings
+from medlsam.utils.metrics import dice
 
 
 class IdealSegmenter:
@@ -121,9 +121,9 @@ def test_propagation_recovers_the_ball_and_stops_where_it_ends(ball):
 
 
 def test_lite_medsam_click_and_propagation_on_a_real_liver(data_dir):
-    from medlsam.metrics import dice
-    from medlsam.sam import build_segmenter
-    from medlsam.volume import load_ct, read_volume
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.segment.sam import build_segmenter
+    from medlsam.utils.metrics import dice
 
     ct = load_ct(data_dir / "abdomen" / "abdomen_slab_ct.nii.gz")
     liver = read_volume(data_dir / "abdomen" / "abdomen_slab_label.nii.gz").array == 5
@@ -162,7 +162,7 @@ def test_lite_medsam_click_and_propagation_on_a_real_liver(data_dir):
 def _rod(segments: list[tuple[int, int]], shape=(40, 36, 30)):
     """A CT of a bright rod of radius 4 around (i, j) = (14, 20) along the last axis over the inclusive k
     ``segments``: the stand-in segmenter follows it slice by slice."""
-    from medlsam.volume import CTVolume
+    from medlsam.io.volume import CTVolume
 
     i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     disc = (i - 14) ** 2 + (j - 20) ** 2 <= 16
@@ -208,7 +208,7 @@ def test_foreground_click_on_a_missed_slice_adds_it_and_keeps_the_first_result()
 
 
 def test_click_sets_are_bounded_and_a_voxel_is_never_both_kinds():
-    from medlsam.interactive import MAX_CLICKS
+    from medlsam.interact.interactive import MAX_CLICKS
 
     shape = (10, 12, 8)
     with pytest.raises(PromptError, match=f"at most {MAX_CLICKS}"):
@@ -221,7 +221,7 @@ def test_click_sets_are_bounded_and_a_voxel_is_never_both_kinds():
 def test_bounded_propagation_stops_at_its_next_slice():
     """Within ``cancel.bounded`` the 3D propagation stops with Cancelled once the time is over or its requester
     leaves; outside a bound the same request runs to the end."""
-    from medlsam import cancel
+    from medlsam.utils import cancel
 
     ct, rod = _rod([(2, 27)])
     prompts = parse_prompts(ct.shape, foreground=[[14, 20, 10]])

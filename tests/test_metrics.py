@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from medlsam.metrics import box_iou, cranio_caudal_axis, dice, hd95, label_box, wall_distances
+from medlsam.utils.metrics import box_iou, cranio_caudal_axis, dice, hd95, label_box, wall_distances
 
 
 def box(low, high):

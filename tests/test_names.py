@@ -8,7 +8,7 @@ import json
 import pytest
 
 from medlsam.cli import main as cli_main
-from medlsam.names import NamesFileError, read_names
+from medlsam.utils.names import NamesFileError, read_names
 
 EXPECTED = {1: "Brainstem", 2: "SpinalCord"}
 

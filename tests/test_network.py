@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medlsam.errors import CheckpointError
-from medlsam.network import MedLAM, MedLAMConfig, build_medlam, load_medlam, save_medlam
+from medlsam.medlam.network import MedLAM, MedLAMConfig, build_medlam, load_medlam, save_medlam
 
 SMALL = MedLAMConfig(base_channels=2, patch_size=(32, 32, 32))
 DECODER = ["conv5_1", "conv5_2", "conv6_1", "conv6_2", "conv7_1", "conv7_2", "conv8_1", "conv8_2"]

@@ -121,7 +121,7 @@ def test_the_installed_package_imports_whole_from_its_own_folder(installed, tmp_
 
 def test_the_installed_command_builds_a_bank_with_the_shipped_medlam(installed, tmp_path):
     """`medlsam templates build` on a small phantom loads the shipped MedLAM from the installed package."""
-    from medlsam.volume import write_volume
+    from medlsam.io.volume import write_volume
 
     ct, label = make_phantom((64, 64, 48))
     write_volume(ct.array, ct, tmp_path / "ct.nii.gz")

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from conftest import right_anterior_marker
 
-from medlsam.assemble import interpolate_slices
+from medlsam.atlas.localize import Localizer, OrganLocation
 from medlsam.cli import main as cli_main
 from medlsam.errors import MedLSAMError, TemplateError
-from medlsam.localize import Localizer, OrganLocation
-from medlsam.outputs import check_output_path, write_segmentation
-from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
-from medlsam.prompts import encoded_slices, organ_prompts
-from medlsam.sam import build_segmenter
-from medlsam.sam.slices import SliceEmbeddings
-from medlsam.volume import CTVolume, read_volume, write_volume
+from medlsam.io.volume import CTVolume, read_volume, write_volume
+from medlsam.segment.assemble import interpolate_slices
+from medlsam.segment.outputs import check_output_path, write_segmentation
+from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
+from medlsam.segment.prompts import encoded_slices, organ_prompts
+from medlsam.segment.sam import build_segmenter
+from medlsam.segment.sam.slices import SliceEmbeddings
 
 STEP = 5
 
@@ -41,9 +41,9 @@ def abdomen(data_dir):
 @pytest.fixture(scope="module")
 def files(abdomen, tmp_path_factory):
     """The thinned scan on disk and a template bank built from it with the shipped MedLAM."""
-    from medlsam.network import load_medlam
+    from medlsam.atlas.templates import build_bank
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
-    from medlsam.templates import build_bank
 
     ct, label, names = abdomen
     folder = tmp_path_factory.mktemp("pipeline")
@@ -177,7 +177,7 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
     assert 0 < result.encoder_calls < len(slices)  # every 2nd slice of the liver's range (and its ends)
     assert liver_dice(result) > 0.85
     # without template matching there is no prior: the organ's box on every slice, SAM alone
-    from medlsam.localize import LocalizeOptions
+    from medlsam.atlas.localize import LocalizeOptions
 
     no_prior = MedLSAMPipeline(
         Localizer(model, bank, LocalizeOptions(match=False)), segmenter, SegmentOptions(mode="prior", prior_weight=1.0)
@@ -188,7 +188,7 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
 
 def test_write_segmentation_keeps_geometry_and_is_atomic(abdomen, tmp_path, monkeypatch):
     ct, label, _ = abdomen
-    from medlsam.pipeline import SegmentationResult
+    from medlsam.segment.pipeline import SegmentationResult
 
     result = SegmentationResult(label.array.copy(), {"liver": 5}, {"liver": {"found": True}}, [], {"decode": 1.0}, 3, 6)
     for name in ("seg.nii.gz", "seg.nrrd"):
@@ -202,7 +202,7 @@ def test_write_segmentation_keeps_geometry_and_is_atomic(abdomen, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("medlsam.outputs.json.dump", interrupted)
+    monkeypatch.setattr("medlsam.segment.outputs.json.dump", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_segmentation(result, ct, tmp_path / "other.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written, no temporary left
@@ -258,7 +258,7 @@ def test_cli_interrupt_leaves_no_output(files, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("medlsam.pipeline.MedLSAMPipeline.segment", interrupted)
+    monkeypatch.setattr("medlsam.segment.pipeline.MedLSAMPipeline.segment", interrupted)
     out = folder / "interrupted.nii.gz"
     assert (
         cli_main(

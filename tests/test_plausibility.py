@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.localize import LocalizeOptions, Localizer
-from medlsam.plausibility import OrganCues, body_size, implausible
-from medlsam.templates import TemplateBank, load_bank
+from medlsam.atlas.localize import LocalizeOptions, Localizer
+from medlsam.atlas.plausibility import OrganCues, body_size, implausible
+from medlsam.atlas.templates import TemplateBank, load_bank
 
 TEMPLATES = ("openkbp_pt_4",)  # the first protocol template: one, so that the test stays under a minute
 TOP_MM = 150.0  # thorax_rt: the mandible's body and the larynx lie above this world z
@@ -61,7 +61,7 @@ def test_bank_round_trip_keeps_the_body_sizes(tmp_path, hn_bank):
 
 @pytest.fixture(scope="module")
 def model():
-    from medlsam.network import load_medlam
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
 
     torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def model():
 def hn_bank(model, data_dir) -> TemplateBank:
     import json
 
-    from medlsam.templates import build_bank
+    from medlsam.atlas.templates import build_bank
 
     kbp = data_dir / "openkbp"
     names = {int(k): v for k, v in json.loads((kbp / "dataset.json").read_text())["labels"].items()}
@@ -85,7 +85,7 @@ def hn_bank(model, data_dir) -> TemplateBank:
 
 
 def test_head_and_neck_organs_are_not_drawn_on_a_chest(model, hn_bank, data_dir):
-    from medlsam.volume import read_volume
+    from medlsam.io.volume import read_volume
 
     located = Localizer(model, hn_bank).localize(read_volume(data_dir / "dicom_rt" / "thorax_rt"))["organs"]
     assert not located["Brainstem"].found
@@ -103,7 +103,7 @@ def test_head_and_neck_organs_are_not_drawn_on_a_chest(model, hn_bank, data_dir)
 
 @pytest.mark.parametrize("case", ["openkbp_pt_201", "openkbp_pt_238"])  # 238: its cord reaches the shoulders
 def test_openkbp_scans_keep_their_organs(model, hn_bank, data_dir, case):
-    from medlsam.volume import load_ct
+    from medlsam.io.volume import load_ct
 
     scan = load_ct(data_dir / "openkbp" / "images" / f"{case}.nii.gz")
     located = Localizer(model, hn_bank).localize(scan)["organs"]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam import precision
-from medlsam.network import MedLAMConfig
-from medlsam.training import Trainer, TrainOptions
-from medlsam.volume import write_volume
+from medlsam.io.volume import write_volume
+from medlsam.medlam import precision
+from medlsam.medlam.network import MedLAMConfig
+from medlsam.medlam.training import Trainer, TrainOptions
 
 
 def test_the_choice_on_this_machine_follows_its_cpu_flags():

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medlsam.grid import resample_to_grid, to_localization_grid
-from medlsam.metrics import dice
-from medlsam.prior import OrganPrior, prior_on_file, prior_slice_boxes
-from medlsam.volume import CTVolume
+from medlsam.atlas.prior import OrganPrior, prior_on_file, prior_slice_boxes
+from medlsam.io.grid import resample_to_grid, to_localization_grid
+from medlsam.io.volume import CTVolume
+from medlsam.utils.metrics import dice
 
 
 def _reoriented(volume: CTVolume, order: tuple[int, int, int], flip: int | None) -> CTVolume:
@@ -60,8 +60,8 @@ def test_the_intensity_model_keeps_the_organs_intensities_and_drops_the_rest():
     undecided, bright voxels become likely and dark ones unlikely; a certain 0 stays 0."""
     import torch
 
-    from medlsam.matching import OrganPatch
-    from medlsam.prior import intensity_posterior
+    from medlsam.atlas.prior import intensity_posterior
+    from medlsam.medlam.matching import OrganPatch
 
     rng = np.random.default_rng(0)
     intensities = np.full((10, 10, 10), 0.45, np.float32) + rng.normal(0, 0.01, (10, 10, 10)).astype(np.float32)
@@ -97,9 +97,9 @@ def test_registration_follows_an_organ_that_is_larger_and_tilted_in_the_query(op
     registration brings the template's mask onto it."""
     from scipy import ndimage
 
-    from medlsam.matching import cut_organ_patch
-    from medlsam.registration import register_neighbourhood
-    from medlsam.volume import load_ct, read_volume
+    from medlsam.atlas.registration import register_neighbourhood
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.medlam.matching import cut_organ_patch
 
     image, label = openkbp_case
     volume = load_ct(image)
@@ -134,9 +134,9 @@ def test_registration_declines_a_neighbourhood_without_contrast():
     placement alone."""
     import torch
 
-    from medlsam.matching import OrganPatch
-    from medlsam.prior import placed_masks
-    from medlsam.registration import register_neighbourhood
+    from medlsam.atlas.prior import placed_masks
+    from medlsam.atlas.registration import register_neighbourhood
+    from medlsam.medlam.matching import OrganPatch
 
     flat = torch.full((10, 12, 12), 0.5).half()
     organ = torch.zeros((10, 12, 12)).half()
@@ -152,9 +152,9 @@ def test_the_placement_that_matches_the_query_weighs_more(openkbp_case):
     """A real CT (OpenKBP) and its brainstem: one template placement where the neighbourhood sits, one misplaced by
     4 voxels (12 mm). The plain mean splits the organ between them; weighed by how well each placement's
     intensities match the query, the prior follows the right one."""
-    from medlsam.matching import cut_organ_patch
-    from medlsam.prior import placed_masks, placement_match, slab_pieces
-    from medlsam.volume import load_ct, read_volume
+    from medlsam.atlas.prior import placed_masks, placement_match, slab_pieces
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.medlam.matching import cut_organ_patch
 
     image, label = openkbp_case
     volume = load_ct(image)
@@ -183,11 +183,11 @@ def test_atlas_selection_keeps_the_templates_that_match_the_query(data_dir):
     """Three real templates of the brainstem, one of them the query scan itself: chosen by how well their
     neighbourhoods match (``prior_atlases=1``), the prior is the query's own brainstem; the plain mean of all three
     is not."""
-    from medlsam.localize import LocalizeOptions, Localizer
-    from medlsam.network import load_medlam
+    from medlsam.atlas.localize import LocalizeOptions, Localizer
+    from medlsam.atlas.templates import build_bank
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
-    from medlsam.templates import build_bank
-    from medlsam.volume import load_ct, read_volume
 
     kbp = data_dir / "openkbp"
     cases = ("openkbp_pt_1", "openkbp_pt_4", "openkbp_pt_13")  # the query first

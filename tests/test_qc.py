@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from conftest import right_anterior_marker
 
+from medlsam.atlas.templates import build_bank
 from medlsam.cli import main as cli_main
-from medlsam.network import load_medlam
+from medlsam.io.volume import CTVolume, read_volume, write_volume
+from medlsam.medlam.network import load_medlam
 from medlsam.paths import default_medlam_path
-from medlsam.qc import _display
-from medlsam.templates import build_bank
-from medlsam.volume import CTVolume, read_volume, write_volume
+from medlsam.segment.qc import _display
 
 
 @pytest.fixture(scope="module")

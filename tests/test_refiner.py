@@ -1,4 +1,5 @@
-"""The click refiner (medlsam.refiner): its crop geometry in any orientation, its weights' checks, and the shipped
+"""The click refiner (medlsam.interact.refiner): its crop geometry in any orientation, its weights' checks, and the
+shipped
 network correcting a real organ from simulated clicks.
 
 Real scenes on OpenKBP train scan 1 (held out of the refiner's training): its auto-segmentation from two templates,
@@ -14,14 +15,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medlsam.click_simulator import error_click, organ_centre_click
-from medlsam.editing import OrganClicks, edit_label
+from medlsam.atlas.prior import FilePrior
 from medlsam.errors import CheckpointError
-from medlsam.metrics import dice
+from medlsam.interact.click_simulator import error_click, organ_centre_click
+from medlsam.interact.editing import OrganClicks, edit_label
+from medlsam.interact.refiner import CROP, CROP_SPACING_MM, Crop, build_click_refiner
+from medlsam.io.volume import load_ct, read_volume
 from medlsam.paths import SHIPPED_CLICK_REFINER
-from medlsam.prior import FilePrior
-from medlsam.refiner import CROP, CROP_SPACING_MM, Crop, build_click_refiner
-from medlsam.volume import load_ct, read_volume
+from medlsam.utils.metrics import dice
 
 BRAINSTEM, MANDIBLE = 1, 7
 ORGANS = {1: "Brainstem", 2: "SpinalCord", 4: "LeftParotid"}
@@ -114,11 +115,11 @@ def scene(data_dir: Path) -> dict:
 def real_start(data_dir: Path) -> dict:
     """Scan 1's auto-segmentation as the app makes it: a bank of two protocol templates (scans 4 and 13), the
     template prior alone (no SAM), and each organ's posterior."""
-    from medlsam.localize import LocalizeOptions, Localizer
-    from medlsam.network import load_medlam
+    from medlsam.atlas.localize import LocalizeOptions, Localizer
+    from medlsam.atlas.templates import build_bank
+    from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
-    from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
-    from medlsam.templates import build_bank
+    from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
 
     root = data_dir / "openkbp"
     names = {value: ORGANS[value] for value in ORGANS}

@@ -23,15 +23,15 @@ import pydicom
 import pytest
 
 from medlsam.cli import main
-from medlsam.dicom import SeriesFields, export_ct_series
 from medlsam.errors import MedLSAMError, TemplateError
-from medlsam.metrics import dice
-from medlsam.names import read_names
-from medlsam.roi_names import SynonymsError, load_synonyms, map_rois, standard_name
-from medlsam.rtstruct import read_ct_series, read_rtstruct, roi_masks
-from medlsam.rtstruct_check import dciodvfy, missing_tools, plastimatch_masks
-from medlsam.rtstruct_write import label_on_grid, write_rtstruct
-from medlsam.volume import CTVolume, read_volume
+from medlsam.io.dicom import SeriesFields, export_ct_series
+from medlsam.io.volume import CTVolume, read_volume
+from medlsam.rt.check import dciodvfy, missing_tools, plastimatch_masks
+from medlsam.rt.roi_names import SynonymsError, load_synonyms, map_rois, standard_name
+from medlsam.rt.rtstruct import read_ct_series, read_rtstruct, roi_masks
+from medlsam.rt.write import label_on_grid, write_rtstruct
+from medlsam.utils.metrics import dice
+from medlsam.utils.names import read_names
 
 KBP_CASES = (4, 13)  # train scans with all seven organs: 3.9 and 5.1 mm pixels
 ARIA = "20191031-215249_m.dcm"
@@ -304,7 +304,7 @@ def test_cli_templates_from_a_real_structure_set_segment_another_series_as_rtstr
     affine[:3, 3] = thorax.volume.index_to_world(np.array([0, 0, 10]))[0]
     affine[:3, :3] *= 2.0
     second = CTVolume(np.ascontiguousarray(thorax.volume.array[sub]).astype(np.int16), affine)
-    from medlsam.volume import write_volume
+    from medlsam.io.volume import write_volume
 
     write_volume(second.array, second, tmp_path / "second.nii.gz")
     export_ct_series(tmp_path / "second.nii.gz", tmp_path / "second", SeriesFields(series_description="second"))

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
-from medlsam.devices import cuda_count
+from medlsam.utils.devices import cuda_count
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
 

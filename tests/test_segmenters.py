@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medlsam.errors import CheckpointError, MedLSAMError
-from medlsam.metrics import dice
-from medlsam.sam import BACKENDS, Embedding, build_segmenter, ct_slice_to_image
+from medlsam.segment.sam import BACKENDS, Embedding, build_segmenter, ct_slice_to_image
+from medlsam.utils.metrics import dice
 
 LIVER = 5
 
@@ -229,7 +229,7 @@ def test_missing_bundled_lite_checkpoint(monkeypatch, tmp_path):
 def test_wrong_architecture_checkpoint(tiny_registry, tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit the sam_vit_l architecture.*shape mismatch"):
         build_segmenter("sam_vit_l", checkpoint=str(tiny_registry))
-    from medlsam.sam import bundled_lite_medsam_checkpoint
+    from medlsam.segment.sam import bundled_lite_medsam_checkpoint
 
     with pytest.raises(CheckpointError, match="LiteMedSAM"):
         build_segmenter("sam_vit_b", checkpoint=str(bundled_lite_medsam_checkpoint()))

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from medlsam.cli import main as cli_main
-from medlsam.errors import TemplateError
-from medlsam.grid import resample_to_grid, to_localization_grid
-from medlsam.localize import LocalizeOptions, Localizer
-from medlsam.matching import best_matches, cut_organ_patch, match_organ, match_patch
-from medlsam.metrics import dice
-from medlsam.network import MedLAM, MedLAMConfig, save_medlam
-from medlsam.prior import placed_masks
-from medlsam.templates import (
+from medlsam.atlas.localize import LocalizeOptions, Localizer
+from medlsam.atlas.prior import placed_masks
+from medlsam.atlas.templates import (
     WPL_ROLES,
     build_bank,
     extreme_points,
     load_bank,
     organ_grid_coords,
 )
-from medlsam.volume import CTVolume, write_volume
+from medlsam.cli import main as cli_main
+from medlsam.errors import TemplateError
+from medlsam.io.grid import resample_to_grid, to_localization_grid
+from medlsam.io.volume import CTVolume, write_volume
+from medlsam.medlam.matching import best_matches, cut_organ_patch, match_organ, match_patch
+from medlsam.medlam.network import MedLAM, MedLAMConfig, save_medlam
+from medlsam.utils.metrics import dice
 
 NAMES = {1: "Ball", 2: "Bar", 3: "Blob"}
 
@@ -246,7 +246,7 @@ def test_cli_templates_and_localize(bank, model, tmp_path, capsys):
 
 
 def test_localization_validator_scores_wall_distance(model, tmp_path):
-    from medlsam.validation import LocalizationValidator
+    from medlsam.atlas.validation import LocalizationValidator
 
     paths = {}
     for shift in (0, 2):
@@ -261,8 +261,8 @@ def test_localization_validator_scores_wall_distance(model, tmp_path):
 
 
 def test_refinement_finds_a_point_from_its_own_features(model):
-    from medlsam.encoding import KERNEL_SIZES, encode_patches, refine_points
-    from medlsam.grid import to_localization_grid
+    from medlsam.io.grid import to_localization_grid
+    from medlsam.medlam.encoding import KERNEL_SIZES, encode_patches, refine_points
 
     grid = to_localization_grid(phantom()[0])
     centre = np.array(grid.shape) // 2

@@ -10,20 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medlsam.augment import augment_crop, random_rotation
 from medlsam.errors import MedLSAMError
-from medlsam.grid import to_localization_grid
-from medlsam.losses import (
+from medlsam.io.grid import to_localization_grid
+from medlsam.io.volume import write_volume
+from medlsam.medlam.augment import augment_crop, random_rotation
+from medlsam.medlam.losses import (
     DISTANCE_RATIO_MM,
     RDR_SCALE_MM,
     mss_loss,
     predicted_offset_mm,
     rdr_loss,
 )
-from medlsam.network import MedLAMConfig, load_medlam
-from medlsam.patches import cached_grid_array, cut_patch, list_images
-from medlsam.training import Trainer, TrainOptions
-from medlsam.volume import write_volume
+from medlsam.medlam.network import MedLAMConfig, load_medlam
+from medlsam.medlam.patches import cached_grid_array, cut_patch, list_images
+from medlsam.medlam.training import Trainer, TrainOptions
 
 TINY = MedLAMConfig(base_channels=2, patch_size=(32, 32, 32))
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medlsam.grid import GRID_SPACING_MM, canonical_affine, map_hu, resample_to_grid, to_localization_grid
-from medlsam.volume import CTVolume, load_ct, read_volume, write_volume
+from medlsam.io.grid import GRID_SPACING_MM, canonical_affine, map_hu, resample_to_grid, to_localization_grid
+from medlsam.io.volume import CTVolume, load_ct, read_volume, write_volume
 
 ORGANS = {1: "Brainstem", 2: "SpinalCord", 3: "RightParotid", 4: "LeftParotid", 7: "Mandible"}
 
@@ -431,7 +431,7 @@ def test_headers_are_checked_before_any_voxel_is_read(data_dir, tmp_path, monkey
     import nibabel
 
     from medlsam.errors import InvalidImageError
-    from medlsam.image_header import check_header
+    from medlsam.io.image_header import check_header
 
     ct = read_volume(data_dir / "openkbp" / "images" / "openkbp_pt_1.nii.gz")
     header = nibabel.Nifti1Header()

@@ -80,7 +80,7 @@ class MedLSAMApp(MONAILabelApp):
         DICOMweb datastore (lib/dicomweb.py: DICOM SEG labels as templates)."""
         if self.studies.startswith(("http://", "https://")):
             from lib.dicomweb import MedLSAMDicomWebDatastore
-            from medlsam.dicom import dcmqi_tool
+            from medlsam.io.dicom import dcmqi_tool
 
             logger.info(f"Init DICOMweb Datastore for: {self.studies} (labels: DICOM SEG; dcmqi {dcmqi_tool()})")
             cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 
-from medlsam.devices import cuda_count
+from medlsam.utils.devices import cuda_count
 
 
 class MedLSAMBatchInfer(BatchInferTask):
@@ -17,7 +17,7 @@ class MedLSAMBatchInfer(BatchInferTask):
 
     def __call__(self, request, datastore, infer):
         if Path(sys.argv[0] if sys.argv else "").as_posix().endswith("monailabel/interfaces/utils/app.py"):
-            from medlsam.distributed import die_with_parent
+            from medlsam.utils.distributed import die_with_parent
 
             die_with_parent()
         request = dict(request)

@@ -17,7 +17,7 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from medlsam.names import NAME_RULE, is_plain_name
+from medlsam.utils.names import NAME_RULE, is_plain_name
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def check_label(
     import SimpleITK as sitk
 
     from medlsam.errors import InvalidImageError, MedLSAMError
-    from medlsam.volume import read_volume
+    from medlsam.io.volume import read_volume
 
     try:
         label = read_volume(label_path)  # header first: voxel budget, no detached data file
@@ -219,7 +219,7 @@ class GatedDatastore(LocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         from medlsam.errors import MedLSAMError
-        from medlsam.volume import load_ct
+        from medlsam.io.volume import load_ct
 
         ext = upload_extension(image_filename, "image")
         image_id = image_id or os.path.basename(image_filename)[: -len(ext)]

@@ -90,7 +90,7 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         read_timeout_s: float = READ_TIMEOUT_S,
         rt_synonyms: Optional[str] = None,
     ):
-        from medlsam.roi_names import load_synonyms
+        from medlsam.rt.roi_names import load_synonyms
 
         self.synonyms = load_synonyms(rt_synonyms) if rt_synonyms else None  # a bad file stops the start, named
         client = dicomweb_client(url, read_timeout_s)
@@ -267,9 +267,9 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         return nifti
 
     def _convert_seg(self, image_id: str, seg: dict, nifti: str) -> None:
-        from medlsam.atomic import write_json_atomic
-        from medlsam.dicom import seg_to_label
-        from medlsam.volume import write_volume
+        from medlsam.io.dicom import seg_to_label
+        from medlsam.io.volume import write_volume
+        from medlsam.utils.atomic import write_json_atomic
 
         image = self.get_image_uri(image_id)
         folder = self._download(seg["seg"], seg["study"], self._label_dir)
@@ -286,9 +286,9 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
     def _rtstruct_label(self, image_id: str, rtstruct: str, image: str):
         """(label on the image's NIfTI grid, {value: organ}) of a structure set: contours rasterised on the CT series
         by patient coordinates, ROI names mapped to organs (TG-263 and synonyms; targets, PRVs, rings left out)."""
-        from medlsam.rtstruct import read_rtstruct
-        from medlsam.rtstruct_write import label_on_grid
-        from medlsam.volume import CTVolume, read_volume
+        from medlsam.io.volume import CTVolume, read_volume
+        from medlsam.rt.rtstruct import read_rtstruct
+        from medlsam.rt.write import label_on_grid
 
         result = read_rtstruct(rtstruct, os.path.join(self._datastore.image_path(), image_id), synonyms=self.synonyms)
         unmapped = [d.name for d in result.rois if d.status == "unmapped"]
@@ -305,8 +305,8 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         import pydicom
 
         from medlsam.errors import MedLSAMError
-        from medlsam.rtstruct_write import write_rtstruct
-        from medlsam.volume import read_volume
+        from medlsam.io.volume import read_volume
+        from medlsam.rt.write import write_rtstruct
 
         label = read_volume(label_file)
         present = set(np.unique(label.array).tolist())
@@ -344,8 +344,8 @@ class MedLSAMDicomWebDatastore(DICOMWebDatastore):
         self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = ""
     ) -> str:
         """A final label becomes a DICOM SEG on the server (organ names as segment labels); its series id."""
-        from medlsam.dicom import label_to_seg
         from medlsam.errors import MedLSAMError
+        from medlsam.io.dicom import label_to_seg
 
         image = self.get_image_uri(image_id)
         if not image:

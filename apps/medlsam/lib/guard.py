@@ -8,7 +8,7 @@
 - ``PUT /session/``: no archive is extracted (``uncompress=true`` is refused), file names are plain, and every
   uploaded image's header is checked (voxel budget, no file naming another file) before the session exists.
 - Every inference is bounded in time (``--conf infer_timeout``) and stops when its client disconnects: the request
-  runs inside ``medlsam.cancel.bounded``, whose checks sit in the library's long loops.
+  runs inside ``medlsam.utils.cancel.bounded``, whose checks sit in the library's long loops.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from starlette.middleware.cors import CORSMiddleware
 from lib.conf import conf_bool, conf_float
 from lib.datastore import upload_extension, valid_name
 from lib.server import routers
-from medlsam import cancel
 from medlsam.errors import MedLSAMError
+from medlsam.utils import cancel
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def create_session(
     from monailabel.endpoints.session import create_session as monailabel_create_session
     from monailabel.interfaces.utils.app import app_instance
 
-    from medlsam.image_header import check_header
+    from medlsam.io.image_header import check_header
 
     if uncompress:
         raise HTTPException(

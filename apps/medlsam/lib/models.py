@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from lib.conf import conf_bool, conf_int
-from medlsam.devices import check_device
 from medlsam.errors import CheckpointError
 from medlsam.paths import SHIPPED_CLICK_REFINER, SHIPPED_MEDLAM
+from medlsam.utils.devices import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Models:
     def medlam(self):
         """(model, path, fingerprint); reloaded when the checkpoint file changes. A published model that cannot
         be loaded is set aside (model/medlam.pt.rejected) and the next candidate serves."""
-        from medlsam.network import load_medlam, model_fingerprint
+        from medlsam.medlam.network import load_medlam, model_fingerprint
 
         with self._lock:
             for path in self._medlam_candidates():
@@ -116,9 +116,10 @@ class Models:
         return SHIPPED_CLICK_REFINER
 
     def click_refiner(self):
-        """The click refiner network of the ``edit`` task (``medlsam.refiner``), the shipped weights, loaded once;
+        """The click refiner network of the ``edit`` task (``medlsam.interact.refiner``), the shipped weights, loaded
+        once;
         None when the app runs without them (``--conf edit_method geodesic``, or the file is missing: logged)."""
-        from medlsam.refiner import build_click_refiner
+        from medlsam.interact.refiner import build_click_refiner
 
         with self._lock:
             if self._click_refiner is None:
@@ -136,14 +137,14 @@ class Models:
     # ------------------------------------------------------------------ SAM
     @property
     def published_segmenter(self) -> Path:
-        """LiteMedSAM adapted to the datastore's templates by the lite_medsam trainer (``medlsam.adapt``)."""
+        """LiteMedSAM adapted to the datastore's templates by the lite_medsam trainer (``medlsam.segment.adapt``)."""
         return self.model_dir / "lite_medsam_adapted.pt"
 
     def segmenter(self):
         """The SAM-family segmenter: with lite_medsam and no --conf checkpoint, the adapted weights published by
         the lite_medsam trainer when they load (reloaded when the file changes; a file that does not load is set
         aside and the shipped LiteMedSAM serves), else the configured or shipped weights. Never random weights."""
-        from medlsam.sam import build_segmenter
+        from medlsam.segment.sam import build_segmenter
 
         with self._lock:
             if self.backend != BACKEND_DEFAULT and not self.checkpoint:

@@ -16,9 +16,9 @@ import numpy as np
 
 from lib.conf import scrub_paths
 from lib.models import Models
-from medlsam.atomic import write_json_atomic
 from medlsam.errors import MedLSAMError, TemplateError
-from medlsam.names import is_plain_name
+from medlsam.utils.atomic import write_json_atomic
+from medlsam.utils.names import is_plain_name
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class TemplateSource:
 
     # ------------------------------------------------------------------ organ names
     def _labels_file(self) -> dict[int, str]:
-        from medlsam.names import read_names
+        from medlsam.utils.names import read_names
 
         paths = [Path(self.labels_path)] if self.labels_path else []
         studies = getattr(self.datastore, "_datastore_path", None)
@@ -257,8 +257,8 @@ class TemplateSource:
 
     def _template_bank(self, model, fingerprint: str, item: dict):
         """One template's bank (cached on disk per image, label and model; refusals cached in memory)."""
-        from medlsam.templates import build_bank, load_bank
-        from medlsam.volume import read_volume
+        from medlsam.atlas.templates import build_bank, load_bank
+        from medlsam.io.volume import read_volume
 
         digest = self._template_digest(fingerprint, item)
         if digest in self._unusable:
@@ -310,8 +310,8 @@ class TemplateSource:
         cancel: threading.Event | None = None,
     ):
         """The bank of the newest ``templates`` usable candidates (unusable ones are skipped and reported)."""
-        from medlsam.calibration import with_cuts
-        from medlsam.templates import merge_banks
+        from medlsam.atlas.calibration import with_cuts
+        from medlsam.atlas.templates import merge_banks
 
         banks, used = [], []
         with self._lock:
@@ -352,9 +352,9 @@ class TemplateSource:
     def _prior_cuts(
         self, model, fingerprint: str, items: list[dict], banks: list, cancel: threading.Event | None
     ) -> dict[str, float]:
-        """Each organ's prior cut chosen by leaving one template out (``medlsam.calibration``), kept on disk per
+        """Each organ's prior cut chosen by leaving one template out (``medlsam.atlas.calibration``), kept on disk per
         set of templates; {} (every organ cut at 0.5) when it cannot be chosen."""
-        from medlsam.calibration import CalibrationCancelled, prior_cuts
+        from medlsam.atlas.calibration import CalibrationCancelled, prior_cuts
 
         digest = hashlib.sha1(json.dumps([self._template_digest(fingerprint, i) for i in items]).encode()).hexdigest()
         path = self.model_dir / "templates" / f"prior-cuts-{digest[:12]}.json"

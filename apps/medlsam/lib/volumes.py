@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 
 from lib.models import Models
-from medlsam import cancel
+from medlsam.utils import cancel
 
 MAX_WAITING = 16  # inference requests waiting for a slot; more are refused (429)
 SLOT_TIMEOUT_S = 600
@@ -60,7 +60,7 @@ class Volumes:
     # ------------------------------------------------------------------ volumes and embeddings
     def volume_entry(self, path: str) -> dict:
         """The loaded CT of ``path`` and its slice embeddings per axis (LRU over images)."""
-        from medlsam.volume import load_ct
+        from medlsam.io.volume import load_ct
 
         stat = os.stat(path)
         key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
@@ -80,8 +80,8 @@ class Volumes:
     def embeddings(self, entry: dict, axis: int | None = None):
         """The SliceEmbeddings of a cached volume along ``axis`` (default: cranio-caudal)."""
         from medlsam.errors import MedLSAMError
-        from medlsam.metrics import cranio_caudal_axis
-        from medlsam.sam.slices import SliceEmbeddings
+        from medlsam.segment.sam.slices import SliceEmbeddings
+        from medlsam.utils.metrics import cranio_caudal_axis
 
         volume = entry["volume"]
         axis = cranio_caudal_axis(volume.affine) if axis is None else int(axis)

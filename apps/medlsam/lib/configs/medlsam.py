@@ -27,7 +27,7 @@ class MedLSAM(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         """``kwargs["datastore"]``: a callable giving the app's datastore (MONAI Label creates it after this)."""
         super().init(name, model_dir, conf, planner, **kwargs)
-        from medlsam.pipeline import MODES
+        from medlsam.segment.pipeline import MODES
 
         conf = conf or {}
         self.mode = conf.get("mode", "prior")

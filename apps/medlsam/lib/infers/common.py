@@ -16,9 +16,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from lib.conf import parse_bool, scrub_paths
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
-from medlsam import cancel
-from medlsam.cancel import Cancelled
 from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
+from medlsam.utils import cancel
+from medlsam.utils.cancel import Cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ class MedLSAMInferTask(InferTask):
     def check_request(self, request: dict) -> None:
         """Every option checked before any work: the output's extension and dtype, the device, the number of clicks
         and the task's own options; 400 naming the bad one."""
-        from medlsam.devices import check_device
-        from medlsam.interactive import check_click_count
+        from medlsam.interact.interactive import check_click_count
+        from medlsam.utils.devices import check_device
 
         result_options(request)
         if request.get("device") not in (None, ""):
@@ -176,7 +176,7 @@ class MedLSAMInferTask(InferTask):
     @staticmethod
     def write(label: np.ndarray, volume, request: dict) -> tuple[str, str]:
         """(result file, its dtype): the requested dtype, widened when the label's values need it."""
-        from medlsam.volume import write_volume
+        from medlsam.io.volume import write_volume
 
         ext, dtype = result_options(request)
         dtype = output_dtype(dtype, label)
@@ -212,7 +212,7 @@ def count_clicks(request: dict) -> int:
 
 @contextlib.contextmanager
 def waiting(lock):
-    """Hold ``lock``, waiting for it in short steps that honour the request's bound (medlsam.cancel)."""
+    """Hold ``lock``, waiting for it in short steps that honour the request's bound (medlsam.utils.cancel)."""
     while not lock.acquire(timeout=0.25):
         cancel.check()
     try:

@@ -9,8 +9,9 @@ nothing (an organ with no voxels starts from its template prior). A ``background
 removes the voxel from the organ that holds it in that segmentation.
 
 Method (request option ``method``, default ``--conf edit_method``): ``refiner``, the click refiner network
-(``medlsam.refiner``: image, the organ's template posterior and current mask, and the clicks, on a crop around the
-organ), or ``geodesic`` (``medlsam.editing.edit_organ``). The organ priors and intensity models come from the
+(``medlsam.interact.refiner``: image, the organ's template posterior and current mask, and the clicks, on a crop
+around the
+organ), or ``geodesic`` (``medlsam.interact.editing.edit_organ``). The organ priors and intensity models come from the
 template bank (localised once per image and bank, then cached: a later click costs no localisation). Organs that the
 bank does not know but the datastore's or the request's ``label_names`` do are edited class-agnostically (clicks and
 image only, no prior). The result is the whole label with only the clicked organs changed.
@@ -29,7 +30,7 @@ from lib.models import Models
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
 from medlsam.errors import MedLSAMError
-from medlsam.names import NAME_RULE, is_plain_name
+from medlsam.utils.names import NAME_RULE, is_plain_name
 
 RESERVED = {
     "foreground",
@@ -57,7 +58,7 @@ def request_clicks(
     """(foreground clicks per organ, DeepEdit ``background`` clicks, foreground/background-form background clicks
     of the ``label_name`` organ), checked against the image; 400 naming the problem. Keys of the request that hold
     lists of points and are not options must be organ names."""
-    from medlsam.interactive import parse_points as _points
+    from medlsam.interact.interactive import parse_points as _points
 
     label = request.get("label_name")
     organ_form = isinstance(label, str) and bool(label)
@@ -122,7 +123,7 @@ def request_label_names(request: dict) -> dict[str, int]:
 
 class EditInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes):
-        from medlsam.editing import EditOptions
+        from medlsam.interact.editing import EditOptions
 
         self.models, self.templates = models, templates
         super().__init__(
@@ -137,7 +138,7 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
 
     def check_options(self, request: dict):
         """(EditOptions, method) of the request; 400 naming a bad one (checked before any work)."""
-        from medlsam.editing import EditOptions
+        from medlsam.interact.editing import EditOptions
 
         options = EditOptions(reach_mm=number(request, "reach_mm", EditOptions().reach_mm, float, 1.0, 100.0))
         method = request.get("method") or self.models.edit_method
@@ -156,7 +157,7 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
 
     def _priors(self, entry: dict, bank, info: dict, organs: list[str]) -> dict:
         """The organs' template posteriors on this image, localised once per image and bank."""
-        from medlsam.localize import Localizer
+        from medlsam.atlas.localize import Localizer
 
         key = (id(bank), tuple(info.get("templates", [])))
         cache = entry.setdefault("edit_priors", {})
@@ -172,7 +173,7 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         return {o: cache[o] for o in organs}
 
     def _base_label(self, request: dict, entry: dict) -> tuple[np.ndarray, str]:
-        from medlsam.volume import read_volume
+        from medlsam.io.volume import read_volume
 
         volume = entry["volume"]
         label = request.get("label_file")  # set by the app for an uploaded label only, never from a request's text
@@ -196,8 +197,8 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         return np.zeros(volume.shape, np.uint8), "none"
 
     def run(self, request: dict, entry: dict):
-        from medlsam.editing import IntensityModel, OrganClicks, edit_label
-        from medlsam.metrics import cranio_caudal_axis
+        from medlsam.interact.editing import IntensityModel, OrganClicks, edit_label
+        from medlsam.utils.metrics import cranio_caudal_axis
 
         tic = time.perf_counter()
         volume = entry["volume"]

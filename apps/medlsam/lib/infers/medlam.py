@@ -28,7 +28,7 @@ class MedLAMInfer(DynamicLabels, MedLSAMInferTask):
         )
 
     def run(self, request: dict, entry: dict):
-        from medlsam.localize import Localizer
+        from medlsam.atlas.localize import Localizer
 
         volume = entry["volume"]
         options = localize_options(request, request_mode(request, self.default_mode, BOX_MODES))

@@ -15,7 +15,7 @@ from lib.volumes import Volumes
 
 def _modes(default: str) -> list[str]:
     """The pipeline's prompt modes, the server's default first (clients show the first as selected)."""
-    from medlsam.pipeline import MODES
+    from medlsam.segment.pipeline import MODES
 
     return [default] + [m for m in MODES if m != default]
 
@@ -37,8 +37,8 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         )
 
     def run(self, request: dict, entry: dict):
-        from medlsam.localize import Localizer
-        from medlsam.pipeline import MedLSAMPipeline, SegmentOptions
+        from medlsam.atlas.localize import Localizer
+        from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
 
         options = SegmentOptions(
             mode=request_mode(request, self.modes[0], self.modes), prior_weight=prior_weight(request, self.prior_weight)

@@ -35,7 +35,7 @@ def organs_option(request: dict) -> list[str] | None:
 
 def localize_options(request: dict, mode: str):
     """The library's measured LocalizeOptions with the request's switches."""
-    from medlsam.localize import LocalizeOptions
+    from medlsam.atlas.localize import LocalizeOptions
 
     options = LocalizeOptions(mode=mode)
     for key in LOCALIZE_SWITCHES:
@@ -47,7 +47,7 @@ def localize_options(request: dict, mode: str):
 
 def localize_config(modes: list[str]) -> dict:
     """The options a client shows for a localising task."""
-    from medlsam.localize import LocalizeOptions
+    from medlsam.atlas.localize import LocalizeOptions
 
     defaults = LocalizeOptions()
     return {"mode": modes, "organs": "", **{key: getattr(defaults, key) for key in LOCALIZE_SWITCHES}}

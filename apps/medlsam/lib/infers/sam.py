@@ -14,14 +14,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.common import MedLSAMInferTask, number
 from lib.volumes import Volumes
-from medlsam.names import NAME_RULE, is_plain_name
+from medlsam.utils.names import NAME_RULE, is_plain_name
 
 SLICER_SLICE_AXIS = 2
 MAX_SLICES = 10000  # sam_3d max_slices (per direction; 0 = until the object ends)
 
 
 def _prompts(request: dict, shape):
-    from medlsam.interactive import parse_prompts
+    from medlsam.interact.interactive import parse_prompts
 
     return parse_prompts(shape, request.get("foreground"), request.get("background"), request.get("roi"))
 
@@ -48,7 +48,7 @@ class SAM2DInfer(MedLSAMInferTask):
         )
 
     def run(self, request: dict, entry: dict):
-        from medlsam.interactive import segment_slice, slice_mask_to_volume
+        from medlsam.interact.interactive import segment_slice, slice_mask_to_volume
 
         volume = entry["volume"]
         prompts = _prompts(request, volume.shape)
@@ -86,7 +86,7 @@ class SAM3DInfer(MedLSAMInferTask):
 
     def check_options(self, request: dict):
         """The request's PropagationOptions; 400 naming a bad one (checked before any work)."""
-        from medlsam.propagation import PropagationOptions
+        from medlsam.interact.propagation import PropagationOptions
 
         _label_name(request)
         return PropagationOptions(
@@ -95,7 +95,7 @@ class SAM3DInfer(MedLSAMInferTask):
         )
 
     def run(self, request: dict, entry: dict):
-        from medlsam.propagation import segment_volume
+        from medlsam.interact.propagation import segment_volume
 
         volume = entry["volume"]
         prompts = _prompts(request, volume.shape)

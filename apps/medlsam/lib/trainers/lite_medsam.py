@@ -1,5 +1,5 @@
 """Trainer `lite_medsam`: adapt LiteMedSAM's mask decoder and prompt encoder to the datastore's templates (their
-final labels), as `medlsam adapt` does (``medlsam.adapt``).
+final labels), as `medlsam adapt` does (``medlsam.segment.adapt``).
 
 Started in the background whenever a final label is saved (main.py), or by POST /train/lite_medsam. It publishes
 model/lite_medsam_adapted.pt atomically; the model cache (lib/models.py) loads it for the next request, and sets
@@ -18,9 +18,9 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.models import Models
 from lib.template_source import TemplateSource
 from lib.trainers.options import check_train_options
-from medlsam.adapt import AdaptOptions
-from medlsam.devices import check_device, device_choices
 from medlsam.errors import MedLSAMError, TemplateError
+from medlsam.segment.adapt import AdaptOptions
+from medlsam.utils.devices import check_device, device_choices
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ class LiteMedSAMTrainer(TrainTask):
 
     def run_adaptation(self, options: dict) -> dict:
         """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
-        from medlsam.adapt import fit, save_adapted, training_slices
-        from medlsam.sam import build_segmenter
+        from medlsam.segment.adapt import fit, save_adapted, training_slices
+        from medlsam.segment.sam import build_segmenter
 
         tic = time.perf_counter()
         model, _, fingerprint = self.models.medlam()

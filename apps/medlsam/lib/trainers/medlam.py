@@ -27,8 +27,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.conf import parse_bool
 from lib.models import Models
 from lib.trainers.options import check_train_options
-from medlsam.devices import check_device, cuda_count, device_choices
 from medlsam.errors import MedLSAMError
+from medlsam.utils.devices import check_device, cuda_count, device_choices
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class MedLAMTrainer(TrainTask):
         return self.running or bool(processes("train"))
 
     def _write_stats(self, stats: dict) -> None:
-        from medlsam.atomic import write_json_atomic
+        from medlsam.utils.atomic import write_json_atomic
 
         try:
             write_json_atomic(stats, self.stats_path)
@@ -112,7 +112,7 @@ class MedLAMTrainer(TrainTask):
         """Validated options, then training; train_stats.json always ends done, stopped or failed."""
         self.validate(request)
         if _in_monailabel_subprocess():
-            from medlsam.distributed import die_with_parent
+            from medlsam.utils.distributed import die_with_parent
 
             die_with_parent()  # never outlive the server: no orphan training at full CPU
         self.running = True
@@ -151,10 +151,10 @@ class MedLAMTrainer(TrainTask):
             raise MedLSAMError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
 
     def run_training(self, request, datastore):
-        from medlsam.distributed import spawn_training
-        from medlsam.network import MedLAMConfig, load_medlam
-        from medlsam.patches import cached_grid_array
-        from medlsam.training import TrainOptions, train_job
+        from medlsam.medlam.network import MedLAMConfig, load_medlam
+        from medlsam.medlam.patches import cached_grid_array
+        from medlsam.medlam.training import TrainOptions, train_job
+        from medlsam.utils.distributed import spawn_training
 
         opt = lambda key, cast: self._option(request, key, cast)  # noqa: E731
         threads = opt("threads", int)

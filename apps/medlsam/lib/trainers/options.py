@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from medlsam.devices import check_device, cuda_count
 from medlsam.errors import MedLSAMError
+from medlsam.utils.devices import check_device, cuda_count
 
 MONAI_KEYS = ("model", "gpus", "bundle_path", "multi_gpu", "description", "local_rank")  # MONAI Label adds these
 
@@ -52,7 +52,7 @@ def check_train_options(request: dict, config: dict, bounds: dict[str, tuple[flo
 
 def check_train_device(device, gpus=None) -> str:
     """The train option ``device`` normalised, if this machine has it: cpu; cuda or cuda:N only where
-    torch.cuda.is_available() and N < torch.cuda.device_count() (medlsam.devices.check_device). MONAI Label's
+    torch.cuda.is_available() and N < torch.cuda.device_count() (medlsam.utils.devices.check_device). MONAI Label's
     ``gpus`` ("all", or GPU indices "0,2" that become the training's CUDA_VISIBLE_DEVICES) must name GPUs present,
     and cuda:N one of those it leaves visible. Else MedLSAMError naming the option, the value and what is here."""
     if not isinstance(device, str):

@@ -1,0 +1,1 @@
+"""Interactive editing: clicks, the click refiner, geodesic edits, propagation, the click simulator."""

@@ -1,0 +1,1 @@
+"""Radiotherapy DICOM: RT Structure Sets read onto a CT series, written, imported; ROI names."""

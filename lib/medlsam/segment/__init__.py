@@ -1,0 +1,1 @@
+"""Automatic segmentation: prompts from the localisation, SAM-family segmenters, assembly, outputs, batches."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic writes, cancellation, devices, torch.distributed, geometry, metrics, plain names."""
