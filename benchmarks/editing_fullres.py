@@ -1,13 +1,14 @@
 """Class-agnostic clicks on full-resolution scans (issue 30): Dice against simulated clicks for every structure of
 at least 1 cc of the real chest series (``dicom_rt/thorax_rt``, its RTSTRUCT) and of the abdominal slab
-(``abdomen/``, TotalSegmentator masks), for the class-agnostic method (``medlsam.click_structure``), the ``sam_3d``
-propagation (LiteMedSAM) and the click refiner network without a prior (the old class-agnostic ``edit`` path).
+(``abdomen/``, TotalSegmentator masks), for the class-agnostic method (``medlsam.interact.click_structure``),
+the ``sam_3d`` propagation (LiteMedSAM) and the click refiner network without a prior (the old class-agnostic
+``edit`` path).
 
     python benchmarks/editing_fullres.py [--methods any,sam_3d,refiner] [--max-clicks 10] [--threads 2]
 
 Sequences: ``clicks`` (the first click at the structure's centre on its middle slice, then each click at the most
-interior voxel of the largest 3D error: ``medlsam.click_simulator``) and ``box`` (first the structure's 3D box as the
-prompt, then the same error clicks). Each step is one request with every prompt so far, timed. Results go to
+interior voxel of the largest 3D error: ``medlsam.interact.click_simulator``) and ``box`` (first the structure's 3D
+box as the prompt, then the same error clicks). Each step is one request with every prompt so far, timed. Results go to
 benchmarks/results/editing_fullres.json (one row per structure, method and sequence; ``--load`` merges earlier
 json files) and the report (.md, .png) is written from all rows. The labels are read only to place the clicks and
 score.
@@ -28,9 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import RESULTS  # noqa: E402
-from medlsam.click_simulator import error_click, organ_centre_click  # noqa: E402
-from medlsam.metrics import cranio_caudal_axis, dice  # noqa: E402
+from medlsam.interact.click_simulator import error_click, organ_centre_click  # noqa: E402
 from medlsam.paths import data_dir  # noqa: E402
+from medlsam.utils.metrics import cranio_caudal_axis, dice  # noqa: E402
 
 CLICKS = (0, 1, 2, 3, 5, 10)
 MIN_CC = 1.0
@@ -38,8 +39,8 @@ MIN_CC = 1.0
 
 def load_scans(root: Path) -> list[dict]:
     """[{name, hu, spacing, axis, structures: {name: mask}}] of the full-resolution scans."""
-    from medlsam.rtstruct import read_ct_series, read_rtstruct
-    from medlsam.volume import load_ct, read_volume
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.rt.rtstruct import read_ct_series, read_rtstruct
 
     scans = []
     folder = root / "dicom_rt" / "thorax_rt"
@@ -98,8 +99,8 @@ def simulate(step, truth: np.ndarray, axis: int, use_box: bool, max_clicks: int)
 
 
 def any_step(scan: dict, name: str, cache):
-    from medlsam.click_any import AnyPrompts, check_box, check_prompts
-    from medlsam.click_structure import segment_structure
+    from medlsam.interact.click_any import check_box, check_prompts
+    from medlsam.interact.click_structure import segment_structure
 
     def step(fg, bg, box):
         checked = check_prompts(name, fg, bg, check_box(box, scan["hu"].shape), scan["hu"], scan["axis"])
@@ -112,8 +113,8 @@ def any_step(scan: dict, name: str, cache):
 
 
 def sam3d_step(scan: dict, embeddings):
-    from medlsam.interactive import parse_prompts
-    from medlsam.propagation import segment_volume
+    from medlsam.interact.interactive import parse_prompts
+    from medlsam.interact.propagation import segment_volume
 
     def step(fg, bg, box):
         roi = None if box is None else [box[0][0], box[1][0], box[0][1], box[1][1], box[0][2], box[1][2]]
@@ -124,12 +125,18 @@ def sam3d_step(scan: dict, embeddings):
 
 
 def refiner_step(scan: dict, name: str, refiner):
-    from medlsam.editing import OrganClicks, edit_label
+    from medlsam.interact.editing import OrganClicks, edit_label
 
     def step(fg, bg, box):
         base = np.zeros(scan["hu"].shape, np.uint8)
         label, _ = edit_label(
-            base, scan["hu"], scan["spacing"], {name: 1}, {name: OrganClicks(fg, bg)}, axis=scan["axis"], refiner=refiner
+            base,
+            scan["hu"],
+            scan["spacing"],
+            {name: 1},
+            {name: OrganClicks(fg, bg)},
+            axis=scan["axis"],
+            refiner=refiner,
         )
         return label == 1
 
@@ -150,7 +157,12 @@ def run(args) -> list[dict]:
                     step = make_step(method, scan, organ, shared)
                     curve = simulate(step, truth, scan["axis"], sequence == "box", args.max_clicks)
                     cc = float(truth.sum() * np.prod(scan["spacing"]) / 1000.0)
-                    row = {"scan": scan["name"], "shape": list(scan["hu"].shape), "structure": organ, "cc": round(cc, 1)}
+                    row = {
+                        "scan": scan["name"],
+                        "shape": list(scan["hu"].shape),
+                        "structure": organ,
+                        "cc": round(cc, 1),
+                    }
                     rows.append({**row, "method": method, "sequence": sequence, "curve": curve})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -158,19 +170,19 @@ def run(args) -> list[dict]:
 
 def make_step(method: str, scan: dict, organ: str, shared: dict):
     if method == "any":
-        from medlsam.click_structure import AnyCache
+        from medlsam.interact.click_structure import AnyCache
 
         return any_step(scan, organ, shared.setdefault("any", AnyCache()))
     if method == "sam_3d":
         if "sam" not in shared:
-            from medlsam.sam import build_segmenter
-            from medlsam.sam.slices import SliceEmbeddings
+            from medlsam.segment.sam import build_segmenter
+            from medlsam.segment.sam.slices import SliceEmbeddings
 
             shared["sam"] = SliceEmbeddings(build_segmenter("lite_medsam"), scan["volume"], axis=scan["axis"])
         return sam3d_step(scan, shared["sam"])
     if "refiner" not in shared:
+        from medlsam.interact.refiner import build_click_refiner
         from medlsam.paths import SHIPPED_CLICK_REFINER
-        from medlsam.refiner import build_click_refiner
 
         shared["refiner"] = build_click_refiner(str(SHIPPED_CLICK_REFINER))
     return refiner_step(scan, organ, shared["refiner"])

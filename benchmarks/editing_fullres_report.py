@@ -13,7 +13,7 @@ from common import machine_line
 CLICKS = (0, 1, 2, 3, 5, 10)
 SIZES = (("< 10 cc", 0.0, 10.0), ("10-200 cc", 10.0, 200.0), ("> 200 cc", 200.0, float("inf")))
 METHOD_NAMES = {
-    "any": "class-agnostic clicks (new: intensity blobs + watershed, `medlsam.click_structure`)",
+    "any": "class-agnostic clicks (new: intensity blobs + watershed, `medlsam.interact.click_structure`)",
     "sam_3d": "`sam_3d` (LiteMedSAM slice propagation)",
     "refiner": "click refiner network, no prior (the old class-agnostic `edit`)",
 }
@@ -82,7 +82,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax, (label, lo, hi) in zip(axes, SIZES):
         part = [r for r in rows if lo <= r["cc"] < hi]
         for (method, sequence), group in sorted(_groups(part).items()):
-            ys = [np.mean([d for d in (dice_at(r["curve"], c) for r in group) if d is not None] or [np.nan]) for c in CLICKS]
+            ys = [
+                np.mean([d for d in (dice_at(r["curve"], c) for r in group) if d is not None] or [np.nan])
+                for c in CLICKS
+            ]
             ax.plot(CLICKS, ys, "o-" if sequence == "clicks" else "s--", label=f"{method}, {sequence}")
         ax.set_title(f"{label} ({len({(r['scan'], r['structure']) for r in part})} structures)")
         ax.set_xlabel("clicks (0: box only)")
@@ -107,8 +110,9 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min; two other engineers' jobs share the CPU).",
         "- Scans: `dicom_rt/thorax_rt` (512x512x105, 1.27 x 1.27 x 4 mm, its RTSTRUCT) and `abdomen/abdomen_slab_ct`"
         " (3 mm, TotalSegmentator masks, every organ cut by the slab's ends); every structure of at least 1 cc.",
-        "- Clicks: `medlsam.click_simulator` (first at the centre of the middle slice, then the most interior voxel of "
-        "the largest 3D error); sequence `box`: the structure's true 3D box first (0 clicks), then the error clicks. "
+        "- Clicks: `medlsam.interact.click_simulator` (first at the centre of the middle slice, then the most "
+        "interior voxel of the largest 3D error); sequence `box`: the structure's true 3D box first (0 clicks), "
+        "then the error clicks. "
         "A curve that stops early (nothing left to click) keeps its last Dice.",
         "- Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NAMES.items()) + ".",
         f"- Command: `{getattr(args, 'command', 'python benchmarks/editing_fullres.py')}`",

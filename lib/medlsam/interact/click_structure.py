@@ -1,6 +1,6 @@
 """A class-agnostic structure from all of its prompts (issue 30): the union of the blobs under its foreground
-clicks (``medlsam.click_any.grow_blob``; the box's blob when it has only a box), split along its narrowest necks
-against the background clicks that fall inside it (one marker watershed on its distance map), the foreground side
+clicks (``medlsam.interact.click_any.grow_blob``; the box's blob when it has only a box), split along its narrowest
+necks against the background clicks that fall inside it (one marker watershed on its distance map), the foreground side
 kept, the box bounding it.
 
 ``AnyCache`` (one per image) makes a click cheap: each click's blob is grown once and kept, and a structure whose
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from medlsam.click_any import AnyOptions, AnyPrompts, _block_mean, _component_at, _upsample, grow_blob
+from medlsam.interact.click_any import AnyOptions, AnyPrompts, _block_mean, _component_at, _upsample, grow_blob
 
 Region = tuple[slice, ...]
 
@@ -90,8 +90,8 @@ def segment_structure(
     name: str = "",
 ) -> tuple[Region, np.ndarray]:
     """(region, mask on it) of the structure the prompts point at (file indices, checked by
-    ``medlsam.click_any.check_prompts``). With a ``cache``, a structure ``name`` whose prompts are those of its last
-    call is answered from it."""
+    ``medlsam.interact.click_any.check_prompts``). With a ``cache``, a structure ``name`` whose prompts are those of
+    its last call is answered from it."""
     options = options or AnyOptions()
     cache = cache if cache is not None else AnyCache()
     key = _prompt_key(prompts, options)

@@ -9,7 +9,7 @@ everything and, without clicks, seeds the structure at the box's centre.
 
 Work is done on a crop around the prompts that doubles while the structure reaches the crop's edge (``grow_crop``),
 never on the whole scan; the body mask (to refuse clicks on the air outside the body) is computed once per image.
-Prompts are file voxel indices ``(i, j, k)`` like ``medlsam.interactive``.
+Prompts are file voxel indices ``(i, j, k)`` like ``medlsam.interact.interactive``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medlsam.interactive import PromptError, check_click_count
+from medlsam.interact.interactive import PromptError, check_click_count
 
 BODY_HU = -400.0  # above this: tissue; the body is its largest component, holes (lungs, bowel gas) filled
 
@@ -198,7 +198,8 @@ def _seed_from_box(smooth: np.ndarray, box_local: np.ndarray) -> np.ndarray:
     """A click for a box alone: the voxel of the box's central third nearest to its centre whose intensity is that
     third's median (the structure a box is drawn around fills its centre)."""
     third = tuple(
-        slice(int(lo + (hi - lo) // 3), int(hi - (hi - lo) // 3) + 1) for lo, hi in zip(box_local[:, 0], box_local[:, 1])
+        slice(int(lo + (hi - lo) // 3), int(hi - (hi - lo) // 3) + 1)
+        for lo, hi in zip(box_local[:, 0], box_local[:, 1])
     )
     centre_part = smooth[third]
     target = float(np.median(centre_part))
@@ -274,7 +275,12 @@ def _upsample(mask: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.
 
 
 def grow_blob(
-    hu: np.ndarray, spacing, at: np.ndarray | None, box: np.ndarray | None, axis: int = 2, options: AnyOptions | None = None
+    hu: np.ndarray,
+    spacing,
+    at: np.ndarray | None,
+    box: np.ndarray | None,
+    axis: int = 2,
+    options: AnyOptions | None = None,
 ) -> tuple[tuple[slice, ...], np.ndarray]:
     """(region, mask on it) of the blob under the click ``at`` (file indices; None: the centre of ``box``). The crop
     starts at the click (or the box) plus margin_mm and grows towards each side the blob reaches (doubling that

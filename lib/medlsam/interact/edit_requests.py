@@ -2,10 +2,10 @@
 recomputed.
 
 * Bank organs (clicks only) keep their template-prior start and are corrected by the click refiner or the
-  geodesic edit (``medlsam.editing.edit_label``).
+  geodesic edit (``medlsam.interact.editing.edit_label``).
 * Structures the bank does not know, and any structure given a box, are segmented class-agnostically from their
-  clicks and box at the scan's own resolution (``medlsam.click_structure``); the answer replaces the structure's
-  voxels in the label (other structures keep theirs, except at its own foreground clicks).
+  clicks and box at the scan's own resolution (``medlsam.interact.click_structure``); the answer replaces the
+  structure's voxels in the label (other structures keep theirs, except at its own foreground clicks).
 * ``EditCache`` (one per image): clients send every click of every structure with each request; a structure whose
   prompts, and the label it was applied to, are those of its last request is not recomputed (its change to the
   label is replayed), and a class-agnostic structure's blobs are kept per click.
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medlsam import cancel
-from medlsam.click_any import AnyOptions, check_prompts
-from medlsam.click_structure import AnyCache, segment_structure
-from medlsam.editing import ClickError, OrganClicks, edit_label
-from medlsam.interactive import check_click_count
+from medlsam.interact.click_any import AnyOptions, check_prompts
+from medlsam.interact.click_structure import AnyCache, segment_structure
+from medlsam.interact.editing import ClickError, OrganClicks, edit_label
+from medlsam.interact.interactive import check_click_count
+from medlsam.utils import cancel
 
 
 @dataclass
@@ -74,7 +74,7 @@ def edit_structures(
 ) -> tuple[np.ndarray, dict[str, int], list[str]]:
     """(the label with every prompted structure edited, voxels changed per structure, the structures computed
     rather than replayed). ``agnostic``: the structures the bank does not know; ``boxes``: checked (3, 2) boxes per
-    structure (``medlsam.click_any.check_box``); ``bank_edit``: priors, intensities, options, refiner of
+    structure (``medlsam.interact.click_any.check_box``); ``bank_edit``: priors, intensities, options, refiner of
     ``edit_label``."""
     boxes = boxes or {}
     cache = cache if cache is not None else EditCache()
