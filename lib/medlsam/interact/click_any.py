@@ -37,6 +37,7 @@ class AnyOptions:
     open_max_mm: float = 6.0
     split_fraction: float = 0.3  # blobs: maxima of the distance map this fraction of its peak above their saddle
     split_min_mm: float = 2.0
+    reach_thickness: float = 0.0  # a blob reaches at most this many times its thickness at the click from it
     margin_mm: float = 80.0  # first crop: the prompts' box plus this
     grid_voxels: int = 2_000_000  # a larger crop is worked on in blocks of the slice plane
     max_crop_voxels: int = 40_000_000  # the crop stops growing here
@@ -84,6 +85,12 @@ def check_prompts(
     """PromptError naming ``name`` unless the prompts can start a structure: at least one foreground click or a
     box, no foreground click outside the box or on the air outside the body, no voxel both kinds."""
     check_click_count(len(foreground) + len(background))
+    for kind, points in (("foreground", foreground), ("background", background)):
+        outside = np.any((points < 0) | (points >= np.array(hu.shape)), axis=1)
+        if outside.any():
+            raise PromptError(
+                f"{name}: {kind} click(s) {points[outside].tolist()[:10]} outside the image of shape {list(hu.shape)}"
+            )
     if not len(foreground) and box is None:
         raise PromptError(f"{name}: no foreground click and no box: give at least one of them")
     both = {tuple(p) for p in foreground.tolist()} & {tuple(p) for p in background.tolist()}
@@ -171,6 +178,11 @@ def _grow_one(candidate: np.ndarray, at: np.ndarray, spacing: np.ndarray, option
         return part
     depth = ndimage.distance_transform_edt(part, sampling=spacing)
     thickness = float(depth[tuple(at)])
+    if options.reach_thickness > 0:  # a thin structure's blob stays near its click (no leak into its neighbours)
+        reach = options.reach_thickness * max(thickness, float(spacing.max()))
+        grids = np.ogrid[tuple(slice(0, n) for n in part.shape)]
+        near = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, at, spacing)) <= reach**2
+        part = _component_at(part & near, at[None])
     radius = min(options.open_fraction * thickness, options.open_max_mm)
     opened = _open(part, radius, spacing)
     kept = _component_at(opened, at[None])
@@ -211,18 +223,16 @@ def _seed_from_box(smooth: np.ndarray, box_local: np.ndarray) -> np.ndarray:
 
 
 def grow_crop(
-    hu: np.ndarray, spacing: np.ndarray, at: np.ndarray | None, box: np.ndarray | None, axis: int, options: AnyOptions
+    hu: np.ndarray, spacing: np.ndarray, at: np.ndarray, box: np.ndarray | None, axis: int, options: AnyOptions
 ) -> np.ndarray:
-    """The blob under one click ``at`` (or, with None, under the centre of ``box``) on the crop ``hu`` (indices of
-    the crop; the box bounds it): bool, crop shape."""
+    """The blob under one click ``at`` on the crop ``hu`` (indices of the crop; the box bounds it): bool, crop
+    shape."""
     raw = hu.astype(np.float32, copy=False)
     smooth = ndimage.gaussian_filter(raw, sigma=options.smooth_mm / spacing) if options.smooth_mm else raw
     inside_box = None
     if box is not None:
         inside_box = np.zeros(raw.shape, bool)
         inside_box[tuple(slice(int(lo), int(hi) + 1) for lo, hi in box)] = True
-    if at is None:
-        at = _seed_from_box(smooth, box)
     low, high = _band(smooth, raw, at, spacing, options)
     candidate = (smooth >= low) & (smooth <= high)
     if inside_box is not None:
@@ -274,21 +284,28 @@ def _upsample(mask: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.
     return np.pad(out, pad, mode="edge")[tuple(slice(0, n) for n in shape)]
 
 
+def box_seed(hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: AnyOptions | None = None) -> np.ndarray:
+    """The click a box alone stands for (file indices): see ``_seed_from_box``, on the box's working grid."""
+    options = options or AnyOptions()
+    region = tuple(slice(int(lo), int(hi) + 1) for lo, hi in box)
+    step = _steps(region, axis, options.grid_voxels)
+    small = _block_mean(hu[region], step)
+    spacing = np.asarray(spacing, np.float64) * step
+    smooth = ndimage.gaussian_filter(small, sigma=options.smooth_mm / spacing) if options.smooth_mm else small
+    local = np.stack([np.zeros(3, int), np.array(small.shape) - 1], axis=1)
+    return np.minimum(box[:, 0] + _seed_from_box(smooth, local) * step, box[:, 1])
+
+
 def grow_blob(
-    hu: np.ndarray,
-    spacing,
-    at: np.ndarray | None,
-    box: np.ndarray | None,
-    axis: int = 2,
-    options: AnyOptions | None = None,
+    hu: np.ndarray, spacing, at: np.ndarray, box: np.ndarray | None, axis: int = 2, options: AnyOptions | None = None
 ) -> tuple[tuple[slice, ...], np.ndarray]:
-    """(region, mask on it) of the blob under the click ``at`` (file indices; None: the centre of ``box``). The crop
+    """(region, mask on it) of the blob under the click ``at`` (file indices), inside ``box`` if given. The crop
     starts at the click (or the box) plus margin_mm and grows towards each side the blob reaches (doubling that
     side's margin) up to max_crop_voxels; a box is the crop. A crop above grid_voxels is worked on in blocks of the
     slice plane and the mask repeated back."""
     options = options or AnyOptions()
     spacing = np.asarray(spacing, np.float64)
-    points = (box.T if at is None else np.asarray(at, int)[None]).reshape(-1, 3)
+    points = np.asarray(at, int)[None]
     margin = np.repeat(np.ceil(options.margin_mm / spacing).astype(int)[:, None], 2, axis=1)
     if box is not None:
         margin = np.zeros((3, 2), int)
@@ -298,14 +315,13 @@ def grow_blob(
         step = _steps(region, axis, options.grid_voxels)
         small = _block_mean(hu[region], step)
         limit = np.array(small.shape) - 1
-        local_at = None if at is None else np.minimum((np.asarray(at, int) - origin) // step, limit)
+        local_at = np.minimum((np.asarray(at, int) - origin) // step, limit)
         local_box = None if box is None else np.minimum((box - origin[:, None]) // step[:, None], limit[:, None])
         mask = grow_crop(small, spacing * step, local_at, local_box, axis, options)
         size = int(np.prod([s.stop - s.start for s in region]))
         touched = _edges_touched(mask, region, hu.shape)
         if box is not None or not touched.any() or size >= options.max_crop_voxels:
             mask = _upsample(mask, step, tuple(s.stop - s.start for s in region))
-            if at is not None:
-                mask[tuple(np.asarray(at, int) - origin)] = True
+            mask[tuple(np.asarray(at, int) - origin)] = True
             return region, mask
         margin = np.where(touched, margin * 2, margin)  # grow only towards the sides the structure reaches

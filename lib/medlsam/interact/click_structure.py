@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from medlsam.interact.click_any import AnyOptions, AnyPrompts, _block_mean, _component_at, _upsample, grow_blob
+from medlsam.interact.click_any import (
+    AnyOptions,
+    AnyPrompts,
+    _block_mean,
+    _component_at,
+    _upsample,
+    box_seed,
+    grow_blob,
+)
 
 Region = tuple[slice, ...]
 
@@ -32,8 +40,15 @@ class AnyCache:
     structure_runs: int = 0  # structures computed
     structure_hits: int = 0  # structures answered from the cache
 
+    def seed(self, hu, spacing, box: np.ndarray, axis: int, options: AnyOptions) -> np.ndarray:
+        """The click a box alone stands for (``medlsam.interact.click_any.box_seed``), once per box."""
+        key = ("seed", box.tobytes(), options)
+        if key not in self.blobs:
+            self.blobs[key] = box_seed(hu, spacing, box, axis, options)
+        return self.blobs[key]
+
     def blob(self, hu, spacing, at, box, axis: int, options: AnyOptions) -> tuple[Region, np.ndarray]:
-        key = (None if at is None else tuple(int(v) for v in at), None if box is None else box.tobytes(), options)
+        key = (tuple(int(v) for v in at), None if box is None else box.tobytes(), options)
         if key not in self.blobs:
             self.blobs[key] = grow_blob(hu, spacing, at, box, axis, options)
             self.blob_runs += 1
@@ -101,15 +116,15 @@ def segment_structure(
         return stored[1], stored[2].copy()
     fg = np.asarray(prompts.foreground, int).reshape(-1, 3)
     bg = np.asarray(prompts.background, int).reshape(-1, 3)
-    seeds = ([None] if prompts.box is not None else []) + list(fg)  # a box keeps its own blob under its clicks
-    region, mask = _union([cache.blob(hu, spacing, at, prompts.box, axis, options) for at in seeds])
+    if prompts.box is not None:  # a box stands for a click at its centre, kept under the later clicks
+        fg = np.concatenate([cache.seed(hu, spacing, prompts.box, axis, options)[None], fg])
+    region, mask = _union([cache.blob(hu, spacing, at, prompts.box, axis, options) for at in fg])
     origin = np.array([s.start for s in region])
     local_bg = bg - origin
     local_bg = local_bg[np.all((local_bg >= 0) & (local_bg < np.array(mask.shape)), axis=1)]
-    if len(fg):
-        mask = split_background(mask, fg - origin, local_bg, spacing, options.grid_voxels)
-        mask = _component_at(mask, fg - origin)
-        mask[tuple((fg - origin).T)] = True
+    mask = split_background(mask, fg - origin, local_bg, spacing, options.grid_voxels)
+    mask = _component_at(mask, fg - origin)
+    mask[tuple((fg - origin).T)] = True
     mask[tuple(local_bg.T)] = False
     cache.structure_runs += 1
     cache.structures[name] = (key, region, mask.copy())

@@ -35,28 +35,34 @@ class EditCache:
     replayed: int = 0  # structures answered from the cache
 
 
-def _key(previous: bytes, name: str, clicks: OrganClicks, box: np.ndarray | None, path: str) -> bytes:
-    digest = hashlib.blake2b(previous, digest_size=16)
-    for part in (name.encode(), path.encode(), clicks.foreground.tobytes(), b"|", clicks.background.tobytes()):
+def _key(label_key: bytes, name: str, clicks: OrganClicks) -> bytes:
+    digest = hashlib.blake2b(label_key, digest_size=16)
+    for part in (name.encode(), clicks.foreground.tobytes(), b"|", clicks.background.tobytes()):
         digest.update(part)
-    digest.update(b"none" if box is None else np.asarray(box, int).tobytes())
     return digest.digest()
 
 
-def _agnostic(
-    out: np.ndarray, hu, spacing, value: int, name: str, clicks: OrganClicks, box, axis: int, cache: AnyCache, options
-) -> np.ndarray:
-    """``out`` with structure ``name`` (label ``value``) replaced by its class-agnostic segmentation."""
+def _agnostic(out: np.ndarray, hu, spacing, value: int, name: str, clicks: OrganClicks, box, axis: int, cache, options):
+    """Structure ``name`` (label ``value``) in ``out`` (in place) replaced by its class-agnostic segmentation."""
     prompts = check_prompts(name, clicks.foreground, clicks.background, box, hu, axis)
     region, mask = segment_structure(hu, spacing, prompts, axis, options, cache, name)
-    new = out.copy()
-    new[new == value] = 0
-    part = new[region]
+    out[out == value] = 0
+    part = out[region]
     origin = np.array([s.start for s in region])
     clicked = np.zeros(mask.shape, bool)
     clicked[tuple((clicks.foreground - origin).T)] = True
     part[(mask & (part == 0)) | clicked] = value
-    return new
+
+
+def _replay(out: np.ndarray, index: np.ndarray, new_values: np.ndarray, value: int) -> int:
+    """A bank organ's change (computed on the request's label) applied to ``out`` in place: it takes voxels that
+    are free or its own and leaves only its own; returns the voxels changed."""
+    flat = out.reshape(-1)
+    current = flat[index]
+    take = np.where(new_values == value, (current == 0) | (current == value), current == value)
+    take &= current != new_values
+    flat[index[take]] = new_values[take]
+    return int(take.sum())
 
 
 def edit_structures(
@@ -73,9 +79,9 @@ def edit_structures(
     **bank_edit,
 ) -> tuple[np.ndarray, dict[str, int], list[str]]:
     """(the label with every prompted structure edited, voxels changed per structure, the structures computed
-    rather than replayed). ``agnostic``: the structures the bank does not know; ``boxes``: checked (3, 2) boxes per
-    structure (``medlsam.interact.click_any.check_box``); ``bank_edit``: priors, intensities, options, refiner of
-    ``edit_label``."""
+    rather than answered from the cache). ``agnostic``: the structures the bank does not know; ``boxes``: checked
+    (3, 2) boxes per structure (``medlsam.interact.click_any.check_box``); ``bank_edit``: priors, intensities,
+    options, refiner of ``edit_label`` (each bank organ is edited on the request's label, keyed by it)."""
     boxes = boxes or {}
     cache = cache if cache is not None else EditCache()
     if label.shape != hu.shape:
@@ -85,31 +91,31 @@ def edit_structures(
     unknown = [n for n in names if n not in values]
     if unknown:
         raise ClickError(f"prompts for unknown structure(s) {unknown}; known: {sorted(values)}")
-    out = label
-    key = hashlib.blake2b(np.ascontiguousarray(label).tobytes(), digest_size=16).digest()
+    out = np.ascontiguousarray(label).copy()
+    label_key = hashlib.blake2b(np.ascontiguousarray(label).tobytes(), digest_size=16).digest()
     changed, computed = {}, []
     for name in names:
         cancel.check()
-        organ_clicks, box = clicks.get(name, OrganClicks()), boxes.get(name)
-        path = "agnostic" if name in agnostic or box is not None else "bank"
-        if path == "bank" and not len(organ_clicks):
-            continue
-        key = _key(key, name, organ_clicks, box, path)
-        stored = cache.edits.get(name)
-        if stored is not None and stored[0] == key:
-            index, new_values = stored[1], stored[2]
-            cache.replayed += 1
+        organ_clicks, box, value = clicks.get(name, OrganClicks()), boxes.get(name), values[name]
+        if name in agnostic or box is not None:
+            before, runs = out == value, cache.any.structure_runs
+            _agnostic(out, hu, spacing, value, name, organ_clicks, box, axis, cache.any, any_options)
+            changed[name] = int((before != (out == value)).sum())
+            fresh = cache.any.structure_runs > runs
+        elif len(organ_clicks):
+            key = _key(label_key, name, organ_clicks)
+            stored = cache.edits.get(name)
+            fresh = stored is None or stored[0] != key
+            if fresh:
+                new, _ = edit_label(label, hu, spacing, values, {name: organ_clicks}, axis=axis, **bank_edit)
+                index = np.flatnonzero(new.reshape(-1) != np.ascontiguousarray(label).reshape(-1))
+                cache.edits[name] = stored = (key, index, new.reshape(-1)[index])
+            changed[name] = _replay(out, stored[1], stored[2], value)
         else:
-            if path == "agnostic":
-                new = _agnostic(out, hu, spacing, values[name], name, organ_clicks, box, axis, cache.any, any_options)
-            else:
-                new, _ = edit_label(out, hu, spacing, values, {name: organ_clicks}, axis=axis, **bank_edit)
-            index = np.flatnonzero(new.ravel() != out.ravel())
-            new_values = new.ravel()[index]
-            cache.edits[name] = (key, index, new_values)
+            continue
+        if fresh:
             cache.computed += 1
             computed.append(name)
-        out = out.copy() if out is label else out
-        out.ravel()[index] = new_values
-        changed[name] = int(len(index))
-    return (out.copy() if out is label else out), changed, computed
+        else:
+            cache.replayed += 1
+    return out, changed, computed
