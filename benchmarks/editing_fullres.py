@@ -146,7 +146,7 @@ def refiner_step(scan: dict, name: str, refiner):
 def run(args) -> list[dict]:
     rows = []
     for scan in load_scans(Path(args.data) if args.data else data_dir()):
-        shared = {}
+        shared = {"sam_cache": Path(args.sam_cache) / scan["name"] if args.sam_cache else None}
         for method in args.methods:
             for organ, truth in scan["structures"].items():
                 if args.structures and organ not in args.structures:
@@ -178,7 +178,9 @@ def make_step(method: str, scan: dict, organ: str, shared: dict):
             from medlsam.segment.sam import build_segmenter
             from medlsam.segment.sam.slices import SliceEmbeddings
 
-            shared["sam"] = SliceEmbeddings(build_segmenter("lite_medsam"), scan["volume"], axis=scan["axis"])
+            shared["sam"] = SliceEmbeddings(
+                build_segmenter("lite_medsam"), scan["volume"], axis=scan["axis"], cache_dir=shared["sam_cache"]
+            )
         return sam3d_step(scan, shared["sam"])
     if "refiner" not in shared:
         from medlsam.interact.refiner import build_click_refiner
@@ -195,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--structures", default="", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sam-cache", default="", help="keep LiteMedSAM slice embeddings in this folder (reruns)")
     parser.add_argument("--data", default="", help="the data folder (default: MEDLSAM_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(RESULTS / "editing_fullres.json"))
     parser.add_argument("--load", default="", type=lambda s: [x for x in s.split(",") if x], help="merge these rows")

@@ -20,10 +20,13 @@ METHOD_NAMES = {
 
 
 def dice_at(curve: list[dict], clicks: int) -> float | None:
-    """Dice after ``clicks`` clicks (the last one reached when the simulator stopped early: nothing left to fix)."""
+    """Dice after ``clicks`` clicks (the last one reached when the simulator stopped early: nothing left to fix);
+    None when the run did not go that far."""
     before = [c for c in curve if c["clicks"] <= clicks]
     if not before or (clicks == 0 and curve[0]["clicks"] != 0):
         return None
+    if before[-1]["clicks"] < clicks and before[-1]["dice"] < 0.999:
+        return None  # the run stopped at its --max-clicks, not because nothing was left to fix
     return before[-1]["dice"]
 
 

@@ -74,7 +74,8 @@ def _union(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, np.ndarray]:
 
 def split_background(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing, budget: int) -> np.ndarray:
     """``mask`` without the parts on the background clicks' side of its narrowest necks: a marker watershed of the
-    distance map from the foreground clicks (1) and the background clicks inside the mask (2). Masks above
+    distance map from the foreground clicks (1) and the background clicks inside the mask (2), limited to the voxels
+    nearer to a background click than to any foreground click (one click never takes the structure away). Masks above
     ``budget`` voxels are split on blocks of the slice plane (the finest axes) and the result repeated back."""
     from skimage.segmentation import watershed
 
@@ -91,7 +92,10 @@ def split_background(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing, 
     markers[tuple(np.minimum(fg // step, limit).T)] = 1  # a block holding both kinds stays with the foreground
     depth = ndimage.distance_transform_edt(small, sampling=spacing * step)
     regions = watershed(-depth, markers, mask=small | (markers > 0))
-    removed = _upsample(regions == 2, step, mask.shape)
+    # never past halfway: a voxel nearer to a foreground click than to every background click stays
+    near_fg = ndimage.distance_transform_edt(markers != 1, sampling=spacing * step)
+    near_bg = ndimage.distance_transform_edt(markers != 2, sampling=spacing * step)
+    removed = _upsample((regions == 2) & (near_bg < near_fg), step, mask.shape)
     return mask & ~removed
 
 
