@@ -30,9 +30,10 @@ class AnyOptions:
 
     smooth_mm: float = 1.5  # Gaussian smoothing of the crop before the intensity band
     sample_mm: float = 3.0  # radius around a click whose voxels give its intensity statistics
-    band_sigmas: float = 3.0  # band half-width in robust standard deviations ...
+    band_sigmas: float = 2.0  # band half-width in robust standard deviations ...
     band_min_hu: float = 25.0  # ... at least this
     band_max_hu: float = 200.0  # ... at most this
+    air_band_hu: float = 300.0  # a click on air (below BODY_HU): the band reaches this far above its HU
     open_fraction: float = 0.5  # opening radius: this fraction of the structure's thickness (radius) at the click
     open_max_mm: float = 6.0
     split_fraction: float = 0.3  # blobs: maxima of the distance map this fraction of its peak above their saddle
@@ -144,6 +145,8 @@ def _band(smooth: np.ndarray, raw: np.ndarray, at: np.ndarray, spacing: np.ndarr
     centre = float(np.median(smooth[window]))
     values = raw[window].astype(np.float64)
     sigma = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    if centre < BODY_HU:  # air (a lung, an airway, bowel gas): everything darker, up to the tissue around it
+        return -np.inf, min(centre + options.air_band_hu, BODY_HU)
     half = min(max(options.band_sigmas * sigma, options.band_min_hu), options.band_max_hu)
     return centre - half, centre + half
 
@@ -166,7 +169,9 @@ def _component_at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.isin(labels, hit) if len(hit) else np.zeros(mask.shape, bool)
 
 
-def _grow_one(candidate: np.ndarray, at: np.ndarray, spacing: np.ndarray, options: AnyOptions) -> np.ndarray:
+def _grow_one(
+    candidate: np.ndarray, at: np.ndarray, spacing: np.ndarray, options: AnyOptions, air: bool = False
+) -> np.ndarray:
     """The structure under one click: its component of the band, opened at a fraction of its thickness there, then
     cut into blobs at its necks (watershed of the distance map from maxima deeper than their surroundings by
     split_fraction of the thickness at the click) and the blob under the click kept."""
@@ -189,7 +194,11 @@ def _grow_one(candidate: np.ndarray, at: np.ndarray, spacing: np.ndarray, option
     if not kept.any() or options.split_fraction <= 0:
         return kept if kept.any() else part
     depth = ndimage.distance_transform_edt(kept, sampling=spacing)
-    height = max(options.split_min_mm, options.split_fraction * float(depth[tuple(at)]))
+    thickness = float(depth[tuple(at)])
+    if air:  # in a lung the click may sit beside a vessel: the deepest voxel within 2 x its depth + 10 mm counts
+        reach = np.ceil((2.0 * thickness + 10.0) / spacing).astype(int)
+        thickness = float(depth[tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(at, reach))].max())
+    height = max(options.split_min_mm, options.split_fraction * thickness)
     peaks, _ = ndimage.label(h_maxima(depth.astype(np.float32), height))
     if peaks.max() <= 1:
         return kept
@@ -237,7 +246,7 @@ def grow_crop(
     candidate = (smooth >= low) & (smooth <= high)
     if inside_box is not None:
         candidate &= inside_box
-    mask = _fill(_grow_one(candidate, at, spacing, options), axis)
+    mask = _fill(_grow_one(candidate, at, spacing, options, air=low == -np.inf), axis)
     if inside_box is not None:
         mask &= inside_box
     mask[tuple(at)] = True
