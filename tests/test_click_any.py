@@ -133,3 +133,28 @@ def test_a_name_taking_a_bank_organs_value_is_refused():
             request_boxes({"box": [[10, 10, 5], [10, 10, 5]], "label_name": "Vagus"}, {"Vagus": 7}, (64, 64, 32))
         except PromptError as exc:  # the app turns MedLSAMError into a 400
             raise HTTPException(status_code=400, detail=str(exc)) from None
+
+
+def test_bank_organs_edit_as_before_and_replay(data_dir):
+    """Bank organs through the request path: the same label as ``edit_label`` on the OpenKBP scan (click refiner),
+    and a repeated request recomputes nothing."""
+    from medlsam.interact.editing import edit_label
+    from medlsam.interact.refiner import build_click_refiner
+    from medlsam.io.volume import load_ct, read_volume
+    from medlsam.paths import SHIPPED_CLICK_REFINER
+
+    volume = load_ct(data_dir / "openkbp" / "images" / "openkbp_pt_1.nii.gz")
+    truth = read_volume(data_dir / "openkbp" / "labels" / "openkbp_pt_1.nii.gz").array
+    values = {"Brainstem": 1, "Mandible": 7}
+    label = np.where(np.isin(truth, [7]), truth, 0).astype(np.uint8)
+    label[np.roll(truth == 1, 3, axis=1) & (label == 0)] = 1
+    clicks = {name: OrganClicks([organ_centre_click(truth == value, 2)], []) for name, value in values.items()}
+    hu, spacing = volume.array.astype(np.float32), np.asarray(volume.spacing)
+    refiner = build_click_refiner(SHIPPED_CLICK_REFINER)
+    expected, _ = edit_label(label, hu, spacing, values, clicks, refiner=refiner)
+    cache = EditCache()
+    out, _, computed = edit_structures(label, hu, spacing, values, clicks, set(), cache=cache, refiner=refiner)
+    np.testing.assert_array_equal(out, expected)
+    again, _, computed = edit_structures(label, hu, spacing, values, clicks, set(), cache=cache, refiner=refiner)
+    assert computed == [] and cache.replayed == 2
+    np.testing.assert_array_equal(again, expected)
