@@ -38,7 +38,9 @@ class AnyOptions:
     open_max_mm: float = 6.0
     split_fraction: float = 0.3  # blobs: maxima of the distance map this fraction of its peak above their saddle
     split_min_mm: float = 2.0
-    reach_thickness: float = 0.0  # a blob reaches at most this many times its thickness at the click from it
+    reach_thickness: float = 0.0  # a blob reaches at most this many times its thickness at the click from it ...
+    later_reach: float = 0.5  # a later click's blob: within this times the structure's equivalent radius so far
+    max_elongation: float = 2000.0  # ... when its band component holds more than this times its thickness cubed
     margin_mm: float = 80.0  # first crop: the prompts' box plus this
     grid_voxels: int = 2_000_000  # a larger crop is worked on in blocks of the slice plane
     max_crop_voxels: int = 40_000_000  # the crop stops growing here
@@ -183,8 +185,11 @@ def _grow_one(
         return part
     depth = ndimage.distance_transform_edt(part, sampling=spacing)
     thickness = float(depth[tuple(at)])
-    if options.reach_thickness > 0:  # a thin structure's blob stays near its click (no leak into its neighbours)
-        reach = options.reach_thickness * max(thickness, float(spacing.max()))
+    size = max(thickness, float(spacing.max()))
+    if options.reach_thickness > 0 and part.sum() * np.prod(spacing) > options.max_elongation * size**3:
+        # far more volume than its thickness at the click allows: a thin structure leaking into its neighbours;
+        # its blob stays within reach_thickness thicknesses of the click
+        reach = options.reach_thickness * size
         grids = np.ogrid[tuple(slice(0, n) for n in part.shape)]
         near = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, at, spacing)) <= reach**2
         part = _component_at(part & near, at[None])

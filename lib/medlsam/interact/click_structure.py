@@ -72,11 +72,33 @@ def _union(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, np.ndarray]:
     return tuple(slice(int(a), int(b)) for a, b in zip(low, high)), mask
 
 
-def split_background(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing, budget: int) -> np.ndarray:
+def _bounded(blobs: list, clicks: np.ndarray, spacing, options: AnyOptions) -> list[tuple[Region, np.ndarray]]:
+    """A later click's blob is kept within the ball of later_reach times the earlier blobs' equivalent radius
+    around its click (a click near the edge whose band leaked): a correction stays local."""
+    spacing = np.asarray(spacing, np.float64)
+    out, volume = [], 0.0
+    for (region, blob), click in zip(blobs, clicks):
+        size = float(blob.sum()) * float(np.prod(spacing))
+        radius = options.later_reach * (3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0)
+        if out and size > (4.0 / 3.0) * np.pi * radius**3:
+            grids = np.ogrid[tuple(slice(s.start, s.stop) for s in region)]
+            near = sum(((g - c) * d) ** 2 for g, c, d in zip(grids, click, spacing)) <= radius**2
+            blob = _component_at(blob & near, (click - np.array([s.start for s in region]))[None])
+            size = float(blob.sum()) * float(np.prod(spacing))
+        out.append((region, blob))
+        volume += size
+    return out
+
+
+def split_background(
+    mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing, budget: int, hu: np.ndarray | None = None, margin=20.0
+) -> np.ndarray:
     """``mask`` without the parts on the background clicks' side of its narrowest necks: a marker watershed of the
     distance map from the foreground clicks (1) and the background clicks inside the mask (2), limited to the voxels
-    nearer to a background click than to any foreground click (one click never takes the structure away). Masks above
-    ``budget`` voxels are split on blocks of the slice plane (the finest axes) and the result repeated back."""
+    nearer to a background click than to any foreground click (one click never takes the structure away) and, with
+    ``hu`` (the mask's crop), to those whose smoothed HU is not nearer (by ``margin``) to the foreground clicks' than
+    to the nearest background click's. Masks above ``budget`` voxels are split on blocks of the slice plane (the
+    finest axes) and the result repeated back."""
     from skimage.segmentation import watershed
 
     inside = bg[mask[tuple(bg.T)]] if len(bg) else bg
@@ -87,16 +109,23 @@ def split_background(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, spacing, 
     step = np.where(spacing <= np.sort(spacing)[1], factor, 1)
     small = _block_mean(mask, step) > 0.5 if factor > 1 else mask
     limit = np.array(small.shape) - 1
+    fg_at, bg_at = np.minimum(fg // step, limit), np.minimum(inside // step, limit)
     markers = np.zeros(small.shape, np.int32)
-    markers[tuple(np.minimum(inside // step, limit).T)] = 2
-    markers[tuple(np.minimum(fg // step, limit).T)] = 1  # a block holding both kinds stays with the foreground
+    markers[tuple(bg_at.T)] = 2
+    markers[tuple(fg_at.T)] = 1  # a block holding both kinds stays with the foreground
     depth = ndimage.distance_transform_edt(small, sampling=spacing * step)
     regions = watershed(-depth, markers, mask=small | (markers > 0))
     # never past halfway: a voxel nearer to a foreground click than to every background click stays
     near_fg = ndimage.distance_transform_edt(markers != 1, sampling=spacing * step)
-    near_bg = ndimage.distance_transform_edt(markers != 2, sampling=spacing * step)
-    removed = _upsample((regions == 2) & (near_bg < near_fg), step, mask.shape)
-    return mask & ~removed
+    near_bg, nearest = ndimage.distance_transform_edt(markers != 2, sampling=spacing * step, return_indices=True)
+    removed = (regions == 2) & (near_bg < near_fg)
+    if hu is not None:  # ... and a voxel that looks like the foreground, not like the background click, stays
+        smooth = ndimage.gaussian_filter(_block_mean(hu, step), sigma=1.5 / (spacing * step))
+        smooth = np.pad(smooth, [(0, n - m) for n, m in zip(small.shape, smooth.shape)], mode="edge")
+        like_fg = float(np.median(smooth[tuple(fg_at.T)]))
+        like_bg = smooth[tuple(nearest)]
+        removed &= ~(np.abs(smooth - like_fg) + margin < np.abs(smooth - like_bg))
+    return mask & ~_upsample(removed, step, mask.shape)
 
 
 def segment_structure(
@@ -122,11 +151,13 @@ def segment_structure(
     bg = np.asarray(prompts.background, int).reshape(-1, 3)
     if prompts.box is not None:  # a box stands for a click at its centre, kept under the later clicks
         fg = np.concatenate([cache.seed(hu, spacing, prompts.box, axis, options)[None], fg])
-    region, mask = _union([cache.blob(hu, spacing, at, prompts.box, axis, options) for at in fg])
+    region, mask = _union(
+        _bounded([cache.blob(hu, spacing, at, prompts.box, axis, options) for at in fg], fg, spacing, options)
+    )
     origin = np.array([s.start for s in region])
     local_bg = bg - origin
     local_bg = local_bg[np.all((local_bg >= 0) & (local_bg < np.array(mask.shape)), axis=1)]
-    mask = split_background(mask, fg - origin, local_bg, spacing, options.grid_voxels)
+    mask = split_background(mask, fg - origin, local_bg, spacing, options.grid_voxels, hu[region])
     mask = _component_at(mask, fg - origin)
     mask[tuple((fg - origin).T)] = True
     mask[tuple(local_bg.T)] = False
