@@ -13,8 +13,11 @@ Method (request option ``method``, default ``--conf edit_method``): ``refiner``,
 around the
 organ), or ``geodesic`` (``medlsam.interact.editing.edit_organ``). The organ priors and intensity models come from the
 template bank (localised once per image and bank, then cached: a later click costs no localisation). Organs that the
-bank does not know but the datastore's or the request's ``label_names`` do are edited class-agnostically (clicks and
-image only, no prior). The result is the whole label with only the clicked organs changed.
+bank does not know but the datastore's or the request's ``label_names`` do, and any structure given a box (``box``
+[[i0, j0, k0], [i1, j1, k1]] or {name: box}, Slicer's ``roi``), are segmented class-agnostically at the scan's own
+resolution (``medlsam.interact.click_structure``). The result is the whole label with only the prompted structures
+changed; a structure whose prompts did not change since the image's last request is replayed, not recomputed
+(``medlsam.interact.edit_requests``).
 """
 
 from __future__ import annotations
