@@ -13,8 +13,11 @@ Method (request option ``method``, default ``--conf edit_method``): ``refiner``,
 around the
 organ), or ``geodesic`` (``medlsam.interact.editing.edit_organ``). The organ priors and intensity models come from the
 template bank (localised once per image and bank, then cached: a later click costs no localisation). Organs that the
-bank does not know but the datastore's or the request's ``label_names`` do are edited class-agnostically (clicks and
-image only, no prior). The result is the whole label with only the clicked organs changed.
+bank does not know but the datastore's or the request's ``label_names`` do, and any structure given a box (``box``
+[[i0, j0, k0], [i1, j1, k1]] or {name: box}, Slicer's ``roi``), are segmented class-agnostically at the scan's own
+resolution (``medlsam.interact.click_structure``). The result is the whole label with only the prompted structures
+changed; a structure whose prompts did not change since the image's last request is replayed, not recomputed
+(``medlsam.interact.edit_requests``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from medlsam.errors import MedLSAMError
 from medlsam.utils.names import NAME_RULE, is_plain_name
 
 RESERVED = {
+    "box",
+    "roi",
     "foreground",
     "background",
     "label",
@@ -121,6 +126,54 @@ def request_label_names(request: dict) -> dict[str, int]:
     return dict(names)
 
 
+def request_boxes(request: dict, known: dict[str, int], shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Boxes as the first prompt of a structure: ``box`` [[i0, j0, k0], [i1, j1, k1]] (inclusive voxel corners) for
+    the ``label`` structure, or {structure: [[...], [...]]}; Slicer's ``roi`` [i0, i1, j0, j1, k0, k1] for the
+    ``label`` structure. Checked (3, 2) low/high per structure; 400 naming the problem."""
+    from medlsam.interact.click_any import check_box
+
+    label = request.get("label_name")
+    boxes = {}
+    value = request.get("box")
+    if isinstance(value, dict):
+        boxes.update(value)
+    elif value is not None and len(value):
+        boxes[label] = value
+    roi = request.get("roi")
+    if roi is not None and len(roi):
+        try:
+            r = np.asarray(roi, dtype=np.float64).reshape(3, 2)
+        except (TypeError, ValueError):
+            raise HTTPException(status_code=400, detail=f"roi must be [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
+        boxes[label] = r.T.tolist()
+    out = {}
+    for name, corners in boxes.items():
+        if not isinstance(name, str) or not name:
+            raise HTTPException(status_code=400, detail="a box needs `label`: the name of the structure it outlines")
+        if name not in known:
+            raise HTTPException(
+                status_code=400,
+                detail=f"box for {name!r}, a structure neither in the template bank nor in the labels "
+                f"(known: {', '.join(sorted(known)) or 'none'})",
+            )
+        out[name] = check_box(corners, shape)
+    return out
+
+
+def check_name_values(names: dict[str, int], bank_values: dict[str, int]) -> None:
+    """400 when a structure of the request's ``label_names`` takes the label value of a bank organ of another name
+    (its voxels would overwrite that organ's)."""
+    by_value = {v: n for n, v in bank_values.items()}
+    for name, value in names.items():
+        other = by_value.get(value)
+        if other is not None and other != name:
+            raise HTTPException(
+                status_code=400,
+                detail=f"label_names: {name!r} takes value {value}, the value of the bank organ {other!r}; "
+                "choose a value no bank organ uses",
+            )
+
+
 class EditInfer(DynamicLabels, MedLSAMInferTask):
     def __init__(self, models: Models, templates: TemplateSource, volumes: Volumes):
         from medlsam.interact.editing import EditOptions
@@ -197,38 +250,27 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         return np.zeros(volume.shape, np.uint8), "none"
 
     def run(self, request: dict, entry: dict):
-        from medlsam.interact.editing import IntensityModel, OrganClicks, edit_label
+        from medlsam.interact.edit_requests import EditCache, edit_structures
+        from medlsam.interact.editing import IntensityModel
         from medlsam.utils.metrics import cranio_caudal_axis
 
         tic = time.perf_counter()
         volume = entry["volume"]
         bank, info = self._bank()
         known = dict(self.labels)
-        for name, value in request_label_names(request).items():
+        bank_values = {name: organ.value for name, organ in bank.organs.items()} if bank is not None else {}
+        names = request_label_names(request)
+        check_name_values(names, bank_values)
+        for name, value in names.items():
             known.setdefault(name, value)
-        if bank is not None:
-            for name, organ in bank.organs.items():
-                known.setdefault(name, organ.value)
+        for name, value in bank_values.items():
+            known.setdefault(name, value)
         foreground, background, own_background = request_clicks(request, known, volume.shape)
+        boxes = request_boxes(request, known, volume.shape)
         base, source = self._base_label(request, entry)
+        clicks = self._organ_clicks(foreground, background, own_background, base, known, boxes)
 
-        clicks: dict[str, OrganClicks] = {name: OrganClicks(points) for name, points in foreground.items()}
-        if len(own_background):
-            only = next(iter(clicks)) if clicks else None
-            if only is None:
-                raise HTTPException(status_code=400, detail="background clicks need `label`: the organ they leave")
-            clicks[only] = OrganClicks(clicks[only].foreground, own_background)
-        by_value = {v: n for n, v in known.items()}
-        for point in background:  # DeepEdit background: leave the organ holding the voxel
-            holder = by_value.get(int(base[tuple(point)]))
-            targets = [holder] if holder else list(clicks)
-            for name in targets:
-                c = clicks.get(name, OrganClicks())
-                clicks[name] = OrganClicks(c.foreground, np.vstack([c.background, point[None]]))
-        if not clicks:
-            raise HTTPException(status_code=400, detail="no clicks: give at least one foreground or background click")
-
-        in_bank = [n for n in clicks if bank is not None and n in bank.organs]
+        in_bank = [n for n in clicks if n in bank_values and n not in boxes]
         priors = self._priors(entry, bank, info, in_bank) if in_bank else {}
         intensities = {n: IntensityModel.from_patches(bank.organs[n].neighbourhoods) for n in in_bank}
         for name in in_bank:  # an organ absent from the current label starts from its template prior
@@ -238,17 +280,55 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
                 part[(prior.probabilities > 0.5) & (part == 0)] = known[name]
         localized = time.perf_counter()
         options, method = self.check_options(request)
-        spacing = np.asarray(volume.spacing, np.float64)
-        axis = cranio_caudal_axis(volume.affine)
         refiner = self.models.click_refiner() if method == "refiner" else None
-        label, changed = edit_label(
-            base, volume.array, spacing, known, clicks, priors, intensities, options, axis, refiner
+        cache = entry.setdefault("edit_cache", EditCache())
+        label, changed, computed = edit_structures(
+            base,
+            volume.array,
+            np.asarray(volume.spacing, np.float64),
+            known,
+            clicks,
+            agnostic={n for n in [*clicks, *boxes] if n not in bank_values},
+            boxes=boxes,
+            cache=cache,
+            axis=cranio_caudal_axis(volume.affine),
+            priors=priors,
+            intensities=intensities,
+            options=options,
+            refiner=refiner,
         )
         return label, {
             "method": "refiner" if refiner is not None else "geodesic",
             "label_names": known,
             "changed_voxels": changed,
+            "computed": computed,
             "start": source,
             "templates": info.get("templates", []),
             "timings_s": {"localize": round(localized - tic, 3), "edit": round(time.perf_counter() - localized, 3)},
         }
+
+    @staticmethod
+    def _organ_clicks(foreground, background, own_background, base, known, boxes) -> dict:
+        """Per structure its OrganClicks: the DeepEdit ``background`` clicks go to the structure holding the voxel
+        in the current label (all clicked structures where none does); 400 without any click or box."""
+        from medlsam.interact.editing import OrganClicks
+
+        clicks = {name: OrganClicks(points) for name, points in foreground.items()}
+        if len(own_background):
+            only = next(iter(clicks)) if clicks else next(iter(boxes), None)
+            if only is None:
+                raise HTTPException(status_code=400, detail="background clicks need `label`: the organ they leave")
+            c = clicks.get(only, OrganClicks())
+            clicks[only] = OrganClicks(c.foreground, own_background)
+        by_value = {v: n for n, v in known.items()}
+        for point in background:  # DeepEdit background: leave the organ holding the voxel
+            holder = by_value.get(int(base[tuple(point)]))
+            targets = [holder] if holder else list(dict.fromkeys([*clicks, *boxes]))
+            for name in targets:
+                c = clicks.get(name, OrganClicks())
+                clicks[name] = OrganClicks(c.foreground, np.vstack([c.background, point[None]]))
+        if not clicks and not boxes:
+            raise HTTPException(
+                status_code=400, detail="no clicks: give at least one foreground or background click, or a box"
+            )
+        return clicks

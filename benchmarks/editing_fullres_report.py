@@ -1,0 +1,136 @@
+"""The report of benchmarks/editing_fullres.py: rows -> json, markdown tables and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common import machine_line
+
+CLICKS = (0, 1, 2, 3, 5, 10)
+SIZES = (("< 10 cc", 0.0, 10.0), ("10-200 cc", 10.0, 200.0), ("> 200 cc", 200.0, float("inf")))
+METHOD_NAMES = {
+    "any": "class-agnostic clicks (new: intensity blobs + watershed, `medlsam.interact.click_structure`)",
+    "sam_3d": "`sam_3d` (LiteMedSAM slice propagation)",
+    "refiner": "click refiner network, no prior (the old class-agnostic `edit`)",
+}
+
+
+def dice_at(curve: list[dict], clicks: int) -> float | None:
+    """Dice after ``clicks`` clicks (the last one reached when the simulator stopped early: nothing left to fix);
+    None when the run did not go that far."""
+    before = [c for c in curve if c["clicks"] <= clicks]
+    if not before or (clicks == 0 and curve[0]["clicks"] != 0):
+        return None
+    if before[-1]["clicks"] < clicks and before[-1]["dice"] < 0.999:
+        return None  # the run stopped at its --max-clicks, not because nothing was left to fix
+    return before[-1]["dice"]
+
+
+def _mean(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{np.mean(values):.3f}" if values else "n/a"
+
+
+def _groups(rows: list[dict]) -> dict:
+    out: dict = {}
+    for row in rows:
+        out.setdefault((row["method"], row["sequence"]), []).append(row)
+    return out
+
+
+def _table(rows: list[dict], title: str) -> list[str]:
+    lines = [f"| {title} | n | " + " | ".join(f"Dice {c}" for c in CLICKS) + " | falls |", "|---|---|" + "---|" * 7]
+    for (method, sequence), group in sorted(_groups(rows).items()):
+        cells = [_mean(dice_at(r["curve"], c) for r in group) for c in CLICKS]
+        falls = sum(any(b["dice"] < a["dice"] - 1e-4 for a, b in zip(r["curve"], r["curve"][1:])) for r in group)
+        lines.append(f"| {method}, {sequence} | {len(group)} | " + " | ".join(cells) + f" | {falls} |")
+    return lines
+
+
+def _seconds(rows: list[dict]) -> list[str]:
+    lines = ["| method | scan (shape) | requests | s per click median | 90th pct | max |", "|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for row in rows:
+        key = (row["method"], f"{row['scan']} ({'x'.join(map(str, row['shape']))})")
+        groups.setdefault(key, []).extend(c["seconds"] for c in row["curve"])
+    for (method, scan), values in sorted(groups.items()):
+        v = np.array(values)
+        lines.append(
+            f"| {method} | {scan} | {len(v)} | {np.median(v):.2f} | {np.percentile(v, 90):.2f} | {v.max():.2f} |"
+        )
+    return lines
+
+
+def _per_structure(rows: list[dict]) -> list[str]:
+    lines = ["| scan | structure | cc | method, sequence | " + " | ".join(f"{c}" for c in CLICKS) + " |"]
+    lines.append("|---|---|---|---|" + "---|" * len(CLICKS))
+    for r in sorted(rows, key=lambda r: (r["scan"], r["structure"], r["method"], r["sequence"])):
+        cells = [dice_at(r["curve"], c) for c in CLICKS]
+        text = " | ".join("" if v is None else f"{v:.3f}" for v in cells)
+        lines.append(f"| {r['scan']} | {r['structure']} | {r['cc']} | {r['method']}, {r['sequence']} | {text} |")
+    return lines
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SIZES), figsize=(15, 4.5), sharey=True)
+    for ax, (label, lo, hi) in zip(axes, SIZES):
+        part = [r for r in rows if lo <= r["cc"] < hi]
+        for (method, sequence), group in sorted(_groups(part).items()):
+            ys = [
+                np.mean([d for d in (dice_at(r["curve"], c) for r in group) if d is not None] or [np.nan])
+                for c in CLICKS
+            ]
+            ax.plot(CLICKS, ys, "o-" if sequence == "clicks" else "s--", label=f"{method}, {sequence}")
+        ax.set_title(f"{label} ({len({(r['scan'], r['structure']) for r in part})} structures)")
+        ax.set_xlabel("clicks (0: box only)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean Dice")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, rows: list[dict], args) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=1))
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    _plot(rows, png)
+    load = os.getloadavg()
+    lines = [
+        "# Class-agnostic clicks on full-resolution scans (issue 30)",
+        "",
+        f"- Machine: {machine_line()}, {args.threads} threads; load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min; two other engineers' jobs share the CPU).",
+        "- Scans: `dicom_rt/thorax_rt` (512x512x105, 1.27 x 1.27 x 4 mm, its RTSTRUCT) and `abdomen/abdomen_slab_ct`"
+        " (3 mm, TotalSegmentator masks, every organ cut by the slab's ends); every structure of at least 1 cc.",
+        "- Clicks: `medlsam.interact.click_simulator` (first at the centre of the middle slice, then the most "
+        "interior voxel of the largest 3D error); sequence `box`: the structure's true 3D box first (0 clicks), "
+        "then the error clicks. "
+        "A curve that stops early (nothing left to click) keeps its last Dice.",
+        "- Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NAMES.items()) + ".",
+        f"- Command: `{getattr(args, 'command', 'python benchmarks/editing_fullres.py')}`",
+        "",
+        "## Mean Dice over all structures",
+        "",
+        *_table(rows, "method, sequence"),
+        "",
+        "`falls`: structures whose Dice fell at least once from one click to the next.",
+        "",
+    ]
+    for label, lo, hi in SIZES:
+        part = [r for r in rows if lo <= r["cc"] < hi]
+        if part:
+            lines += [f"## {label}", "", *_table(part, "method, sequence"), ""]
+    lines += ["## Seconds per request (server work of one click)", "", *_seconds(rows), ""]
+    lines += [f"![curves]({png.name})", "", "## Per structure", "", *_per_structure(rows), ""]
+    md.write_text("\n".join(lines))
