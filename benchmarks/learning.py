@@ -76,7 +76,8 @@ def score_scan(data, case: dict, model: LearnedModel, bank, cuts, medlam) -> tup
     tic = time.perf_counter()
     net = learned_probabilities(model, volume, priors)
     network_s = time.perf_counter() - tic
-    chosen = {o: (net[o] if model.choice[o] == "learned" else shot[o]) for o in organs}
+    # as medlsam.learn.predict.chosen_probabilities: the network where chosen and where the templates lack the organ
+    chosen = {o: (net[o] if model.choice[o] == "learned" or o not in priors else shot[o]) for o in organs}
     values = {o: data.values[o] for o in organs}
     out = {}
     for path, probs in (("fewshot", shot), ("learned", net), ("choice", chosen)):
