@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -264,6 +265,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="JSON of further learner options")
     parser.add_argument("--out", type=Path, default=RESULTS / "learning.md")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     options = LearnOptions.from_dict(
