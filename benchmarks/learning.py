@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -76,7 +77,8 @@ def score_scan(data, case: dict, model: LearnedModel, bank, cuts, medlam) -> tup
     tic = time.perf_counter()
     net = learned_probabilities(model, volume, priors)
     network_s = time.perf_counter() - tic
-    chosen = {o: (net[o] if model.choice[o] == "learned" else shot[o]) for o in organs}
+    # as medlsam.learn.predict.chosen_probabilities: the network where chosen and where the templates lack the organ
+    chosen = {o: (net[o] if model.choice[o] == "learned" or o not in priors else shot[o]) for o in organs}
     values = {o: data.values[o] for o in organs}
     out = {}
     for path, probs in (("fewshot", shot), ("learned", net), ("choice", chosen)):
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="JSON of further learner options")
     parser.add_argument("--out", type=Path, default=RESULTS / "learning.md")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     options = LearnOptions.from_dict(

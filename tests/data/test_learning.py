@@ -175,3 +175,11 @@ def test_learn_command_refuses_bad_options_before_any_work(tmp_path, capsys, ope
     assert main([*common, "--out", str(tmp_path / "m.pt"), "--time-limit-min", "-5"]) == 2
     assert "time_limit_min" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_an_untrained_prior_residual_model_gives_the_prior():
+    from medlsam.learn.network import build_network
+
+    network = build_network(LearnOptions(filters=4), 8, 7)
+    x = torch.rand(1, 8, 16, 32, 32)
+    assert torch.allclose(torch.sigmoid(network(x)), x[:, 1:].clamp(1e-3, 1 - 1e-3), atol=1e-5)

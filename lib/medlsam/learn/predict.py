@@ -49,11 +49,12 @@ def chosen_probabilities(
     organs: list[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Organ -> probabilities with the per-organ choice applied: the learnt network where it beat the few-shot
-    prior held out, the calibrated prior elsewhere and for every organ the model does not know; and organ -> the
-    path used."""
+    prior held out (and for organs the templates lack), the calibrated prior elsewhere and for every organ the model
+    does not know; and organ -> the path used."""
     organs = organs or list(dict.fromkeys([*priors, *(model.organs if model else [])]))
     fewshot = dict(zip(organs, calibrated_dense(priors, organs, volume.shape, cuts)))
-    wanted = [o for o in organs if model and model.choice.get(o) == "learned"]
+    known = model.organs if model else []
+    wanted = [o for o in known if o in organs and (model.choice.get(o) == "learned" or o not in priors)]
     learned = learned_probabilities(model, volume, priors) if wanted else {}
     out, used = {}, {}
     for name in organs:
