@@ -165,7 +165,11 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
     url = f"http://127.0.0.1:{port}"
     log = work / "server.log"
     server = start_server(
-        app, studies, port, {"models": "medlsam", "threads": args.threads, "adapt_on_save": "false"}, log
+        app,
+        studies,
+        port,
+        {"models": "medlsam", "threads": args.threads, "adapt_on_save": "false", "learn_every": "0"},
+        log,
     )
     try:
         wait_for_server(url, server, log=log)

@@ -144,6 +144,7 @@ def start_all(args, tmp: Path, stages: dict, notes: dict, servers: list) -> tupl
     os.environ["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp / "cache")
     conf = {"models": "medlsam", "templates": args.templates, "threads": args.threads, "prior_weight": 0.8}
     conf["adapt_on_save"] = "false"  # a background LiteMedSAM adaptation would disturb the timings
+    conf["learn_every"] = "0"  # and so would a segmentation training
     tic = time.perf_counter()
     server = start_server(app, url, api_port, conf, log)
     servers.append(server)

@@ -265,7 +265,13 @@ def main(argv=None) -> int:
         )
         app = private_app(folder)
         port, log = free_port(), folder / "server.log"
-        conf = {"models": "medlsam", "threads": "1", "adapt_on_save": "false", "infer_timeout": args.infer_timeout}
+        conf = {
+            "models": "medlsam",
+            "threads": "1",
+            "adapt_on_save": "false",
+            "learn_every": "0",
+            "infer_timeout": args.infer_timeout,
+        }
         process = start_server(app, studies, port, conf, log)
         url = f"http://127.0.0.1:{port}"
         try:

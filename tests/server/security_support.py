@@ -84,7 +84,7 @@ def security_server(tmp_path_factory, data_dir):
     port = free_port()
     log, tmp = folder / "server.log", folder / "tmp"
     tmp.mkdir()
-    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}
+    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false", "learn_every": "0"}
     process = start_server(app, studies, port, conf, log, tmpdir=tmp)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -62,7 +62,12 @@ def client(env):
     from monailabel.config import settings
 
     sys.path.insert(0, str(env["app"]))
-    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}  # adaptation: run_sync below
+    conf = {
+        "models": "medlsam",
+        "threads": THREADS,
+        "adapt_on_save": "false",
+        "learn_every": "0",
+    }  # adaptation: run_sync below
     settings.MONAI_LABEL_APP_DIR = str(env["app"])
     settings.MONAI_LABEL_STUDIES = str(env["studies"])
     settings.MONAI_LABEL_APP_CONF = conf

@@ -66,7 +66,12 @@ def server(tmp_path_factory, data_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    conf = {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}  # no background adaptation
+    conf = {
+        "models": "medlsam",
+        "threads": THREADS,
+        "adapt_on_save": "false",
+        "learn_every": "0",
+    }  # no background adaptation
     process = start_server(app_dir, studies, port, conf, log)
     folder = tmp_path / "results"
     folder.mkdir()

@@ -54,7 +54,9 @@ def server(tmp_path_factory, data_dir):
     app = private_app(folder)
     port = free_port()
     log = folder / "server.log"
-    process = start_server(app, studies, port, {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false"}, log)
+    process = start_server(
+        app, studies, port, {"models": "medlsam", "threads": THREADS, "adapt_on_save": "false", "learn_every": "0"}, log
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url, process, log=log)

@@ -88,6 +88,7 @@ def stack(data_dir, tmp_path_factory):
             "prior_weight": 1,  # the template prior alone (SAM adds nothing measurable here): seconds, not minutes
             "dicomweb_timeout": SLOW_TIMEOUT_S,
             "adapt_on_save": "false",  # the saved labels would start a LiteMedSAM adaptation of minutes
+            "learn_every": "0",  # and, from 5 labels on, a segmentation training
             "threads": os.environ.get("MEDLSAM_TEST_THREADS", "1"),
         }
         tic = time.perf_counter()

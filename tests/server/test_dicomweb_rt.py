@@ -60,7 +60,7 @@ def stack(data_dir, tmp_path_factory):
         stow_files(exported.files, url)
         app, api, log = private_app(tmp), free_port(), tmp / "server.log"
         os.environ["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp / "cache")
-        conf = {"models": "medlsam", "prior_weight": 1, "adapt_on_save": "false", "threads": "1"}
+        conf = {"models": "medlsam", "prior_weight": 1, "adapt_on_save": "false", "learn_every": "0", "threads": "1"}
         server = start_server(app, url, api, conf, log)
         wait_for_server(f"http://127.0.0.1:{api}", server, timeout=180, log=log)
         yield {

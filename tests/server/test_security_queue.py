@@ -42,7 +42,7 @@ def server(tmp_path_factory, data_dir):
     store.save_label("kbp1", str(kbp1[1]), "final", label_info([1]))
     app = private_app(folder)
     port, log = free_port(), folder / "server.log"
-    conf = {"models": "medlsam", "threads": "1", "adapt_on_save": "false"}
+    conf = {"models": "medlsam", "threads": "1", "adapt_on_save": "false", "learn_every": "0"}
     process = start_server(app, studies, port, conf, log)
     url = f"http://127.0.0.1:{port}"
     try:
