@@ -109,7 +109,7 @@ def write_report(out: Path, rows: list[dict], args) -> None:
     lines = [
         "# Class-agnostic clicks on full-resolution scans (issue 30)",
         "",
-        f"- Machine: {machine_line()}, {args.threads} threads; load average at the end "
+        f"- Machine: {machine_line()}; load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min; two other engineers' jobs share the CPU).",
         "- Scans: `dicom_rt/thorax_rt` (512x512x105, 1.27 x 1.27 x 4 mm, its RTSTRUCT) and `abdomen/abdomen_slab_ct`"
         " (3 mm, TotalSegmentator masks, every organ cut by the slab's ends); every structure of at least 1 cc.",
@@ -118,7 +118,10 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         "then the error clicks. "
         "A curve that stops early (nothing left to click) keeps its last Dice.",
         "- Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NAMES.items()) + ".",
-        f"- Command: `{getattr(args, 'command', 'python benchmarks/editing_fullres.py')}`",
+        *([] if args.report_only else [f"- Command: `python benchmarks/editing_fullres.py {' '.join(args.argv)}`"]),
+        *([f"- {args.note}"] if args.note else []),
+        "",
+        "- What limits it, what was tried, what is next: [notes/editing_fullres.md](../notes/editing_fullres.md).",
         "",
         "## Mean Dice over all structures",
         "",
@@ -127,6 +130,8 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         "`falls`: structures whose Dice fell at least once from one click to the next.",
         "",
     ]
+    for scan in sorted({r["scan"] for r in rows}):
+        lines += [f"## {scan} only", "", *_table([r for r in rows if r["scan"] == scan], "method, sequence"), ""]
     for label, lo, hi in SIZES:
         part = [r for r in rows if lo <= r["cc"] < hi]
         if part:
