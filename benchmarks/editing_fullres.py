@@ -202,7 +202,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "editing_fullres.json"))
     parser.add_argument("--load", default="", type=lambda s: [x for x in s.split(",") if x], help="merge these rows")
     parser.add_argument("--report-only", action="store_true", help="only write the report from --load")
+    parser.add_argument("--note", default="", help="a line for the report (how its rows were run)")
     args = parser.parse_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     import torch
 
     torch.set_num_threads(args.threads)
