@@ -220,20 +220,23 @@ def _fill(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def _seed_from_box(smooth: np.ndarray, box_local: np.ndarray) -> np.ndarray:
-    """A click for a box alone: the voxel of the box's central third nearest to its centre whose intensity is that
-    third's median (the structure a box is drawn around fills its centre)."""
+def _seeds_from_box(smooth: np.ndarray, box_local: np.ndarray, quantiles=(0.5, 0.25, 0.75)) -> list[np.ndarray]:
+    """Clicks a box alone may stand for: for each intensity quantile of the box's central third, its voxel nearest
+    to the centre with about that intensity (the structure a box is drawn around fills its centre)."""
     third = tuple(
         slice(int(lo + (hi - lo) // 3), int(hi - (hi - lo) // 3) + 1)
         for lo, hi in zip(box_local[:, 0], box_local[:, 1])
     )
     centre_part = smooth[third]
-    target = float(np.median(centre_part))
     grid = np.indices(centre_part.shape).reshape(3, -1).T
     middle = (np.array(centre_part.shape) - 1) / 2.0
-    cost = np.abs(centre_part.ravel() - target) / 10.0 + np.linalg.norm((grid - middle) / (middle + 1), axis=1)
-    best = grid[int(np.argmin(cost))]
-    return best + np.array([s.start for s in third])
+    off_centre = np.linalg.norm((grid - middle) / (middle + 1), axis=1)
+    seeds = []
+    for q in quantiles:
+        target = float(np.quantile(centre_part, q))
+        best = grid[int(np.argmin(np.abs(centre_part.ravel() - target) / 10.0 + off_centre))]
+        seeds.append(best + np.array([s.start for s in third]))
+    return seeds
 
 
 def grow_crop(
@@ -298,8 +301,10 @@ def _upsample(mask: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.
     return np.pad(out, pad, mode="edge")[tuple(slice(0, n) for n in shape)]
 
 
-def box_seed(hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: AnyOptions | None = None) -> np.ndarray:
-    """The click a box alone stands for (file indices): see ``_seed_from_box``, on the box's working grid."""
+def box_seeds(
+    hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: AnyOptions | None = None
+) -> list[np.ndarray]:
+    """The clicks a box alone may stand for (file indices): see ``_seeds_from_box``, on the box's working grid."""
     options = options or AnyOptions()
     region = tuple(slice(int(lo), int(hi) + 1) for lo, hi in box)
     step = _steps(region, axis, options.grid_voxels)
@@ -307,7 +312,18 @@ def box_seed(hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: A
     spacing = np.asarray(spacing, np.float64) * step
     smooth = ndimage.gaussian_filter(small, sigma=options.smooth_mm / spacing) if options.smooth_mm else small
     local = np.stack([np.zeros(3, int), np.array(small.shape) - 1], axis=1)
-    return np.minimum(box[:, 0] + _seed_from_box(smooth, local) * step, box[:, 1])
+    return [np.minimum(box[:, 0] + seed * step, box[:, 1]) for seed in _seeds_from_box(smooth, local)]
+
+
+def box_fit(region: tuple[slice, ...], blob: np.ndarray, box: np.ndarray) -> float:
+    """How well a blob answers its box: the share of the box its own box spans, less how far it fills more than
+    3/4 of the box (a band that took everything in the box)."""
+    if not blob.any():
+        return -1.0
+    idx = np.argwhere(blob) + np.array([s.start for s in region])
+    span = np.prod(idx.max(axis=0) - idx.min(axis=0) + 1) / np.prod(box[:, 1] - box[:, 0] + 1)
+    fill = blob.sum() / np.prod(box[:, 1] - box[:, 0] + 1)
+    return float(span - 2.0 * max(0.0, fill - 0.75))
 
 
 def grow_blob(
