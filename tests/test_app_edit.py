@@ -108,6 +108,18 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
             sent = _post(url, "edit", "kbp2", {"Brainstem": [missed.tolist()]}, files={"label": f})
         assert sent.status_code == 200 and sent.json()["start"] == "request", sent.text
 
+        # a structure the bank does not know, started from a box (class-agnostic, at the scan's resolution); the
+        # same prompts again are replayed, not recomputed
+        low, high = np.argwhere(truth).min(axis=0), np.argwhere(truth).max(axis=0)
+        boxed = {"label_names": {"Stem": 5}, "label": "Stem", "box": [low.tolist(), high.tolist()]}
+        label, result = _label(url, "kbp2", boxed, folder)
+        assert result["computed"] == ["Stem"] and (label == 5).any(), result
+        outside = np.ones(truth.shape, bool)
+        outside[tuple(slice(a, b + 1) for a, b in zip(low, high))] = False
+        assert not (outside & (label == 5)).any()
+        _, result = _label(url, "kbp2", boxed, folder)
+        assert result["computed"] == [], result
+
         wrong = tmp_path / "wrong.nii.gz"
         nib = pytest.importorskip("nibabel")
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(wrong))
@@ -119,6 +131,9 @@ def test_edit_task_corrects_the_auto_segmentation_and_refuses_bad_clicks(tmp_pat
             ({"foreground": [[10, 10, 10]], "label": "Heart"}, None, "Heart"),
             ({"Brainstem": [[10, 10, 10]]}, wrong, "shape"),
             ({"Brainstem": [[10, 10, 10]], "method": "magic"}, None, "method must be refiner or geodesic"),
+            ({"label_names": {"Nerve": 1}, "Nerve": [[10, 10, 10]]}, None, "value of the bank organ 'Brainstem'"),
+            ({"label_names": {"Nerve": 9}, "label": "Nerve", "box": [[5, 5, 5], [5, 5, 5]]}, None, "zero size"),
+            ({"label_names": {"Nerve": 9}, "label": "Nerve", "box": [[5, 5, 5], [99, 9, 9]]}, None, "outside"),
         ]
         for params, upload, needle in bad:
             if upload is None:
