@@ -42,8 +42,8 @@ system-deps:  ## Orthanc + Chromium (DICOMweb/OHIF tests), dicom3tools + plastim
 test: setup system-deps lint  ## lint, then run the test suite (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q --durations=20 tests
 
-test-quick: setup  ## the tests that need no data folder and no server (markers: not slow, not data): under a minute
-	$(BIN)/python -m pytest -q -m "not slow and not data" tests
+test-quick: setup  ## tests/unit: no data folder, no server (about a minute)
+	$(BIN)/python -m pytest -q tests/unit
 
 sample-datastore: setup  ## a MONAI Label datastore from $(DATA)/openkbp: 3 templates with final labels + 5 unlabeled scans
 	$(BIN)/python scripts/make_sample_datastore.py --data $(DATA) --out $(SAMPLE)

@@ -41,8 +41,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 
 from app_server import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
-from common import ORGANS, RESULTS, OpenKBP, machine_line  # noqa: E402
-from medlsam.interact.click_simulator import error_click, organ_centre_click
+from common import ORGANS, RESULTS, OpenKBP, command_line, machine_line  # noqa: E402
+from medlsam.interact.click_simulator import error_click, organ_centre_click  # noqa: E402
 from medlsam.utils.metrics import dice  # noqa: E402
 
 
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dice-only", action="store_true", help="part 2 only (no server, no latencies)")
     parser.add_argument("--out", default=str(RESULTS / "app"))
     args = parser.parse_args(argv)
+    args.command = command_line("benchmarks/app.py", argv)
     if args.tiny:
         args.templates, args.images, args.repeats, args.dice_cases = 1, 1, 1, 1
         args.organs, args.clicks, args.max_slices = "Brainstem,LeftParotid", "1,2", 3
@@ -158,23 +159,7 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
     """Part 1: latencies through a real server on a sample datastore; returns the server's peak memory (MB)."""
     work = Path(tempfile.mkdtemp(prefix="medlsam-app-bench-"))
     studies = work / "studies"
-    subprocess.run(
-        [
-            sys.executable,
-            str(HERE.parent / "scripts" / "make_sample_datastore.py"),
-            "--data",
-            str(kbp.root.parent),
-            "--out",
-            str(studies),
-            "--templates",
-            str(args.templates),
-            "--unlabeled",
-            str(args.images),
-        ],
-        check=True,
-    )
-    meta = json.loads((studies / "datastore_v2.json").read_text())["objects"]
-    unlabeled = sorted(k for k, v in meta.items() if not v["labels"].get("final"))
+    unlabeled = sample_datastore(kbp, studies, args.templates, args.images)
     app = private_app(work)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -184,63 +169,89 @@ def server_part(args, kbp: OpenKBP, organs: list[str], lat: dict[str, list[float
     )
     try:
         wait_for_server(url, server, log=log)
-        from medlsam.io.volume import read_volume
-
-        for n, image in enumerate(unlabeled):
-            params = {"result_extension": ".nrrd", "result_dtype": "uint8"}
-            if args.tiny:
-                params["organs"] = organs
-            elapsed, result = post(url, "medlsam", image, params)
-            lat["medlsam_first" if n == 0 else "medlsam"].append(elapsed)
-            details.setdefault("medlsam", []).append(
-                {
-                    "image": image,
-                    "s": round(elapsed, 2),
-                    "timings_s": result.get("timings_s"),
-                    "encoder_calls": result.get("encoder_calls"),
-                    "not_found": result.get("not_found"),
-                }
-            )
-            print(f"medlsam {image}: {elapsed:.1f} s", flush=True)
-        if len(unlabeled) == 1:  # the repeat reuses the cached embeddings: localisation + decoder only
-            elapsed, _ = post(url, "medlsam", unlabeled[0], {"organs": organs} if args.tiny else {})
-            lat["medlsam"].append(elapsed)
+        time_medlsam(url, unlabeled, args, organs, lat, details)
         for _ in range(args.repeats):
             lat["medlam"].append(post(url, "medlam", unlabeled[0], {})[0])
         image = unlabeled[-1]
+        from medlsam.io.volume import read_volume
+
         truth = read_volume(kbp.label(image)).array
-        # sam: a fresh slice per repeat (first click encodes it), then later clicks on the same slice
-        brain = truth == kbp.values["Brainstem"]
-        mandible = truth == kbp.values["Mandible"]
-        organ = mandible if mandible.any() else brain
-        ks = np.nonzero(organ.any(axis=(0, 1)))[0]
-        for r in range(args.repeats):
-            k = int(ks[(r * 3) % len(ks)])
-            plane = organ[:, :, k]
-            i, j = np.argwhere(plane)[len(np.argwhere(plane)) // 2]
-            lat["sam_first"].append(post(url, "sam", image, {"foreground": [[int(i), int(j), k]]})[0])
-            for extra in range(2):
-                lat["sam_later"].append(
-                    post(url, "sam", image, {"foreground": [[int(i), int(j), k]], "background": [[2 + extra, 2, k]]})[0]
-                )
-        for r in range(args.repeats):
-            target = [o for o in organs if (truth == kbp.values[o]).any()][r % max(1, len(organs))]
-            click = organ_centre_click(truth == kbp.values[target], 2)
-            elapsed, result = post(url, "sam_3d", image, {"foreground": [click], "max_slices": args.max_slices})
-            lat["sam_3d"].append(elapsed)
-            details.setdefault("sam_3d", []).append(
-                {
-                    "organ": target,
-                    "s": round(elapsed, 2),
-                    "encoder_calls": result.get("encoder_calls"),
-                    "slices": result.get("slices"),
-                }
-            )
+        time_clicks(url, image, truth, kbp, args.repeats, lat)
+        time_sam_3d(url, image, truth, kbp, args, organs, lat, details)
         memory = peak_memory_mb(server.pid)
     finally:
         stop_server(server)
         shutil.rmtree(work, ignore_errors=True)
     return memory
+
+
+def sample_datastore(kbp: OpenKBP, studies: Path, templates: int, images: int) -> list[str]:
+    """scripts/make_sample_datastore.py into ``studies``; returns its unlabeled images' ids."""
+    script = str(HERE.parent / "scripts" / "make_sample_datastore.py")
+    subprocess.run(
+        [sys.executable, script, "--data", str(kbp.root.parent), "--out", str(studies)]
+        + ["--templates", str(templates), "--unlabeled", str(images)],
+        check=True,
+    )
+    meta = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    return sorted(k for k, v in meta.items() if not v["labels"].get("final"))
+
+
+def time_medlsam(url: str, unlabeled: list[str], args, organs: list[str], lat: dict, details: dict) -> None:
+    """medlsam on each unlabeled image (the first call apart); with one image, the same image again."""
+    for n, image in enumerate(unlabeled):
+        params = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+        if args.tiny:
+            params["organs"] = organs
+        elapsed, result = post(url, "medlsam", image, params)
+        lat["medlsam_first" if n == 0 else "medlsam"].append(elapsed)
+        details.setdefault("medlsam", []).append(
+            {
+                "image": image,
+                "s": round(elapsed, 2),
+                "timings_s": result.get("timings_s"),
+                "encoder_calls": result.get("encoder_calls"),
+                "not_found": result.get("not_found"),
+            }
+        )
+        print(f"medlsam {image}: {elapsed:.1f} s", flush=True)
+    if len(unlabeled) == 1:  # the repeat reuses the cached embeddings: localisation + decoder only
+        elapsed, _ = post(url, "medlsam", unlabeled[0], {"organs": organs} if args.tiny else {})
+        lat["medlsam"].append(elapsed)
+
+
+def time_clicks(url: str, image: str, truth: np.ndarray, kbp: OpenKBP, repeats: int, lat: dict) -> None:
+    """sam: a fresh slice per repeat (first click encodes it), then later clicks on the same slice."""
+    brain = truth == kbp.values["Brainstem"]
+    mandible = truth == kbp.values["Mandible"]
+    organ = mandible if mandible.any() else brain
+    ks = np.nonzero(organ.any(axis=(0, 1)))[0]
+    for r in range(repeats):
+        k = int(ks[(r * 3) % len(ks)])
+        plane = organ[:, :, k]
+        i, j = np.argwhere(plane)[len(np.argwhere(plane)) // 2]
+        lat["sam_first"].append(post(url, "sam", image, {"foreground": [[int(i), int(j), k]]})[0])
+        for extra in range(2):
+            lat["sam_later"].append(
+                post(url, "sam", image, {"foreground": [[int(i), int(j), k]], "background": [[2 + extra, 2, k]]})[0]
+            )
+
+
+def time_sam_3d(url: str, image: str, truth: np.ndarray, kbp: OpenKBP, args, organs, lat: dict, details: dict):
+    """sam_3d: one click at an organ's centre per repeat, the organs in turn."""
+    for r in range(args.repeats):
+        target = [o for o in organs if (truth == kbp.values[o]).any()][r % max(1, len(organs))]
+        click = organ_centre_click(truth == kbp.values[target], 2)
+        elapsed, result = post(url, "sam_3d", image, {"foreground": [click], "max_slices": args.max_slices})
+        lat["sam_3d"].append(elapsed)
+        details.setdefault("sam_3d", []).append(
+            {
+                "organ": target,
+                "s": round(elapsed, 2),
+                "encoder_calls": result.get("encoder_calls"),
+                "slices": result.get("slices"),
+            }
+        )
 
 
 def _median(values: list[float]) -> str:
@@ -269,6 +280,8 @@ def write_report(out: Path, args, lat, memory, details, rows, clicks, organs) ->
         f"start_server` with `--conf threads {args.threads}`, LiteMedSAM, shipped MedLAM, {args.templates} "
         f"template(s) from the OpenKBP train split, {args.images} unlabeled validation scan(s); requests as Slicer "
         "(multipart, .nrrd, uint8)." + (" **--tiny run: checks the script, not the numbers.**" if args.tiny else ""),
+        "",
+        f"Command (from the clone's root, data in `../shared/data`): `{args.command}`",
         "",
         "| request | median s | n |",
         "|---|---|---|",

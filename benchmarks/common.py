@@ -1,22 +1,28 @@
-"""Shared benchmark helpers: the OpenKBP split, the fixed templates, report writing."""
+"""Shared benchmark helpers: the OpenKBP split, the fixed templates, report writing (the command line that
+regenerates a report from a fresh clone)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medlsam.atlas.templates import TemplateBank, build_bank, load_bank
+from medlsam.atlas.bank_builder import build_bank
+from medlsam.atlas.templates import TemplateBank, load_bank
 from medlsam.errors import TemplateError
 from medlsam.paths import data_dir
 
 ORGANS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+RUNS = REPO / "runs" / "benchmarks"  # git-ignored: what a benchmark keeps between its runs
+OUTSIDE = "<outside the clone>"  # how command_line names a path that a fresh clone does not have
 
 
 def case_number(case_id: str) -> int:
@@ -81,3 +87,43 @@ def template_bank(
         path.parent.mkdir(parents=True, exist_ok=True)
         bank.save(path)
     return bank
+
+
+def portable_path(text: str) -> str:
+    """A path as a fresh clone names it: relative to the clone's root inside it, ``../shared/data/...`` (or
+    ``$MEDLSAM_DATA/...`` when the data lies elsewhere) inside the data folder, else ``<outside the clone>/NAME``."""
+    path = Path(text).expanduser().resolve()
+    data = data_dir().resolve()
+    if path.is_relative_to(REPO):
+        return path.relative_to(REPO).as_posix() or "."
+    if path.is_relative_to(data):
+        base = "../shared/data" if data == (REPO.parent / "shared" / "data").resolve() else "$MEDLSAM_DATA"
+        inside = path.relative_to(data).as_posix()
+        return base if inside == "." else f"{base}/{inside}"
+    return f"{OUTSIDE}/{path.name}"
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "~", "./", "../")) or os.sep in text or Path(text).exists()
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """``python SCRIPT ARGS`` as run (``argv``: default sys.argv[1:]) with machine-independent paths
+    (``portable_path``); run from the clone's root it regenerates the report (unless it names a path outside it)."""
+    words = []
+    for word in sys.argv[1:] if argv is None else argv:
+        if word.startswith("-"):
+            option, equals, value = word.partition("=")
+            if equals and _looks_like_path(value):
+                word = f"{option}={portable_path(value)}"
+        elif _looks_like_path(word):
+            word = portable_path(word)
+        words.append(word)
+    return " ".join(["python", script, *words])
+
+
+def outside_note(command: str) -> str:
+    """A sentence for a report whose command names a path outside the clone (else '')."""
+    if OUTSIDE not in command:
+        return ""
+    return f" ({OUTSIDE}: a path of the machine it ran on; from a fresh clone, make or name one of your own)"

@@ -30,13 +30,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
 
 import orthanc  # noqa: E402
 from load_dicomweb import load  # noqa: E402
 
 from app_server import free_port, private_app, start_server, stop_server, wait_for_server  # noqa: E402
-from common import RESULTS, machine_line  # noqa: E402
+from common import RESULTS, command_line, machine_line  # noqa: E402
 
 OHIF_PARAMS = {
     "result_extension": ".nrrd",
@@ -90,83 +89,16 @@ def main(argv=None) -> int:
     notes: dict[str, str] = {}
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     tmp = Path(tempfile.mkdtemp(prefix="medlsam-dicomweb-"))
-    server = None
+    servers: list = []
     try:
-        studies = tmp / "studies"
-        script = str(REPO / "scripts" / "make_sample_datastore.py")
-        subprocess.run(
-            [sys.executable, script, "--data", args.data, "--out", str(studies), "--templates", str(args.templates)]
-            + ["--unlabeled", "2"],
-            check=True,
-        )
-        port = free_port()
-        tic = time.perf_counter()
-        orthanc.start(tmp / "orthanc", port)
-        stages["orthanc_start"] = time.perf_counter() - tic
-        url = orthanc.dicomweb_url(port)
-        tic = time.perf_counter()
-        state = load(studies, url, tmp / "loaded.json")
-        stages["load_datastore"] = time.perf_counter() - tic
-        notes["load_datastore"] = f"{len(state)} CT series ({sum('seg' in e for e in state.values())} with a SEG)"
-        unlabeled = [e for e in state.values() if "seg" not in e]
-        app = private_app(tmp)
-        api_port = free_port()
-        api = f"http://127.0.0.1:{api_port}"
+        api, unlabeled = start_all(args, tmp, stages, notes, servers)
         log = tmp / "server.log"
-        os.environ["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp / "cache")
-        conf = {"models": "medlsam", "templates": args.templates, "threads": args.threads, "prior_weight": 0.8}
-        conf["adapt_on_save"] = "false"  # a background LiteMedSAM adaptation would disturb the timings
-        tic = time.perf_counter()
-        server = start_server(app, url, api_port, conf, log)
-        wait_for_server(api, server, timeout=300, log=log)
-        stages["server_start"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        seconds, first = infer(api, unlabeled[0]["series"])  # sent at once: waits for the background bank build
-        stages["first_autoseg_after_start"] = seconds
-        notes["first_autoseg_after_start"] = last_stages(log)
-        bank = wait_bank(api, args.templates)
-        stages["bank_build"] = bank["build_s"]
-        notes["bank_build"] = f"{len(bank['templates'])} templates, {len(bank['organs'])} organs"
-        builds = log.read_text().count("template bank: building from")
-        notes["builds"] = f"{builds} bank build(s) in the log (the request waited for the background one)"
-        stages["later_autoseg_same_series"], _ = infer(api, unlabeled[0]["series"])
-        notes["later_autoseg_same_series"] = last_stages(log)
-        stages["first_autoseg_other_series"], result = infer(api, unlabeled[1]["series"])
-        notes["first_autoseg_other_series"] = last_stages(log)
-        label = tmp / "result.nrrd"
-        label.write_bytes(result)
-        labels = requests.get(f"{api}/info/", timeout=60).json()["models"]["medlsam"]["labels"]
-        info = [{"name": n, "idx": v} for n, v in labels.items()]
-        tic = time.perf_counter()
-        with open(label, "rb") as handle:
-            answer = requests.put(
-                f"{api}/datastore/label",
-                params={"image": unlabeled[1]["series"], "tag": "final"},
-                files={"label": ("label.nrrd", handle)},
-                data={"params": json.dumps({"label_info": info})},
-                timeout=600,
-            )
-        answer.raise_for_status()
-        stages["seg_save"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        bank = wait_bank(api, args.templates, including=unlabeled[1]["series"])
-        stages["bank_rebuild_after_save"] = time.perf_counter() - tic
-        notes["bank_rebuild_after_save"] = (
-            f"the saved label is the newest of {args.templates} templates: 1 built, the others from the cache"
-        )
+        autosegmentations(api, log, args.templates, unlabeled, stages, notes, tmp / "result.nrrd")
+        save_and_rebuild(api, args.templates, unlabeled[1]["series"], tmp / "result.nrrd", stages, notes)
         if not args.no_browser and shutil.which("chromium"):
-            from ohif_driver import run_ohif_autosegmentation
-            from playwright.sync_api import sync_playwright
-
-            with sync_playwright() as p:
-                shown = run_ohif_autosegmentation(
-                    p, shutil.which("chromium"), api, unlabeled[0]["study"], tmp / "ohif.png"
-                )
-            stages["ohif_study_load"] = shown["seconds"]["study_loaded"]
-            stages["ohif_run_to_labelmap"] = shown["seconds"]["autosegmentation"]
-            notes["ohif_run_to_labelmap"] = "series seen before: cached embeddings"
+            ohif(api, unlabeled[0]["study"], tmp / "ohif.png", stages, notes)
     finally:
-        if server is not None:
+        for server in servers:
             stop_server(server)
         orthanc.stop(tmp / "orthanc")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,19 +109,115 @@ def main(argv=None) -> int:
         "templates": args.templates,
         "load_before": load_before,
         "load_after": load_after,
-        "command": "python benchmarks/dicomweb.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks/dicomweb.py", argv),
         "stages_s": {k: round(v, 2) for k, v in stages.items()},
         "notes": notes,
     }
+    write_report(report, stages, notes)
+    return 0
+
+
+def start_all(args, tmp: Path, stages: dict, notes: dict, servers: list) -> tuple[str, list[dict]]:
+    """The sample datastore, Orthanc, the datastore loaded into it as DICOM, MONAI Label on it (appended to
+    ``servers`` once started); returns the server's URL and the unlabeled series."""
+    studies = tmp / "studies"
+    script = str(REPO / "scripts" / "make_sample_datastore.py")
+    subprocess.run(
+        [sys.executable, script, "--data", args.data, "--out", str(studies), "--templates", str(args.templates)]
+        + ["--unlabeled", "2"],
+        check=True,
+    )
+    port = free_port()
+    tic = time.perf_counter()
+    orthanc.start(tmp / "orthanc", port)
+    stages["orthanc_start"] = time.perf_counter() - tic
+    url = orthanc.dicomweb_url(port)
+    tic = time.perf_counter()
+    state = load(studies, url, tmp / "loaded.json")
+    stages["load_datastore"] = time.perf_counter() - tic
+    notes["load_datastore"] = f"{len(state)} CT series ({sum('seg' in e for e in state.values())} with a SEG)"
+    unlabeled = [e for e in state.values() if "seg" not in e]
+    app = private_app(tmp)
+    api_port = free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    log = tmp / "server.log"
+    os.environ["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp / "cache")
+    conf = {"models": "medlsam", "templates": args.templates, "threads": args.threads, "prior_weight": 0.8}
+    conf["adapt_on_save"] = "false"  # a background LiteMedSAM adaptation would disturb the timings
+    tic = time.perf_counter()
+    server = start_server(app, url, api_port, conf, log)
+    servers.append(server)
+    wait_for_server(api, server, timeout=300, log=log)
+    stages["server_start"] = time.perf_counter() - tic
+    return api, unlabeled
+
+
+def autosegmentations(
+    api: str, log: Path, templates: int, unlabeled: list[dict], stages: dict, notes: dict, result: Path
+) -> None:
+    """The first auto-segmentation after the start (it waits for the bank build), a later one on the same series,
+    a first one on another series (its label kept in ``result``)."""
+    seconds, _ = infer(api, unlabeled[0]["series"])  # sent at once: waits for the background bank build
+    stages["first_autoseg_after_start"] = seconds
+    notes["first_autoseg_after_start"] = last_stages(log)
+    bank = wait_bank(api, templates)
+    stages["bank_build"] = bank["build_s"]
+    notes["bank_build"] = f"{len(bank['templates'])} templates, {len(bank['organs'])} organs"
+    builds = log.read_text().count("template bank: building from")
+    notes["builds"] = f"{builds} bank build(s) in the log (the request waited for the background one)"
+    stages["later_autoseg_same_series"], _ = infer(api, unlabeled[0]["series"])
+    notes["later_autoseg_same_series"] = last_stages(log)
+    stages["first_autoseg_other_series"], label = infer(api, unlabeled[1]["series"])
+    notes["first_autoseg_other_series"] = last_stages(log)
+    result.write_bytes(label)
+
+
+def save_and_rebuild(api: str, templates: int, series: str, label: Path, stages: dict, notes: dict) -> None:
+    """``label`` saved as the series' final label (DICOM SEG), and the bank rebuild it starts."""
+    labels = requests.get(f"{api}/info/", timeout=60).json()["models"]["medlsam"]["labels"]
+    info = [{"name": n, "idx": v} for n, v in labels.items()]
+    tic = time.perf_counter()
+    with open(label, "rb") as handle:
+        answer = requests.put(
+            f"{api}/datastore/label",
+            params={"image": series, "tag": "final"},
+            files={"label": ("label.nrrd", handle)},
+            data={"params": json.dumps({"label_info": info})},
+            timeout=600,
+        )
+    answer.raise_for_status()
+    stages["seg_save"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    wait_bank(api, templates, including=series)
+    stages["bank_rebuild_after_save"] = time.perf_counter() - tic
+    notes["bank_rebuild_after_save"] = (
+        f"the saved label is the newest of {templates} templates: 1 built, the others from the cache"
+    )
+
+
+def ohif(api: str, study: str, screenshot: Path, stages: dict, notes: dict) -> None:
+    """OHIF in headless Chromium: the study loaded, Run to the labelmap shown."""
+    from ohif_driver import run_ohif_autosegmentation
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        shown = run_ohif_autosegmentation(p, shutil.which("chromium"), api, study, screenshot)
+    stages["ohif_study_load"] = shown["seconds"]["study_loaded"]
+    stages["ohif_run_to_labelmap"] = shown["seconds"]["autosegmentation"]
+    notes["ohif_run_to_labelmap"] = "series seen before: cached embeddings"
+
+
+def write_report(report: dict, stages: dict, notes: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dicomweb.json").write_text(json.dumps(report, indent=2))
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.1f} | {notes.get(k, '')} |" for k, v in stages.items())
+    threads, templates = report["server_threads"], report["templates"]
     (RESULTS / "dicomweb.md").write_text(
         f"""# The DICOMweb path (Orthanc + MONAI Label + OHIF), stage by stage
 
-Machine: {report["machine"]}; server `--conf threads {args.threads}`; load average before {" ".join(load_before)},
-after {" ".join(load_after)} (the machine is shared: other jobs ran meanwhile).
-Command: `{report["command"]}` (sample datastore: {args.templates} OpenKBP train templates with final labels stored
+Machine: {report["machine"]}; server `--conf threads {threads}`; load average before {" ".join(report["load_before"])},
+after {" ".join(report["load_after"])} (the machine is shared: other jobs ran meanwhile).
+Command: `{report["command"]}` (sample datastore: {templates} OpenKBP train templates with final labels stored
 as DICOM SEG + 2 validation scans; OHIF's requests: `output=image`, `.nrrd`, uint8, `--conf prior_weight 0.8`).
 
 | stage | seconds | notes |
@@ -203,7 +231,6 @@ the series and encodes its slices.
 """
     )
     print((RESULTS / "dicomweb.md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/editing.py [--split validation] [--cases N] [--threads 1] [--set reach_mm=10] [--rows ...]
 
-Each scan's starting point is cached in --cache (default /tmp/medlsam-edit-cache; restartable): the 5 protocol
+Each scan's starting point is cached in --cache (default runs/benchmarks/editing/, git-ignored; restartable;
+--cache-only computes only the starts, so that runs of single rows can then go in parallel): the 5 protocol
 templates' bank, the template-prior auto-segmentation (``SegmentOptions(prior_weight=1)``: no SAM, Dice 0.550
 against 0.548 for the SAM blend on the 33 validation scans) and each organ's prior. Rows:
 
@@ -13,17 +14,16 @@ against 0.548 for the SAM blend on the 33 validation scans) and each organ's pri
 - agnostic: no template knowledge (no prior, no intensity model): the class-agnostic edit from the same clicks.
 
 Clicks: ``medlsam.interact.click_simulator`` (each later click at the most interior voxel of the largest 3D error).
-Dice and
-HD95 after 0, 1, 2, 3, 5, 10 clicks; seconds per click (median) against one LiteMedSAM encoder call. Writes
-benchmarks/results/editing.md, .png and .json (--out). The query's labels are read only to place the clicks and
-score, as a simulated annotator would.
+Dice and HD95 after 0, 1, 2, 3, 5, 10 clicks; seconds per click (median) against one LiteMedSAM encoder call.
+Writes benchmarks/results/editing.md, .png and .json (--out; the .json keeps the rows and the command that computed
+them; report: benchmarks/editing_report.py). --load A.json,B.json reports the rows of earlier runs together and
+states their commands, then its own: the report's recipe from a fresh clone. The query's labels are read only to
+place the clicks and score, as a simulated annotator would.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -34,22 +34,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from editing_report import CLICKS, ROWS, load_runs, summary, write_report  # noqa: E402
 
-from common import ORGANS, RESULTS, OpenKBP, machine_line, template_bank  # noqa: E402
+from common import ORGANS, RESULTS, RUNS, OpenKBP, command_line, template_bank  # noqa: E402
 from medlsam.atlas.prior import FilePrior  # noqa: E402
-from medlsam.interact.click_simulator import error_click, organ_centre_click
+from medlsam.interact.click_simulator import error_click, organ_centre_click  # noqa: E402
 from medlsam.interact.editing import EditOptions, IntensityModel, OrganClicks, edit_label  # noqa: E402
 from medlsam.io.volume import load_ct, read_volume  # noqa: E402
 from medlsam.paths import SHIPPED_CLICK_REFINER  # noqa: E402
 from medlsam.utils.metrics import cranio_caudal_axis, dice, hd95  # noqa: E402
-
-CLICKS = (0, 1, 2, 3, 5, 10)
-ROWS = {
-    "edit": "editing the auto-segmentation",
-    "scratch": "from scratch, organ-labelled clicks",
-    "agnostic": "class-agnostic (no templates)",
-}
-METHODS = {"refiner": "click refiner network", "geodesic": "geodesic edit"}
 
 
 def cached_start(data: OpenKBP, case_id: str, cache: Path, localizer, bank) -> dict:
@@ -200,53 +193,6 @@ def run(args, data: OpenKBP, options: EditOptions) -> list[dict]:
     return rows
 
 
-def organ_means(rows: list[dict], key: tuple[str, str], n: int, field: str = "dice") -> dict[str, float]:
-    """Mean over scans per organ of ``field`` after n clicks (HD95: over the non-empty predictions), for the rows
-    of ``key`` (method, start)."""
-    out = {}
-    for organ in ORGANS:
-        vals = [r[f"{field}_{n}"] for r in rows if _key(r) == key and r["organ"] == organ and f"{field}_{n}" in r]
-        vals = [v for v in vals if v is not None]
-        if vals:
-            out[organ] = float(np.mean(vals))
-    return out
-
-
-def _key(row: dict) -> tuple[str, str]:
-    return row.get("method", "geodesic"), row["row"]  # rows of runs before the refiner: the geodesic edit
-
-
-def _label(key: tuple[str, str]) -> str:
-    return f"{ROWS[key[1]]}, {METHODS[key[0]]}"
-
-
-def summary(rows: list[dict], clicks: int) -> dict:
-    result = {}
-    keys = sorted({_key(r) for r in rows}, key=lambda k: (list(ROWS).index(k[1]), list(METHODS).index(k[0])))
-    for key in keys:
-        per_n = {}
-        for n in CLICKS:
-            if n > clicks:
-                continue
-            organs = organ_means(rows, key, n)
-            per_n[n] = {
-                "dice": float(np.mean(list(organs.values()))),
-                "dice_std": float(np.std(list(organs.values()))),
-                "hd95": float(np.mean(list(organ_means(rows, key, n, "hd95").values()))),
-                "organs": organs,
-            }
-        later = [s for r in rows if _key(r) == key for s in r["seconds"][1:]]
-        first = [r["seconds"][0] for r in rows if _key(r) == key and r["seconds"]]
-        result[key] = {
-            "per_clicks": per_n,
-            "first_click_s": statistics.median(first) if first else None,
-            "later_click_s": statistics.median(later) if later else None,
-            "later_click_s_p90": float(np.percentile(later, 90)) if later else None,
-            "later_click_s_max": max(later) if later else None,
-        }
-    return result
-
-
 def encoder_seconds(threads: int) -> float:
     """Median seconds of one LiteMedSAM encoder call on a 128 x 128 CT slice (3 calls)."""
     from medlsam.segment.sam import build_segmenter
@@ -262,97 +208,12 @@ def encoder_seconds(threads: int) -> float:
     return statistics.median(times)
 
 
-def write_report(out: Path, args, options: EditOptions, rows: list[dict], result: dict, encoder_s: float | None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = [n for n in CLICKS if n <= args.max_clicks]
-    scans = len({r["case"] for r in rows})
-    lines = [
-        "# Click editing: Dice against simulated clicks (OpenKBP)",
-        "",
-        f"- Split: {args.split}, {scans} scans, every contoured organ; templates: the 5 protocol templates "
-        "(as the segmentation benchmark).",
-        f"- Machine: {machine_line()}; load average at the end {os.getloadavg()[0]:.1f}.",
-        f"- Click refiner: `{args.refiner_record}`.",
-        f"- Geodesic edit options: `{options}`.",
-        "- Start of `edit`: the template-prior auto-segmentation (`SegmentOptions(prior_weight=1)`, no SAM).",
-        f"- Command: `python benchmarks/editing.py {' '.join(sys.argv[1:])}`",
-        "",
-        "Mean over scans per organ, then over the organs (± std over organs); HD95 in mm over non-empty masks.",
-        "",
-        "| start, method | " + " | ".join(f"Dice {n}" for n in counts) + " | " + f"HD95 0 / {counts[-1]} | "
-        "s first click | s later click (median / 90th pct / max) |",
-        "|---|" + "---|" * (len(counts) + 3),
-    ]
-    for key, res in result.items():
-        pn = res["per_clicks"]
-        later = (
-            f"{res['later_click_s']:.2f} / {res['later_click_s_p90'] or 0:.2f} / {res['later_click_s_max']:.2f}"
-            if res["later_click_s"] is not None
-            else ""
-        )
-        lines.append(
-            f"| {_label(key)} | "
-            + " | ".join(f"{pn[n]['dice']:.3f} ± {pn[n]['dice_std']:.3f}" for n in counts)
-            + f" | {_mm(pn[0]['hd95'])} / {_mm(pn[counts[-1]]['hd95'])} | {res['first_click_s'] or 0:.2f} | {later} |"
-        )
-    if encoder_s:
-        lines += ["", f"One LiteMedSAM encoder call (one slice) on this machine: {encoder_s:.2f} s."]
-        for key, res in result.items():
-            if res["later_click_s"] is not None:
-                lines.append(
-                    f"- {_label(key)}: a later click costs {res['later_click_s'] / encoder_s:.2f} encoder calls."
-                )
-    for key, res in result.items():
-        lines += [
-            "",
-            f"## Per organ: {_label(key)}",
-            "",
-            "| organ | n | " + " | ".join(f"Dice {n}" for n in counts) + " |",
-        ]
-        lines.append("|---|---|" + "---|" * len(counts))
-        for organ in ORGANS:
-            n_scans = len({r["case"] for r in rows if _key(r) == key and r["organ"] == organ})
-            if n_scans:
-                lines.append(
-                    f"| {organ} | {n_scans} | "
-                    + " | ".join(f"{res['per_clicks'][n]['organs'].get(organ, float('nan')):.3f}" for n in counts)
-                    + " |"
-                )
-    lines += ["", f"![Dice against clicks]({out.name}.png)", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    summary_json = {" / ".join(key): res for key, res in result.items()}
-    out.with_suffix(".json").write_text(json.dumps({"summary": summary_json, "rows": rows}, indent=1))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, res in result.items():
-        style = "-" if key[0] == "refiner" else ":"
-        ax.plot(counts, [res["per_clicks"][n]["dice"] for n in counts], style, marker="o", label=_label(key))
-    ax.axhline(0.75, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("clicks")
-    ax.set_ylabel("mean Dice over organs")
-    ax.set_xticks(counts)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=90)
-    plt.close(fig)
-    print(f"wrote {out.with_suffix('.md')}")
-
-
 def _refiner_record(path: str) -> dict:
     """The training record stored with the click refiner's weights (empty when there are none)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True).get("record", {})
     except (OSError, RuntimeError, AttributeError):
         return {}
-
-
-def _mm(value: float) -> str:
-    return "n/a" if not np.isfinite(value) else f"{value:.1f}"
 
 
 def _option(item: str) -> tuple[str, float]:
@@ -379,7 +240,7 @@ def main(argv=None) -> int:
         help="the click refiner network or the geodesic edit",
     )
     parser.add_argument("--refiner", default=str(SHIPPED_CLICK_REFINER), help="the click refiner's weights")
-    parser.add_argument("--cache", default="/tmp/medlsam-edit-cache")
+    parser.add_argument("--cache", default=str(RUNS / "editing"), help="the scans' starts (and the bank), kept")
     parser.add_argument("--encoder", action="store_true", help="also time one LiteMedSAM encoder call")
     parser.add_argument("--out", type=Path, default=RESULTS / "editing")
     parser.add_argument("--load", default="", help="comma-separated .json of earlier runs: report their rows")
@@ -390,10 +251,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     options = EditOptions(**dict(_option(s) for s in args.set))
     data = OpenKBP()
+    args.command = command_line("benchmarks/editing.py", argv)
     if args.load:
-        rows = [r for path in args.load.split(",") for r in json.loads(Path(path).read_text())["rows"]]
+        rows, args.runs = load_runs([path for path in args.load.split(",") if path])
     else:
-        rows = run(args, data, options)
+        rows, args.runs = run(args, data, options), [args.command]
     if args.cache_only:
         return 0
     result = summary(rows, args.max_clicks)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, OpenKBP  # noqa: E402
+from common import RESULTS, OpenKBP, command_line  # noqa: E402
+from medlsam.atlas.bank_builder import build_bank  # noqa: E402
 from medlsam.atlas.localize import Localizer  # noqa: E402
-from medlsam.atlas.templates import build_bank  # noqa: E402
 from medlsam.io.volume import load_ct, read_volume  # noqa: E402
 from medlsam.medlam.network import MedLAMConfig, load_medlam  # noqa: E402
 from medlsam.medlam.precision import autocast_dtype  # noqa: E402
@@ -212,7 +212,8 @@ def markdown(report: dict) -> str:
         "",
         f"GPU: {g.get('gpu')} ({g.get('memory_gb')} GB, compute {g.get('capability')}, "
         f"bf16 {'yes' if g.get('bf16') else 'no'}: autocast {g.get('autocast')}); torch {g['torch']}, CUDA "
-        f"{g['cuda']}; CPU {g['cpu']}. Written by `python benchmarks/gpu.py` in {report['total_s']:.0f} s.",
+        f"{g['cuda']}; CPU {g['cpu']}. Written by `{report.get('command', 'python benchmarks/gpu.py')}` (from the "
+        f"clone's root) in {report['total_s']:.0f} s.",
         "",
     ]
     seg = report.get("segmentation", {})
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = OpenKBP(Path(args.data) / "openkbp" if args.data else None)
     tic = time.perf_counter()
-    report = {"machine": gpu_info(args.device), "args": vars(args)}
+    report = {"machine": gpu_info(args.device), "args": vars(args), "command": command_line("benchmarks/gpu.py", argv)}
     stage("segmentation", lambda: segmentation(data, args.device, args.scans), report)
     stage("click_refiner", lambda: click_refiner(data, args.device), report)
     used = time.perf_counter() - tic

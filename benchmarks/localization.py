@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
+from common import ORGANS, RESULTS, OpenKBP, command_line, machine_line, mean_std, outside_note, template_bank  # noqa: E402
 from medlsam.atlas.localize import LocalizeOptions, Localizer  # noqa: E402
 from medlsam.io.grid import to_localization_grid  # noqa: E402
 from medlsam.io.volume import load_ct, read_volume  # noqa: E402
@@ -191,6 +191,7 @@ def summarise(per_case: dict) -> dict:
 
 def write_report(summaries: dict, model_path: Path, templates: list[str], cases: int, raw: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    command = command_line("benchmarks/localization.py")
     lines = [
         "# Localisation benchmark (OpenKBP validation split)",
         "",
@@ -201,7 +202,7 @@ def write_report(summaries: dict, model_path: Path, templates: list[str], cases:
         " mean |face difference| in mm over found organs (z = the two cranio-caudal faces). Slice IoU: mean 2D"
         " IoU, over the organ's slices, of the prompt box (WPL: the organ box, SPL: the slab box) with the"
         " slice's true box. Mean over scans per organ, then over organs (± std over organs).",
-        f"- Command: `python benchmarks/localization.py --model {model_path.name}`",
+        f"- Command (from the clone's root, data in `../shared/data`): `{command}`{outside_note(command)}",
         "",
         "| configuration | box IoU | slice IoU | wall mm | z faces mm | in-plane mm | missed | s/scan (median) |",
         "|---|---|---|---|---|---|---|---|",

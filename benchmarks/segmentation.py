@@ -2,16 +2,20 @@
 scans that are not templates (``--split train``: for tuning, never reported as the result).
 
 Per organ Dice and HD95 (a missed organ counts Dice 0 and is never dropped; its HD95 is reported missing)
-for the rows of ROWS: the default pipeline (MedLAM + template matching, per-slice boxes of the organ prior,
-SAM blended with the prior), the prior alone, SAM alone on the prior's boxes, MedLAM boxes (WPL, SPL), and
-ground-truth prompts: the organ's 3D box on every slice (WPL) and each slice's own box. Also the time of one
-scan split by stage and the encoder calls against the reference approach (one encoder call per organ per
-slice). Writes benchmarks/results/segmentation.md, .json and .png (--out), and appends
-benchmarks/notes/segmentation.md (the measured account of what was tried).
+for the rows of ROWS (segmentation_rows.py): the default pipeline (MedLAM + template matching, per-slice boxes
+of the organ prior, SAM blended with the prior), the prior alone, SAM alone on the prior's boxes, MedLAM boxes
+(WPL, SPL), and ground-truth prompts: the organ's 3D box on every slice (WPL) and each slice's own box. Also
+the time of one scan split by stage and the encoder calls against the reference approach (one encoder call per
+organ per slice). Writes benchmarks/results/segmentation.md, .json and .png (--out; the report module:
+segmentation_report.py) with the command line that regenerates it from a fresh clone; the account of what was
+tried is benchmarks/notes/segmentation.md (by hand, not copied into the report).
 
     python benchmarks/segmentation.py [--rows default,prior,wpl] [--cases N] [--first-case N] [--threads 1]
-                                      [--split validation|train]
+                                      [--split validation|train] [--adapt fp32|bf16|auto | --adapted WEIGHTS]
                                       [--bank BANK] [--set key=value] [--model CKPT] [--backend lite_medsam]
+
+Nothing needs to exist beforehand but the data folder: the template banks are built from it on every run (--bank
+keeps one between runs), and --adapt adapts LiteMedSAM to the templates first (runs/benchmarks/, git-ignored).
 
 The rows of one scan share one slice-embedding cache; the timing split and the encoder calls are those of
 the first row, which starts from an empty cache.
@@ -20,7 +24,6 @@ the first row, which starts from an empty cache.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +34,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ORGANS, RESULTS, OpenKBP, machine_line, mean_std, template_bank  # noqa: E402
+from segmentation_report import STAGES, summarise, write_report  # noqa: E402
+from segmentation_rows import LOCALIZE, POOL_ROWS, ROWS, UNCALIBRATED  # noqa: E402
+
+from common import ORGANS, REPO, RESULTS, RUNS, OpenKBP, command_line, template_bank  # noqa: E402
 from medlsam.atlas.localize import LocalizeOptions, Localizer, OrganLocation  # noqa: E402
 from medlsam.atlas.templates import TemplateBank  # noqa: E402
 from medlsam.io.volume import load_ct, read_volume  # noqa: E402
@@ -43,97 +49,7 @@ from medlsam.segment.sam import build_segmenter  # noqa: E402
 from medlsam.segment.sam.slices import SliceEmbeddings  # noqa: E402
 from medlsam.utils.metrics import cranio_caudal_axis, dice, hd95, label_box  # noqa: E402
 
-POOL_ATLASES = 5  # the prior_atlas row: each organ's prior from this many of the --pool templates
-# key -> (row name, prompts: MedLAM's localisation or ground truth, SegmentOptions fields over the defaults,
-# segmenter: the shipped LiteMedSAM or the one adapted to the templates, --adapted WEIGHTS)
-ROWS = {
-    "default": ("MedLSAM default (adapted weights with --adapted, else shipped)", "medlam", {}, "default"),
-    "prior": ("template prior alone (no SAM)", "medlam", {"prior_weight": 1.0}, "shipped"),
-    "prior_weighted": (
-        "template prior alone, placements weighed by their match (sharpness 10)",
-        "medlam",
-        {"prior_weight": 1.0},
-        "shipped",
-    ),
-    "prior_uncalibrated": (
-        "template prior alone, uncalibrated (every organ cut at 0.5)",
-        "medlam",
-        {"prior_weight": 1.0},
-        "shipped",
-    ),
-    "default_uncalibrated": ("MedLSAM default, uncalibrated prior", "medlam", {}, "default"),
-    "prior_atlas": (
-        f"template prior alone, atlas selection: the {POOL_ATLASES} best-matching pool templates per organ",
-        "medlam",
-        {"prior_weight": 1.0},
-        "shipped",
-    ),
-    "prior_pool": ("template prior alone, every pool template", "medlam", {"prior_weight": 1.0}, "shipped"),
-    "prior_slabs": (
-        "template prior alone, slab matching only (no registration)",
-        "medlam",
-        {"prior_weight": 1.0},
-        "shipped",
-    ),
-    "shipped": ("shipped LiteMedSAM + prior (w 0.8)", "medlam", {"prior_weight": 0.8}, "shipped"),
-    "samprior": ("SAM on prior boxes, no blend", "medlam", {"prior_weight": 0.0}, "shipped"),
-    "maskprompt": (
-        "shipped LiteMedSAM, box + prior mask prompt, + prior (w 0.8)",
-        "medlam",
-        {"prior_weight": 0.8, "mask_prompt": True},
-        "shipped",
-    ),
-    "adapted": (
-        "adapted LiteMedSAM, box + prior mask prompt, + prior (w 0.5)",
-        "medlam",
-        {"prior_weight": 0.5},
-        "adapted",
-    ),
-    "adapted_sam": (
-        "adapted LiteMedSAM, box + prior mask prompt, no blend",
-        "medlam",
-        {"prior_weight": 0.0},
-        "adapted",
-    ),
-    "adapted_box": (
-        "adapted LiteMedSAM, box only, + prior (w 0.5)",
-        "medlam",
-        {"prior_weight": 0.5, "mask_prompt": False},
-        "adapted",
-    ),
-    "wpl": ("MedLAM boxes, WPL", "medlam", {"mode": "wpl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}, "shipped"),
-    "spl": ("MedLAM boxes, SPL", "medlam", {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0}, "shipped"),
-    "gt3d": (
-        "ground-truth 3D box (WPL)",
-        "truth3d",
-        {"mode": "wpl", "prior_weight": 0.0, "slice_spacing_mm": 0.0},
-        "shipped",
-    ),
-    "gtslice": (
-        "shipped LiteMedSAM, ground-truth box of every slice",
-        "truthslice",
-        {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0, "mask_prompt": False},
-        "shipped",
-    ),
-    "gtslice_adapted": (
-        "adapted LiteMedSAM, ground-truth box of every slice",
-        "truthslice",
-        {"mode": "spl", "prior_weight": 0.0, "slice_spacing_mm": 0.0, "mask_prompt": False},
-        "adapted",
-    ),
-}
-# rows whose localisation differs from the default (LocalizeOptions fields over the defaults)
-LOCALIZE = {
-    "prior_weighted": {"prior_match_sharpness": 10.0},
-    "prior_slabs": {"prior_registration": False},
-    "prior_atlas": {"prior_atlases": POOL_ATLASES},
-    "prior_pool": {"prior_atlases": 0},
-}
-# rows whose bank holds the --pool templates (the protocol's 5 among them), calibrated with the row's localisation
-POOL_ROWS = {"prior_atlas", "prior_pool"}
-# rows whose bank has every organ's prior cut at 0.5 (as before medlsam.atlas.calibration)
-UNCALIBRATED = {"prior_uncalibrated", "default_uncalibrated"}
-STAGES = ["load", "localize", "prompts", "encode", "decode", "assemble", "write"]
+ADAPTED = RUNS / "segmentation" / "adapted.pt"  # --adapt writes the adapted weights here
 
 
 def uncalibrated(bank: TemplateBank) -> TemplateBank:
@@ -266,129 +182,6 @@ def run(
     return results
 
 
-def summarise(per_case: dict) -> dict:
-    out = {"organs": {}}
-    for organ in ORGANS:
-        rows = [c["organs"][organ] for c in per_case.values() if organ in c["organs"]]
-        if rows:
-            out["organs"][organ] = {
-                "n": len(rows),
-                "missed": sum(r["missed"] for r in rows),
-                "dice": [r["dice"] for r in rows],
-                "hd95": [r["hd95"] for r in rows if r["hd95"] is not None],
-            }
-    means = [np.mean(o["dice"]) for o in out["organs"].values()]
-    hds = [np.mean(o["hd95"]) for o in out["organs"].values() if o["hd95"]]
-    out.update(
-        dice=float(np.mean(means)),
-        dice_std=float(np.std(means)),
-        hd95=float(np.mean(hds)) if hds else None,
-        missed=sum(o["missed"] for o in out["organs"].values()),
-    )
-    return out
-
-
-def write_report(
-    results: dict,
-    summaries: dict,
-    model_path: Path,
-    templates: list[str],
-    pool: list[str],
-    n_cases: int,
-    split: str,
-    options: SegmentOptions,
-    backend: str,
-    command: str,
-    out: Path,
-) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    timings = results["timings"]
-    median = {s: float(np.median([t.get(s, 0.0) for t in timings.values()])) for s in STAGES}
-    total = float(np.median([sum(t.get(s, 0.0) for s in STAGES) for t in timings.values()]))
-    calls = results["encoder_calls"]
-    enc = float(np.median([c["encoder_calls"] for c in calls.values()]))
-    ref = float(np.median([c["reference_encoder_calls"] for c in calls.values()]))
-    lines = [
-        f"# Segmentation benchmark (OpenKBP {split} split)",
-        "",
-        f"- Scans: {n_cases} {split} cases"
-        + (" that are not templates" if split == "train" else "")
-        + f"; templates: {', '.join(templates)} (as the localisation benchmark)"
-        + (f"; the pool rows' templates: {', '.join(pool)}" if pool else "")
-        + "; only contoured organs are scored.",
-        f"- MedLAM model: `{model_path}`; segmenter: `{backend}`; options: `{options}`; machine: {machine_line()}.",
-        "- Dice: 3D on the scan's own grid, a missed organ (not found, empty mask) counts 0; HD95 in mm over the "
-        "organs segmented (misses listed separately). Mean over scans per organ, then over organs (± std over organs).",
-        f"- Command: `{command}`",
-        "",
-        "| prompts | mean Dice | mean HD95 mm | missed | " + " | ".join(ORGANS) + " |",
-        "|---|---|---|---|" + "---|" * len(ORGANS),
-    ]
-    for row, s in summaries.items():
-        cells = [f"{np.mean(s['organs'][o]['dice']):.3f}" if o in s["organs"] else "n/a" for o in ORGANS]
-        hd = f"{s['hd95']:.1f}" if s["hd95"] is not None else "n/a"
-        lines.append(
-            f"| {row} | {s['dice']:.3f} ± {s['dice_std']:.3f} | {hd} | {s['missed']} | " + " | ".join(cells) + " |"
-        )
-    first = next(iter(summaries))
-    lines += ["", f"## Per organ: {first}", "", "| organ | scans | Dice | HD95 mm | missed |", "|---|---|---|---|---|"]
-    for organ in ORGANS:
-        o = summaries[first]["organs"].get(organ)
-        if o:
-            lines.append(f"| {organ} | {o['n']} | {mean_std(o['dice'])} | {mean_std(o['hd95'])} | {o['missed']} |")
-    lines += [
-        "",
-        f"## Time of one scan ({first}, median over scans, seconds)",
-        "",
-        "| " + " | ".join(STAGES) + " | total |",
-        "|" + "---|" * (len(STAGES) + 1),
-        "| " + " | ".join(f"{median[s]:.2f}" for s in STAGES) + f" | {total:.1f} |",
-        "",
-        ""
-        if not results.get("embeddings_from_disk")
-        else f"The timed row read {results['embeddings_from_disk']} "
-        "slice embeddings from --embedding-cache: its encode time is not the encoder's.",
-        f"Encoder calls per scan (median): {enc:.0f}, against {ref:.0f} for the reference approach "
-        f"(one encoder call per organ per slice): {ref / max(enc, 1):.1f}x fewer.",
-        "",
-        "![Dice per organ](segmentation.png)",
-        "",
-    ]
-    notes = RESULTS.parent / "notes" / "segmentation.md"
-    if notes.is_file() and out.resolve() == RESULTS / "segmentation":  # the account of what was tried
-        lines += ["", notes.read_text()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"summaries": summaries, "raw": results}, indent=1, default=float))
-    plot(summaries, median, out.with_suffix(".png"))
-
-
-def plot(summaries: dict, median: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(summaries)
-    for i, (name, s) in enumerate(summaries.items()):
-        values = [np.mean(s["organs"][o]["dice"]) if o in s["organs"] else 0 for o in ORGANS]
-        axes[0].bar(np.arange(len(ORGANS)) + i * width, values, width, label=f"{name} ({s['dice']:.3f})")
-    axes[0].set_xticks(np.arange(len(ORGANS)) + 0.4 - width / 2, ORGANS, rotation=30)
-    axes[0].set_ylabel("Dice (missed = 0)")
-    axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    bottom = 0.0
-    for stage in STAGES:
-        axes[1].bar([0], [median[stage]], bottom=bottom, label=stage)
-        bottom += median[stage]
-    axes[1].set_xticks([0], ["one scan (median)"])
-    axes[1].set_ylabel("seconds")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
 def _option(item: str) -> tuple[str, object]:
     key, _, value = item.partition("=")
     default = SegmentOptions.__dataclass_fields__[key].default
@@ -402,7 +195,7 @@ def _option(item: str) -> tuple[str, object]:
     return key, type(default)(value)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="MedLAM checkpoint (default: the shipped model)")
     parser.add_argument("--data", type=Path, help="openkbp folder (default: $MEDLSAM_DATA/openkbp)")
@@ -410,7 +203,10 @@ def main() -> None:
     parser.add_argument("--backend", default="lite_medsam")
     parser.add_argument("--checkpoint", help="segmenter weights (SAM/MedSAM backends)")
     parser.add_argument(
-        "--bank", type=Path, help="template bank file: reused if it exists (same model), else saved there"
+        "--bank",
+        type=Path,
+        help="template bank file: reused if it exists (same model), else saved there (default: built from the "
+        "data folder on every run, kept nowhere)",
     )
     parser.add_argument(
         "--set",
@@ -420,8 +216,15 @@ def main() -> None:
         help="override a SegmentOptions field, e.g. --set empty_fallback=false --set zoom_below_mm=30",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
+    adapted = parser.add_mutually_exclusive_group()
+    adapted.add_argument(
         "--adapted", type=Path, help="LiteMedSAM weights from `medlsam adapt` on the templates (the adapted rows)"
+    )
+    adapted.add_argument(
+        "--adapt",
+        choices=("auto", "fp32", "bf16"),
+        help="first adapt LiteMedSAM to the five templates (`medlsam adapt` with its defaults, training steps in "
+        f"this precision; written to {ADAPTED.relative_to(REPO)}) and use it for the adapted rows",
     )
     parser.add_argument(
         "--embedding-cache",
@@ -445,49 +248,81 @@ def main() -> None:
         help="templates of the prior_atlas / prior_pool rows: the first N train scans with all seven organs",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "segmentation", help="report path without suffix")
-    args = parser.parse_args()
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown or not rows:
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    torch.set_num_threads(args.threads)
-    data = OpenKBP(args.data)
-    model_path = args.model or default_medlam_path()
-    model = load_medlam(model_path)
+    return parser
+
+
+def adapt_to_templates(data: OpenKBP, model, templates: list[str], precision: str) -> Path:
+    """LiteMedSAM adapted to the templates as `medlsam adapt` does by default (training steps in ``precision``),
+    written to ADAPTED (overwritten on every run)."""
+    from medlsam.medlam.precision import parse_precision
+    from medlsam.segment.adapt import AdaptOptions, adapt
+
+    ADAPTED.parent.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    images, labels = [data.image(t) for t in templates], [data.label(t) for t in templates]
+    adapt(model, images, labels, data.names, ADAPTED, AdaptOptions(bf16=parse_precision(precision)))
+    print(f"LiteMedSAM adapted to {len(templates)} templates in {time.perf_counter() - tic:.0f} s: {ADAPTED}")
+    return ADAPTED
+
+
+def segmenters_for(args, rows: list[str], adapted: Path | None, parser: argparse.ArgumentParser) -> dict:
+    """The shipped segmenter, the adapted one (with weights) and the default rows' choice between them."""
     segmenters = {"shipped": build_segmenter(args.backend, args.checkpoint)}
-    if args.adapted:
-        segmenters["adapted"] = build_segmenter(args.backend, str(args.adapted))
-    segmenters["default"] = segmenters["adapted" if args.adapted else "shipped"]
+    if adapted:
+        segmenters["adapted"] = build_segmenter(args.backend, str(adapted))
+    segmenters["default"] = segmenters["adapted" if adapted else "shipped"]
     missing = [r for r in rows if ROWS[r][3] not in segmenters]
     if missing:
-        parser.error(f"rows {missing} need --adapted WEIGHTS (medlsam adapt on the templates)")
-    templates = data.templates(5)
-    pool = data.templates(args.pool) if POOL_ROWS & set(rows) else []
-    cases = [c for c in data.split(args.split) if c["id"] not in templates + pool]
-    cases = cases[args.first_case :][: args.cases or None]
-    options = SegmentOptions(**dict(_option(item) for item in args.set))
+        parser.error(f"rows {missing} need --adapted WEIGHTS or --adapt (medlsam adapt on the templates)")
+    return segmenters
+
+
+def banks_for(data: OpenKBP, model, rows: list[str], templates: list[str], pool: list[str], args) -> dict:
+    """Each row's bank: the templates' (uncalibrated for UNCALIBRATED), the pool's for POOL_ROWS (calibrated with
+    the row's localisation; with --bank kept beside it)."""
     bank = template_bank(data, model, templates, args.bank)
     banks = {key: uncalibrated(bank) if key in UNCALIBRATED else bank for key in rows}
     for key in POOL_ROWS & set(rows):
         localize = LocalizeOptions(**LOCALIZE[key])
         path = args.bank and args.bank.with_name(f"{args.bank.stem}-pool{args.pool}-atlases{localize.prior_atlases}.pt")
         banks[key] = template_bank(data, model, pool, path, localize)
+    return banks
+
+
+def main() -> None:
+    options_parser = parser()
+    args = options_parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        options_parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if args.adapt and not any(ROWS[r][3] in ("adapted", "default") for r in rows):
+        options_parser.error("--adapt: none of these rows uses the adapted segmenter")
+    torch.set_num_threads(args.threads)
+    data = OpenKBP(args.data)
+    model_path = args.model or default_medlam_path()
+    model = load_medlam(model_path)
+    templates = data.templates(5)
+    adapted = adapt_to_templates(data, model, templates, args.adapt) if args.adapt else args.adapted
+    segmenters = segmenters_for(args, rows, adapted, options_parser)
+    pool = data.templates(args.pool) if POOL_ROWS & set(rows) else []
+    cases = [c for c in data.split(args.split) if c["id"] not in templates + pool]
+    cases = cases[args.first_case :][: args.cases or None]
+    options = SegmentOptions(**dict(_option(item) for item in args.set))
+    banks = banks_for(data, model, rows, templates, pool, args)
     results = run(data, model, segmenters, cases, banks, options, rows, args.embedding_cache)
     summaries = {ROWS[key][0]: summarise(results[ROWS[key][0]]) for key in rows}
-    command = "python benchmarks/segmentation.py " + " ".join(sys.argv[1:])
-    write_report(
-        results,
-        summaries,
-        Path(model_path),
-        templates,
-        pool,
-        len(cases),
-        args.split,
-        options,
-        args.backend,
-        command,
-        args.out,
-    )
+    setup = {
+        "model_path": model_path,
+        "templates": templates,
+        "pool": pool,
+        "n_cases": len(cases),
+        "split": args.split,
+        "options": options,
+        "backend": args.backend,
+        "command": command_line("benchmarks/segmentation.py"),
+    }
+    write_report(results, summaries, setup, args.out)
     print(args.out.with_suffix(".md").read_text())
 
 

@@ -22,7 +22,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, command_line  # noqa: E402
+
 REPORT = RESULTS / "training.md"
 DATA = RESULTS / "training.json"
 
@@ -251,13 +253,15 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(data: dict) -> None:
+def write_report(data: dict, command: str, kept: list[str]) -> None:
+    """``command``: this run's (portable); ``kept``: the sections it did not rerun (from training.json)."""
     m = data["machine"]
+    earlier = f"; the {', '.join(kept)} section(s) kept from an earlier run (training.json)" if kept else ""
     head = [
         "# MedLAM training on this machine",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU capability {m['capability']}). "
-        "Written by `python benchmarks/training.py`.",
+        f"Written by `{command}` (from the clone's root){earlier}.",
         "",
         "![training](training.png)",
         "",
@@ -283,7 +287,10 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"unknown section {name!r}")
     DATA.write_text(json.dumps(data, indent=2))
-    write_report(data)
+    run = args.sections.split(",")
+    write_report(
+        data, command_line("benchmarks/training.py", argv), [n for n in sorted(data) if n not in run + ["machine"]]
+    )
     print(f"wrote {REPORT}")
     return 0
 

@@ -69,34 +69,44 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)
 
-    from monailabel.client import MONAILabelClient
-    from monailabel.client.client import MONAILabelClientException
-
     server = args.server.rstrip("/")
-    try:
-        info = requests.get(f"{server}/info/", timeout=30).json()
-    except requests.RequestException as exc:
-        print(
-            f"error: no MONAI Label server at {server} ({type(exc).__name__}); start one with `make serve` "
-            "(make demo asks the same PORT: after `PORT=8001 make serve`, run `PORT=8001 make demo`)",
-            file=sys.stderr,
-        )
+    objects, why = datastore_objects(server, args.model)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 2
-    if args.model not in info.get("models", {}):
-        print(
-            f"error: the server has no model {args.model!r}; it has {sorted(info.get('models', {}))}", file=sys.stderr
-        )
-        return 2
-    datastore = requests.get(f"{server}/datastore/?output=all", timeout=30).json()
-    objects = datastore.get("objects", {})
     image = args.image or next((k for k, v in sorted(objects.items()) if not v.get("labels", {}).get("final")), None)
     if image is None:
         print("error: no unlabeled image in the datastore; pass --image", file=sys.stderr)
         return 2
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="medlsam-demo-"))
+    try:
+        return ask(server, args, image, objects, out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def datastore_objects(server: str, model: str) -> tuple[dict, str]:
+    """The server's datastore objects, or why the demo cannot ask it (no server there, no such model)."""
+    try:
+        info = requests.get(f"{server}/info/", timeout=30).json()
+    except requests.RequestException as exc:
+        return {}, (
+            f"no MONAI Label server at {server} ({type(exc).__name__}); start one with `make serve` "
+            "(make demo asks the same PORT: after `PORT=8001 make serve`, run `PORT=8001 make demo`)"
+        )
+    if model not in info.get("models", {}):
+        return {}, f"the server has no model {model!r}; it has {sorted(info.get('models', {}))}"
+    datastore = requests.get(f"{server}/datastore/?output=all", timeout=30).json()
+    return datastore.get("objects", {}), ""
+
+
+def ask(server: str, args, image: str, objects: dict, out: Path, tmp: Path) -> int:
+    """Wait for the template bank, ask as Slicer does, write the label, the result JSON and the QC picture."""
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
     client = MONAILabelClient(server, tmpdir=str(tmp))
     params = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what Slicer sends
     if args.organs:
@@ -121,8 +131,13 @@ def main(argv=None) -> int:
     label_path = out / f"{image}_{args.model}.nrrd"
     shutil.move(result_file, label_path)
     (out / f"{image}_{args.model}.json").write_text(json.dumps(result, indent=2))
+    qc = qc_picture(server, image, objects, label_path, result, out / f"{image}_{args.model}.png", tmp)
+    summary(result, elapsed, label_path, out / f"{image}_{args.model}.json", qc)
+    return 0
 
-    # the scan, as Slicer downloads it, for the QC picture
+
+def qc_picture(server: str, image: str, objects: dict, label_path: Path, result: dict, png: Path, tmp: Path) -> Path:
+    """The scan, downloaded as Slicer does, with the label over it (``medlsam.segment.qc``)."""
     response = requests.get(f"{server}/datastore/image", params={"image": image}, timeout=120)
     response.raise_for_status()
     name = objects.get(image, {}).get("image", {}).get("info", {}).get("name") or f"{image}.nii.gz"
@@ -132,11 +147,11 @@ def main(argv=None) -> int:
     from medlsam.io.volume import load_ct, read_volume
     from medlsam.segment.qc import qc_montage
 
-    volume = load_ct(scan)
-    qc = qc_montage(
-        volume, read_volume(label_path).array, result.get("label_names", {}), out / f"{image}_{args.model}.png"
-    )
-    shutil.rmtree(tmp, ignore_errors=True)
+    return qc_montage(load_ct(scan), read_volume(label_path).array, result.get("label_names", {}), png)
+
+
+def summary(result: dict, elapsed: float, label_path: Path, result_path: Path, qc: Path) -> None:
+    """What was found, with which templates, MedLAM and segmenter, the server's time by stage, the files."""
     found = [n for n, b in result.get("boxes", {}).items() if b.get("found")]
     print(f"done in {elapsed:.1f} s: {len(found)} organ(s) found {found}, not found {result.get('not_found', [])}")
     medlam = result.get("medlam") or {}
@@ -147,10 +162,7 @@ def main(argv=None) -> int:
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in (result.get("timings_s") or {}).items())
     if timings:
         print(f"server time by stage: {timings}")
-    print(
-        f"label  {label_path.resolve()}\nresult {(out / f'{image}_{args.model}.json').resolve()}\nQC     {qc.resolve()}"
-    )
-    return 0
+    print(f"label  {label_path.resolve()}\nresult {result_path.resolve()}\nQC     {qc.resolve()}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ of `medlsam localize`'s boxes JSON, and each JSON with its timings left out.
 
     python scripts/pin_outputs.py --out tests/golden/outputs.json [--data ../shared/data]
 
-`tests/test_golden.py` runs the same commands with the current code and compares. Everything runs through
+`tests/data/test_golden.py` runs the same commands with the current code and compares. Everything runs through
 the command line (one torch thread), the interface that stays the same across versions.
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need: Orthanc with its DICOMweb plugin and Chromium for the DICOMweb/OHIF tests
-# (tests/test_dicomweb.py); DICOM's validator dciodvfy (dicom3tools) and plastimatch, the independent RT Structure Set
-# reader, for tests/test_rtstruct.py. Installed when missing and this is root with apt; otherwise those tests skip
+# (tests/server/test_dicomweb.py); DICOM's validator dciodvfy (dicom3tools) and plastimatch, the independent RT Structure Set
+# reader, for tests/data/test_rtstruct.py. Installed when missing and this is root with apt; otherwise those tests skip
 # with a reason (and fail under MEDLSAM_REQUIRE_DICOMWEB=1, as .ci/run sets).
 set -euo pipefail
 missing=()

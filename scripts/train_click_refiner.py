@@ -228,8 +228,8 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=SHIPPED_CLICK_REFINER)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/medlsam-edit-cache"))
-    parser.add_argument("--regions", type=Path, default=Path("/tmp/medlsam-refiner-regions.npz"))
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "benchmarks" / "editing")
+    parser.add_argument("--regions", type=Path, default=ROOT / "runs" / "benchmarks" / "refiner-regions.npz")
     parser.add_argument("--holdout", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=45.0)
     parser.add_argument("--batch", type=int, default=8)

@@ -4,6 +4,7 @@ with benchmarks/app.py) a private copy of the app, free ports and a real server.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,3 +85,52 @@ def require(why: str) -> None:
         if os.environ.get("MEDLSAM_REQUIRE_DICOMWEB") == "1":
             pytest.fail(f"MEDLSAM_REQUIRE_DICOMWEB=1 but {why}")
         pytest.skip(why)
+
+
+# ---------------------------------------------------------------------------------- the app tests' datastore
+TINY_TRAIN = {
+    "epochs": 1,
+    "iterations_per_epoch": 1,
+    "batch_size": 1,
+    "validation_pairs": 1,
+    "max_images": 2,
+    "threads": int(os.environ.get("MEDLSAM_TEST_THREADS", "1")),
+    "publish": "always",
+}
+
+
+def app_images(data_dir: Path, folder: Path) -> dict:
+    """The tiny scans of the app tests: three OpenKBP crops (kbp1-3), a fourth template (kbp4), a 2D image and a
+    label volume posing as a scan."""
+    src = folder / "src"
+    paths = {
+        "kbp1": tiny_case(data_dir, 1, [1], src),
+        "kbp2": tiny_case(data_dir, 2, None, src),
+        "kbp3": tiny_case(data_dir, 3, [1, 4], src),
+        "kbp4": tiny_case(data_dir, 1, [1, 4], src, name="kbp4"),  # a third template (learning needs 3 labels)
+    }
+    nib = pytest.importorskip("nibabel")
+    flat = src / "flat2d.nii.gz"  # a 2D image
+    nib.save(nib.Nifti1Image(np.full((64, 64), -500, np.int16), np.eye(4)), str(flat))
+    notct = src / "notct.nii.gz"  # a label volume, not Hounsfield units
+    nib.save(
+        nib.Nifti1Image(
+            np.random.default_rng(0).integers(0, 8, (64, 64, 24)).astype(np.int16), np.diag([4, 4, 5, 1.0])
+        ),
+        str(notct),
+    )
+    return {**{k: v for k, v in paths.items()}, "flat2d": (flat, None), "notct": (notct, None)}
+
+
+def app_datastore(folder: Path, images: dict, labelled: list[str]) -> Path:
+    """A local datastore of ``images`` with the brainstem of ``labelled`` saved as final labels."""
+    from monailabel.datastore.local import LocalDatastore
+
+    studies = folder / "studies"
+    studies.mkdir(parents=True)
+    for name, (image, _) in images.items():
+        shutil.copy(image, studies / f"{name}.nii.gz")
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    for name in labelled:
+        store.save_label(name, str(images[name][1]), "final", label_info([1]))
+    return studies

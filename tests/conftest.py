@@ -22,10 +22,13 @@ DATA_FIXTURES = {"data_dir", "openkbp_case"}
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Tests that read the shared data folder (through these fixtures) are marked ``data``: `make test-quick` runs
-    the others."""
+    """Tests that read the shared data folder (through these fixtures) are marked ``data``; tests/unit holds none
+    (`make test-quick` runs it without the data folder)."""
+    unit = Path(__file__).resolve().parent / "unit"
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            if unit in Path(str(item.fspath)).resolve().parents:
+                raise pytest.UsageError(f"{item.nodeid} reads the data folder: it belongs in tests/data")
             item.add_marker(pytest.mark.data)
 
 
@@ -93,3 +96,17 @@ def phantom() -> tuple[CTVolume, CTVolume]:
 def make_ct():
     """The phantom factory, for tests that need other shapes or geometries."""
     return make_phantom
+
+
+@pytest.fixture(scope="session")
+def phantom_scans(tmp_path_factory, make_ct) -> list[Path]:
+    """Three small synthetic CTs on disk, their bony ball in different places (the torch.distributed tests)."""
+    from medlsam.io.volume import write_volume
+
+    folder = tmp_path_factory.mktemp("phantom-scans")
+    paths = []
+    for n, centre in enumerate([(14.0, 20.0, 10.0), (24.0, 14.0, 18.0), (18.0, 18.0, 14.0)]):
+        ct, _ = make_ct(ball_centre=centre, ball_radius=5.0)
+        write_volume(ct.array.astype(np.int16), ct, folder / f"scan{n}.nii.gz")
+        paths.append(folder / f"scan{n}.nii.gz")
+    return paths

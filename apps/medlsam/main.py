@@ -2,19 +2,14 @@
 
     monailabel start_server --app apps/medlsam --studies <datastore> --conf models medlsam
 
---conf keys (all optional): backend (lite_medsam | sam_vit_b|l|h | medsam_vit_b), checkpoint (SAM/MedSAM
-weights), medlam (MedLAM checkpoint), mode (prior | wpl | spl), templates (max templates, 5), device (cpu | cuda |
-cuda:N), labels (organ-names JSON), threads (torch threads, 0 = default), embedding_cache (images kept, 2), compile
-(torch.compile the SAM encoder, false), infer_concurrency (inferences running at once, 2), prior_weight (default blend
-of the template prior against SAM), dicomweb_timeout (seconds a DICOMweb server may take to answer, 120).
-Front door (lib/guard.py, docs/security.md): allowed_hosts (Host names accepted besides this machine's names and
-literal IPs; * for any), cors_origins (exact origins a browser page may call from; none by default), expose_logs
-(serve /logs/, false), infer_timeout (seconds an inference may run, 600), max_voxels (voxels one image may claim,
-512 x 512 x 1024). DICOMweb: rt_synonyms (a JSON of ROI name synonyms extending the built-in TG-263 map for RT
-Structure Sets on the server).
+Every --conf key, infer option and train option is declared once, in lib/option_spec.py (name, type, range or
+choices, default, meaning), read by lib/options.py (a bad or unknown --conf key stops the start naming it; a bad
+request option is a 400 naming it) and listed in docs/configuration.md, which scripts/gen_configuration.py writes
+from the spec.
 
 Requests name datastore images by id only; uploads and labels are checked (lib/datastore.py); inference runs in
-worker threads, so /info/ and light requests answer while it runs (lib/server.py).
+worker threads, so /info/ and light requests answer while it runs (lib/server.py); the front door (hosts, CORS,
+/logs/, time bounds) is lib/guard.py.
 """
 
 from __future__ import annotations
@@ -39,21 +34,25 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs
-from lib.conf import conf_bool, conf_float, conf_int, parse_bool
+from lib.conf import conf_value, parse_bool, parse_conf
 from lib.datastore import GatedDatastore, valid_name
+from lib.option_spec import COMMON_INFER_OPTIONS
+from lib.options import OptionError, option, read
 from lib.template_source import TemplateSource
 
 logger = logging.getLogger(__name__)
+_SAVE_LABEL = option(COMMON_INFER_OPTIONS, "save_label")
 
 
 class MedLSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        options = parse_conf(conf)  # every --conf key checked before anything starts (lib/option_spec.py)
         if (conf or {}).get("max_voxels") not in (None, ""):  # read by every image reader, training children too
-            os.environ["MEDLSAM_MAX_VOXELS"] = str(conf_int(conf, "max_voxels", 0, 1_000_000))
+            os.environ["MEDLSAM_MAX_VOXELS"] = str(options["max_voxels"])
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         configs = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
-        models = [m.strip() for m in (conf or {}).get("models", "medlsam").split(",") if m.strip()]
+        models = list(options["models"])
         unknown = [m for m in models if m not in configs and m != "all"]
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; available: {sorted(configs)}")
@@ -89,8 +88,8 @@ class MedLSAMApp(MONAILabelApp):
                 settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
                 cache,
                 on_label_change=self._labels_changed,
-                read_timeout_s=conf_float(self.conf, "dicomweb_timeout", 120.0, 1.0),
-                rt_synonyms=self.conf.get("rt_synonyms") or None,
+                read_timeout_s=conf_value(self.conf, "dicomweb_timeout"),
+                rt_synonyms=conf_value(self.conf, "rt_synonyms"),
             )
         studies, app_dir = os.path.realpath(self.studies), os.path.realpath(self.app_dir)
         if studies == app_dir or studies.startswith(app_dir + os.sep):
@@ -159,7 +158,10 @@ class MedLSAMApp(MONAILabelApp):
             raise HTTPException(
                 status_code=404, detail=f"no model {str(model)[:80]!r}; available: {sorted(self._infers)}"
             )
-        save = parse_bool(request.pop("save_label", "")) is True
+        try:
+            save = read(_SAVE_LABEL, request.pop("save_label", None), "infer option")
+        except OptionError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
         tag = request.pop("label_tag", None) or DefaultLabelTag.ORIGINAL.value
         if save and tag != DefaultLabelTag.ORIGINAL.value:
             raise HTTPException(
@@ -237,12 +239,31 @@ class MedLSAMApp(MONAILabelApp):
         templates (trainer lite_medsam, queued behind any running training; it needs two templates)."""
         result = super().on_save_label(image_id, label_id)
         self._labels_changed()
-        if "lite_medsam" in self._trainers and conf_bool(self.conf, "adapt_on_save", True) and self._templates() >= 2:
-            try:
-                self.async_training("lite_medsam", enqueue=True)
-            except Exception as exc:  # noqa: BLE001 - saving the label must not fail because training cannot start
-                logger.warning(f"LiteMedSAM adaptation not started: {exc}")
+        if "lite_medsam" in self._trainers and conf_value(self.conf, "adapt_on_save") and self._templates() >= 2:
+            self._queue_training("lite_medsam")
+        if self._learning_due():
+            self._learning_queued_at = self._templates()  # a training that does not publish is not asked again
+            self._queue_training("segmentation")
         return result
+
+    def _queue_training(self, name: str) -> None:
+        """Queue trainer ``name`` behind any running training; saving a label never fails because it cannot."""
+        try:
+            self.async_training(name, enqueue=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. its queue is full (HTTP 429): the next save asks again
+            logger.warning(f"training {name} not started: {getattr(exc, 'detail', exc)}")
+
+    def _learning_due(self) -> bool:
+        """`--conf learn_every` final labels saved since those the learned model in use saw (3 at least)."""
+        from lib.trainers.segmentation import MIN_LABELS
+
+        every = conf_value(self.conf, "learn_every")
+        trainer = self._trainers.get("segmentation")
+        if not every or trainer is None:
+            return False
+        labelled = self._templates()
+        seen = max(trainer.stats().get("labels", 0), getattr(self, "_learning_queued_at", 0))
+        return labelled >= MIN_LABELS and labelled - seen >= every
 
     def _template_source(self) -> TemplateSource | None:
         """The template source of the `medlsam` model config (None when no config has one)."""

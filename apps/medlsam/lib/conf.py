@@ -1,49 +1,42 @@
-"""The app's `--conf` values and switches (one parser per kind, each error naming the key), and the scrubbing of
-what it sends back to clients."""
+"""The readers of `--conf` values (every one through the option spec: lib/option_spec.py, read by lib/options.py),
+the app's booleans (``parse_bool``), and the scrubbing of what the app sends back to clients."""
 
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
-from medlsam.errors import MedLSAMError
-
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def parse_bool(value) -> bool | None:
-    """true/false, 1/0, yes/no, on/off (any case) or a bool; None for anything else."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    return True if text in TRUE else False if text in FALSE else None
+from lib.option_spec import CONF_OPTIONS, MONAI_CONF_KEYS
+from lib.options import option, parse, parse_bool, read  # noqa: F401 - parse_bool: the app's booleans
 
 
-def conf_int(conf: dict, key: str, default: int, minimum: int) -> int:
-    try:
-        value = int(conf.get(key, default))
-    except (TypeError, ValueError):
-        raise MedLSAMError(f"--conf {key} must be an integer, not {conf.get(key)!r}") from None
-    if value < minimum:
-        raise MedLSAMError(f"--conf {key} must be at least {minimum}, not {value}")
-    return value
+def conf_value(conf: Mapping[str, Any] | None, key: str):
+    """The ``--conf key`` value as the spec reads it (every read of a --conf key goes through here or
+    ``parse_conf``; an undeclared key is a KeyError naming it)."""
+    return read(option(CONF_OPTIONS, key), (conf or {}).get(key), "--conf")
 
 
-def conf_float(conf: dict, key: str, default: float, minimum: float, maximum: float | None = None) -> float:
-    try:
-        value = float(conf.get(key, default))
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (value >= minimum and (maximum is None or value <= maximum)):
-        bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f"at least {minimum}"
-        raise MedLSAMError(f"--conf {key} must be a number {bounds}, not {conf.get(key)!r}")
-    return value
+def parse_conf(conf: Mapping[str, Any] | None) -> dict:
+    """Every --conf key, checked (a bad or unknown key stops the start, naming it); MONAI Label's own keys pass."""
+    return parse(CONF_OPTIONS, conf, "--conf", allowed=MONAI_CONF_KEYS)
 
 
-def conf_bool(conf: dict, key: str, default: bool) -> bool:
-    value = parse_bool(conf.get(key, default))
-    if value is None:
-        raise MedLSAMError(f"--conf {key} must be true or false, not {conf.get(key)!r}")
-    return value
+def conf_int(conf: dict, key: str, default: int | None = None, minimum: int | None = None) -> int:
+    """``conf_value`` for older call sites (``default``/``minimum``: the spec's; tests/unit/test_options.py checks
+    that they agree)."""
+    return conf_value(conf, key)
+
+
+def conf_float(
+    conf: dict, key: str, default: float | None = None, minimum: float | None = None, maximum: float | None = None
+) -> float:
+    """``conf_value`` for older call sites (the other arguments: see ``conf_int``)."""
+    return conf_value(conf, key)
+
+
+def conf_bool(conf: dict, key: str, default: bool | None = None) -> bool:
+    """``conf_value`` for older call sites (the other arguments: see ``conf_int``)."""
+    return conf_value(conf, key)
 
 
 def scrub_paths(text: str) -> str:

@@ -17,15 +17,13 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from medlsam.io.labels import MAX_LABEL_VALUE, LabelError, check_label_array
 from medlsam.utils.names import NAME_RULE, is_plain_name
 
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ids and tags: file names, never paths
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
-MAX_ORGANS = 64  # distinct non-zero values in one label
-MAX_LABEL_VALUE = 65535  # fits the widest integer output most viewers read (uint16)
-MAX_ORGAN_FRACTION = 0.5  # one organ may cover at most this fraction of the scan
 SERVER_KEYS = ("ts", "name")  # label/image info the datastore itself sets
 
 
@@ -132,33 +130,10 @@ def check_label(
                 detail=f"label {what} {np.round(a, 4).tolist()} differs from its "
                 f"image's {np.round(b, 4).tolist()}: not on the image grid",
             )
-    array = label.array
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
-            raise HTTPException(
-                status_code=400, detail="label must hold integer organ values, found fractional or non-finite values"
-            )
-    elif array.dtype.kind not in "iub":
-        raise HTTPException(status_code=400, detail=f"label must be an integer volume, not {array.dtype}")
-    values, counts = np.unique(array, return_counts=True)
-    if values.min() < 0 or values.max() > MAX_LABEL_VALUE:
-        raise HTTPException(
-            status_code=400,
-            detail=f"label values must lie in 0..{MAX_LABEL_VALUE}, found {int(values.min())}..{int(values.max())}",
-        )
-    organs = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
-    if len(organs) > MAX_ORGANS:
-        raise HTTPException(
-            status_code=400, detail=f"label has {len(organs)} distinct values: at most {MAX_ORGANS} organs per label"
-        )
-    if require_organ and not organs:
-        raise HTTPException(status_code=400, detail="label is empty: a final label needs at least one organ")
-    big = [v for v, c in organs.items() if c > MAX_ORGAN_FRACTION * array.size]
-    if big:
-        raise HTTPException(
-            status_code=400,
-            detail=f"label value(s) {big} cover more than {MAX_ORGAN_FRACTION:.0%} of the scan: not an organ",
-        )
+    try:
+        organs = check_label_array(label.array, require_organ)
+    except LabelError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
     names = parse_label_info(label_info)
     unnamed = sorted(set(organs) - set(names) - (set(known or {}) if not names else set()))
     if unnamed:

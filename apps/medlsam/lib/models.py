@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lib.conf import conf_bool, conf_int
-from medlsam.errors import CheckpointError
+from medlsam.errors import CheckpointError, MedLSAMError
 from medlsam.paths import SHIPPED_CLICK_REFINER, SHIPPED_MEDLAM
 from medlsam.utils.devices import check_device
 
@@ -45,6 +45,7 @@ class Models:
         self._medlam = None  # (key, path, model, fingerprint)
         self._segmenter = None
         self._click_refiner = None
+        self._learned = None  # (file key, LearnedModel) of model/segmentation.pt
         self.edit_method = conf.get("edit_method", "refiner")
         if self.edit_method not in ("refiner", "geodesic"):
             raise ValueError(f"--conf edit_method must be refiner or geodesic, not {self.edit_method!r}")
@@ -103,12 +104,43 @@ class Models:
         try:
             os.replace(path, aside)
         except OSError as error:
-            logger.error(f"published MedLAM {path.name} cannot be loaded and cannot be set aside ({error}): {exc}")
+            logger.error(f"published model {path.name} cannot be loaded and cannot be set aside ({error}): {exc}")
             return
         logger.error(
-            f"published MedLAM {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
-            "the shipped/configured MedLAM serves instead"
+            f"published model {path.name} cannot be loaded ({exc}); set aside as {aside.name}, "
+            "the previous (shipped or configured) model serves instead"
         )
+
+    # ------------------------------------------------------------------ learned segmentation
+    @property
+    def published_learned(self) -> Path:
+        """The segmentation network the `segmentation` trainer published (``medlsam.learn``)."""
+        return self.model_dir / "segmentation.pt"
+
+    def learned(self):
+        """The published learned segmentation model (reloaded when its file changes), or None before the first
+        training; a file that does not load is set aside (model/segmentation.pt.rejected) and None serves: the
+        few-shot path alone, as before any training."""
+        from medlsam.learn.model import load_learned
+
+        path = self.published_learned
+        with self._lock:
+            if not path.is_file():
+                self._learned = None
+                return None
+            stat = path.stat()
+            key = (stat.st_mtime_ns, stat.st_size)
+            if self._learned is not None and self._learned[0] == key:
+                return self._learned[1]
+            try:
+                model = load_learned(path)
+            except MedLSAMError as exc:
+                self._set_aside(path, exc)
+                self._learned = None
+                return None
+            self._learned = (key, model)
+            logger.info(f"learned segmentation {path.name}: organs {model.organs}, choice {model.choice}")
+            return model
 
     # ------------------------------------------------------------------ click refiner
     @property

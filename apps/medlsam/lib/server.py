@@ -104,6 +104,12 @@ def check_train(kwargs: Dict[str, Any]) -> None:
                 validate(options)
             except MedLSAMError as exc:
                 raise HTTPException(status_code=400, detail=str(exc)) from None
+        ready = getattr(trainers[name], "check_ready", None) if model else None
+        if ready is not None:
+            try:
+                ready()
+            except MedLSAMError as exc:
+                raise HTTPException(status_code=409, detail=str(exc)) from None
     if kwargs.get("run_sync") and (processes("train") or any(getattr(t, "running", False) for t in trainers.values())):
         raise HTTPException(status_code=429, detail="a training is already running")
 

@@ -3,7 +3,6 @@ background when a label is saved (one build at a time, cancelled when the templa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,19 +15,14 @@ import numpy as np
 
 from lib.conf import scrub_paths
 from lib.models import Models
-from medlsam.errors import MedLSAMError, TemplateError
+from medlsam.atlas.bank_builder import BankBuilder, BuildCancelled, NoTemplatesError, Template
+from medlsam.errors import TemplateError
 from medlsam.utils.atomic import write_json_atomic
 from medlsam.utils.names import is_plain_name
 
 logger = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.json"  # optional organ names at the datastore root: {"1": "Brainstem", ...}
-MAX_TEMPLATE_ORGANS = 64  # organs of one template (bounds a bank build; the datastore refuses more at save)
-MAX_ORGAN_FRACTION = 0.5  # one organ covers at most this fraction of its scan
-
-
-class NoTemplatesError(TemplateError):
-    """The datastore has no image with a usable final label yet."""
 
 
 class TemplateSource:
@@ -48,7 +42,8 @@ class TemplateSource:
         self._lock = threading.RLock()
         self._bank = None  # (key, bank, info)
         self._build: _Build | None = None  # the bank build in progress
-        self._unusable: dict[str, str] = {}  # template digest -> why it cannot serve
+        self._builder: BankBuilder | None = None  # for the current MedLAM: caches templates' banks and refusals
+        self._all_labels = None  # (key, bank of every labelled image, uncalibrated) for the learned network
         self._unreadable: dict[str, str] = {}  # image id -> why its final label could not be read (shown in /info/)
         self._progress: dict = {"state": "not built"}  # what /info/ reports (template_bank)
 
@@ -127,10 +122,21 @@ class TemplateSource:
                 used.add(value)
         return dict(sorted(registry.items(), key=lambda kv: kv[1]))
 
-    def template_names(self, item: dict, values: list[int]) -> dict[int, str]:
-        """value -> organ name for the values present in one template's label."""
-        file_names = self._labels_file()
-        return {v: item["label_info"].get(v) or file_names.get(v) or f"label_{v}" for v in values}
+    def template(self, item: dict) -> Template:
+        """One labelled image as a template: its label's names (label_info first, then the labels file; a value
+        named by neither becomes ``label_N``)."""
+        return Template(item["id"], item["image"], item["label"], {**self._labels_file(), **item["label_info"]})
+
+    def builder(self, model) -> BankBuilder:
+        """The bank builder of ``model`` (one per MedLAM: its per-template banks kept under model/templates/)."""
+        with self._lock:
+            if self._builder is None or self._builder.model is not model:
+                self._builder = BankBuilder(model, self.model_dir / "templates", progress=self._report)
+            return self._builder
+
+    def template_bank(self, item: dict):
+        """One labelled image's template bank for the current MedLAM (cached; TemplateError when unusable)."""
+        return self.builder(self.models.medlam()[0]).template_bank(self.template(item))
 
     # ------------------------------------------------------------------ template bank
     def candidate_templates(self) -> list[dict]:
@@ -157,21 +163,7 @@ class TemplateSource:
                     "organs in Slicer or OHIF and submit the label - then run medlsam again"
                 )
             names = self.label_names(candidates)
-            key = (
-                fingerprint,
-                json.dumps(
-                    [
-                        [
-                            t["id"],
-                            self._file_key(t["image"]),
-                            self._file_key(t["label"]),
-                            sorted(t["label_info"].items()),
-                        ]
-                        for t in candidates
-                    ]
-                ),
-                json.dumps(names),
-            )
+            key = self._key(fingerprint, candidates, names)
             with self._lock:
                 if self._bank is not None and self._bank[0] == key:
                     return self._bank[1], self._bank[2]
@@ -191,6 +183,31 @@ class TemplateSource:
                 raise build.error
             return build.result
 
+    def _key(self, fingerprint: str, candidates: list[dict], names: dict[str, int]) -> tuple:
+        """What a bank depends on: the MedLAM, every labelled image and label (file versions, names)."""
+        files = [
+            [t["id"], self._file_key(t["image"]), self._file_key(t["label"]), sorted(t["label_info"].items())]
+            for t in candidates
+        ]
+        return fingerprint, json.dumps(files), json.dumps(names)
+
+    def all_labels_bank(self):
+        """The uncalibrated bank of every usable labelled image (no ``templates`` limit, every prior cut 0.5): the
+        prior the learned segmentation network takes as input (``medlsam.learn``). Built from the per-template
+        banks the template bank keeps, cached until the labels or the MedLAM change."""
+        model, _, fingerprint = self.models.medlam()
+        candidates = self.candidate_templates()
+        names = self.label_names(candidates)
+        key = self._key(fingerprint, candidates, names)
+        with self._lock:
+            if self._all_labels is not None and self._all_labels[0] == key:
+                return self._all_labels[1]
+        templates = [self.template(item) for item in candidates]
+        bank = self.builder(model).build(templates, names, skip_unusable=True, calibrate=False, report=False).bank
+        with self._lock:
+            self._all_labels = (key, bank)
+        return bank
+
     def _run_build(
         self, build: "_Build", model, model_path: Path, fingerprint: str, candidates: list[dict], names: dict[str, int]
     ) -> None:
@@ -199,7 +216,7 @@ class TemplateSource:
         logger.info(f"template bank: building from {of} of {len(candidates)} labelled image(s)")
         self._report(state="building", built=0, of=of)
         try:
-            bank, info = self._build_bank(model, fingerprint, candidates, names, build.cancel)
+            bank, info = self._build_bank(model, candidates, names, build.cancel)
             info.update(
                 {
                     "medlam": model_path.name,
@@ -241,145 +258,25 @@ class TemplateSource:
             if self._build is not None:
                 self._build.cancel.set()
 
-    def _template_digest(self, fingerprint: str, item: dict) -> str:
-        """What one template's bank depends on: the model, the image, the label and its names."""
-        return hashlib.sha1(
-            json.dumps(
-                [
-                    fingerprint,
-                    self._file_key(item["image"]),
-                    self._file_key(item["label"]),
-                    sorted(item["label_info"].items()),
-                    sorted(self._labels_file().items()),
-                ]
-            ).encode()
-        ).hexdigest()[:12]
-
-    def _template_bank(self, model, fingerprint: str, item: dict):
-        """One template's bank (cached on disk per image, label and model; refusals cached in memory)."""
-        from medlsam.atlas.templates import build_bank, load_bank
-        from medlsam.io.volume import read_volume
-
-        digest = self._template_digest(fingerprint, item)
-        if digest in self._unusable:
-            raise TemplateError(self._unusable[digest])
-        folder = self.model_dir / "templates"
-        path = folder / f"{item['id']}-{digest}.pt"
-        if path.is_file():
-            try:
-                return load_bank(path, model)
-            except TemplateError:
-                path.unlink(missing_ok=True)
-        try:
-            label = read_volume(item["label"])
-            size = _image_size(item["image"])
-            if label.shape != size:
-                raise TemplateError(
-                    f"final label of {item['id']} has shape {list(label.shape)}, its image {list(size)}"
-                )
-            values, counts = np.unique(label.array, return_counts=True)
-            organs = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
-            if not organs:
-                raise TemplateError(f"final label of {item['id']} is empty")
-            if len(organs) > MAX_TEMPLATE_ORGANS:
-                raise TemplateError(
-                    f"final label of {item['id']} has {len(organs)} values (at most {MAX_TEMPLATE_ORGANS} organs)"
-                )
-            big = [v for v, c in organs.items() if c > MAX_ORGAN_FRACTION * label.array.size]
-            if big:
-                raise TemplateError(
-                    f"final label of {item['id']}: value(s) {big} cover over {MAX_ORGAN_FRACTION:.0%} of the scan"
-                )
-            names = self.template_names(item, sorted(organs))
-            bank = build_bank(model, [item["image"]], [label], names, calibrate=False)
-        except MedLSAMError as exc:
-            self._unusable[digest] = str(exc)
-            raise
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob(f"{item['id']}-*.pt"):
-            old.unlink(missing_ok=True)
-        bank.save(path)
-        return bank
-
-    def _build_bank(
-        self,
-        model,
-        fingerprint: str,
-        candidates: list[dict],
-        names: dict[str, int],
-        cancel: threading.Event | None = None,
-    ):
-        """The bank of the newest ``templates`` usable candidates (unusable ones are skipped and reported)."""
-        from medlsam.atlas.calibration import with_cuts
-        from medlsam.atlas.templates import merge_banks
-
-        banks, used = [], []
+    def _build_bank(self, model, candidates: list[dict], names: dict[str, int], cancel: threading.Event):
+        """The bank of the newest ``templates`` usable candidates (unusable ones skipped and reported)."""
         with self._lock:
             skipped = {image_id: f"final label unreadable: {why}" for image_id, why in self._unreadable.items()}
-        by_id = {item["id"]: item for item in candidates}
-        for item in candidates:
-            if len(banks) >= self.max_templates:
-                break
-            if cancel is not None and cancel.is_set():
-                raise BuildCancelled()
-            tic = time.perf_counter()
-            try:
-                banks.append(self._template_bank(model, fingerprint, item))
-                used.append(item["id"])
-                of = min(self.max_templates, len(candidates))
-                self._report(state="building", built=len(banks), of=of, last=item["id"])
-                logger.info(
-                    f"template bank: built {len(banks)}/{of} ({item['id']}) in {time.perf_counter() - tic:.1f} s"
-                )
-            except Exception as exc:  # noqa: BLE001 - a bad template is skipped, never fatal
-                if not isinstance(exc, MedLSAMError):
-                    exc = TemplateError(f"{item['id']}: unusable template ({type(exc).__name__}: {exc})")
-                logger.warning(f"template {item['id']} skipped: {exc}")
-                skipped[item["id"]] = scrub_paths(str(exc))
-        if not banks:
-            raise NoTemplatesError("no usable template: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        bank = merge_banks(banks, names)
-        with_cuts(bank, self._prior_cuts(model, fingerprint, [by_id[i] for i in used], banks, cancel))
+        templates = [self.template(item) for item in candidates]
+        try:
+            built = self.builder(model).build(templates, names, self.max_templates, cancel, skip_unusable=True)
+        except NoTemplatesError as exc:
+            raise NoTemplatesError(scrub_paths(str(exc))) from None
+        skipped.update({image_id: scrub_paths(why) for image_id, why in built.skipped.items()})
+        bank = built.bank
         info = {
-            "templates": sorted(used),
+            "templates": sorted(built.used),
             "skipped": skipped,
             "organs": {
                 n: {"value": o.value, "templates": o.count, "prior_cut": o.prior_cut} for n, o in bank.organs.items()
             },
         }
         return bank, info
-
-    def _prior_cuts(
-        self, model, fingerprint: str, items: list[dict], banks: list, cancel: threading.Event | None
-    ) -> dict[str, float]:
-        """Each organ's prior cut chosen by leaving one template out (``medlsam.atlas.calibration``), kept on disk per
-        set of templates; {} (every organ cut at 0.5) when it cannot be chosen."""
-        from medlsam.atlas.calibration import CalibrationCancelled, prior_cuts
-
-        digest = hashlib.sha1(json.dumps([self._template_digest(fingerprint, i) for i in items]).encode()).hexdigest()
-        path = self.model_dir / "templates" / f"prior-cuts-{digest[:12]}.json"
-        if path.is_file():
-            try:
-                kept = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
-                if all(0.0 < v < 1.0 for v in kept.values()):
-                    return kept
-            except (ValueError, AttributeError):
-                pass
-            path.unlink(missing_ok=True)  # unreadable or out of range: chosen again
-        tic = time.perf_counter()
-        self._report(state="building", built=len(banks), of=len(banks), step="prior cuts (templates held out)")
-        try:
-            cuts = prior_cuts(model, banks, [i["image"] for i in items], [i["label"] for i in items], cancel)
-        except CalibrationCancelled:
-            raise BuildCancelled() from None
-        except Exception as exc:  # noqa: BLE001 - an uncalibrated prior still serves
-            logger.warning(f"template bank: prior cuts not chosen, every organ cut at 0.5: {scrub_paths(str(exc))}")
-            return {}
-        for old in path.parent.glob("prior-cuts-*.json"):
-            old.unlink(missing_ok=True)
-        write_json_atomic(cuts, path)
-        logger.info(f"template bank: prior cuts {cuts} chosen in {time.perf_counter() - tic:.1f} s")
-        return cuts
 
     def rebuild_in_background(self) -> None:
         """Start building the bank now (after a label change) so that the next medlsam finds it ready; a build
@@ -392,10 +289,6 @@ class TemplateSource:
                 logger.warning(f"template bank rebuild failed: {scrub_paths(str(exc))}")
 
         threading.Thread(target=run, name="template-bank", daemon=True).start()
-
-
-class BuildCancelled(TemplateError):
-    """A bank build stopped because the templates changed."""
 
 
 class _Build:
@@ -427,19 +320,6 @@ def _label_names(label_info) -> dict[int, str]:
         if value > 0 and name.lower() not in ("background", "foreground_scribbles", "background_scribbles"):
             names.setdefault(value, name)
     return names
-
-
-def _image_size(path: str) -> tuple[int, ...]:
-    """The voxel shape of an image file from its header (file order, as read_volume's arrays)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise TemplateError(f"{Path(path).name}: cannot be read as an image") from None
-    return tuple(int(s) for s in reader.GetSize())[:3]
 
 
 def _number(value) -> float:

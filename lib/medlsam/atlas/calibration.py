@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from medlsam.atlas.localize import Localizer
 from medlsam.atlas.templates import TemplateBank, merge_banks
 from medlsam.errors import TemplateError
 from medlsam.io.volume import CTVolume, load_ct, read_volume
@@ -68,8 +69,6 @@ def choose_cuts(per_template: list[dict[str, list[float]]]) -> dict[str, float]:
 def held_out_locations(medlam, banks: list[TemplateBank], i: int, volume: CTVolume, options=None) -> dict:
     """Template ``i``'s organs (name -> OrganLocation, with its prior), localised with a bank merged from the
     other templates' one-template ``banks`` (and the localiser's ``options``): what an unseen scan would get."""
-    from medlsam.atlas.localize import Localizer  # localize imports templates: imported here to keep the order one-way
-
     others = merge_banks([b for j, b in enumerate(banks) if j != i])
     organs = [name for name in banks[i].organs if name in others.organs]
     if not organs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,59 +253,10 @@ def _encode_template(model: MedLAM, grid: LocalizationGrid, organs: dict[str, di
     return {key: (latents[i], points[i] - centres[i], kernels[key]) for i, key in enumerate(keys)}
 
 
-def build_bank(
-    model: MedLAM,
-    images: list,
-    labels: list | None = None,
-    names: dict[int, str] | None = None,
-    extreme_points_json: list[dict | None] | None = None,
-    calibrate: bool = True,
-    localize_options=None,
-) -> TemplateBank:
-    """Build a bank from template scans with labels and/or six extreme points per organ (file indices); with
-    ``calibrate`` and at least three labelled templates, each organ's prior cut is chosen by leaving one labelled
-    template out (``medlsam.atlas.calibration``), localised with ``localize_options`` (the bank's ``LocalizeOptions``;
-    None: the defaults)."""
-    labels = labels or [None] * len(images)
-    points_json = extreme_points_json or [None] * len(images)
-    if not (len(images) == len(labels) == len(points_json)):
-        raise TemplateError(f"{len(images)} template images but {len(labels)} labels / {len(points_json)} point sets")
-    names = {int(k): v for k, v in (names or {}).items()}
-    banks = []
-    for number, (image, label, pts) in enumerate(zip(images, labels, points_json), 1):
-        if label is None and pts is None:
-            raise TemplateError(f"template {image}: needs a label or extreme points")
-        tic = time.perf_counter()
-        banks.append(_one_template(model, image, label, pts, names))
-        logger.info(
-            f"template {number}/{len(images)} {Path(str(banks[-1].sources[0])).name}: "
-            f"{len(banks[-1].organs)} organ(s) in {time.perf_counter() - tic:.1f} s"
-        )
-    bank = merge_banks(banks)
-    absent = [n for n in names.values() if n not in bank.organs]
-    if absent:
-        raise TemplateError(f"organ(s) {absent} named in the label names are in none of the templates")
-    if not bank.organs:
-        raise TemplateError("no organ found in the templates")
-    if calibrate:
-        from medlsam.atlas.calibration import prior_cuts, with_cuts  # calibration localises: it imports this module
-
-        held = [i for i, label in enumerate(labels) if label is not None]
-        with_cuts(
-            bank,
-            prior_cuts(
-                model,
-                [banks[i] for i in held],
-                [images[i] for i in held],
-                [labels[i] for i in held],
-                options=localize_options,
-            ),
-        )
-    return bank
-
-
-def _one_template(model: MedLAM, image, label, pts: dict | None, names: dict[int, str]) -> TemplateBank:
-    """The bank of one template scan (its organs' points, kernels and neighbourhood)."""
+def template_bank(model: MedLAM, image, label, names: dict[int, str], pts: dict | None = None) -> TemplateBank:
+    """The bank of one template scan (its organs' points, kernels and neighbourhood) from its label (``names``:
+    value -> organ) and/or six extreme points per organ (``pts``); banks of several templates are merged by
+    ``merge_banks``, built and calibrated by ``medlsam.atlas.bank_builder``."""
     volume = image if isinstance(image, CTVolume) else load_ct(image)
     label_volume = label if isinstance(label, CTVolume) or label is None else read_volume(label)
     grid = to_localization_grid(volume)
@@ -345,7 +295,7 @@ def merge_banks(banks: list[TemplateBank], names: dict[str, int] | None = None) 
     """One bank from several (of the same MedLAM): per organ and point role, the mean of the latent points,
     offsets and kernels over the templates that have that role (each bank weighing by its template count);
     the templates' neighbourhoods pooled; the mean extent. ``names`` (organ -> value) renumbers organs.
-    The one rule for every bank: ``build_bank`` and the app's datastore banks both merge this way."""
+    The one rule for every bank (``medlsam.atlas.bank_builder``)."""
     if len({b.model_fingerprint for b in banks}) > 1:
         raise TemplateError("template banks of different MedLAM models cannot be merged")
     organs = {}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medlsam.atlas.bank_builder import build_bank
 from medlsam.atlas.localize import LocalizeOptions, Localizer
-from medlsam.atlas.templates import build_bank
 from medlsam.io.grid import to_localization_grid
 from medlsam.io.volume import load_ct, read_volume
 from medlsam.medlam.network import MedLAM

@@ -8,13 +8,14 @@ import sys
 
 from medlsam.cli import adapt, dicom, segment, templates, train
 from medlsam.errors import MedLSAMError
+from medlsam.learn import cli as learn
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (each module of this package adds its own)."""
     parser = argparse.ArgumentParser(prog="medlsam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, templates, segment, adapt, dicom):
+    for module in (train, templates, segment, adapt, dicom, learn):
         module.add_parsers(commands)
     return parser
 

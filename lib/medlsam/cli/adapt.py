@@ -11,7 +11,8 @@ from medlsam.errors import MedLSAMError
 
 def _adapt(args: argparse.Namespace) -> None:
     from medlsam.medlam.precision import parse_precision
-    from medlsam.segment.adapt import AdaptOptions, adapt
+    from medlsam.segment.adapt import adapt
+    from medlsam.segment.adapt_data import AdaptOptions
     from medlsam.utils.devices import check_device
     from medlsam.utils.names import read_names
 

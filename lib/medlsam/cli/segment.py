@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int | None:
     from medlsam.utils.devices import check_device
 
     args.device = check_device(args.device)
+    if getattr(args, "learned", None):  # medlsam.learn: the learnt network + the template prior, per organ
+        from medlsam.learn.cli import segment
+
+        return segment(args)
     if is_batch(args.images, args.out):
         if args.rtstruct:
             raise MedLSAMError("--rtstruct writes one structure set: give one DICOM series folder, not a batch")
@@ -118,3 +122,6 @@ def add_parsers(commands) -> None:
     segment.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=run)
+    from medlsam.learn.cli import add_segment_arguments
+
+    add_segment_arguments(segment)

@@ -33,7 +33,7 @@ def _templates_show(args: argparse.Namespace) -> None:
 
 
 def _templates_build(args: argparse.Namespace) -> None:
-    from medlsam.atlas.templates import build_bank
+    from medlsam.atlas.bank_builder import build_bank
     from medlsam.utils.names import read_names
 
     labels = args.labels or [None] * len(args.images)

@@ -56,6 +56,25 @@ def _window(mask: np.ndarray, pixel_mm: tuple[float, float]) -> tuple[slice, sli
     return out[0], out[1]
 
 
+def _panel(ax, ct: np.ndarray, pixel_mm, outlines: dict, organ: str, title: str) -> None:
+    """One panel: the CT slice in the soft-tissue window, each organ's outline (``organ``'s thicker), R/L/A marks."""
+    ax.imshow(
+        np.clip(ct, *WINDOW),
+        cmap="gray",
+        vmin=WINDOW[0],
+        vmax=WINDOW[1],
+        interpolation="nearest",
+        aspect=pixel_mm[0] / pixel_mm[1],
+    )
+    for other, (mask, colour) in outlines.items():
+        if mask.any():
+            ax.contour(mask, levels=[0.5], colors=[colour], linewidths=2.0 if other == organ else 1.0)
+    ax.set_title(title, fontsize=8)
+    ax.text(0.02, 0.5, "R", color="yellow", fontsize=8, transform=ax.transAxes, va="center")
+    ax.text(0.98, 0.5, "L", color="yellow", fontsize=8, transform=ax.transAxes, va="center", ha="right")
+    ax.text(0.5, 0.97, "A", color="yellow", fontsize=8, transform=ax.transAxes, va="top", ha="center")
+
+
 def qc_montage(
     volume: CTVolume,
     label: np.ndarray,
@@ -106,28 +125,12 @@ def qc_montage(
         shown = [("", label, names)] + ([("reference", reference, reference_names)] if reference is not None else [])
         box = _window(_display(np.take(anchor, k, axis=axis), volume.affine, axis), pixel_mm)
         for title, volume_label, value_of in shown:
-            ax = next(panels)
             lab = _display(np.take(volume_label, k, axis=axis), volume.affine, axis)[box]
-            ax.imshow(
-                np.clip(ct[box], *WINDOW),
-                cmap="gray",
-                vmin=WINDOW[0],
-                vmax=WINDOW[1],
-                interpolation="nearest",
-                aspect=pixel_mm[0] / pixel_mm[1],
-            )
-            for other, value in value_of.items():
-                if other in colours and (lab == value).any():
-                    ax.contour(
-                        lab == value, levels=[0.5], colors=[colours[other]], linewidths=2.0 if other == name else 1.0
-                    )
             heading = f"{name} {title}".strip() if title else name
             if title == "" and ref is not None:
                 heading += f"  Dice {dice(pred, ref):.2f}"
-            ax.set_title(f"{heading}\naxial slice {k}", fontsize=8)
-            ax.text(0.02, 0.5, "R", color="yellow", fontsize=8, transform=ax.transAxes, va="center")
-            ax.text(0.98, 0.5, "L", color="yellow", fontsize=8, transform=ax.transAxes, va="center", ha="right")
-            ax.text(0.5, 0.97, "A", color="yellow", fontsize=8, transform=ax.transAxes, va="top", ha="center")
+            outlines = {other: (lab == value, colours[other]) for other, value in value_of.items() if other in colours}
+            _panel(next(panels), ct[box], pixel_mm, outlines, name, f"{heading}\naxial slice {k}")
     if not organs:
         axes[0, 0].text(0.5, 0.5, "no organ segmented", ha="center", va="center")
     handles = [Line2D([], [], color=colours[n], linewidth=2, label=f"{names[n]} {n}") for n in organs]

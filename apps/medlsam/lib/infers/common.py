@@ -13,7 +13,9 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-from lib.conf import parse_bool, scrub_paths
+from lib.conf import scrub_paths
+from lib.option_spec import COMMON_INFER_OPTIONS, RESULT_DTYPES, RESULT_EXTENSIONS  # noqa: F401 - re-exported
+from lib.options import Option, option, parse, read
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
 from medlsam.errors import CheckpointError, InvalidImageError, MedLSAMError, TemplateError
@@ -21,9 +23,6 @@ from medlsam.utils import cancel
 from medlsam.utils.cancel import Cancelled
 
 logger = logging.getLogger(__name__)
-
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
-RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 
 
 def http_error(exc: Exception) -> HTTPException:
@@ -58,43 +57,21 @@ def output_dtype(requested: str, label: np.ndarray) -> str:
 
 
 def flag(request: dict, key: str):
-    """A boolean request option (true/false, 1/0, yes/no, on/off); None when absent; else 400 naming it."""
-    value = request.get(key)
-    if value is None or value == "":
-        return None
-    parsed = parse_bool(value)
-    if parsed is None:
-        raise HTTPException(status_code=400, detail=f"{key} must be true or false, not {value!r}")
-    return parsed
+    """A boolean request option (true/false, 1/0, yes/no, on/off); None when absent; else OptionError naming it."""
+    return read(Option(key, "bool", None, ""), request.get(key), "infer option")
 
 
 def number(request: dict, key: str, default, cast=float, low=None, high=None):
-    """A finite number option within [low, high] (default when absent); else 400 naming it."""
-    value = request.get(key)
-    if value is None or value == "":
-        return default
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        result = cast(float(value)) if cast is float else cast(value)
-        if cast is int and float(value) != result:
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        result = None
-    if (
-        result is None
-        or not np.isfinite(result)
-        or (low is not None and result < low)
-        or (high is not None and result > high)
-    ):
-        bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else ""
-        kind = "an integer" if cast is int else "a number"
-        raise HTTPException(status_code=400, detail=f"{key} must be {kind}{bounds}, not {value!r}")
-    return result
+    """A finite number option within [low, high] (default when absent); else OptionError naming it. The bounds are
+    the spec's (lib/option_spec.py; tests/unit/test_options.py checks that the callers pass those)."""
+    kind = "int" if cast is int else "float"
+    return read(Option(key, kind, default, "", low, high), request.get(key), "infer option")
 
 
 class MedLSAMInferTask(InferTask):
     """Base: subclasses implement ``run(request, entry) -> (label array in file order, result json)``."""
+
+    option_spec = COMMON_INFER_OPTIONS  # the task's request options: lib/option_spec.py infer_options(<task>)
 
     def __init__(self, volumes: Volumes, type, labels, dimension: int, description: str, config=None):
         self.volumes = volumes
@@ -117,14 +94,12 @@ class MedLSAMInferTask(InferTask):
         """A task's own options, checked before any work (400 naming a bad one); the base task has none."""
 
     def check_request(self, request: dict) -> None:
-        """Every option checked before any work: the output's extension and dtype, the device, the number of clicks
-        and the task's own options; 400 naming the bad one."""
+        """Every option checked before any work: the task's options of the spec (``option_spec``, set by the model
+        config; other keys are clicks and MONAI Label's fields), the number of clicks and the task's own checks;
+        OptionError or 400 naming the bad one."""
         from medlsam.interact.interactive import check_click_count
-        from medlsam.utils.devices import check_device
 
-        result_options(request)
-        if request.get("device") not in (None, ""):
-            check_device(request["device"])
+        parse(self.option_spec, request, "infer option", allowed=None)
         check_click_count(count_clicks(request))
         self.check_options(request)
 
@@ -186,18 +161,9 @@ class MedLSAMInferTask(InferTask):
 
 
 def result_options(request: dict) -> tuple[str, str]:
-    """(result_extension, result_dtype) of the request; 400 naming a bad one."""
-    ext = request.get("result_extension") or ".nii.gz"
-    if ext not in RESULT_EXTENSIONS:
-        raise HTTPException(
-            status_code=400, detail=f"result_extension {ext!r} not supported; use one of {list(RESULT_EXTENSIONS)}"
-        )
-    dtype = request.get("result_dtype") or "uint8"
-    if dtype not in RESULT_DTYPES:
-        raise HTTPException(
-            status_code=400, detail=f"result_dtype {dtype!r} not supported; use one of {list(RESULT_DTYPES)}"
-        )
-    return ext, dtype
+    """(result_extension, result_dtype) of the request; OptionError naming a bad one."""
+    ext, dtype = (option(COMMON_INFER_OPTIONS, key) for key in ("result_extension", "result_dtype"))
+    return read(ext, request.get(ext.name), "infer option"), read(dtype, request.get(dtype.name), "infer option")
 
 
 def count_clicks(request: dict) -> int:

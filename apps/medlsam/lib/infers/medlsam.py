@@ -50,14 +50,61 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         bank, info = self.templates.bank()
         segmenter = self.models.segmenter()
         timings = {"models_and_bank": round(time.perf_counter() - tic, 3)}
+        learned = self.models.learned()  # the network the segmentation trainer published, if any
+        key = (fingerprint, repr(options), repr(localize), repr(organs), segmenter.name)
+        cached = entry.get("medlsam_result")  # a repeated request: the same image, bank, models and options
+        models = (bank, segmenter, learned)  # the same objects: nothing was rebuilt or published meanwhile
+        if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], models)):
+            entry["auto_label"] = cached[2]
+            answer = {**cached[3], "cached": True, "timings_s": timings}
+            return cached[2].copy(), answer
+        if learned is not None:  # the segmentation trainer published a network: the better path per organ
+            label, answer = self.learned_path(entry, learned, bank, localize, organs, timings)
+            answer["medlam"] = {"path": medlam_path.name, "fingerprint": fingerprint}
+            entry["auto_label"] = label
+            entry["medlsam_result"] = (key, models, label, answer)
+            return label.copy(), {**answer, "cached": False}
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
         result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
         entry["auto_label"] = result.label  # the current segmentation the `edit` task corrects
-        return result.label, {
+        answer = {
             **result.to_json(),
+            "paths": {name: "fewshot" for name in result.label_names},
             "label_names": self.labels,
             "templates": info.get("templates", []),
             "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
             "backend": segmenter.name,
             "adapted": segmenter.adaptation is not None,  # LiteMedSAM adapted to the templates (trainer lite_medsam)
+        }
+        entry["medlsam_result"] = (key, models, result.label, answer)  # what a repeated request returns
+        return result.label.copy(), {**answer, "cached": False}
+
+    def learned_path(self, entry: dict, learned, bank, localize, organs: list[str] | None, timings: dict):
+        """(label, result JSON) of the per-organ choice: the learned network where it beat the few-shot prior on the
+        held-out saved labels (recorded in its file), the calibrated template prior elsewhere and for organs the
+        network does not know. The network's prior channels come from the bank of every saved label."""
+        from medlsam.atlas.localize import Localizer
+        from medlsam.learn.predict import chosen_probabilities, to_label
+
+        tic = time.perf_counter()
+        model = self.models.medlam()[0]
+        every = self.templates.all_labels_bank()
+        wanted = [o for o in (organs or list(bank.organs)) if o in every.organs]
+        located = Localizer(model, every, localize).localize(entry["volume"], wanted, prior=True)["organs"]
+        priors = {name: (loc.prior if loc.found else None) for name, loc in located.items()}
+        localized = time.perf_counter()
+        cuts = {**{name: organ.prior_cut for name, organ in bank.organs.items()}, **learned.prior_cuts}
+        probabilities, used = chosen_probabilities(learned, entry["volume"], priors, cuts, wanted)
+        values = {name: value for name, value in self.labels.items() if name in probabilities}
+        label = to_label({name: probabilities[name] for name in values}, values)
+        timings.update({"localize": round(localized - tic, 3), "learned": round(time.perf_counter() - localized, 3)})
+        held_out = {name: learned.held_out.get(path, {}).get(name) for name, path in used.items()}
+        return label, {
+            "label_names": self.labels,
+            "paths": used,
+            "held_out_dice": held_out,
+            "not_found": [name for name in wanted if not (label == values.get(name, -1)).any()],
+            "boxes": {name: loc.to_json() for name, loc in located.items()},
+            "timings_s": timings,
+            "learned_model": {"labels": len(learned.record.get("labels", [])), "organs": learned.organs},
         }

@@ -1,36 +1,27 @@
-"""Request options shared by the localising tasks (`medlam`, `medlsam`): each task reads its request once through
-these, and a bad value is an HTTP 400 naming it."""
+"""Request options shared by the localising tasks (`medlam`, `medlsam`), read through the option spec
+(lib/option_spec.py): a bad value is an OptionError naming it (HTTP 400)."""
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+from dataclasses import replace
 
-from lib.infers.common import flag, number
+from lib.option_spec import INFER_OPTIONS
+from lib.options import option, read
 
 LOCALIZE_SWITCHES = ("refine", "match")  # boolean LocalizeOptions a request may switch
-BOX_MODES = ["wpl", "spl"]  # the localiser's: one box per organ, or also one per z-slab
+BOX_MODES = list(option(INFER_OPTIONS["medlam"], "mode").choices)  # one box per organ, or also per z-slab
+WHERE = "infer option"
 
 
 def request_mode(request: dict, default: str, choices: list[str]) -> str:
     """The request's `mode` (a client echoing the config's choice list sends that list: its first entry)."""
-    mode = request.get("mode") or default
-    if isinstance(mode, (list, tuple)):
-        mode = mode[0] if mode else default
-    if mode not in choices:
-        raise HTTPException(status_code=400, detail=f"mode must be one of {', '.join(choices)}, not {mode!r}")
-    return mode
+    spec = replace(option(INFER_OPTIONS["medlsam"], "mode"), default=default, choices=tuple(choices))
+    return read(spec, request.get("mode"), WHERE)
 
 
 def organs_option(request: dict) -> list[str] | None:
     """``organs`` as a list or a comma-separated string; None for all."""
-    organs = request.get("organs")
-    if organs is None or organs == "" or organs == []:
-        return None
-    if isinstance(organs, str):
-        organs = [o.strip() for o in organs.split(",") if o.strip()]
-    if not isinstance(organs, (list, tuple)) or not all(isinstance(o, str) for o in organs):
-        raise HTTPException(status_code=400, detail=f"organs must be a list of organ names, got {organs!r}")
-    return list(organs) or None
+    return read(option(INFER_OPTIONS["medlsam"], "organs"), request.get("organs"), WHERE) or None
 
 
 def localize_options(request: dict, mode: str):
@@ -39,7 +30,7 @@ def localize_options(request: dict, mode: str):
 
     options = LocalizeOptions(mode=mode)
     for key in LOCALIZE_SWITCHES:
-        value = flag(request, key)
+        value = read(option(INFER_OPTIONS["medlsam"], key), request.get(key), WHERE, None, True)
         if value is not None:
             setattr(options, key, value)
     return options
@@ -56,4 +47,4 @@ def localize_config(modes: list[str]) -> dict:
 def prior_weight(request: dict, default: float | None = None) -> float | None:
     """The request's `prior_weight` (0: SAM alone, 1: the template prior alone), else ``default`` (the server's
     --conf prior_weight; None: the segmenter's choice, see ``SegmentOptions.prior_weight``)."""
-    return number(request, "prior_weight", default, float, 0.0, 1.0)
+    return read(option(INFER_OPTIONS["medlsam"], "prior_weight"), request.get("prior_weight"), WHERE, default, True)

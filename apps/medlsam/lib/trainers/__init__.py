@@ -1,4 +1,5 @@
 from .lite_medsam import LiteMedSAMTrainer
 from .medlam import MedLAMTrainer
+from .segmentation import SegmentationTrainer
 
-__all__ = ["LiteMedSAMTrainer", "MedLAMTrainer"]
+__all__ = ["LiteMedSAMTrainer", "MedLAMTrainer", "SegmentationTrainer"]

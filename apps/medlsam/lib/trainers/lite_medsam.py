@@ -16,15 +16,16 @@ import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.models import Models
+from lib.option_spec import TRAIN_OPTIONS
+from lib.options import train_config
 from lib.template_source import TemplateSource
 from lib.trainers.options import check_train_options
 from medlsam.errors import MedLSAMError, TemplateError
-from medlsam.segment.adapt import AdaptOptions
-from medlsam.utils.devices import check_device, device_choices
+from medlsam.segment.adapt_data import AdaptOptions
 
 logger = logging.getLogger(__name__)
 
-BOUNDS = {"steps": (1, 100000), "slice_step": (1, 16), "threads": (0, 1024)}
+SPEC = TRAIN_OPTIONS["lite_medsam"]  # its options: lib/option_spec.py (defaults: AdaptOptions)
 
 
 class LiteMedSAMTrainer(TrainTask):
@@ -36,13 +37,7 @@ class LiteMedSAMTrainer(TrainTask):
         self.models, self.templates = models, templates
         self.running = False  # an adaptation runs in this process (run_sync)
         self._stats = None  # (file key, record) of the published weights
-        defaults = AdaptOptions()  # the measured defaults of `medlsam adapt`
-        self._config = {
-            "steps": defaults.steps,
-            "slice_step": defaults.slice_step,
-            "threads": 0,
-            "device": device_choices(),
-        }
+        self._config = train_config(SPEC)  # /info/: defaults, the devices present
 
     def config(self):
         return self._config
@@ -65,10 +60,8 @@ class LiteMedSAMTrainer(TrainTask):
         return self._stats[1]
 
     def validate(self, request: dict) -> dict:
-        """The request's options, checked (unknown keys or out-of-range values: MedLSAMError naming the key)."""
-        options = check_train_options(request, self._config, BOUNDS)
-        options["device"] = check_device(options["device"])
-        return options
+        """The request's options, checked (unknown keys or out-of-range values: OptionError naming the key)."""
+        return check_train_options(request, SPEC)
 
     def __call__(self, request, datastore):
         options = self.validate(request)
@@ -82,7 +75,8 @@ class LiteMedSAMTrainer(TrainTask):
 
     def run_adaptation(self, options: dict) -> dict:
         """Adapt on the newest usable templates (as many as the bank uses) and publish; returns a summary."""
-        from medlsam.segment.adapt import fit, save_adapted, training_slices
+        from medlsam.segment.adapt import fit, save_adapted
+        from medlsam.segment.adapt_data import training_slices
         from medlsam.segment.sam import build_segmenter
 
         tic = time.perf_counter()
@@ -92,7 +86,7 @@ class LiteMedSAMTrainer(TrainTask):
             if len(banks) >= self.templates.max_templates:
                 break
             try:
-                banks.append(self.templates._template_bank(model, fingerprint, item))
+                banks.append(self.templates.template_bank(item))
             except MedLSAMError as exc:
                 logger.warning(f"adaptation skips template {item['id']}: {exc}")
                 continue

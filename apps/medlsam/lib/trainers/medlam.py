@@ -24,26 +24,16 @@ from pathlib import Path
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.conf import parse_bool
 from lib.models import Models
+from lib.option_spec import TRAIN_OPTIONS
+from lib.options import train_config
 from lib.trainers.options import check_train_options
 from medlsam.errors import MedLSAMError
-from medlsam.utils.devices import check_device, cuda_count, device_choices
+from medlsam.utils.devices import cuda_count
 
 logger = logging.getLogger(__name__)
 
-BOUNDS = {
-    "epochs": (1, 1000),
-    "iterations_per_epoch": (1, 100000),
-    "batch_size": (1, 64),
-    "learning_rate": (0.0, 1.0),
-    "validation_pairs": (1, 10000),
-    "max_images": (0, 100000),
-    "threads": (0, 1024),
-    "base_channels": (1, 64),
-    "processes": (1, 64),
-    "workers": (0, 64),
-}
+SPEC = TRAIN_OPTIONS["medlam"]  # its options: lib/option_spec.py
 
 
 class MedLAMTrainer(TrainTask):
@@ -54,23 +44,7 @@ class MedLAMTrainer(TrainTask):
         )
         self.models = models
         self.running = False  # a training runs in this process (run_sync)
-        self._config = {
-            "epochs": 4,
-            "iterations_per_epoch": 50,
-            "batch_size": 3,
-            "learning_rate": 1e-4,
-            "device": device_choices(),  # cpu, and cuda, cuda:0, ... where GPUs are visible
-            "multi_gpu": True,  # MONAI Label's: on cuda, one process per GPU of `gpus`
-            "gpus": "all",  # MONAI Label's: "all" or "0,1" (it sets CUDA_VISIBLE_DEVICES)
-            "processes": 1,  # on cpu: torch.distributed (gloo) processes
-            "workers": 0,  # DataLoader processes sampling patches per training process (0: in-process)
-            "init": ["current", "scratch"],
-            "publish": ["if_better", "always"],
-            "validation_pairs": 8,
-            "max_images": 0,
-            "threads": 0,
-            "base_channels": 6,
-        }
+        self._config = train_config(SPEC)  # /info/: defaults, choices, the devices present
 
     def config(self):
         return self._config
@@ -104,9 +78,9 @@ class MedLAMTrainer(TrainTask):
             logger.warning(f"cannot update {self.stats_path.name}: {exc}")
 
     def validate(self, request: dict) -> dict:
-        """The request's train options, checked: unknown keys and out-of-range values raise MedLSAMError naming
+        """The request's train options, checked: unknown keys and out-of-range values raise OptionError naming
         the key (the server answers 400 before any training starts)."""
-        return check_train_options(request, self._config, BOUNDS)
+        return check_train_options(request, SPEC)
 
     def __call__(self, request, datastore):
         """Validated options, then training; train_stats.json always ends done, stopped or failed."""
@@ -141,28 +115,17 @@ class MedLAMTrainer(TrainTask):
             stats.setdefault("epoch", 0)
         self._write_stats(stats)
 
-    def _option(self, request: dict, key: str, cast):
-        value = request.get(key, self._config[key])
-        if isinstance(value, list):  # a "choose one" option left at its list default
-            value = value[0]
-        try:
-            return cast(value)
-        except (TypeError, ValueError):
-            raise MedLSAMError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
-
     def run_training(self, request, datastore):
         from medlsam.medlam.network import MedLAMConfig, load_medlam
         from medlsam.medlam.patches import cached_grid_array
         from medlsam.medlam.training import TrainOptions, train_job
         from medlsam.utils.distributed import spawn_training
 
-        opt = lambda key, cast: self._option(request, key, cast)  # noqa: E731
-        threads = opt("threads", int)
+        opt = self.validate(request)
+        threads = opt["threads"]
         if threads > 0:
             torch.set_num_threads(threads)
-        init, publish = opt("init", str), opt("publish", str)
-        if init not in ("current", "scratch") or publish not in ("if_better", "always"):
-            raise MedLSAMError(f"init must be current|scratch and publish if_better|always, got {init}, {publish}")
+        init, publish = opt["init"], opt["publish"]
         cache = Path(tempfile.gettempdir()) / "medlsam-app-grid-cache"
         images = []
         for image_id in sorted(datastore.list_images()):
@@ -172,28 +135,28 @@ class MedLAMTrainer(TrainTask):
                 images.append(path)
             except MedLSAMError as exc:
                 logger.warning(f"training skips {image_id}: {exc}")
-        max_images = opt("max_images", int)
+        max_images = opt["max_images"]
         if max_images > 0:
             images = images[:max_images]
         if not images:
             raise MedLSAMError("no usable CT image in the datastore to train on")
-        device = check_device(opt("device", str))
+        device = opt["device"]
         options = TrainOptions(
-            epochs=opt("epochs", int),
-            iterations_per_epoch=opt("iterations_per_epoch", int),
-            batch_size=opt("batch_size", int),
-            learning_rate=opt("learning_rate", float),
+            epochs=opt["epochs"],
+            iterations_per_epoch=opt["iterations_per_epoch"],
+            batch_size=opt["batch_size"],
+            learning_rate=opt["learning_rate"],
             device=device,
-            validation_pairs=opt("validation_pairs", int),
-            workers=opt("workers", int),
+            validation_pairs=opt["validation_pairs"],
+            workers=opt["workers"],
         )
-        world = self.world_size(request, device)
+        world = self.world_size(opt, device)
         current = None
         if init == "current":
             current = load_medlam(self.models.medlam_path())
             config = current.config
         else:
-            config = MedLAMConfig(base_channels=opt("base_channels", int))
+            config = MedLAMConfig(base_channels=opt["base_channels"])
         out = self.models.published_medlam
         tic = time.time()
         job = {
@@ -226,16 +189,15 @@ class MedLAMTrainer(TrainTask):
         logger.info(f"MedLAM training finished: {summary}")
         return summary
 
-    def world_size(self, request: dict, device: str) -> int:
-        """Processes to train with: on cuda with multi_gpu, one per GPU of `gpus` (as MONAI Label's
-        BasicTrainTask); on cpu, `processes`."""
+    def world_size(self, options: dict, device: str) -> int:
+        """Processes to train with (``options``: the checked train options): on cuda with multi_gpu, one per GPU
+        of `gpus` (as MONAI Label's BasicTrainTask); on cpu, `processes`."""
         if device.startswith("cuda"):
-            gpus = str(request.get("gpus") or "all")
+            gpus = str(options.get("gpus") or "all")
             count = cuda_count() if gpus == "all" else len([g for g in gpus.split(",") if g.strip()])
-            multi = request.get("multi_gpu", self._config["multi_gpu"])
-            multi = parse_bool(multi) is True
+            multi = options["multi_gpu"]
             return max(1, min(count, cuda_count())) if multi and device == "cuda" else 1
-        return self._option(request, "processes", int)
+        return options["processes"]
 
 
 def _in_monailabel_subprocess() -> bool:

@@ -1,0 +1,115 @@
+"""``medlsam learn`` (train the segmentation network on labelled scans) and ``medlsam segment --learned MODEL``
+(the per-organ choice of the learnt network and the template prior).
+Hooked into ``medlsam.cli`` (its parser and ``medlsam.cli.segment``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from medlsam.errors import MedLSAMError
+
+
+def add_parsers(commands) -> None:
+    """The ``learn`` subcommand on ``commands`` (argparse sub-parsers)."""
+    learn = commands.add_parser("learn", help="train a segmentation network on scans with final labels")
+    learn.add_argument("--images", nargs="+", required=True, help="labelled scans")
+    learn.add_argument("--labels", nargs="+", required=True, help="their final labels, in the same order")
+    learn.add_argument("--names", help="organ names file (label value -> organ) for every label")
+    learn.add_argument("--out", required=True, help="the model file to write (.pt)")
+    learn.add_argument("--max-epochs", type=int, help="at most this many epochs")
+    learn.add_argument("--time-limit-min", type=float, help="stop after this many minutes, keeping the best so far")
+    learn.add_argument("--options", help="JSON file of further learner options (medlsam.learn.options)")
+    learn.add_argument("--cache", help="folder for one-template banks and priors (reused by later runs)")
+    learn.add_argument("--model", help="MedLAM checkpoint of the few-shot path (default: the shipped model)")
+    learn.set_defaults(func=run)
+
+
+def add_segment_arguments(segment: argparse.ArgumentParser) -> None:
+    """``--learned`` on the ``segment`` subcommand (``--model`` there is MedLAM's checkpoint)."""
+    segment.add_argument(
+        "--learned",
+        help="a model of `medlsam learn`: each organ from the learnt network or the template prior, as it chose",
+    )
+
+
+def _options(args: argparse.Namespace):
+    from medlsam.learn.options import LearnError, LearnOptions
+
+    data = {}
+    if args.options:
+        try:
+            data = json.loads(Path(args.options).read_text())
+        except (OSError, ValueError) as exc:
+            raise LearnError(f"--options {args.options}: not a readable JSON file ({exc})") from None
+    if args.max_epochs is not None:
+        data["max_epochs"] = args.max_epochs
+    if args.time_limit_min is not None:
+        data["time_limit_min"] = args.time_limit_min
+    return LearnOptions.from_dict(data)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``medlsam learn``: train, print the held-out Dice and the choice, write the model atomically."""
+    from medlsam.learn.trainer import learn
+    from medlsam.medlam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+    from medlsam.utils.names import read_names
+
+    options = _options(args)  # bad options fail before any work
+    names = read_names(args.names)
+    if not names:
+        raise MedLSAMError("--names is needed: the organ names of the labels (label value -> organ)")
+    if not str(args.out).endswith(".pt"):
+        raise MedLSAMError(f"--out {args.out}: the model file must end in .pt")
+    medlam = load_medlam(args.model or default_medlam_path())
+    model = learn(args.images, args.labels, names, options, medlam=medlam, cache=args.cache)
+    model.save(args.out)
+    for organ in model.organs:
+        a, b = model.held_out["learned"].get(organ), model.held_out["fewshot"].get(organ)
+        fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"{organ:16s} held-out Dice learned {fmt(a)}  few-shot {fmt(b)}  -> {model.choice[organ]}")
+    print(f"model {Path(args.out).resolve()} ({model.record['total_minutes']:.1f} min)")
+
+
+def segment(args: argparse.Namespace) -> None:
+    """``medlsam segment SCAN --templates BANK --learned MODEL --out LABEL``: one scan."""
+    from medlsam.atlas.templates import load_bank
+    from medlsam.io.volume import load_ct
+    from medlsam.learn.fewshot import scan_priors
+    from medlsam.learn.model import load_learned
+    from medlsam.learn.predict import chosen_probabilities, to_label
+    from medlsam.medlam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+    from medlsam.segment.outputs import write_segmentation
+    from medlsam.segment.pipeline import SegmentationResult
+
+    if len(args.images) != 1 or args.rtstruct or args.qc:
+        raise MedLSAMError("--learned segments one scan (no batch, --rtstruct or --qc yet)")
+    model = load_learned(args.learned)
+    medlam = load_medlam(args.model or default_medlam_path())
+    bank = load_bank(args.templates, medlam)
+    cuts = {name: organ.prior_cut for name, organ in bank.organs.items()}
+    raw = replace(bank, organs={n: replace(o, prior_cut=0.5) for n, o in bank.organs.items()})
+    tic = time.perf_counter()
+    volume = load_ct(args.images[0])
+    priors = scan_priors(medlam, raw, volume)
+    localize_s = time.perf_counter() - tic
+    probabilities, used = chosen_probabilities(model, volume, priors, cuts)
+    values = {**{o: i + 1 for i, o in enumerate(model.organs)}, **bank.labels}
+    label = to_label(probabilities, values)
+    voxels = {n: int((label == values[n]).sum()) for n in probabilities}
+    result = SegmentationResult(
+        label=label,
+        label_names={n: values[n] for n in probabilities},
+        boxes={n: {"path": used[n], "voxels": voxels[n]} for n in probabilities},
+        not_found=[n for n in probabilities if voxels[n] == 0],
+        timings_s={"localize": localize_s, "total": time.perf_counter() - tic},
+    )
+    write_segmentation(result, volume, args.out)
+    for name in probabilities:
+        print(f"{name:16s} label {values[name]:3d}  {voxels[name]} voxels ({used[name]})")
+    print(f"label   {Path(args.out).expanduser().resolve()}")

@@ -1,0 +1,176 @@
+"""The few-shot path for the learner: the template prior of the *other* labels, as the app's bank would give it.
+
+Each labelled scan becomes a one-template bank (``medlsam.atlas.templates``, cached on disk when asked); a labelled
+scan's prior comes from the bank merged from the others (leave one out), a new scan's from the bank of them all.
+Priors are kept uncalibrated (cut 0.5, the network's input); ``cuts`` chooses each organ's calibration from the
+held-out priors exactly as ``medlsam.atlas.calibration.prior_cuts`` does; ``calibrated_dense`` applies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlsam.atlas.calibration import MAX_HELD_OUT, choose_cuts
+from medlsam.atlas.localize import LocalizeOptions, Localizer
+from medlsam.atlas.prior import FilePrior, calibrated
+from medlsam.atlas.templates import TemplateBank, load_bank, merge_banks, template_bank
+from medlsam.errors import TemplateError
+from medlsam.io.volume import CTVolume
+from medlsam.medlam.network import MedLAM, model_fingerprint
+from medlsam.utils.atomic import atomic_path
+from medlsam.utils.metrics import dice
+
+logger = logging.getLogger(__name__)
+
+Priors = dict[str, FilePrior | None]  # organ -> its prior on the scan's voxels (None: not found)
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def one_template_banks(
+    medlam: MedLAM,
+    images: list[CTVolume],
+    labels: list[CTVolume],
+    names: dict[int, str] | list[dict[int, str]],
+    cache: Path | None = None,
+) -> list[TemplateBank]:
+    """One uncalibrated bank per labelled scan (``names``: one mapping for all labels or one per label; reused
+    from ``cache`` when the same MedLAM made it there)."""
+    fingerprint = model_fingerprint(medlam)
+    banks = []
+    per_label = names if isinstance(names, list) else [names] * len(images)
+    for image, label, names in zip(images, labels, per_label):
+        path = (
+            cache / f"bank-{_key(fingerprint, image.source, label.source, repr(sorted(names.items())))}.pt"
+            if cache
+            else None
+        )
+        if path is not None and path.is_file():
+            try:
+                banks.append(load_bank(path, medlam))
+                continue
+            except TemplateError:
+                pass
+        tic = time.perf_counter()
+        bank = template_bank(medlam, image, label, names)
+        logger.info(f"one-template bank of {Path(image.source).name} in {time.perf_counter() - tic:.1f} s")
+        if path is not None:
+            bank.save(path)
+        banks.append(bank)
+    return banks
+
+
+def _save_priors(priors: Priors, path: Path) -> None:
+    arrays = {}
+    for name, prior in priors.items():
+        if prior is not None:
+            arrays[f"{name}|low"], arrays[f"{name}|high"] = prior.low, prior.high
+            arrays[f"{name}|p"] = prior.probabilities.astype(np.float16)
+    arrays["__organs__"] = np.array(list(priors), dtype=str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _load_priors(path: Path) -> Priors:
+    with np.load(path) as data:
+        out: Priors = {}
+        for name in data["__organs__"].tolist():
+            if f"{name}|p" in data:
+                p = data[f"{name}|p"].astype(np.float32)
+                out[name] = FilePrior(data[f"{name}|low"], data[f"{name}|high"], p)
+            else:
+                out[name] = None
+        return out
+
+
+def scan_priors(
+    medlam: MedLAM,
+    bank: TemplateBank,
+    volume: CTVolume,
+    options: LocalizeOptions | None = None,
+    cache: Path | None = None,
+) -> Priors:
+    """Every organ of ``bank`` localised in ``volume`` with its uncalibrated prior (None where not found)."""
+    path = None
+    if cache is not None:
+        path = cache / f"prior-{_key(bank.model_fingerprint, volume.source, *bank.sources, repr(options))}.npz"
+        if path.is_file():
+            try:
+                return _load_priors(path)
+            except (OSError, ValueError, KeyError):
+                pass
+    with torch.no_grad():
+        located = Localizer(medlam, bank, options).localize(volume, mode="wpl", prior=True)["organs"]
+    priors = {name: (loc.prior if loc.found else None) for name, loc in located.items()}
+    if path is not None:
+        _save_priors(priors, path)
+    return priors
+
+
+def held_out_priors(
+    medlam: MedLAM,
+    banks: list[TemplateBank],
+    volumes: list[CTVolume],
+    options: LocalizeOptions | None = None,
+    cache: Path | None = None,
+    only: set[int] | None = None,
+) -> list[Priors]:
+    """Each labelled scan's priors from the bank of the *other* labels (empty with a single label, and for scans
+    not in ``only`` when given)."""
+    out = []
+    for i, volume in enumerate(volumes):
+        others = [b for j, b in enumerate(banks) if j != i]
+        if not others or (only is not None and i not in only):
+            out.append({})
+            continue
+        tic = time.perf_counter()
+        out.append(scan_priors(medlam, merge_banks(others), volume, options, cache))
+        logger.info(f"held-out prior {i + 1}/{len(volumes)} in {time.perf_counter() - tic:.1f} s")
+    return out
+
+
+def dense(priors: Priors, organs: list[str], shape: tuple[int, int, int]) -> np.ndarray:
+    """(organs, *shape) float32 probabilities on the scan's voxels; zeros where an organ has no prior."""
+    out = np.zeros((len(organs), *shape), np.float32)
+    for o, name in enumerate(organs):
+        prior = priors.get(name)
+        if prior is not None:
+            out[(o, *prior.region())] = prior.probabilities
+    return out
+
+
+def calibrated_dense(
+    priors: Priors, organs: list[str], shape: tuple[int, int, int], cuts: dict[str, float]
+) -> np.ndarray:
+    """``dense`` with each organ's prior calibrated to its cut (the few-shot path's probabilities)."""
+    return dense(
+        {n: (None if p is None else calibrated(p, cuts.get(n, 0.5))) for n, p in priors.items()}, organs, shape
+    )
+
+
+def cuts(held_out: list[Priors], labels: list[np.ndarray], values: list[dict[str, int]]) -> dict[str, float]:
+    """Each organ's prior cut from the held-out priors of the first ``MAX_HELD_OUT`` labels, as the bank's own
+    calibration chooses it (``medlsam.atlas.calibration``); organs a label lacks are skipped there."""
+    from medlsam.atlas.calibration import CUTS
+
+    per_label = []
+    for priors, label, vals in list(zip(held_out, labels, values))[:MAX_HELD_OUT]:
+        scores = {}
+        for name, prior in priors.items():
+            if name not in vals:
+                continue
+            truth = label == vals[name]
+            if not truth.any():
+                continue
+            p = dense({name: prior}, [name], label.shape)[0]
+            scores[name] = [dice(p >= c, truth) for c in CUTS]
+        per_label.append(scores)
+    return choose_cuts(per_label)

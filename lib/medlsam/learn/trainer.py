@@ -1,0 +1,259 @@
+"""``learn``: a segmentation network trained on scans with final labels, scored held out against the few-shot path.
+
+1. Labels are checked (names per label; an organ a label does not draw is unknown there, never "absent").
+2. Part of the labels is held out (``held_out_fraction``, at least ``min_held_out`` from three labels on).
+3. The few-shot path: one-template banks; each label's prior from the *other* labels (``medlsam.learn.fewshot``);
+   the priors' cuts as the bank's calibration chooses them.
+4. The network trains on the other labels (patches around organs, Dice + BCE masked per unknown organ), its
+   held-out Dice checked every ``validate_every`` epochs; the best state is kept; ``time_limit_min`` bounds it all.
+5. Held-out Dice per organ of both paths on the scans' own grids; each organ takes the better path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlsam.errors import MedLSAMError
+from medlsam.io.labels import check_label_array
+from medlsam.io.volume import CTVolume, load_ct, read_volume
+from medlsam.learn import fewshot
+from medlsam.learn.data import Example, example
+from medlsam.learn.loss import masked_loss
+from medlsam.learn.model import LearnedModel
+from medlsam.learn.network import build_network
+from medlsam.learn.options import LearnError, LearnOptions
+from medlsam.learn.patches import sample_batch
+from medlsam.learn.predict import grid_probabilities, learned_probabilities
+from medlsam.medlam.precision import autocast_dtype
+from medlsam.utils.metrics import dice
+
+logger = logging.getLogger(__name__)
+
+MIN_HELD_OUT_LABELS = 3  # fewer labels: nothing is held out (the few-shot path serves every organ)
+
+
+def organ_list(names: list[dict[int, str]]) -> list[str]:
+    """The organs of all labels, by their first label value; names differing only in case are an error."""
+    pairs = sorted({(v, n) for per in names for v, n in per.items()})
+    organs = list(dict.fromkeys(n for _, n in pairs))
+    folded: dict[str, str] = {}
+    for name in organs:
+        other = folded.setdefault(name.strip().lower(), name)
+        if other != name:
+            raise LearnError(f"labels name one organ differently: {other!r} and {name!r}")
+    return organs
+
+
+def held_out_indices(count: int, options: LearnOptions) -> list[int]:
+    """The labels held out, chosen by the seed; none with fewer than ``MIN_HELD_OUT_LABELS``."""
+    if count < MIN_HELD_OUT_LABELS:
+        return []
+    held = max(options.min_held_out, int(round(options.held_out_fraction * count)))
+    held = min(held, count - 1)
+    return sorted(np.random.default_rng(options.seed).permutation(count)[:held].tolist())
+
+
+def _volumes(images: list, labels: list, names) -> tuple[list[CTVolume], list[CTVolume], list[dict[int, str]]]:
+    if len(images) != len(labels):
+        raise LearnError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) < 2:
+        raise LearnError(f"learning needs at least 2 labelled scans, got {len(images)}")
+    per_label = names if isinstance(names, list) else [names] * len(images)
+    if len(per_label) != len(images):
+        raise LearnError(f"{len(per_label)} organ-name sets for {len(images)} labels")
+    per_label = [{int(k): str(v) for k, v in (n or {}).items()} for n in per_label]
+    if any(not n for n in per_label):
+        raise LearnError("every label needs its organ names (label value -> organ)")
+    vols = [i if isinstance(i, CTVolume) else load_ct(i) for i in images]
+    labs = [la if isinstance(la, CTVolume) else read_volume(la) for la in labels]
+    for label in labs:
+        try:
+            check_label_array(label.array, require_organ=False)
+        except MedLSAMError as exc:
+            raise LearnError(f"label {label.source or '(in memory)'}: {exc}") from None
+    return vols, labs, per_label
+
+
+def _grid_dice(model: LearnedModel, examples: list[Example]) -> float:
+    """Mean Dice over the known (scan, organ) pairs of ``examples`` on the model grid."""
+    scores = []
+    for ex in examples:
+        probabilities = grid_probabilities(model, ex.inputs)
+        scores += [dice(probabilities[o] >= 0.5, ex.target[o] > 0) for o in np.flatnonzero(ex.known)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def train_network(
+    model: LearnedModel,
+    train: list[Example],
+    held: list[Example],
+    deadline: float,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train ``model.network`` in place until max_epochs or ``deadline`` (time.monotonic); keep the state that
+    scored best on ``held`` (the last state when nothing is held out). Returns the training record."""
+    opt = model.options
+    torch.manual_seed(opt.seed)
+    rng = np.random.default_rng(opt.seed)
+    net = model.network.train()
+    optim = torch.optim.AdamW(net.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    dtype = autocast_dtype(None, "cpu")
+    start, total = time.monotonic(), opt.max_epochs * opt.iterations_per_epoch
+    budget = max(deadline - start, 1e-6)
+    best, best_state, history, step, eval_s, epoch = -1.0, None, [], 0, 0.0, 0
+    for epoch in range(1, opt.max_epochs + 1):
+        losses = []
+        for _ in range(opt.iterations_per_epoch):
+            done = max(step / total, (time.monotonic() - start) / budget)
+            for group in optim.param_groups:
+                group["lr"] = opt.learning_rate * max(1.0 - done, 0.0) ** 0.9
+            x, y, k = sample_batch(train, opt.patch, opt.batch_size, rng, opt.organ_patch_fraction, opt.augment)
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                logits = net(x)
+            loss = masked_loss(logits.float(), y, k)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            losses.append(loss.detach().item())
+            step += 1
+        last = epoch == opt.max_epochs or time.monotonic() + 2 * eval_s >= deadline
+        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "minutes": (time.monotonic() - start) / 60}
+        if held and (epoch % opt.validate_every == 0 or last):
+            tic = time.monotonic()
+            entry["held_out_dice"] = _grid_dice(model, held)
+            net.train()
+            eval_s = time.monotonic() - tic
+            if entry["held_out_dice"] > best:
+                best, best_state = entry["held_out_dice"], copy.deepcopy(net.state_dict())
+        history.append(entry)
+        logger.info(f"learn: {entry}")
+        if progress:
+            progress(entry)
+        if last:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return {
+        "epochs": epoch,
+        "iterations": step,
+        "train_minutes": (time.monotonic() - start) / 60,
+        "best_grid_dice": best if best_state is not None else None,
+        "history": history,
+    }
+
+
+def score_held_out(
+    model: LearnedModel,
+    volumes: list[CTVolume],
+    labels: list[CTVolume],
+    values: list[dict[str, int]],
+    priors: list[fewshot.Priors],
+    cuts: dict[str, float],
+) -> dict[str, dict[str, list[float]]]:
+    """path -> organ -> Dice per held-out scan that drew the organ, on the scan's own grid (a missed organ: 0)."""
+    scores: dict[str, dict[str, list[float]]] = {"learned": {}, "fewshot": {}}
+    for volume, label, vals, prior in zip(volumes, labels, values, priors):
+        learned = learned_probabilities(model, volume, prior)
+        shot = fewshot.calibrated_dense(prior, model.organs, volume.shape, cuts)
+        for o, name in enumerate(model.organs):
+            truth = label.array == vals[name] if name in vals else None
+            if truth is None or not truth.any():
+                continue
+            scores["learned"].setdefault(name, []).append(dice(learned[name] >= 0.5, truth))
+            scores["fewshot"].setdefault(name, []).append(dice(shot[o] >= 0.5, truth))
+    return scores
+
+
+def choose(organs: list[str], held_out: dict[str, dict[str, float | None]], margin: float) -> dict[str, str]:
+    """Per organ, ``learned`` where its held-out Dice beats the few-shot path's by more than ``margin``, else
+    ``fewshot`` (also where nothing was held out: the few-shot path is the one known to work)."""
+    out = {}
+    for name in organs:
+        a, b = held_out["learned"].get(name), held_out["fewshot"].get(name)
+        out[name] = "learned" if a is not None and b is not None and a > b + margin else "fewshot"
+    return out
+
+
+def _held_out_priors(vols, labs, per_label, held, options: LearnOptions, medlam, cache) -> list[fewshot.Priors]:
+    """The few-shot priors each label needs: all of them with prior channels, else the held-out ones and those
+    that choose the prior cuts."""
+    if medlam is None:
+        from medlsam.medlam.network import load_medlam
+        from medlsam.paths import default_medlam_path
+
+        medlam = load_medlam(default_medlam_path())
+    cache = Path(cache) if cache else None
+    banks = fewshot.one_template_banks(medlam, vols, labs, per_label, cache)
+    needed = set(range(len(vols))) if options.prior_channels else set(held) | set(range(fewshot.MAX_HELD_OUT))
+    return fewshot.held_out_priors(medlam, banks, vols, None, cache, only=needed)
+
+
+def learn(
+    images: list,
+    labels: list,
+    names: dict[int, str] | list[dict[int, str]],
+    options: LearnOptions | None = None,
+    medlam=None,
+    cache: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+    priors: list[fewshot.Priors] | None = None,
+) -> LearnedModel:
+    """Train on labelled scans (paths or CTVolumes; ``names`` one mapping for all or one per label) and score the
+    network held out against the few-shot path; the returned model records both and the per-organ choice.
+    ``priors``: each label's held-out priors when already known (else computed with ``medlam``)."""
+    options = options or LearnOptions()
+    torch.set_num_threads(options.threads)
+    tic = time.monotonic()
+    deadline = tic + options.time_limit_min * 60 if options.time_limit_min > 0 else float("inf")
+    vols, labs, per_label = _volumes(images, labels, names)
+    organs = organ_list(per_label)
+    values = [{n: v for v, n in per.items()} for per in per_label]
+    held = held_out_indices(len(vols), options)
+    if priors is None:
+        priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache)
+    elif len(priors) != len(vols):
+        raise LearnError(f"{len(priors)} prior sets for {len(vols)} labels")
+    arrays = [la.array for la in labs]
+    cuts = fewshot.cuts(priors, arrays, values)
+    fewshot_min = (time.monotonic() - tic) / 60
+    use = (lambda i: priors[i]) if options.prior_channels else (lambda i: None)
+    examples = [example(vols[i], labs[i], per_label[i], organs, use(i), options.spacing) for i in range(len(vols))]
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    in_channels = examples[0].inputs.shape[0]
+    model = LearnedModel(
+        network=build_network(options, in_channels, len(organs)),
+        options=options,
+        organs=organs,
+        in_channels=in_channels,
+        held_out={"learned": {}, "fewshot": {}},
+        choice={o: "fewshot" for o in organs},
+        prior_cuts=cuts,
+    )
+    record = train_network(model, train, [examples[i] for i in held], deadline, progress)
+    scores = score_held_out(
+        model,
+        [vols[i] for i in held],
+        [labs[i] for i in held],
+        [values[i] for i in held],
+        [priors[i] for i in held],
+        cuts,
+    )
+    model.held_out = {path: {o: float(np.mean(s)) for o, s in per.items()} for path, per in scores.items()}
+    model.held_out["scans"] = {o: len(s) for o, s in scores["learned"].items()}
+    model.choice = choose(organs, model.held_out, options.choice_margin)
+    model.record = {
+        **record,
+        "labels": [v.source for v in vols],
+        "held_out_sources": [vols[i].source for i in held],
+        "fewshot_minutes": fewshot_min,
+        "total_minutes": (time.monotonic() - tic) / 60,
+    }
+    return model

@@ -1,0 +1,185 @@
+"""medlsam.learn on real OpenKBP scans: a tiny training run saves a loadable model with its held-out scores and
+per-organ choice, an organ a label did not draw teaches nothing, writes are atomic, bad files and options fail
+clearly. The few-shot priors are given (blurred true masks of the held-out label's neighbours would cost a MedLAM
+bank per label; benchmarks/learning.py runs the real few-shot path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medlsam.atlas.prior import FilePrior
+from medlsam.cli import main
+from medlsam.io.volume import CTVolume, load_ct, read_volume
+from medlsam.learn.data import example
+from medlsam.learn.loss import masked_loss
+from medlsam.learn.model import load_learned
+from medlsam.learn.options import LearnError, LearnOptions
+from medlsam.learn.predict import chosen_probabilities, learned_probabilities
+from medlsam.learn.trainer import learn
+
+CASES = ("openkbp_pt_1", "openkbp_pt_2", "openkbp_pt_3")
+TINY = {
+    "patch": [16, 32, 32],
+    "filters": 4,
+    "max_epochs": 2,
+    "iterations_per_epoch": 2,
+    "batch_size": 1,
+    "validate_every": 1,
+    "held_out_fraction": 0.34,
+    "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def scans(data_dir: Path):
+    root = data_dir / "openkbp"
+    names = {int(k): v for k, v in json.loads((root / "dataset.json").read_text())["labels"].items()}
+    vols = [load_ct(root / "images" / f"{c}.nii.gz") for c in CASES]
+    labs = [read_volume(root / "labels" / f"{c}.nii.gz") for c in CASES]
+    return vols, labs, names
+
+
+def blurred_priors(label: CTVolume, names: dict[int, str]) -> dict[str, FilePrior | None]:
+    """A stand-in few-shot prior: each organ's true mask shifted by 2 voxels and blurred (None when not drawn)."""
+    out = {}
+    for value, name in names.items():
+        mask = np.roll(label.array == value, 2, axis=0).astype(np.float32)
+        if not mask.any():
+            out[name] = None
+            continue
+        p = ndimage.gaussian_filter(mask, 1.5)
+        out[name] = FilePrior(np.zeros(3, int), np.array(p.shape) - 1, p.astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(scans, tmp_path_factory):
+    vols, labs, names = scans
+    priors = [blurred_priors(la, names) for la in labs]
+    model = learn(vols, labs, names, LearnOptions.from_dict(TINY), priors=priors)
+    path = tmp_path_factory.mktemp("learn") / "model.pt"
+    model.save(path)
+    return model, path, priors
+
+
+def test_tiny_training_saves_a_loadable_model_with_held_out_scores_and_choice(trained, scans):
+    model, path, priors = trained
+    vols, _, names = scans
+    loaded = load_learned(path)
+    assert loaded.organs == model.organs == [names[v] for v in sorted(names)]
+    assert set(loaded.choice) == set(model.organs) and set(loaded.choice.values()) <= {"learned", "fewshot"}
+    assert loaded.held_out["learned"] and set(loaded.held_out["learned"]) == set(loaded.held_out["fewshot"])
+    assert len(loaded.record["held_out_sources"]) == 1 and loaded.record["iterations"] == 4
+    for a, b in zip(model.network.state_dict().values(), loaded.network.state_dict().values()):
+        assert torch.equal(a.float(), b)
+    probabilities = learned_probabilities(loaded, vols[0], priors[0])
+    assert set(probabilities) == set(model.organs)
+    assert all(p.shape == vols[0].shape and 0 <= p.min() and p.max() <= 1 for p in probabilities.values())
+    chosen, used = chosen_probabilities(loaded, vols[0], priors[0], loaded.prior_cuts)
+    assert used == {o: loaded.choice[o] for o in model.organs}
+    assert all(c.shape == vols[0].shape for c in chosen.values())
+
+
+def test_an_organ_a_label_did_not_draw_teaches_nothing(scans):
+    vols, labs, names = scans
+    lacking = labs[0].array.copy()
+    lacking[lacking == 1] = 0  # Brainstem not drawn
+    label = CTVolume(lacking, labs[0].affine, "lacking")
+    ex = example(vols[0], label, names, list(names.values()), None, (3.0, 4.0, 4.0))
+    assert not ex.known[0] and ex.known[1] and not ex.target[0].any()
+    logits = torch.zeros((1, len(names), 8, 8, 8), requires_grad=True)
+    target = torch.from_numpy(ex.target[None, :, 40:48, 30:38, 20:28].copy())
+    target[:, 0] = 1  # whatever lies there, the unknown organ's channel must not matter
+    loss = masked_loss(logits, target, torch.from_numpy(ex.known[None]))
+    loss.backward()
+    assert torch.all(logits.grad[0, 0] == 0) and torch.any(logits.grad[0, 1] != 0)
+    target[:, 0] = 0
+    assert loss.detach().item() == float(masked_loss(logits.detach(), target, torch.from_numpy(ex.known[None])))
+
+
+def test_model_write_is_atomic(trained, tmp_path, monkeypatch):
+    model, _, _ = trained
+    path = tmp_path / "model.pt"
+    model.save(path)
+    before = path.read_bytes()
+
+    def broken(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        model.save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_corrupt_or_foreign_model_file_fails_clearly(tmp_path, trained):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(LearnError, match="not a readable model file"):
+        load_learned(bad)
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(LearnError, match="not a learned segmentation model"):
+        load_learned(bad)
+    data = torch.load(trained[1], weights_only=True)
+    data["state_dict"] = {k: v[..., :1] for k, v in data["state_dict"].items()}
+    torch.save(data, bad)
+    with pytest.raises(LearnError, match="damaged model file"):
+        load_learned(bad)
+    with pytest.raises(LearnError, match="not found"):
+        load_learned(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_epoch": 3}, "unknown learner option"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"time_limit_min": -1}, "time_limit_min"),
+        ({"time_limit_min": float("nan")}, "time_limit_min"),
+        ({"patch": [20, 32, 32]}, "patch"),
+        ({"network": "transformer"}, "network"),
+        ({"held_out_fraction": 1.0}, "held_out_fraction"),
+    ],
+)
+def test_bad_options_fail_clearly(options, message):
+    with pytest.raises(LearnError, match=message):
+        LearnOptions.from_dict(options)
+
+
+def test_bad_labels_fail_clearly(scans):
+    vols, labs, names = scans
+    opts = LearnOptions.from_dict(TINY)
+    renamed = {**names, 1: names[1].lower()}
+    with pytest.raises(LearnError, match="name one organ differently"):
+        learn(vols[:2], labs[:2], [names, renamed], opts, priors=[{}, {}])
+    with pytest.raises(LearnError, match="2 images but 1 labels"):
+        learn(vols[:2], labs[:1], names, opts)
+    with pytest.raises(LearnError, match="no organ name"):
+        learn(vols[:2], labs[:2], {1: "Brainstem"}, opts, priors=[{}, {}])
+
+
+def test_learn_command_refuses_bad_options_before_any_work(tmp_path, capsys, openkbp_case):
+    image, label = openkbp_case
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "Brainstem"}))
+    common = ["learn", "--images", str(image), str(image), "--labels", str(label), str(label), "--names", str(names)]
+    assert main([*common, "--out", str(tmp_path / "m.pt"), "--max-epochs", "0"]) == 2
+    assert "max_epochs" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "m.pt"), "--time-limit-min", "-5"]) == 2
+    assert "time_limit_min" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_an_untrained_prior_residual_model_gives_the_prior():
+    from medlsam.learn.network import build_network
+
+    network = build_network(LearnOptions(filters=4), 8, 7)
+    x = torch.rand(1, 8, 16, 32, 32)
+    assert torch.allclose(torch.sigmoid(network(x)), x[:, 1:].clamp(1e-3, 1 - 1e-3), atol=1e-5)
