@@ -37,8 +37,9 @@ CLICKS = (0, 1, 2, 3, 5, 10)
 MIN_CC = 1.0
 
 
-def load_scans(root: Path) -> list[dict]:
-    """[{name, hu, spacing, axis, structures: {name: mask}}] of the full-resolution scans."""
+def load_scans(root: Path, thorax_slices: int = 0) -> list[dict]:
+    """[{name, hu, spacing, axis, structures: {name: mask}}] of the full-resolution scans; ``thorax_slices``: the
+    chest series resampled to that many slices instead (linear HU, nearest labels; for timing at a scan size)."""
     from medlsam.io.volume import load_ct, read_volume
     from medlsam.rt.rtstruct import read_ct_series, read_rtstruct
 
@@ -46,13 +47,31 @@ def load_scans(root: Path) -> list[dict]:
     folder = root / "dicom_rt" / "thorax_rt"
     series = read_ct_series(folder)
     rs = read_rtstruct(next(p for p in folder.glob("*.dcm") if not p.name.startswith("CT_")), series)
-    scans.append(_scan("thorax_rt", series.volume, rs.label.array, rs.names))
+    volume, label, name = series.volume, rs.label.array, "thorax_rt"
+    if thorax_slices:
+        volume, label = _resliced(volume, label, thorax_slices)
+        name = f"thorax_rt_{thorax_slices}_slices"
+    scans.append(_scan(name, volume, label, rs.names))
     abdomen = root / "abdomen"
     readme = json.loads((abdomen / "README.json").read_text())
     names = {int(v): n for v, n in readme["labels"].items()}
     volume = load_ct(abdomen / "abdomen_slab_ct.nii.gz")
     scans.append(_scan("abdomen_slab", volume, read_volume(abdomen / "abdomen_slab_label.nii.gz").array, names))
     return scans
+
+
+def _resliced(volume, label: np.ndarray, slices: int):
+    """The volume and label resampled along file axis 2 to ``slices`` slices (same extent)."""
+    from scipy import ndimage
+
+    from medlsam.io.volume import CTVolume
+
+    factor = slices / volume.shape[2]
+    hu = ndimage.zoom(volume.array.astype(np.float32), (1, 1, factor), order=1)
+    label = ndimage.zoom(label, (1, 1, factor), order=0)
+    affine = volume.affine.copy()
+    affine[:3, 2] /= factor
+    return CTVolume(hu, affine, volume.source), label
 
 
 def _scan(name: str, volume, label: np.ndarray, names: dict[int, str]) -> dict:
@@ -86,10 +105,11 @@ def simulate(step, truth: np.ndarray, axis: int, use_box: bool, max_clicks: int)
     out = []
     clicks = 0 if use_box else 1
     while clicks <= max_clicks:
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         pred = step(np.array(fg, int).reshape(-1, 3), np.array(bg, int).reshape(-1, 3), box)
-        seconds = time.perf_counter() - tic
+        seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
         out.append({"clicks": clicks, "dice": round(dice(pred, truth), 4), "seconds": round(seconds, 3)})
+        out[-1]["cpu_seconds"] = round(cpu, 3)  # this process's CPU time: what the request costs on an idle core
         nxt = error_click(pred, truth)
         if nxt is None:
             break
@@ -145,7 +165,7 @@ def refiner_step(scan: dict, name: str, refiner):
 
 def run(args) -> list[dict]:
     rows = []
-    for scan in load_scans(Path(args.data) if args.data else data_dir()):
+    for scan in load_scans(Path(args.data) if args.data else data_dir(), args.thorax_slices):
         shared = {"sam_cache": Path(args.sam_cache) / scan["name"] if args.sam_cache else None}
         for method in args.methods:
             for organ, truth in scan["structures"].items():
@@ -196,13 +216,16 @@ def main(argv=None) -> int:
     parser.add_argument("--sequences", default="clicks,box", type=lambda s: s.split(","))
     parser.add_argument("--structures", default="", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--max-clicks", type=int, default=10)
+    parser.add_argument("--thorax-slices", type=int, default=0, help="resample the chest series to N slices")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sam-cache", default="", help="keep LiteMedSAM slice embeddings in this folder (reruns)")
     parser.add_argument("--data", default="", help="the data folder (default: MEDLSAM_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(RESULTS / "editing_fullres.json"))
     parser.add_argument("--load", default="", type=lambda s: [x for x in s.split(",") if x], help="merge these rows")
     parser.add_argument("--report-only", action="store_true", help="only write the report from --load")
+    parser.add_argument("--note", default="", help="a line for the report (how its rows were run)")
     args = parser.parse_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     import torch
 
     torch.set_num_threads(args.threads)

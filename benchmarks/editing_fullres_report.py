@@ -52,16 +52,20 @@ def _table(rows: list[dict], title: str) -> list[str]:
 
 
 def _seconds(rows: list[dict]) -> list[str]:
-    lines = ["| method | scan (shape) | requests | s per click median | 90th pct | max |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method, sequence | scan (shape) | requests | wall s median | 90th pct | max | CPU s median | 90th | max |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict = {}
     for row in rows:
-        key = (row["method"], f"{row['scan']} ({'x'.join(map(str, row['shape']))})")
-        groups.setdefault(key, []).extend(c["seconds"] for c in row["curve"])
-    for (method, scan), values in sorted(groups.items()):
-        v = np.array(values)
-        lines.append(
-            f"| {method} | {scan} | {len(v)} | {np.median(v):.2f} | {np.percentile(v, 90):.2f} | {v.max():.2f} |"
-        )
+        key = (f"{row['method']}, {row['sequence']}", f"{row['scan']} ({'x'.join(map(str, row['shape']))})")
+        groups.setdefault(key, []).extend(row["curve"])
+    for (method, scan), curve in sorted(groups.items()):
+        cells = []
+        for field in ("seconds", "cpu_seconds"):
+            v = np.array([c[field] for c in curve if field in c])
+            cells += [f"{np.median(v):.2f}", f"{np.percentile(v, 90):.2f}", f"{v.max():.2f}"] if len(v) else ["n/a"] * 3
+        lines.append(f"| {method} | {scan} | {len(curve)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -109,7 +113,7 @@ def write_report(out: Path, rows: list[dict], args) -> None:
     lines = [
         "# Class-agnostic clicks on full-resolution scans (issue 30)",
         "",
-        f"- Machine: {machine_line()}, {args.threads} threads; load average at the end "
+        f"- Machine: {machine_line()}; load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min; two other engineers' jobs share the CPU).",
         "- Scans: `dicom_rt/thorax_rt` (512x512x105, 1.27 x 1.27 x 4 mm, its RTSTRUCT) and `abdomen/abdomen_slab_ct`"
         " (3 mm, TotalSegmentator masks, every organ cut by the slab's ends); every structure of at least 1 cc.",
@@ -118,7 +122,10 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         "then the error clicks. "
         "A curve that stops early (nothing left to click) keeps its last Dice.",
         "- Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NAMES.items()) + ".",
-        f"- Command: `{getattr(args, 'command', 'python benchmarks/editing_fullres.py')}`",
+        *([] if args.report_only else [f"- Command: `python benchmarks/editing_fullres.py {' '.join(args.argv)}`"]),
+        *([f"- {args.note}"] if args.note else []),
+        "",
+        "- What limits it, what was tried, what is next: [notes/editing_fullres.md](../notes/editing_fullres.md).",
         "",
         "## Mean Dice over all structures",
         "",
@@ -127,10 +134,20 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         "`falls`: structures whose Dice fell at least once from one click to the next.",
         "",
     ]
+    for scan in sorted({r["scan"] for r in rows}):
+        lines += [f"## {scan} only", "", *_table([r for r in rows if r["scan"] == scan], "method, sequence"), ""]
     for label, lo, hi in SIZES:
         part = [r for r in rows if lo <= r["cc"] < hi]
         if part:
             lines += [f"## {label}", "", *_table(part, "method, sequence"), ""]
-    lines += ["## Seconds per request (server work of one click)", "", *_seconds(rows), ""]
+    lines += [
+        "## Seconds per request (server work of one click)",
+        "",
+        "Wall seconds under the load above; CPU seconds: the benchmark process's own CPU time for the request (one "
+        "thread: close to the wall time on an idle core; not recorded for the sam_3d and refiner rows).",
+        "",
+        *_seconds(rows),
+        "",
+    ]
     lines += [f"![curves]({png.name})", "", "## Per structure", "", *_per_structure(rows), ""]
     md.write_text("\n".join(lines))

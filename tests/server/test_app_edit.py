@@ -132,6 +132,21 @@ def test_a_label_sent_with_the_request_is_the_start(server):
     assert sent.status_code == 200 and sent.json()["start"] == "request", sent.text
 
 
+def test_a_structure_the_bank_does_not_know_from_a_box(server):
+    """Class-agnostic, at the scan's resolution: the mask stays inside the box; the same prompts again are
+    replayed, not recomputed."""
+    truth = server["truth"]
+    low, high = np.argwhere(truth).min(axis=0), np.argwhere(truth).max(axis=0)
+    boxed = {"label_names": {"Stem": 5}, "label": "Stem", "box": [low.tolist(), high.tolist()]}
+    label, result = _label(server["url"], "kbp2", boxed, server["folder"])
+    assert result["computed"] == ["Stem"] and (label == 5).any(), result
+    outside = np.ones(truth.shape, bool)
+    outside[tuple(slice(a, b + 1) for a, b in zip(low, high))] = False
+    assert not (outside & (label == 5)).any()
+    _, result = _label(server["url"], "kbp2", boxed, server["folder"])
+    assert result["computed"] == [], result
+
+
 def test_bad_clicks_are_400_and_leave_the_server_and_the_saved_label(server):
     import requests
 
@@ -147,6 +162,9 @@ def test_bad_clicks_are_400_and_leave_the_server_and_the_saved_label(server):
         ({"foreground": [[10, 10, 10]], "label": "Heart"}, None, "Heart"),
         ({"Brainstem": [[10, 10, 10]]}, wrong, "shape"),
         ({"Brainstem": [[10, 10, 10]], "method": "magic"}, None, "method must be refiner or geodesic"),
+        ({"label_names": {"Nerve": 1}, "Nerve": [[10, 10, 10]]}, None, "value of the bank organ 'Brainstem'"),
+        ({"label_names": {"Nerve": 9}, "label": "Nerve", "box": [[5, 5, 5], [5, 5, 5]]}, None, "zero size"),
+        ({"label_names": {"Nerve": 9}, "label": "Nerve", "box": [[5, 5, 5], [99, 9, 9]]}, None, "outside"),
     ]
     for params, upload, needle in bad:
         if upload is None:

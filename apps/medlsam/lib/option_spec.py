@@ -272,6 +272,14 @@ INFER_OPTIONS: dict[str, tuple[Option, ...]] = {
         ),
         Option("label_names", "object", None, "`{name: value}` of structures the template bank does not know."),
         Option(
+            "box",
+            "points",
+            None,
+            "a box as the first prompt of a structure: `[[i0, j0, k0], [i1, j1, k1]]` (inclusive voxel corners) for "
+            "`label`, or `{name: [[...], [...]]}`; the structure is segmented class-agnostically inside it.",
+        ),
+        Option("roi", "box", None, "Slicer's box for `label`, voxel indices of the stored file (as `box`)."),
+        Option(
             "method",
             "choice",
             "refiner",

@@ -4,11 +4,11 @@ No network and no template: the clicked structure's intensity (robust statistics
 slightly smoothed image) gives a band of HU; the voxels in that band connected to a click, after an opening scaled
 to the structure's own thickness at the click (so a 5 mm nerve keeps its shape and a liver is cut off from the
 heart at the thin bridges), form the structure; holes are filled. Background clicks inside it split it along its
-narrowest necks (a marker watershed on its distance map) and keep the foreground side. A box (``roi``) bounds
-everything and, without clicks, seeds the structure at the box's centre.
+narrowest necks (``medlsam.interact.click_structure``). A box bounds everything and stands for a click at its
+centre.
 
-Work is done on a crop around the prompts that doubles while the structure reaches the crop's edge (``grow_crop``),
-never on the whole scan; the body mask (to refuse clicks on the air outside the body) is computed once per image.
+Work is done on a crop around the prompts, widened to the image's edge on each side the structure reaches,
+never on the whole scan. A click on the air outside the body (the air its slice's border reaches) is refused.
 Prompts are file voxel indices ``(i, j, k)`` like ``medlsam.interact.interactive``.
 """
 
@@ -38,9 +38,7 @@ class AnyOptions:
     open_max_mm: float = 6.0
     split_fraction: float = 0.3  # blobs: maxima of the distance map this fraction of its peak above their saddle
     split_min_mm: float = 2.0
-    reach_thickness: float = 0.0  # a blob reaches at most this many times its thickness at the click from it ...
     later_reach: float = 0.5  # a later click's blob: within this times the structure's equivalent radius so far
-    max_elongation: float = 2000.0  # ... when its band component holds more than this times its thickness cubed
     margin_mm: float = 80.0  # first crop: the prompts' box plus this
     grid_voxels: int = 2_000_000  # a larger crop is worked on in blocks of the slice plane
     max_crop_voxels: int = 40_000_000  # the crop stops growing here
@@ -174,31 +172,33 @@ def _component_at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
 def _grow_one(
     candidate: np.ndarray, at: np.ndarray, spacing: np.ndarray, options: AnyOptions, air: bool = False
 ) -> np.ndarray:
-    """The structure under one click: its component of the band, opened at a fraction of its thickness there, then
-    cut into blobs at its necks (watershed of the distance map from maxima deeper than their surroundings by
-    split_fraction of the thickness at the click) and the blob under the click kept."""
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
+    """The structure under one click: its component of the band (worked on in that component's box), see
+    ``_shape_blob``."""
     part = _component_at(candidate, at[None])
     if not part.any():
         return part
-    depth = ndimage.distance_transform_edt(part, sampling=spacing)
+    idx = np.argwhere(part)
+    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(axis=0), idx.max(axis=0)))
+    out = np.zeros(part.shape, bool)
+    out[box] = _shape_blob(part[box], at - np.array([s.start for s in box]), spacing, options, air)
+    return out
+
+
+def _shape_blob(part: np.ndarray, at: np.ndarray, spacing: np.ndarray, options: AnyOptions, air: bool) -> np.ndarray:
+    """The component ``part`` opened at a fraction of its thickness at the click, then cut into blobs at its necks
+    (watershed of the distance map from maxima deeper than their surroundings by split_fraction of the thickness at
+    the click), and the blob under the click."""
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    depth = ndimage.distance_transform_edt(np.pad(part, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     thickness = float(depth[tuple(at)])
-    size = max(thickness, float(spacing.max()))
-    if options.reach_thickness > 0 and part.sum() * np.prod(spacing) > options.max_elongation * size**3:
-        # far more volume than its thickness at the click allows: a thin structure leaking into its neighbours;
-        # its blob stays within reach_thickness thicknesses of the click
-        reach = options.reach_thickness * size
-        grids = np.ogrid[tuple(slice(0, n) for n in part.shape)]
-        near = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, at, spacing)) <= reach**2
-        part = _component_at(part & near, at[None])
     radius = min(options.open_fraction * thickness, options.open_max_mm)
     opened = _open(part, radius, spacing)
     kept = _component_at(opened, at[None])
     if not kept.any() or options.split_fraction <= 0:
         return kept if kept.any() else part
-    depth = ndimage.distance_transform_edt(kept, sampling=spacing)
+    depth = ndimage.distance_transform_edt(np.pad(kept, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     thickness = float(depth[tuple(at)])
     if air:  # in a lung the click may sit beside a vessel: the deepest voxel within 2 x its depth + 10 mm counts
         reach = np.ceil((2.0 * thickness + 10.0) / spacing).astype(int)
@@ -220,20 +220,23 @@ def _fill(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def _seed_from_box(smooth: np.ndarray, box_local: np.ndarray) -> np.ndarray:
-    """A click for a box alone: the voxel of the box's central third nearest to its centre whose intensity is that
-    third's median (the structure a box is drawn around fills its centre)."""
+def _seeds_from_box(smooth: np.ndarray, box_local: np.ndarray, quantiles=(0.5, 0.25, 0.75)) -> list[np.ndarray]:
+    """Clicks a box alone may stand for: for each intensity quantile of the box's central third, its voxel nearest
+    to the centre with about that intensity (the structure a box is drawn around fills its centre)."""
     third = tuple(
         slice(int(lo + (hi - lo) // 3), int(hi - (hi - lo) // 3) + 1)
         for lo, hi in zip(box_local[:, 0], box_local[:, 1])
     )
     centre_part = smooth[third]
-    target = float(np.median(centre_part))
     grid = np.indices(centre_part.shape).reshape(3, -1).T
     middle = (np.array(centre_part.shape) - 1) / 2.0
-    cost = np.abs(centre_part.ravel() - target) / 10.0 + np.linalg.norm((grid - middle) / (middle + 1), axis=1)
-    best = grid[int(np.argmin(cost))]
-    return best + np.array([s.start for s in third])
+    off_centre = np.linalg.norm((grid - middle) / (middle + 1), axis=1)
+    seeds = []
+    for q in quantiles:
+        target = float(np.quantile(centre_part, q))
+        best = grid[int(np.argmin(np.abs(centre_part.ravel() - target) / 10.0 + off_centre))]
+        seeds.append(best + np.array([s.start for s in third]))
+    return seeds
 
 
 def grow_crop(
@@ -298,8 +301,10 @@ def _upsample(mask: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.
     return np.pad(out, pad, mode="edge")[tuple(slice(0, n) for n in shape)]
 
 
-def box_seed(hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: AnyOptions | None = None) -> np.ndarray:
-    """The click a box alone stands for (file indices): see ``_seed_from_box``, on the box's working grid."""
+def box_seeds(
+    hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: AnyOptions | None = None
+) -> list[np.ndarray]:
+    """The clicks a box alone may stand for (file indices): see ``_seeds_from_box``, on the box's working grid."""
     options = options or AnyOptions()
     region = tuple(slice(int(lo), int(hi) + 1) for lo, hi in box)
     step = _steps(region, axis, options.grid_voxels)
@@ -307,16 +312,27 @@ def box_seed(hu: np.ndarray, spacing, box: np.ndarray, axis: int = 2, options: A
     spacing = np.asarray(spacing, np.float64) * step
     smooth = ndimage.gaussian_filter(small, sigma=options.smooth_mm / spacing) if options.smooth_mm else small
     local = np.stack([np.zeros(3, int), np.array(small.shape) - 1], axis=1)
-    return np.minimum(box[:, 0] + _seed_from_box(smooth, local) * step, box[:, 1])
+    return [np.minimum(box[:, 0] + seed * step, box[:, 1]) for seed in _seeds_from_box(smooth, local)]
+
+
+def box_fit(region: tuple[slice, ...], blob: np.ndarray, box: np.ndarray) -> float:
+    """How well a blob answers its box: the share of the box its own box spans, less how far it fills more than
+    3/4 of the box (a band that took everything in the box)."""
+    if not blob.any():
+        return -1.0
+    idx = np.argwhere(blob) + np.array([s.start for s in region])
+    span = np.prod(idx.max(axis=0) - idx.min(axis=0) + 1) / np.prod(box[:, 1] - box[:, 0] + 1)
+    fill = blob.sum() / np.prod(box[:, 1] - box[:, 0] + 1)
+    return float(span - 2.0 * max(0.0, fill - 0.75))
 
 
 def grow_blob(
     hu: np.ndarray, spacing, at: np.ndarray, box: np.ndarray | None, axis: int = 2, options: AnyOptions | None = None
 ) -> tuple[tuple[slice, ...], np.ndarray]:
     """(region, mask on it) of the blob under the click ``at`` (file indices), inside ``box`` if given. The crop
-    starts at the click (or the box) plus margin_mm and grows towards each side the blob reaches (doubling that
-    side's margin) up to max_crop_voxels; a box is the crop. A crop above grid_voxels is worked on in blocks of the
-    slice plane and the mask repeated back."""
+    starts at the click (or the box) plus margin_mm and, once, reaches the image's edge on each side the blob
+    reaches (up to max_crop_voxels); a box is the crop. A crop above grid_voxels is worked on in blocks of the slice
+    plane and the mask repeated back."""
     options = options or AnyOptions()
     spacing = np.asarray(spacing, np.float64)
     points = np.asarray(at, int)[None]
@@ -338,4 +354,4 @@ def grow_blob(
             mask = _upsample(mask, step, tuple(s.stop - s.start for s in region))
             mask[tuple(np.asarray(at, int) - origin)] = True
             return region, mask
-        margin = np.where(touched, margin * 2, margin)  # grow only towards the sides the structure reaches
+        margin = np.where(touched, np.max(hu.shape), margin)  # grow to the image's edge on each side it reaches

@@ -22,7 +22,8 @@ from medlsam.interact.click_any import (
     _block_mean,
     _component_at,
     _upsample,
-    box_seed,
+    box_fit,
+    box_seeds,
     grow_blob,
 )
 
@@ -41,10 +42,13 @@ class AnyCache:
     structure_hits: int = 0  # structures answered from the cache
 
     def seed(self, hu, spacing, box: np.ndarray, axis: int, options: AnyOptions) -> np.ndarray:
-        """The click a box alone stands for (``medlsam.interact.click_any.box_seed``), once per box."""
+        """The click a box alone stands for, once per box: of the candidates (``click_any.box_seeds``) the one whose
+        blob answers the box best (``click_any.box_fit``)."""
         key = ("seed", box.tobytes(), options)
         if key not in self.blobs:
-            self.blobs[key] = box_seed(hu, spacing, box, axis, options)
+            seeds = box_seeds(hu, spacing, box, axis, options)
+            fits = [box_fit(*self.blob(hu, spacing, at, box, axis, options), box) for at in seeds]
+            self.blobs[key] = seeds[int(np.argmax(fits))]
         return self.blobs[key]
 
     def blob(self, hu, spacing, at, box, axis: int, options: AnyOptions) -> tuple[Region, np.ndarray]:
