@@ -31,6 +31,19 @@ from lib.option_spec import (  # noqa: E402
 from lib.options import Option, OptionError, option, parse, read, train_config  # noqa: E402
 from medlsam.errors import MedLSAMError  # noqa: E402
 
+# The app's modules as this file imported them: the server tests load `lib` from private app copies, which stay in
+# sys.modules; each test here runs against these (the repository's), so one OptionError class is raised and caught.
+APP_MODULES = {name: module for name, module in sys.modules.items() if name == "lib" or name.startswith("lib.")}
+
+
+@pytest.fixture(autouse=True)
+def _repository_app_modules(monkeypatch):
+    for name in [name for name in sys.modules if name == "lib" or name.startswith("lib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name, module in APP_MODULES.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(str(APP_DIR))
+
 
 def _generator():
     spec = importlib.util.spec_from_file_location("gen_configuration", REPO_ROOT / "scripts" / "gen_configuration.py")
