@@ -239,10 +239,11 @@ class MedLSAMApp(MONAILabelApp):
         templates (trainer lite_medsam, queued behind any running training; it needs two templates)."""
         result = super().on_save_label(image_id, label_id)
         self._labels_changed()
-        if "lite_medsam" in self._trainers and conf_value(self.conf, "adapt_on_save") and self._templates() >= 2:
+        labelled = self._templates()  # the datastore's final labels, counted once per save
+        if "lite_medsam" in self._trainers and conf_value(self.conf, "adapt_on_save") and labelled >= 2:
             self._queue_training("lite_medsam")
-        if self._learning_due():
-            self._learning_queued_at = self._templates()  # a training that does not publish is not asked again
+        if self._learning_due(labelled):
+            self._learning_queued_at = labelled  # a training that does not publish is not asked again
             self._queue_training("segmentation")
         return result
 
@@ -253,15 +254,15 @@ class MedLSAMApp(MONAILabelApp):
         except Exception as exc:  # noqa: BLE001 - e.g. its queue is full (HTTP 429): the next save asks again
             logger.warning(f"training {name} not started: {getattr(exc, 'detail', exc)}")
 
-    def _learning_due(self) -> bool:
-        """`--conf learn_every` final labels saved since those the learned model in use saw (3 at least)."""
+    def _learning_due(self, labelled: int) -> bool:
+        """`--conf learn_every` of the ``labelled`` final labels saved since those the learned model in use (or the
+        last training asked for) saw; 3 at least."""
         from lib.trainers.segmentation import MIN_LABELS
 
         every = conf_value(self.conf, "learn_every")
         trainer = self._trainers.get("segmentation")
         if not every or trainer is None:
             return False
-        labelled = self._templates()
         seen = max(trainer.stats().get("labels", 0), getattr(self, "_learning_queued_at", 0))
         return labelled >= MIN_LABELS and labelled - seen >= every
 

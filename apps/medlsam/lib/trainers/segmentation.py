@@ -47,7 +47,7 @@ class SegmentationTrainer(TrainTask):
         )
         self.models, self.templates = models, templates
         self._config = train_config(SPEC)  # /info/: the defaults
-        self._stats = None  # (file key, summary) of the published model
+        self._stats = None  # (model, summary) of the published model
 
     def config(self):
         return self._config
@@ -57,10 +57,8 @@ class SegmentationTrainer(TrainTask):
         model = self.models.learned()
         if model is None:
             return {}
-        path = self.models.published_learned
-        key = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
-        if self._stats is None or self._stats[0] != key:
-            self._stats = (key, summary(model))
+        if self._stats is None or self._stats[0] is not model:  # the model cache reloads it when its file changes
+            self._stats = (model, summary(model))
         return self._stats[1]
 
     def validate(self, request: dict) -> dict:
