@@ -22,6 +22,7 @@ from medlsam.learn.model import load_learned
 from medlsam.learn.options import LearnError, LearnOptions
 from medlsam.learn.predict import chosen_probabilities, learned_probabilities
 from medlsam.learn.trainer import learn
+from medlsam.utils.metrics import dice
 
 CASES = ("openkbp_pt_1", "openkbp_pt_2", "openkbp_pt_3")
 TINY = {
@@ -84,6 +85,24 @@ def test_tiny_training_saves_a_loadable_model_with_held_out_scores_and_choice(tr
     chosen, used = chosen_probabilities(loaded, vols[0], priors[0], loaded.prior_cuts)
     assert used == {o: loaded.choice[o] for o in model.organs}
     assert all(c.shape == vols[0].shape for c in chosen.values())
+
+
+def test_a_new_model_is_compared_with_the_model_in_use_on_the_label_it_never_saw(trained, scans):
+    """The model in use learnt from scans 0 and 1 (or held one out): with scan 2 new, scan 2 is held out, and both
+    drafts are scored there: the incumbent's figures are its served draft's Dice on scan 2, recomputed by hand."""
+    incumbent, _, priors = trained
+    vols, labs, names = scans
+    model = learn(vols, labs, names, LearnOptions.from_dict(TINY), priors=priors, incumbent=incumbent, unseen=[2])
+    assert model.record["held_out_sources"] == [vols[2].source]
+    comparison = model.record["comparison"]
+    assert comparison["scans"] == 1 and comparison["organs"]
+    served, _ = chosen_probabilities(incumbent, vols[2], priors[2], model.prior_cuts, model.organs)
+    values = {n: v for v, n in names.items()}
+    for organ, pair in comparison["organs"].items():
+        truth = labs[2].array == values[organ]
+        assert truth.any() and abs(pair["incumbent"] - dice(served[organ] >= 0.5, truth)) < 1e-6
+        path = model.choice[organ]
+        assert abs(pair["new"] - model.held_out[path][organ]) < 1e-6  # one held-out scan: its own Dice
 
 
 def test_an_organ_a_label_did_not_draw_teaches_nothing(scans):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_support import TINY_TRAIN, app_datastore, app_images, label_info, private_app
+from app_support import TINY_TRAIN, app_datastore, app_images, label_info, private_app, tiny_case
 from medlsam.errors import MedLSAMError
 from medlsam.io.volume import read_volume
 
@@ -54,7 +54,7 @@ def env(tmp_path_factory, data_dir):
     images = app_images(data_dir, folder)
     studies = app_datastore(folder, images, ["kbp1"])
     app_dir = private_app(folder)
-    return {"folder": folder, "images": images, "studies": studies, "app": app_dir}
+    return {"folder": folder, "images": images, "studies": studies, "app": app_dir, "data_dir": data_dir}
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +314,23 @@ def test_segmentation_training_learns_from_the_saved_labels_and_serves_its_choic
     assert set(result["paths"].values()) <= {"learned", "fewshot"}
     assert set(result["held_out_dice"]) == set(result["paths"])
     assert result["learned_model"]["labels"] == 3
+    # a fourth label (kbp2's) the model in use never saw: held out, and both drafts compared on it before publishing
+    _, kbp2_label = tiny_case(env["data_dir"], 2, [1, 4], env["folder"] / "kbp2-label")
+    with open(kbp2_label, "rb") as handle:
+        saved = client.put(
+            "/datastore/label?image=kbp2&tag=final",
+            data={"params": json.dumps(label_info([1, 4]))},
+            files={"label": ("kbp2.nii.gz", handle, "application/gzip")},
+        )
+    assert saved.status_code == 200, saved.text
+    published = (model_dir / "segmentation.pt").read_bytes()
+    again = client.post("/train/segmentation?run_sync=True", json={**options, "publish": "if_better"})
+    assert again.status_code == 200, again.text
+    compared = again.json()["compared_on"]
+    assert compared["scans"] == 1 and compared["organs"], compared
+    better = compared["new"] > compared["incumbent"]
+    assert again.json()["published"] == better and again.json()["previous_held_out_dice"] == compared["incumbent"]
+    assert ((model_dir / "segmentation.pt").read_bytes() == published) != better
     (model_dir / "segmentation.pt").write_bytes(b"not a model")
     after = infer(client, "medlsam", "kbp2", {"prior_weight": 1}).json()
     assert set(after["paths"].values()) == {"fewshot"} and (model_dir / "segmentation.pt.rejected").is_file()

@@ -30,7 +30,7 @@ from medlsam.learn.model import LearnedModel
 from medlsam.learn.network import build_network
 from medlsam.learn.options import LearnError, LearnOptions
 from medlsam.learn.patches import sample_batch
-from medlsam.learn.predict import grid_probabilities, learned_probabilities
+from medlsam.learn.predict import chosen_probabilities, grid_probabilities, learned_probabilities
 from medlsam.medlam.precision import autocast_dtype
 from medlsam.utils.metrics import dice
 
@@ -52,13 +52,16 @@ def organ_list(names: list[dict[int, str]]) -> list[str]:
     return organs
 
 
-def held_out_indices(count: int, options: LearnOptions) -> list[int]:
-    """The labels held out, chosen by the seed; none with fewer than ``MIN_HELD_OUT_LABELS``."""
+def held_out_indices(count: int, options: LearnOptions, prefer: list[int] | None = None) -> list[int]:
+    """The labels held out: those of ``prefer`` first (in its order: the labels the model in use never saw), the rest
+    chosen by the seed; none with fewer than ``MIN_HELD_OUT_LABELS``."""
     if count < MIN_HELD_OUT_LABELS:
         return []
     held = max(options.min_held_out, int(round(options.held_out_fraction * count)))
     held = min(held, count - 1)
-    return sorted(np.random.default_rng(options.seed).permutation(count)[:held].tolist())
+    first = [i for i in dict.fromkeys(prefer or []) if 0 <= i < count][:held]
+    rest = [int(i) for i in np.random.default_rng(options.seed).permutation(count) if i not in first]
+    return sorted(first + rest[: held - len(first)])
 
 
 def _volumes(images: list, labels: list, names) -> tuple[list[CTVolume], list[CTVolume], list[dict[int, str]]]:
@@ -159,19 +162,54 @@ def score_held_out(
     values: list[dict[str, int]],
     priors: list[fewshot.Priors],
     cuts: dict[str, float],
-) -> dict[str, dict[str, list[float]]]:
-    """path -> organ -> Dice per held-out scan that drew the organ, on the scan's own grid (a missed organ: 0)."""
-    scores: dict[str, dict[str, list[float]]] = {"learned": {}, "fewshot": {}}
+    incumbent: LearnedModel | None = None,
+) -> dict[str, dict[str, list[float | None]]]:
+    """path -> organ -> Dice per held-out scan, on the scan's own grid (None where the scan does not draw the organ;
+    a missed organ: 0). Paths: ``learned``, ``fewshot`` and, with an ``incumbent`` model, ``incumbent``: the draft it
+    serves (its network where it chose it, the few-shot prior elsewhere)."""
+    paths = ("learned", "fewshot", "incumbent") if incumbent is not None else ("learned", "fewshot")
+    scores: dict[str, dict[str, list[float | None]]] = {path: {o: [] for o in model.organs} for path in paths}
     for volume, label, vals, prior in zip(volumes, labels, values, priors):
-        learned = learned_probabilities(model, volume, prior)
-        shot = fewshot.calibrated_dense(prior, model.organs, volume.shape, cuts)
-        for o, name in enumerate(model.organs):
+        drafts = {
+            "learned": learned_probabilities(model, volume, prior),
+            "fewshot": dict(zip(model.organs, fewshot.calibrated_dense(prior, model.organs, volume.shape, cuts))),
+        }
+        if incumbent is not None:
+            drafts["incumbent"] = chosen_probabilities(incumbent, volume, prior, cuts, model.organs)[0]
+        for name in model.organs:
             truth = label.array == vals[name] if name in vals else None
-            if truth is None or not truth.any():
-                continue
-            scores["learned"].setdefault(name, []).append(dice(learned[name] >= 0.5, truth))
-            scores["fewshot"].setdefault(name, []).append(dice(shot[o] >= 0.5, truth))
+            drawn = truth is not None and truth.any()
+            for path in paths:
+                scores[path][name].append(dice(drafts[path][name] >= 0.5, truth) if drawn else None)
     return scores
+
+
+def _mean_scores(scores: dict[str, list[float | None]], scans: list[int] | None = None) -> dict[str, float]:
+    """organ -> mean Dice over the scans (indices into the held-out list; all when None) that draw it."""
+    out = {}
+    for organ, per_scan in scores.items():
+        kept = [v for i, v in enumerate(per_scan) if v is not None and (scans is None or i in scans)]
+        if kept:
+            out[organ] = float(np.mean(kept))
+    return out
+
+
+def compare_with_incumbent(
+    scores: dict[str, dict[str, list[float | None]]], choice: dict[str, str], unseen: list[int]
+) -> dict:
+    """The new model's draft (its per-organ choice) against the incumbent's, on the held-out scans the incumbent
+    never learnt from (``unseen``: indices into the held-out list): organ -> Dice of each, and their means over the
+    organs both were scored on."""
+    new = {o: v for o, v in _mean_scores(scores["learned"], unseen).items() if choice.get(o) == "learned"}
+    new.update({o: v for o, v in _mean_scores(scores["fewshot"], unseen).items() if choice.get(o) != "learned"})
+    old = _mean_scores(scores["incumbent"], unseen)
+    organs = sorted(set(new) & set(old))
+    return {
+        "scans": len(unseen),
+        "organs": {o: {"new": new[o], "incumbent": old[o]} for o in organs},
+        "new": float(np.mean([new[o] for o in organs])) if organs else None,
+        "incumbent": float(np.mean([old[o] for o in organs])) if organs else None,
+    }
 
 
 def choose(organs: list[str], held_out: dict[str, dict[str, float | None]], margin: float) -> dict[str, str]:
@@ -207,10 +245,14 @@ def learn(
     cache: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
     priors: list[fewshot.Priors] | None = None,
+    incumbent: LearnedModel | None = None,
+    unseen: list[int] | None = None,
 ) -> LearnedModel:
     """Train on labelled scans (paths or CTVolumes; ``names`` one mapping for all or one per label) and score the
     network held out against the few-shot path; the returned model records both and the per-organ choice.
-    ``priors``: each label's held-out priors when already known (else computed with ``medlam``)."""
+    ``priors``: each label's held-out priors when already known (else computed with ``medlam``).
+    ``incumbent``: the model in use, and ``unseen`` the labels it never learnt from (newest first): they are held out
+    first and both models' drafts are compared on them (``record["comparison"]``)."""
     options = options or LearnOptions()
     torch.set_num_threads(options.threads)
     tic = time.monotonic()
@@ -218,7 +260,7 @@ def learn(
     vols, labs, per_label = _volumes(images, labels, names)
     organs = organ_list(per_label)
     values = [{n: v for v, n in per.items()} for per in per_label]
-    held = held_out_indices(len(vols), options)
+    held = held_out_indices(len(vols), options, unseen)
     if priors is None:
         priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache)
     elif len(priors) != len(vols):
@@ -247,11 +289,16 @@ def learn(
         [values[i] for i in held],
         [priors[i] for i in held],
         cuts,
+        incumbent,
     )
-    model.held_out = {path: {o: float(np.mean(s)) for o, s in per.items()} for path, per in scores.items()}
-    model.held_out["scans"] = {o: len(s) for o, s in scores["learned"].items()}
+    model.held_out = {path: _mean_scores(scores[path]) for path in ("learned", "fewshot")}
+    model.held_out["scans"] = {o: n for o, s in scores["learned"].items() if (n := sum(v is not None for v in s))}
     model.choice = choose(organs, model.held_out, options.choice_margin)
+    if incumbent is not None:
+        fresh = [n for n, i in enumerate(held) if i in set(unseen or [])]
+        model.record["comparison"] = compare_with_incumbent(scores, model.choice, fresh)
     model.record = {
+        **model.record,
         **record,
         "labels": [v.source for v in vols],
         "held_out_sources": [vols[i].source for i in held],

@@ -39,6 +39,20 @@ def choice_score(model) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def beats_incumbent(model, current) -> tuple[bool, float | None, float | None]:
+    """Whether ``model`` should replace ``current`` (the model in use, or None), and the two scores compared: both
+    drafts on the held-out labels ``current`` never learnt from when there are any (``record["comparison"]``), else
+    each model's own held-out choice score (different labels: the weaker comparison)."""
+    if current is None:
+        return True, choice_score(model), None
+    comparison = model.record.get("comparison") or {}
+    if comparison.get("scans") and comparison.get("new") is not None and comparison.get("incumbent") is not None:
+        new, old = comparison["new"], comparison["incumbent"]
+    else:
+        new, old = choice_score(model), choice_score(current)
+    return new is not None and (old is None or new > old), new, old
+
+
 class SegmentationTrainer(TrainTask):
     def __init__(self, models: Models, templates: TemplateSource):
         super().__init__(
@@ -110,6 +124,8 @@ class SegmentationTrainer(TrainTask):
         learn_options = LearnOptions(
             max_epochs=options["max_epochs"], time_limit_min=options["time_limit_min"], threads=options["threads"]
         )
+        current = self.models.learned()
+        seen = set(current.record.get("label_ids", [])) if current is not None else set()
         model = learn(
             [t.image for t in templates],
             [t.label for t in templates],
@@ -117,16 +133,17 @@ class SegmentationTrainer(TrainTask):
             learn_options,
             medlam=medlam,
             cache=self.models.model_dir / "learn_cache",
+            incumbent=current,
+            unseen=[i for i, t in enumerate(templates) if t.id not in seen],  # newest first: held out first
         )
         model.record.update({"medlam_fingerprint": fingerprint, "label_ids": [t.id for t in templates]})
-        current = self.models.learned()
-        new_score, old_score = choice_score(model), None if current is None else choice_score(current)
-        better = old_score is None or (new_score is not None and new_score > old_score)
+        better, new_score, old_score = beats_incumbent(model, current)
         if options["publish"] == "always" or better:
             model.save(self.models.published_learned)  # atomic: a reader sees the old file or the new one
         result = {
             **summary(model),
             "published": options["publish"] == "always" or better,
+            "compared_on": model.record.get("comparison"),
             "previous_held_out_dice": old_score,
             "total_time": round(time.perf_counter() - tic, 1),
         }
