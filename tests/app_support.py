@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from app_server import APP_SOURCE, free_port, private_app, start_server, stop_se
 
 __all__ = [
     "APP_SOURCE",
+    "app_modules",
     "require",
     "NAMES",
     "crop",
@@ -30,6 +33,40 @@ __all__ = [
     "tiny_case",
     "wait_for_server",
 ]
+
+
+def _app_lib_dir() -> Path | None:
+    """The folder whose ``lib`` package is imported now (None: none is)."""
+    module = sys.modules.get("lib")
+    where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), None)
+    if where is None:
+        return None
+    return Path(where).resolve().parents[1] if where.endswith(".py") else Path(where).resolve().parent
+
+
+def _forget_app_modules() -> None:
+    for name in [name for name in sys.modules if name == "lib" or name.startswith("lib.")]:
+        del sys.modules[name]
+
+
+@contextmanager
+def app_modules(app_dir: Path) -> Iterator[None]:
+    """Import the app's ``lib`` package from ``app_dir`` inside the block (another app copy's ``lib`` modules are
+    forgotten first) and forget them after it, unless they were already imported from ``app_dir`` before the block
+    (a running in-process server of that app keeps its modules)."""
+    app_dir = Path(app_dir).resolve()
+    ours = _app_lib_dir() == app_dir
+    if not ours:
+        _forget_app_modules()
+    sys.path.insert(0, str(app_dir))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(app_dir))
+        if not ours:
+            _forget_app_modules()
+
+
 NAMES = {
     1: "Brainstem",
     2: "SpinalCord",

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app_support import TINY_TRAIN, app_datastore, app_images, label_info, private_app, tiny_case
+from app_support import TINY_TRAIN, app_datastore, app_images, app_modules, label_info, private_app, tiny_case
 from medlsam.errors import MedLSAMError
 from medlsam.io.volume import read_volume
 
@@ -61,7 +60,6 @@ def env(tmp_path_factory, data_dir):
 def client(env):
     from monailabel.config import settings
 
-    sys.path.insert(0, str(env["app"]))
     conf = {
         "models": "medlsam",
         "threads": THREADS,
@@ -82,9 +80,8 @@ def client(env):
     from fastapi.testclient import TestClient
     from monailabel.app import app
 
-    with TestClient(app, base_url="http://localhost") as test_client:  # the server answers its own names only
-        yield test_client
-    sys.path.remove(str(env["app"]))
+    with app_modules(env["app"]), TestClient(app, base_url="http://localhost") as test_client:
+        yield test_client  # the server answers its own names only
 
 
 def infer(client, model: str, image: str, params: dict | None = None, output: str | None = "json"):
@@ -200,8 +197,7 @@ def test_bad_input_gives_clear_http_errors(client, model, image, params, status,
 def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
     from fastapi import HTTPException
 
-    sys.path.insert(0, str(env["app"]))
-    try:
+    with app_modules(env["app"]):
         from monailabel.datastore.local import LocalDatastore
 
         from lib.configs.medlsam import MedLSAM
@@ -229,8 +225,6 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
         ):
             with pytest.raises(MedLSAMError, match=needle):
                 MedLSAM().init("medlsam", str(env["app"] / "model"), {key: value}, None, datastore=lambda: None)
-    finally:
-        sys.path.remove(str(env["app"]))
 
 
 def test_saving_a_label_rebuilds_the_bank(client, env):

@@ -8,7 +8,6 @@ test_security_round_two.py (tests/server/conftest.py).
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from security_support import (
     unchanged,
 )
 
-from app_support import label_info, private_app, tiny_case
+from app_support import app_modules, label_info, private_app, tiny_case
 from medlsam.io.volume import read_volume, write_volume
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
@@ -237,8 +236,7 @@ def test_a_failed_training_ends_failed(server, tmp_path):
     """Training that fails writes status "failed" with the error (in process: no subprocess needed)."""
     from monailabel.datastore.local import LocalDatastore
 
-    sys.path.insert(0, str(server["app"]))
-    try:
+    with app_modules(server["app"]):
         from lib.models import Models
         from lib.trainers.medlam import MedLAMTrainer
 
@@ -248,8 +246,6 @@ def test_a_failed_training_ends_failed(server, tmp_path):
             trainer({"epochs": 1}, empty)
         stats = json.loads((tmp_path / "train_stats.json").read_text())
         assert stats["status"] == "failed" and "no usable CT" in stats["error"]
-    finally:
-        sys.path.remove(str(server["app"]))
 
 
 class _FakeDatastore:
@@ -275,8 +271,7 @@ def test_a_bank_build_for_outdated_labels_is_cancelled(tmp_path, data_dir, monke
     """A build whose templates changed stops at the next template, and /info/'s names never wait for it."""
     app = private_app(tmp_path)
     files = tiny_case(data_dir, 1, [1], tmp_path / "src")
-    sys.path.insert(0, str(app))
-    try:
+    with app_modules(app):
         from lib.models import Models
         from lib.template_source import NoTemplatesError, TemplateSource
         from medlsam.atlas.bank_builder import BankBuilder
@@ -304,8 +299,6 @@ def test_a_bank_build_for_outdated_labels_is_cancelled(tmp_path, data_dir, monke
         worker.join(timeout=10)
         assert isinstance(first["error"], NoTemplatesError)
         assert calls[0] == "a" and "b" not in calls and "c" not in calls, calls  # stopped after its first template
-    finally:
-        sys.path.remove(str(app))
 
 
 def _raises(function):
