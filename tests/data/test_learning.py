@@ -202,3 +202,30 @@ def test_an_untrained_prior_residual_model_gives_the_prior():
     network = build_network(LearnOptions(filters=4), 8, 7)
     x = torch.rand(1, 8, 16, 32, 32)
     assert torch.allclose(torch.sigmoid(network(x)), x[:, 1:].clamp(1e-3, 1 - 1e-3), atol=1e-5)
+
+
+def test_one_template_banks_are_cached_by_file_content(data_dir, tmp_path):
+    """The learner's one-template banks come from the bank builder's cache while the files are unchanged, and are
+    built again when a label is saved again under the same path (a stale bank would teach the old label)."""
+    from app_support import tiny_case
+    from medlsam.learn import fewshot
+    from medlsam.medlam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+
+    medlam = load_medlam(default_medlam_path())
+    image, label = tiny_case(data_dir, 3, [1, 4], tmp_path / "src")
+    names = {1: "Brainstem", 4: "LeftParotid"}
+    cache = tmp_path / "cache"
+    first = fewshot.one_template_banks(medlam, [load_ct(image)], [read_volume(label)], names, cache)
+    assert set(first[0].organs) == {"Brainstem", "LeftParotid"}
+    kept = sorted(cache.glob("*.pt"))
+    assert len(kept) == 1
+    again = fewshot.one_template_banks(medlam, [load_ct(image)], [read_volume(label)], names, cache)
+    assert set(again[0].organs) == set(first[0].organs) and sorted(cache.glob("*.pt")) == kept  # reused
+    relabelled = read_volume(label)
+    relabelled.array = np.where(relabelled.array == 4, 0, relabelled.array).astype(np.uint8)  # the parotid removed
+    from medlsam.io.volume import write_volume
+
+    write_volume(relabelled.array, relabelled, label)
+    changed = fewshot.one_template_banks(medlam, [load_ct(image)], [read_volume(label)], names, cache)
+    assert set(changed[0].organs) == {"Brainstem"} and sorted(cache.glob("*.pt")) != kept  # built again

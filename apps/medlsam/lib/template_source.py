@@ -15,7 +15,7 @@ import numpy as np
 
 from lib.conf import scrub_paths
 from lib.models import Models
-from medlsam.atlas.bank_builder import BankBuilder, BuildCancelled, NoTemplatesError, Template
+from medlsam.atlas.bank_builder import BankBuilder, BuildCancelled, NoTemplatesError, Template, file_key
 from medlsam.errors import TemplateError
 from medlsam.utils.atomic import write_json_atomic
 from medlsam.utils.names import is_plain_name
@@ -143,11 +143,6 @@ class TemplateSource:
         """All labelled images, newest label first: the bank takes the first ``templates`` usable ones."""
         return sorted(self.labelled_images(), key=lambda item: (item["ts"], item["id"]), reverse=True)
 
-    @staticmethod
-    def _file_key(path: str) -> str:
-        stat = os.stat(path)
-        return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
-
     def bank(self):
         """(TemplateBank, info) for the current templates and MedLAM; rebuilt when either changed.
 
@@ -186,7 +181,7 @@ class TemplateSource:
     def _key(self, fingerprint: str, candidates: list[dict], names: dict[str, int]) -> tuple:
         """What a bank depends on: the MedLAM, every labelled image and label (file versions, names)."""
         files = [
-            [t["id"], self._file_key(t["image"]), self._file_key(t["label"]), sorted(t["label_info"].items())]
+            [t["id"], file_key(t["image"]), file_key(t["label"]), sorted(t["label_info"].items())]
             for t in candidates
         ]
         return fingerprint, json.dumps(files), json.dumps(names)

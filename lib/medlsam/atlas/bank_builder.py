@@ -53,7 +53,8 @@ class BuiltBank:
     skipped: dict[str, str]
 
 
-def _file_key(path) -> str:
+def file_key(path) -> str:
+    """A file's real path, size and modification time: what a cache entry made from it depends on."""
     stat = os.stat(path)
     return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -81,7 +82,7 @@ class BankBuilder:
         files = [template.image] + ([template.label] if template.label is not None else [])
         if not all(isinstance(f, (str, Path)) for f in files):
             return None
-        parts = [self.fingerprint, [_file_key(f) for f in files], sorted(template.names.items()), template.points]
+        parts = [self.fingerprint, [file_key(f) for f in files], sorted(template.names.items()), template.points]
         return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
     def template_bank(self, template: Template) -> TemplateBank:

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlsam.atlas.bank_builder import BankBuilder, Template, file_key
 from medlsam.atlas.calibration import MAX_HELD_OUT, choose_cuts
 from medlsam.atlas.localize import LocalizeOptions, Localizer
 from medlsam.atlas.prior import FilePrior, calibrated
-from medlsam.atlas.templates import TemplateBank, load_bank, merge_banks, template_bank
-from medlsam.errors import TemplateError
+from medlsam.atlas.templates import TemplateBank, merge_banks
 from medlsam.io.volume import CTVolume
-from medlsam.medlam.network import MedLAM, model_fingerprint
+from medlsam.medlam.network import MedLAM
 from medlsam.utils.atomic import atomic_path
 from medlsam.utils.metrics import dice
 
@@ -35,6 +35,28 @@ def _key(*parts: str) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _file_keys(sources: list[str]) -> list[str] | None:
+    """Path, size and modification time of each source file (None when one is not a file: nothing is cached)."""
+    keys = []
+    for source in sources:
+        if not source or not Path(source).is_file():
+            return None
+        keys.append(file_key(source))
+    return keys
+
+
+def _as_template(index: int, image: CTVolume, label: CTVolume, names: dict[int, str]) -> Template:
+    """A labelled scan as a bank builder's template: its files where it has them (their content keys the cache),
+    else the volumes (never cached)."""
+    on_disk = _file_keys([image.source, label.source]) is not None
+    return Template(
+        id=f"label{index}",
+        image=image.source if on_disk else image,
+        label=label.source if on_disk else label,
+        names=dict(names),
+    )
+
+
 def one_template_banks(
     medlam: MedLAM,
     images: list[CTVolume],
@@ -42,29 +64,16 @@ def one_template_banks(
     names: dict[int, str] | list[dict[int, str]],
     cache: Path | None = None,
 ) -> list[TemplateBank]:
-    """One uncalibrated bank per labelled scan (``names``: one mapping for all labels or one per label; reused
-    from ``cache`` when the same MedLAM made it there)."""
-    fingerprint = model_fingerprint(medlam)
-    banks = []
+    """One uncalibrated bank per labelled scan (``names``: one mapping for all labels or one per label), built by
+    ``medlsam.atlas.bank_builder.BankBuilder``: kept in ``cache`` and reused while the files, names and MedLAM are
+    unchanged."""
+    builder = BankBuilder(medlam, cache)
     per_label = names if isinstance(names, list) else [names] * len(images)
-    for image, label, names in zip(images, labels, per_label):
-        path = (
-            cache / f"bank-{_key(fingerprint, image.source, label.source, repr(sorted(names.items())))}.pt"
-            if cache
-            else None
-        )
-        if path is not None and path.is_file():
-            try:
-                banks.append(load_bank(path, medlam))
-                continue
-            except TemplateError:
-                pass
+    banks = []
+    for i, (image, label, names) in enumerate(zip(images, labels, per_label)):
         tic = time.perf_counter()
-        bank = template_bank(medlam, image, label, names)
+        banks.append(builder.template_bank(_as_template(i, image, label, names)))
         logger.info(f"one-template bank of {Path(image.source).name} in {time.perf_counter() - tic:.1f} s")
-        if path is not None:
-            bank.save(path)
-        banks.append(bank)
     return banks
 
 
@@ -99,9 +108,9 @@ def scan_priors(
     cache: Path | None = None,
 ) -> Priors:
     """Every organ of ``bank`` localised in ``volume`` with its uncalibrated prior (None where not found)."""
-    path = None
-    if cache is not None:
-        path = cache / f"prior-{_key(bank.model_fingerprint, volume.source, *bank.sources, repr(options))}.npz"
+    path, files = None, _file_keys([volume.source, *bank.sources])
+    if cache is not None and files is not None:
+        path = cache / f"prior-{_key(bank.model_fingerprint, *files, repr(options))}.npz"
         if path.is_file():
             try:
                 return _load_priors(path)

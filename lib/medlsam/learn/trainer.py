@@ -222,16 +222,21 @@ def choose(organs: list[str], held_out: dict[str, dict[str, float | None]], marg
     return out
 
 
-def _held_out_priors(vols, labs, per_label, held, options: LearnOptions, medlam, cache) -> list[fewshot.Priors]:
+def _held_out_priors(
+    vols, labs, per_label, held, options: LearnOptions, medlam, cache, banks=None
+) -> list[fewshot.Priors]:
     """The few-shot priors each label needs: all of them with prior channels, else the held-out ones and those
-    that choose the prior cuts."""
+    that choose the prior cuts. ``banks``: the labels' one-template banks when already built."""
     if medlam is None:
         from medlsam.medlam.network import load_medlam
         from medlsam.paths import default_medlam_path
 
         medlam = load_medlam(default_medlam_path())
     cache = Path(cache) if cache else None
-    banks = fewshot.one_template_banks(medlam, vols, labs, per_label, cache)
+    if banks is None:
+        banks = fewshot.one_template_banks(medlam, vols, labs, per_label, cache)
+    elif len(banks) != len(vols):
+        raise LearnError(f"{len(banks)} template banks for {len(vols)} labels")
     needed = set(range(len(vols))) if options.prior_channels else set(held) | set(range(fewshot.MAX_HELD_OUT))
     return fewshot.held_out_priors(medlam, banks, vols, None, cache, only=needed)
 
@@ -247,12 +252,14 @@ def learn(
     priors: list[fewshot.Priors] | None = None,
     incumbent: LearnedModel | None = None,
     unseen: list[int] | None = None,
+    banks: list | None = None,
 ) -> LearnedModel:
     """Train on labelled scans (paths or CTVolumes; ``names`` one mapping for all or one per label) and score the
     network held out against the few-shot path; the returned model records both and the per-organ choice.
     ``priors``: each label's held-out priors when already known (else computed with ``medlam``).
     ``incumbent``: the model in use, and ``unseen`` the labels it never learnt from (newest first): they are held out
-    first and both models' drafts are compared on them (``record["comparison"]``)."""
+    first and both models' drafts are compared on them (``record["comparison"]``). ``banks``: each label's
+    one-template bank when the caller built them (``medlsam.atlas.bank_builder``), else built here."""
     options = options or LearnOptions()
     torch.set_num_threads(options.threads)
     tic = time.monotonic()
@@ -262,7 +269,7 @@ def learn(
     values = [{n: v for v, n in per.items()} for per in per_label]
     held = held_out_indices(len(vols), options, unseen)
     if priors is None:
-        priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache)
+        priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache, banks)
     elif len(priors) != len(vols):
         raise LearnError(f"{len(priors)} prior sets for {len(vols)} labels")
     arrays = [la.array for la in labs]

@@ -97,17 +97,17 @@ class SegmentationTrainer(TrainTask):
         return self.run_learning(self.validate(request))
 
     def usable_templates(self) -> list:
-        """Every labelled image whose final label can serve (checked as the bank checks templates), newest first."""
+        """(template, one-template bank) of every labelled image whose final label can serve (checked as the bank
+        checks templates), newest first."""
         medlam = self.models.medlam()[0]
+        builder = self.templates.builder(medlam)
         usable = []
         for item in self.templates.candidate_templates():
             template = self.templates.template(item)
             try:
-                self.templates.builder(medlam).template_bank(template)  # cached: the bank builds them anyway
+                usable.append((template, builder.template_bank(template)))  # cached: the app's bank builds them too
             except MedLSAMError as exc:
                 logger.warning(f"segmentation training skips {item['id']}: {exc}")
-                continue
-            usable.append(template)
         return usable
 
     def run_learning(self, options: dict) -> dict:
@@ -116,7 +116,8 @@ class SegmentationTrainer(TrainTask):
         from medlsam.learn.trainer import learn
 
         tic = time.perf_counter()
-        templates = self.usable_templates()
+        usable = self.usable_templates()
+        templates = [template for template, _ in usable]
         if len(templates) < MIN_LABELS:
             logger.warning(f"segmentation training skipped: {self._too_few(len(templates))}")
             return {"skipped": self._too_few(len(templates)), "published": False}
@@ -135,6 +136,7 @@ class SegmentationTrainer(TrainTask):
             cache=self.models.model_dir / "learn_cache",
             incumbent=current,
             unseen=[i for i, t in enumerate(templates) if t.id not in seen],  # newest first: held out first
+            banks=[bank for _, bank in usable],
         )
         model.record.update({"medlam_fingerprint": fingerprint, "label_ids": [t.id for t in templates]})
         better, new_score, old_score = beats_incumbent(model, current)
