@@ -181,8 +181,7 @@ class TemplateSource:
     def _key(self, fingerprint: str, candidates: list[dict], names: dict[str, int]) -> tuple:
         """What a bank depends on: the MedLAM, every labelled image and label (file versions, names)."""
         files = [
-            [t["id"], file_key(t["image"]), file_key(t["label"]), sorted(t["label_info"].items())]
-            for t in candidates
+            [t["id"], file_key(t["image"]), file_key(t["label"]), sorted(t["label_info"].items())] for t in candidates
         ]
         return fingerprint, json.dumps(files), json.dumps(names)
 
