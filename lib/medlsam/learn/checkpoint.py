@@ -51,14 +51,16 @@ def checkpoint_path(cache: str | os.PathLike | None) -> Path | None:
 
 def fingerprint(organs: list[str], options: dict, train: list[Example], held: list[Example]) -> str:
     """A digest of what defines a run: organs, the options that shape training, and every training and held-out
-    example (source, grid inputs with the priors, targets, known organs), in order."""
+    example (source, CT on the model grid, targets, known organs, channel count), in order. Not the prior channels:
+    they follow from the labels, and a prior computed now and the same prior read back from the cache (float16)
+    differ in their last bits."""
     digest = hashlib.blake2b(digest_size=16)
     shaping = {k: v for k, v in options.items() if k not in NOT_DEFINING}
     digest.update(json.dumps({"organs": organs, "options": shaping}, sort_keys=True).encode())
     for tag, examples in (("train", train), ("held", held)):
         for ex in examples:
-            digest.update(f"{tag}|{ex.source}".encode())
-            for array in (ex.inputs, ex.target, ex.known):
+            digest.update(f"{tag}|{ex.source}|{ex.inputs.shape[0]}".encode())
+            for array in (ex.inputs[0], ex.target, ex.known):
                 digest.update(f"{array.dtype}{array.shape}".encode())
                 digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()
