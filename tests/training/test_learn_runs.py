@@ -134,8 +134,9 @@ def _descendants(pid: int) -> list[int]:
 def test_two_gloo_processes_train_and_write_one_loadable_model(paths, fewshot_cache, tmp_path):
     cache = _copy_cache(fewshot_cache, tmp_path / "cache")
     out = tmp_path / "model.pt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
-        [*_command(paths, out, cache, _options_file(tmp_path)), "--nproc", "2"],
+        [*torchrun, *_command(paths, out, cache, _options_file(tmp_path))[1:]],
         env=ENV,
         capture_output=True,
         text=True,
@@ -189,7 +190,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_and_finishes(paths, few
 
 
 @pytest.mark.slow
-def test_a_killed_launcher_leaves_no_rank_behind(paths, fewshot_cache, tmp_path):
+def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, fewshot_cache, tmp_path):
     cache = _copy_cache(fewshot_cache, tmp_path / "cache")
     command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
     with open(tmp_path / "run.log", "w") as log:
@@ -211,6 +212,16 @@ def test_a_killed_launcher_leaves_no_rank_behind(paths, fewshot_cache, tmp_path)
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+    stopped = int(torch.load(cache / CHECKPOINT, weights_only=True)["epoch"])
+    assert stopped >= 1
+    # one process resumes what two ranks began (max_epochs does not define the run)
+    again = subprocess.run(
+        [*command, "--max-epochs", str(stopped + 1)], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    model = load_learned(tmp_path / "m.pt")
+    assert model.record["resumed_from_epoch"] == stopped and model.record["epochs"] == stopped + 1
+    assert "world_size" not in model.record and not (cache / CHECKPOINT).exists()
 
 
 # -- checkpoints in one process ------------------------------------------------------------------------------
@@ -243,7 +254,7 @@ def test_a_stopped_run_resumes_from_its_last_epoch(scans, tmp_path):
     with pytest.raises(Stop):
         _learn(scans, tmp_path, stop_at_2, max_epochs=3)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["epoch"] == 2
-    model = _learn(scans, tmp_path, max_epochs=3, time_limit_min=30, threads=2)  # neither defines the run
+    model = _learn(scans, tmp_path, max_epochs=3, time_limit_min=30, device="auto")  # neither defines the run
     assert model.record["resumed_from_epoch"] == 2 and model.record["iterations"] == 6
     assert [h["epoch"] for h in model.record["history"]] == [1, 2, 3]
     assert not (tmp_path / CHECKPOINT).exists()
