@@ -132,7 +132,10 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_and_write_one_loadable_model(paths, fewshot_cache, tmp_path):
+    """Rank 0 prepares the few-shot path (here one bank is missing from the cache) while rank 1 waits, then
+    reads it; both train; rank 0 writes the model."""
     cache = _copy_cache(fewshot_cache, tmp_path / "cache")
+    sorted(cache.glob("bank-*.pt"))[0].unlink()
     out = tmp_path / "model.pt"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
@@ -145,6 +148,7 @@ def test_two_gloo_processes_train_and_write_one_loadable_model(paths, fewshot_ca
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     text = done.stdout + done.stderr
     assert "rank 1 of world size 2" in text and "backend gloo" in text, text[-3000:]
+    assert text.count("one-template bank of") == 1, text[-3000:]  # made by rank 0 alone
     model = load_learned(out)
     assert text.count("held-out Dice learned") == len(model.organs)  # rank 0 alone reports
     assert model.record["world_size"] == 2 and model.record["iterations"] == 4
