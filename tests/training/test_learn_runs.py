@@ -21,10 +21,10 @@ import torch
 
 from medlsam.cli import main
 from medlsam.io.volume import load_ct, read_volume
-from medlsam.learn.checkpoint import CHECKPOINT, fingerprint
+from medlsam.learn.checkpoint import CHECKPOINT, fingerprint, sweep_orphan_temps
 from medlsam.learn.data import Example
 from medlsam.learn.model import load_learned
-from medlsam.learn.options import LearnError, LearnOptions
+from medlsam.learn.options import LearnError, LearnOptions, resolve_device
 from medlsam.learn.trainer import learn
 from medlsam.utils.devices import cuda_count
 
@@ -110,8 +110,8 @@ def _copy_cache(source: Path, target: Path) -> Path:
     return target
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every living process below ``pid`` (from /proc)."""
+def _process_children() -> dict[int, list[int]]:
+    """Parent pid -> the living processes it started (from /proc)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -119,6 +119,16 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def _children(pid: int) -> list[int]:
+    return sorted(_process_children().get(pid, []))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every living process below ``pid``."""
+    children = _process_children()
     out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -228,6 +238,33 @@ def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, 
     assert "world_size" not in model.record and not (cache / CHECKPOINT).exists()
 
 
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_others(paths, fewshot_cache, tmp_path):
+    cache = _copy_cache(fewshot_cache, tmp_path / "cache")
+    command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
+    with open(tmp_path / "run.log", "w") as log:
+        launcher = subprocess.Popen([*command, "--nproc", "2"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(cache / CHECKPOINT, launcher, timeout=300)
+            tree = _descendants(launcher.pid)
+            (torchrun,) = _children(launcher.pid)
+            ranks = [r for r in _children(torchrun) if b"medlsam.cli" in Path(f"/proc/{r}/cmdline").read_bytes()]
+            assert len(ranks) == 2
+            os.kill(ranks[-1], signal.SIGKILL)
+            assert launcher.wait(timeout=120) != 0
+            deadline = time.time() + 60
+            while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
+                time.sleep(0.5)
+            assert not [p for p in tree if Path(f"/proc/{p}").exists()], "a rank outlived the run"
+        finally:
+            for pid in [launcher.pid, *_descendants(launcher.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert not (tmp_path / "m.pt").exists()
+
+
 # -- checkpoints in one process ------------------------------------------------------------------------------
 
 
@@ -332,3 +369,23 @@ def test_several_processes_need_a_cache(tmp_path, capsys, openkbp_case):
     args = ["learn", "--images", str(image), "--labels", str(label), "--names", str(names), "--out", "m.pt"]
     assert main([*args, "--nproc", "2"]) == 2
     assert "--cache" in capsys.readouterr().err
+
+
+def test_bf16_only_where_native_never_float16(monkeypatch):
+    from medlsam.learn import predict
+
+    monkeypatch.setattr(predict, "autocast_dtype", lambda requested, device: torch.float16)
+    assert predict.autocast_for("cuda") is None  # a GPU without bfloat16 trains in float32
+    monkeypatch.setattr(predict, "autocast_dtype", lambda requested, device: torch.bfloat16)
+    assert predict.autocast_for("cpu") == torch.bfloat16
+    assert resolve_device("auto") == ("cuda" if cuda_count() else "cpu")
+
+
+def test_temporary_files_of_dead_writers_are_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".tmp-{int(dead.stdout)}-abc.pt"
+    living = tmp_path / f".tmp-{os.getpid()}-def.pt"
+    for path in (orphan, living):
+        path.write_bytes(b"partial")
+    sweep_orphan_temps(tmp_path)
+    assert not orphan.exists() and living.exists()
