@@ -240,10 +240,10 @@ def train_network(
         state.history.append(entry)
         if ctx.is_main:
             logger.info(f"learn: {entry}")
-            if progress:
-                progress(entry)
             if path is not None and not last:
                 save_checkpoint(path, key, net, optim, state)
+            if progress:  # after the checkpoint: a progress callback that stops the run loses no epoch
+                progress(entry)
         barrier(ctx)
         if last:
             break
