@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,14 @@ def add_parsers(commands) -> None:
     learn.add_argument("--options", help="JSON file of further learner options (medlsam.learn.options)")
     learn.add_argument("--cache", help="folder for one-template banks and priors (reused by later runs)")
     learn.add_argument("--model", help="MedLAM checkpoint of the few-shot path (default: the shipped model)")
+    learn.add_argument("--device", help="auto (default: cuda when available), cpu, cuda or cuda:N")
+    learn.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine (DDP; needs --cache): launches torchrun "
+        "(for several machines run `torchrun --nnodes M ... -m medlsam.cli learn ...` yourself)",
+    )
     learn.set_defaults(func=run)
 
 
@@ -49,30 +59,79 @@ def _options(args: argparse.Namespace):
         data["max_epochs"] = args.max_epochs
     if args.time_limit_min is not None:
         data["time_limit_min"] = args.time_limit_min
+    if getattr(args, "device", None) is not None:
+        data["device"] = args.device
     return LearnOptions.from_dict(data)
 
 
-def run(args: argparse.Namespace) -> None:
-    """``medlsam learn``: train, print the held-out Dice and the choice, write the model atomically."""
-    from medlsam.learn.trainer import learn
-    from medlsam.medlam.network import load_medlam
-    from medlsam.paths import default_medlam_path
-    from medlsam.utils.names import read_names
+def run(args: argparse.Namespace) -> int:
+    """``medlsam learn``: train (one process, or torchrun ranks), print the held-out Dice and the choice, write the
+    model atomically (rank 0)."""
+    from medlsam.learn.options import resolve_device
+    from medlsam.utils.distributed import env_world, launch_torchrun, strip_option
 
     options = _options(args)  # bad options fail before any work
+    if args.nproc < 1:
+        raise MedLSAMError(f"--nproc must be at least 1, not {args.nproc}")
+    distributed = args.nproc > 1 or env_world()[1] > 1
+    if distributed and not args.cache:
+        raise MedLSAMError("several processes need --cache: rank 0 prepares the few-shot priors there for the others")
+    names = _checked_names(args)
+    if args.nproc > 1 and env_world()[1] == 1:  # launch torchrun, which runs this command in every rank
+        return launch_torchrun(args.nproc, strip_option(args.argv, "--nproc"))
+    return _train(args, options, names, resolve_device(options.device))
+
+
+def _checked_names(args: argparse.Namespace) -> dict[int, str]:
+    from medlsam.utils.names import read_names
+
     names = read_names(args.names)
     if not names:
         raise MedLSAMError("--names is needed: the organ names of the labels (label value -> organ)")
     if not str(args.out).endswith(".pt"):
         raise MedLSAMError(f"--out {args.out}: the model file must end in .pt")
-    medlam = load_medlam(args.model or default_medlam_path())
-    model = learn(args.images, args.labels, names, options, medlam=medlam, cache=args.cache)
-    model.save(args.out)
+    return names
+
+
+def _train(args: argparse.Namespace, options, names: dict[int, str], device: str) -> int:
+    """This process's part: join the ranks (if any), train, and on rank 0 write the model and print the choice."""
+    from medlsam.learn.loop import wait_for_preparation
+    from medlsam.learn.trainer import learn
+    from medlsam.medlam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+    from medlsam.utils.distributed import close_distributed, die_with_parent, env_world, init_distributed
+
+    if env_world()[1] > 1:
+        die_with_parent()  # a torchrun agent that dies takes its ranks with it
+    main_thread = threading.current_thread() is threading.main_thread()
+    # torchrun stops the ranks with SIGTERM: end as on Ctrl-C (temporary files removed)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        ctx = init_distributed(device)
+        print(f"medlsam learn: {ctx.describe()}", flush=True)
+        medlam = load_medlam(args.model or default_medlam_path())
+        wait_for_preparation(ctx)  # ranks other than 0 wait for rank 0's few-shot priors in the cache
+        model = learn(args.images, args.labels, names, options, medlam=medlam, cache=args.cache)
+        if ctx.is_main:
+            model.save(args.out)
+    finally:
+        close_distributed()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if not ctx.is_main:
+        return 0
     for organ in model.organs:
         a, b = model.held_out["learned"].get(organ), model.held_out["fewshot"].get(organ)
         fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"{organ:16s} held-out Dice learned {fmt(a)}  few-shot {fmt(b)}  -> {model.choice[organ]}")
+    resumed = model.record.get("resumed_from_epoch")
+    print(f"resumed from epoch {resumed}" if resumed else "trained from scratch")
     print(f"model {Path(args.out).resolve()} ({model.record['total_minutes']:.1f} min)")
+    return 0
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def segment(args: argparse.Namespace) -> None:

@@ -64,7 +64,7 @@ def load_learned(path: str | os.PathLike) -> LearnedModel:
     if data.get("version") != VERSION:
         raise LearnError(f"{path}: model file version {data.get('version')}, this medlsam reads version {VERSION}")
     try:
-        options = LearnOptions.from_dict(data["options"])
+        options = LearnOptions.from_dict({**data["options"], "device": "auto"})  # it loads anywhere
         organs = [str(o) for o in data["organs"]]
         network = build_network(options, int(data["in_channels"]), len(organs))
         network.load_state_dict(data["state_dict"])

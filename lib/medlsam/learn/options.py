@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 from medlsam.errors import MedLSAMError
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class LearnError(MedLSAMError):
@@ -36,6 +39,7 @@ class LearnOptions:
     validate_every: int = 4  # epochs between held-out scores while training
     seed: int = 0
     threads: int = 2
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N; where it trains, not the model
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
@@ -66,6 +70,9 @@ class LearnOptions:
         )
         _check(1 <= self.validate_every <= 100000, "validate_every", "in [1, 100000]")
         _check(1 <= self.threads <= 256, "threads", "in [1, 256]")
+        self.device = str(self.device).strip().lower()
+        _check(bool(DEVICE.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
+        resolve_device(self.device)  # present here (a model file's options are read with device auto)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -90,3 +97,17 @@ class LearnOptions:
 def _check(ok: bool, name: str, rule: str) -> None:
     if not ok:
         raise LearnError(f"learner option {name} must be {rule}")
+
+
+def resolve_device(name: str) -> str:
+    """The torch device of the ``device`` option: auto -> cuda when available, else cpu; LearnError naming a device
+    that is malformed or not present here."""
+    from medlsam.utils.devices import check_device, cuda_count
+
+    text = str(name).strip().lower()
+    if text == "auto":
+        return "cuda" if cuda_count() else "cpu"
+    try:
+        return check_device(text)
+    except MedLSAMError as exc:
+        raise LearnError(f"learner option device {name!r}: {exc}") from None

@@ -15,19 +15,28 @@ from medlsam.medlam.precision import autocast_dtype
 OVERLAP = 0.25
 
 
+def autocast_for(device: str | torch.device) -> torch.dtype | None:
+    """bfloat16 where ``device`` runs it natively (``medlsam.medlam.precision``), else None (float32): the
+    project's rule, so never float16, even on a GPU without bfloat16."""
+    dtype = autocast_dtype(None, device)
+    return dtype if dtype == torch.bfloat16 else None
+
+
 @torch.no_grad()
 def grid_probabilities(model: LearnedModel, inputs: np.ndarray) -> np.ndarray:
-    """(organs, z, y, x) sigmoid probabilities of the network on model-grid ``inputs`` (sliding window)."""
+    """(organs, z, y, x) sigmoid probabilities of the network on model-grid ``inputs`` (sliding window), computed
+    on the network's device."""
     from monai.inferers import sliding_window_inference
 
     network = model.network.eval()
-    dtype = autocast_dtype(None, "cpu")
-    x = torch.from_numpy(np.ascontiguousarray(inputs))[None]
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    device = next(network.parameters()).device
+    dtype = autocast_for(device)
+    x = torch.from_numpy(np.ascontiguousarray(inputs))[None].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
         logits = sliding_window_inference(
             x, model.options.patch, sw_batch_size=1, predictor=network, overlap=OVERLAP, mode="gaussian"
         )
-    return torch.sigmoid(logits.float())[0].numpy()
+    return torch.sigmoid(logits.float())[0].cpu().numpy()
 
 
 def learned_probabilities(model: LearnedModel, volume: CTVolume, priors: Priors | None) -> dict[str, np.ndarray]:

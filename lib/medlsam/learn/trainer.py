@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -24,19 +23,18 @@ from medlsam.errors import MedLSAMError
 from medlsam.io.labels import check_label_array
 from medlsam.io.volume import CTVolume, load_ct, read_volume
 from medlsam.learn import fewshot
-from medlsam.learn.data import Example, example
-from medlsam.learn.loss import masked_loss
+from medlsam.learn.checkpoint import checkpoint_path, remove_checkpoint
+from medlsam.learn.data import example
+from medlsam.learn.loop import train_network
 from medlsam.learn.model import LearnedModel
 from medlsam.learn.network import build_network
 from medlsam.learn.options import LearnError, LearnOptions
-from medlsam.learn.patches import sample_batch
-from medlsam.learn.predict import chosen_probabilities, grid_probabilities, learned_probabilities
-from medlsam.medlam.precision import autocast_dtype
+from medlsam.learn.predict import chosen_probabilities, learned_probabilities
+from medlsam.utils.distributed import env_world
 from medlsam.utils.metrics import dice
 
 logger = logging.getLogger(__name__)
 
-RESERVE_EVALS = 4  # training stops this many held-out checks' time before the deadline (N = 20 overshot by 3.5 min)
 MIN_HELD_OUT_LABELS = 3  # fewer labels: nothing is held out (the few-shot path serves every organ)
 
 
@@ -83,76 +81,6 @@ def _volumes(images: list, labels: list, names) -> tuple[list[CTVolume], list[CT
         except MedLSAMError as exc:
             raise LearnError(f"label {label.source or '(in memory)'}: {exc}") from None
     return vols, labs, per_label
-
-
-def _grid_dice(model: LearnedModel, examples: list[Example]) -> float:
-    """Mean Dice over the known (scan, organ) pairs of ``examples`` on the model grid."""
-    scores = []
-    for ex in examples:
-        probabilities = grid_probabilities(model, ex.inputs)
-        scores += [dice(probabilities[o] >= 0.5, ex.target[o] > 0) for o in np.flatnonzero(ex.known)]
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-def train_network(
-    model: LearnedModel,
-    train: list[Example],
-    held: list[Example],
-    deadline: float,
-    progress: Callable[[dict], None] | None = None,
-) -> dict:
-    """Train ``model.network`` in place until max_epochs or ``deadline`` (time.monotonic); keep the state that
-    scored best on ``held`` (the last state when nothing is held out). Returns the training record."""
-    opt = model.options
-    torch.manual_seed(opt.seed)
-    rng = np.random.default_rng(opt.seed)
-    net = model.network.train()
-    optim = torch.optim.AdamW(net.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
-    dtype = autocast_dtype(None, "cpu")
-    start, total = time.monotonic(), opt.max_epochs * opt.iterations_per_epoch
-    budget = max(deadline - start, 1e-6)
-    best, best_state, history, step, eval_s, epoch = -1.0, None, [], 0, 0.0, 0
-    for epoch in range(1, opt.max_epochs + 1):
-        losses = []
-        for _ in range(opt.iterations_per_epoch):
-            done = max(step / total, (time.monotonic() - start) / budget)
-            for group in optim.param_groups:
-                group["lr"] = opt.learning_rate * max(1.0 - done, 0.0) ** 0.9
-            x, y, k = sample_batch(train, opt.patch, opt.batch_size, rng, opt.organ_patch_fraction, opt.augment)
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = net(x)
-            loss = masked_loss(logits.float(), y, k)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            losses.append(loss.detach().item())
-            step += 1
-        # the held-out checks, and the final scoring on the scans' own grids after the loop, must fit the deadline
-        last = epoch == opt.max_epochs or time.monotonic() + RESERVE_EVALS * eval_s >= deadline
-        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "minutes": (time.monotonic() - start) / 60}
-        if held and (epoch % opt.validate_every == 0 or last or epoch == 1):
-            tic = time.monotonic()
-            entry["held_out_dice"] = _grid_dice(model, held)
-            net.train()
-            eval_s = time.monotonic() - tic
-            if entry["held_out_dice"] > best:
-                best, best_state = entry["held_out_dice"], copy.deepcopy(net.state_dict())
-        history.append(entry)
-        logger.info(f"learn: {entry}")
-        if progress:
-            progress(entry)
-        if last:
-            break
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net.eval()
-    return {
-        "epochs": epoch,
-        "iterations": step,
-        "train_minutes": (time.monotonic() - start) / 60,
-        "best_grid_dice": best if best_state is not None else None,
-        "history": history,
-    }
 
 
 def score_held_out(
@@ -288,7 +216,10 @@ def learn(
         choice={o: "fewshot" for o in organs},
         prior_cuts=cuts,
     )
-    record = train_network(model, train, [examples[i] for i in held], deadline, progress)
+    record = train_network(model, train, [examples[i] for i in held], deadline, progress, cache)
+    if env_world()[0] != 0:  # torch.distributed: rank 0 alone scores, chooses and writes
+        model.record = record
+        return model
     scores = score_held_out(
         model,
         [vols[i] for i in held],
@@ -312,4 +243,5 @@ def learn(
         "fewshot_minutes": fewshot_min,
         "total_minutes": (time.monotonic() - tic) / 60,
     }
+    remove_checkpoint(checkpoint_path(cache))  # kept until here: a run killed while scoring resumes trained
     return model
