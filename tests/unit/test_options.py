@@ -148,6 +148,8 @@ def test_bad_conf_values_name_the_key_and_what_it_accepts(values, needles):
         ("medlam", {"device": "gpu"}, ["train option device", "cpu, cuda or cuda:N", "'gpu'"]),
         ("medlam", {"device": 3}, ["train option device", "cpu, cuda or cuda:N"]),
         ("lite_medsam", {"steps": 0}, ["train option steps", "[1, 100000]"]),
+        ("segmentation", {"device": "cuda:99"}, ["train option device", "cuda:99"]),
+        ("segmentation", {"device": "tpu"}, ["train option device", "cpu, cuda or cuda:N", "'tpu'"]),
         ("lite_medsam", {"epochs": 3}, ["unknown train option", "'epochs'", "slice_step"]),
     ],
 )
@@ -168,6 +170,8 @@ def test_train_options_keep_their_defaults_and_monai_keys():
     assert options["epochs"] == 2 and options["learning_rate"] == 1e-4 and options["device"] == "cpu"
     assert options["init"] == "current" and options["publish"] == "if_better" and options["multi_gpu"] is True
     assert check_train_options({"init": ["scratch", "current"]}, TRAIN_OPTIONS["medlam"])["init"] == "scratch"
+    assert check_train_options({}, TRAIN_OPTIONS["segmentation"])["device"] is None  # the server's device
+    assert check_train_options({"device": "CPU"}, TRAIN_OPTIONS["segmentation"])["device"] == "cpu"
     assert check_train_options({"gpus": "all"}, TRAIN_OPTIONS["lite_medsam"]) == {
         "steps": 120,
         "slice_step": 3,

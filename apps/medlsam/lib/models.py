@@ -134,6 +134,7 @@ class Models:
                 return self._learned[1]
             try:
                 model = load_learned(path)
+                model.network.to(self.device)  # predict runs on the network's device
             except MedLSAMError as exc:
                 self._set_aside(path, exc)
                 self._learned = None

@@ -343,6 +343,12 @@ TRAIN_OPTIONS: dict[str, tuple[Option, ...]] = {
             choices=("if_better", "always"),
         ),
         Option("threads", "int", 2, "torch threads of the training.", 1, 1024),
+        Option(
+            "device",
+            "device",
+            None,
+            "`cpu`, `cuda` or `cuda:N` present here (bf16 only where native); default: the server's `--conf device`.",
+        ),
     ),
     "lite_medsam": (
         Option("steps", "int", 120, "optimiser steps (AdaptOptions.steps).", 1, 100000),

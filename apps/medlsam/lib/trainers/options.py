@@ -20,7 +20,7 @@ def check_train_options(request: dict, spec: Iterable[Option]) -> dict:
     for an unknown key (MONAI Label's own pass) or a bad value. ``device`` must be one this machine has, with
     MONAI Label's ``gpus`` (see ``check_train_device``)."""
     options = parse(spec, request, "train option", allowed=MONAI_KEYS)
-    if "device" in options:
+    if options.get("device") is not None:  # None: the trainer's own default (segmentation: the server's device)
         options["device"] = check_train_device(options["device"], request.get("gpus"))
     return options
 

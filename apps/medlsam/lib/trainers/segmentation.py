@@ -123,7 +123,10 @@ class SegmentationTrainer(TrainTask):
             return {"skipped": self._too_few(len(templates)), "published": False}
         medlam, _, fingerprint = self.models.medlam()
         learn_options = LearnOptions(
-            max_epochs=options["max_epochs"], time_limit_min=options["time_limit_min"], threads=options["threads"]
+            max_epochs=options["max_epochs"],
+            time_limit_min=options["time_limit_min"],
+            threads=options["threads"],
+            device=options["device"] or self.models.device,
         )
         current = self.models.learned()
         seen = set(current.record.get("label_ids", [])) if current is not None else set()
