@@ -71,9 +71,12 @@ def one_template_banks(
     per_label = names if isinstance(names, list) else [names] * len(images)
     banks = []
     for i, (image, label, names) in enumerate(zip(images, labels, per_label)):
-        tic = time.perf_counter()
-        banks.append(builder.template_bank(_as_template(i, image, label, names)))
-        logger.info(f"one-template bank of {Path(image.source).name} in {time.perf_counter() - tic:.1f} s")
+        template, tic = _as_template(i, image, label, names), time.perf_counter()
+        digest = builder.digest(template)
+        cached = cache is not None and digest is not None and (cache / f"{template.id}-{digest}.pt").is_file()
+        banks.append(builder.template_bank(template))
+        if not cached:
+            logger.info(f"one-template bank of {Path(image.source).name} in {time.perf_counter() - tic:.1f} s")
     return banks
 
 
