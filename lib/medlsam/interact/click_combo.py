@@ -1,11 +1,14 @@
 """Blobs or SAM, chosen per structure and request without ground truth (issue 30).
 
 Every request computes the class-agnostic blob answer (``medlsam.interact.click_structure``). SAM's candidate
-(``medlsam.interact.click_sam``, guided by that answer's extent) is computed only when every foreground click lies on
-what the SAM encoder sees: the median HU within sample_mm of each click inside the encoder's intensity window (air,
-lung, bone and dense contrast are saturated there, so they stay with the blobs). The candidate is then kept when it
-honours every prompt of the structure: all its foreground clicks inside, all its background clicks outside, inside
-its box; otherwise the blob answer is. Nothing in the rule knows an organ.
+(``medlsam.interact.click_sam``, guided by that answer's extent) is computed only when the foreground clicks lie
+mostly on what the SAM encoder sees: the median HU within SAMPLE_MM of at least half of them inside the encoder's
+intensity window (air, lung, bone and dense contrast are saturated there, so they stay with the blobs). The
+candidate is then kept when it honours every prompt of the structure (all its foreground clicks inside, all its
+background clicks outside, inside its box) and SAM itself carried the object over at least as many slices as the
+blob answer goes on beyond where SAM lost it (a low predicted IoU, a collapse, a leak, an empty mask); otherwise the
+blob answer is kept.
+Nothing in the rule knows an organ.
 """
 
 from __future__ import annotations
@@ -27,19 +30,20 @@ class ComboCache:
 
     any: AnyCache = field(default_factory=AnyCache)
     sam: SamCache | None = None
-    choices: dict = field(default_factory=dict)  # name -> "sam", "blobs: hu" or "blobs: prompts"
+    choices: dict = field(default_factory=dict)  # name -> "sam", "blobs: hu", "blobs: prompts" or "blobs: lost"
     structures: dict = field(default_factory=dict)  # name -> (prompt key, region, mask, choice)
 
 
 def sam_sees(hu: np.ndarray, spacing, points: np.ndarray, window: tuple[float, float]) -> bool:
-    """Whether every click's neighbourhood (median HU within SAMPLE_MM) lies inside the encoder's window."""
+    """Whether at least half of the clicks' neighbourhoods (median HU within SAMPLE_MM) lie inside the encoder's
+    window: the structure is mostly what SAM sees (a later click on gas inside a stomach does not turn it to air)."""
     spacing = np.asarray(spacing, np.float64)
     reach = np.maximum(np.round(SAMPLE_MM / spacing).astype(int), 0)
+    seen = []
     for point in np.asarray(points, int).reshape(-1, 3):
         around = hu[tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(point, reach))]
-        if not window[0] <= float(np.median(around)) <= window[1]:
-            return False
-    return len(points) > 0
+        seen.append(window[0] <= float(np.median(around)) <= window[1])
+    return bool(seen) and 2 * sum(seen) >= len(seen)
 
 
 def honours(region: Region, mask: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> bool:
@@ -84,10 +88,12 @@ def segment_combo(
     choice = "blobs: hu"
     if cache.sam is not None and sam_sees(hu, spacing, fg, cache.sam.embeddings.window):
         sam_region, sam_mask = sam_candidate(cache.sam, fg, bg, (region, blob), axis, prompts.box, sam_options)
-        if honours(sam_region, sam_mask, fg, bg):
-            region, blob, choice = sam_region, sam_mask, "sam"
-        else:
+        if not honours(sam_region, sam_mask, fg, bg):
             choice = "blobs: prompts"
+        elif cache.sam.filled > cache.sam.carried:
+            choice = "blobs: lost"
+        else:
+            region, blob, choice = sam_region, sam_mask, "sam"
     cache.choices[name] = choice
     cache.structures[name] = (key, region, blob.copy(), choice)
     return region, blob, choice
