@@ -252,7 +252,7 @@ def make_step(method: str, scan: dict, organ: str, shared: dict):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="any,sam_3d,refiner", type=lambda s: s.split(","))
+    parser.add_argument("--methods", default="any,combo,sam_3d,refiner", type=lambda s: s.split(","))
     parser.add_argument("--sequences", default="clicks,box", type=lambda s: s.split(","))
     parser.add_argument("--structures", default="", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--max-clicks", type=int, default=10)

@@ -234,7 +234,7 @@ def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax,
     out, _, _ = edit_structures(
         label, thorax["hu"], thorax["spacing"], values, {"liver": OrganClicks([first])}, {"liver"}, cache=cache
     )
-    assert cache.combo.choices["liver"] == "sam" and out[tuple(first)] == 5
+    assert cache.combo.choices["liver"] in ("sam", "blobs: lost") and out[tuple(first)] == 5  # SAM was asked
     encoded = len(segmenter.encoded)
     assert 0 < encoded == len(set(segmenter.encoded)) <= truth.shape[2]
     # a second request: one more foreground click on another slice and a background click inside the answer
@@ -253,8 +253,9 @@ def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax,
         cache=cache.any,
         name="x",
     )
-    candidate = sam_candidate(cache.combo.sam, fg, bgs, guide, 2)
-    assert (cache.combo.choices["liver"] == "sam") == honours(*candidate, fg, bgs)
+    holds = honours(*sam_candidate(cache.combo.sam, fg, bgs, guide, 2), fg, bgs)
+    choice = cache.combo.choices["liver"]  # SAM's answer only when it holds every click
+    assert (choice == "blobs: prompts") == (not holds) and (choice != "sam" or holds), (choice, holds)
     assert out2[tuple(first)] == 5 and out2[tuple(other)] == 5
     if cache.combo.choices["liver"] == "sam":
         assert out2[tuple(bg)] != 5
