@@ -259,3 +259,28 @@ def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax,
     assert out2[tuple(first)] == 5 and out2[tuple(other)] == 5
     if cache.combo.choices["liver"] == "sam":
         assert out2[tuple(bg)] != 5
+
+
+def test_the_edit_task_keeps_one_combo_cache_per_image():
+    """`agnostic: combo` takes the image's slice embeddings (those of `sam_3d`) once and keeps the SAM cache with the
+    image; `blobs` (the default) leaves SAM out."""
+    import types
+
+    sys.path.insert(0, str(REPO / "apps" / "medlsam"))
+    try:
+        from lib.infers.edit import EditInfer
+    finally:
+        sys.path.remove(str(REPO / "apps" / "medlsam"))
+    embeddings = types.SimpleNamespace(window=(-160.0, 240.0))
+    task = types.SimpleNamespace(
+        volumes=types.SimpleNamespace(embeddings=lambda entry, axis: embeddings),
+        agnostic_method=EditInfer.agnostic_method,
+    )
+    entry, cache = {}, EditCache()
+    EditInfer._combo(task, {"agnostic": "combo"}, entry, cache, 2)
+    combo = cache.combo
+    assert combo.any is cache.any and combo.sam.embeddings is embeddings
+    EditInfer._combo(task, {}, entry, cache, 2)
+    assert cache.combo is None
+    EditInfer._combo(task, {"agnostic": ["combo", "blobs"]}, entry, cache, 2)  # a client echoing the config
+    assert cache.combo is combo

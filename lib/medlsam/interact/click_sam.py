@@ -11,8 +11,9 @@ clicks push the box edge off them and remove the component under them. A directi
 overlap with the neighbour, or the guide's extent; a background click ends it only where nothing is left on its
 slice once the box is pushed off it and its component removed (``sam_3d`` stops at any background click on the
 carried mask: a single click on an in-plane leak cut the spleen from 0.95 to 0.61). Where SAM lost the object (not
-at its end or a background click), the guide's slices go on. Prompts are file voxel
-indices; slice pixels are x = column, y = row of ``np.take(volume, k, axis)``.
+at its end or a background click), the guide's slices beyond are counted (``SamCache.filled``: the choice of
+``medlsam.interact.click_combo`` uses it) and, with ``SamOptions.fill``, taken. Prompts are file voxel indices; slice
+pixels are x = column, y = row of ``np.take(volume, k, axis)``.
 """
 
 from __future__ import annotations
