@@ -1,10 +1,11 @@
 """Class-agnostic clicks on full-resolution scans (issue 30): Dice against simulated clicks for every structure of
 at least 1 cc of the real chest series (``dicom_rt/thorax_rt``, its RTSTRUCT) and of the abdominal slab
 (``abdomen/``, TotalSegmentator masks), for the class-agnostic method (``medlsam.interact.click_structure``),
-the ``sam_3d`` propagation (LiteMedSAM) and the click refiner network without a prior (the old class-agnostic
-``edit`` path).
+the ``sam_3d`` propagation (LiteMedSAM), the click refiner network without a prior (the old class-agnostic
+``edit`` path) and ``combo`` (blobs or a lean LiteMedSAM candidate chosen per request,
+``medlsam.interact.click_combo``; the image's slices are encoded once before its first click, timed apart).
 
-    python benchmarks/editing_fullres.py [--methods any,sam_3d,refiner] [--max-clicks 10] [--threads 2]
+    python benchmarks/editing_fullres.py [--methods any,combo,sam_3d,refiner] [--max-clicks 10] [--threads 2]
 
 Sequences: ``clicks`` (the first click at the structure's centre on its middle slice, then each click at the most
 interior voxel of the largest 3D error: ``medlsam.interact.click_simulator``) and ``box`` (first the structure's 3D
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+SAM_CACHE = HERE.parent / "runs" / "benchmarks" / "editing_fullres_sam"  # git-ignored: LiteMedSAM slice embeddings
 sys.path.insert(0, str(HERE))
 
 from common import RESULTS  # noqa: E402
@@ -110,6 +112,7 @@ def simulate(step, truth: np.ndarray, axis: int, use_box: bool, max_clicks: int)
         seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
         out.append({"clicks": clicks, "dice": round(dice(pred, truth), 4), "seconds": round(seconds, 3)})
         out[-1]["cpu_seconds"] = round(cpu, 3)  # this process's CPU time: what the request costs on an idle core
+        out[-1].update(getattr(step, "info", {}))  # e.g. combo's choice
         nxt = error_click(pred, truth)
         if nxt is None:
             break
@@ -130,6 +133,37 @@ def any_step(scan: dict, name: str, cache):
         return out
 
     return step
+
+
+def combo_step(scan: dict, name: str, cache):
+    from medlsam.interact.click_any import check_box, check_prompts
+    from medlsam.interact.click_combo import segment_combo
+
+    def step(fg, bg, box):
+        checked = check_prompts(name, fg, bg, check_box(box, scan["hu"].shape), scan["hu"], scan["axis"])
+        calls = cache.sam.decoder_calls
+        region, mask, choice = segment_combo(scan["hu"], scan["spacing"], checked, scan["axis"], cache=cache, name=name)
+        step.info = {"choice": choice, "decoder_calls": cache.sam.decoder_calls - calls}
+        out = np.zeros(scan["hu"].shape, bool)
+        out[region] = mask
+        return out
+
+    return step
+
+
+def combo_cache(scan: dict, sam_cache: Path | None):
+    """The scan's ComboCache with every slice encoded (LiteMedSAM, cached on disk) and the seconds that took."""
+    from medlsam.interact.click_combo import ComboCache
+    from medlsam.interact.click_sam import SamCache
+    from medlsam.interact.click_structure import AnyCache
+    from medlsam.segment.sam import build_segmenter
+    from medlsam.segment.sam.slices import SliceEmbeddings
+
+    embeddings = SliceEmbeddings(build_segmenter("lite_medsam"), scan["volume"], axis=scan["axis"], cache_dir=sam_cache)
+    sam = SamCache(embeddings)
+    seconds = sam.encode(range(embeddings.num_slices))
+    encode = {"seconds": round(seconds, 1), "slices": embeddings.num_slices, "from_disk": embeddings.disk_reads}
+    return ComboCache(AnyCache(), sam), encode
 
 
 def sam3d_step(scan: dict, embeddings):
@@ -166,7 +200,7 @@ def refiner_step(scan: dict, name: str, refiner):
 def run(args) -> list[dict]:
     rows = []
     for scan in load_scans(Path(args.data) if args.data else data_dir(), args.thorax_slices):
-        shared = {"sam_cache": Path(args.sam_cache) / scan["name"] if args.sam_cache else None}
+        shared = {"sam_cache": Path(args.sam_cache or SAM_CACHE) / scan["name"]}
         for method in args.methods:
             for organ, truth in scan["structures"].items():
                 if args.structures and organ not in args.structures:
@@ -183,6 +217,8 @@ def run(args) -> list[dict]:
                         "structure": organ,
                         "cc": round(cc, 1),
                     }
+                    if method == "combo":
+                        row["encode"] = shared["encode"]  # once per image, before its first click
                     rows.append({**row, "method": method, "sequence": sequence, "curve": curve})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -193,6 +229,10 @@ def make_step(method: str, scan: dict, organ: str, shared: dict):
         from medlsam.interact.click_structure import AnyCache
 
         return any_step(scan, organ, shared.setdefault("any", AnyCache()))
+    if method == "combo":
+        if "combo" not in shared:
+            shared["combo"], shared["encode"] = combo_cache(scan, shared["sam_cache"])
+        return combo_step(scan, organ, shared["combo"])
     if method == "sam_3d":
         if "sam" not in shared:
             from medlsam.segment.sam import build_segmenter
@@ -212,13 +252,13 @@ def make_step(method: str, scan: dict, organ: str, shared: dict):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="any,sam_3d,refiner", type=lambda s: s.split(","))
+    parser.add_argument("--methods", default="any,combo,sam_3d,refiner", type=lambda s: s.split(","))
     parser.add_argument("--sequences", default="clicks,box", type=lambda s: s.split(","))
     parser.add_argument("--structures", default="", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--thorax-slices", type=int, default=0, help="resample the chest series to N slices")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sam-cache", default="", help="keep LiteMedSAM slice embeddings in this folder (reruns)")
+    parser.add_argument("--sam-cache", default="", help="LiteMedSAM embeddings folder (default runs/benchmarks/...)")
     parser.add_argument("--data", default="", help="the data folder (default: MEDLSAM_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(RESULTS / "editing_fullres.json"))
     parser.add_argument("--load", default="", type=lambda s: [x for x in s.split(",") if x], help="merge these rows")

@@ -16,6 +16,9 @@ METHOD_NAMES = {
     "any": "class-agnostic clicks (new: intensity blobs + watershed, `medlsam.interact.click_structure`)",
     "sam_3d": "`sam_3d` (LiteMedSAM slice propagation)",
     "refiner": "click refiner network, no prior (the old class-agnostic `edit`)",
+    "combo": "blobs, or a lean LiteMedSAM candidate (one decoder call per slice, slices encoded once per image) when "
+    "the clicks lie in the encoder's HU window and the candidate holds every foreground click and no background one "
+    "(`medlsam.interact.click_combo`)",
 }
 
 
@@ -42,12 +45,18 @@ def _groups(rows: list[dict]) -> dict:
     return out
 
 
+def _falls(curve: list[dict]) -> bool:
+    return any(b["dice"] < a["dice"] - 1e-4 for a, b in zip(curve, curve[1:]))
+
+
 def _table(rows: list[dict], title: str) -> list[str]:
-    lines = [f"| {title} | n | " + " | ".join(f"Dice {c}" for c in CLICKS) + " | falls |", "|---|---|" + "---|" * 7]
+    head = " | ".join(f"Dice {c}" for c in CLICKS)
+    lines = [f"| {title} | n | {head} | falls to 5 | falls |", "|---|---|" + "---|" * 8]
     for (method, sequence), group in sorted(_groups(rows).items()):
         cells = [_mean(dice_at(r["curve"], c) for r in group) for c in CLICKS]
-        falls = sum(any(b["dice"] < a["dice"] - 1e-4 for a, b in zip(r["curve"], r["curve"][1:])) for r in group)
-        lines.append(f"| {method}, {sequence} | {len(group)} | " + " | ".join(cells) + f" | {falls} |")
+        early = sum(_falls([c for c in r["curve"] if c["clicks"] <= 5]) for r in group)
+        falls = sum(_falls(r["curve"]) for r in group)
+        lines.append(f"| {method}, {sequence} | {len(group)} | " + " | ".join(cells) + f" | {early} | {falls} |")
     return lines
 
 
@@ -66,6 +75,30 @@ def _seconds(rows: list[dict]) -> list[str]:
             v = np.array([c[field] for c in curve if field in c])
             cells += [f"{np.median(v):.2f}", f"{np.percentile(v, 90):.2f}", f"{v.max():.2f}"] if len(v) else ["n/a"] * 3
         lines.append(f"| {method} | {scan} | {len(curve)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _combo(rows: list[dict]) -> list[str]:
+    """The combo rows' one-time encoding per scan and how often each candidate was chosen."""
+    rows = [r for r in rows if r["method"] == "combo"]
+    if not rows:
+        return []
+    lines = ["## combo: encoding once per image, and the choices", ""]
+    for scan in sorted({r["scan"] for r in rows}):
+        enc = next(r["encode"] for r in rows if r["scan"] == scan and "encode" in r)
+        source = "read from the git-ignored disk cache" if enc["from_disk"] else "encoded"
+        lines.append(f"- {scan}: {enc['slices']} slices {source} in {enc['seconds']} s before the first click.")
+    counts: dict = {}
+    for r in rows:
+        for c in r["curve"]:
+            counts[c.get("choice", "n/a")] = counts.get(c.get("choice", "n/a"), 0) + 1
+    calls = [c.get("decoder_calls", 0) for r in rows for c in r["curve"]]
+    lines += [
+        "- Choices over all requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
+        f"- Decoder calls per request: median {np.median(calls):.0f}, 90th pct {np.percentile(calls, 90):.0f}, "
+        f"max {max(calls)} (a (slice, box) decoded before is reused).",
+        "",
+    ]
     return lines
 
 
@@ -131,7 +164,8 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         "",
         *_table(rows, "method, sequence"),
         "",
-        "`falls`: structures whose Dice fell at least once from one click to the next.",
+        "`falls`: structures whose Dice fell at least once from one click to the next (`falls to 5`: within the "
+        "first 5 clicks, comparable across rows run to 5 and to 10 clicks).",
         "",
     ]
     for scan in sorted({r["scan"] for r in rows}):
@@ -149,5 +183,6 @@ def write_report(out: Path, rows: list[dict], args) -> None:
         *_seconds(rows),
         "",
     ]
+    lines += _combo(rows)
     lines += [f"![curves]({png.name})", "", "## Per structure", "", *_per_structure(rows), ""]
     md.write_text("\n".join(lines))

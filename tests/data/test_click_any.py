@@ -159,3 +159,128 @@ def test_bank_organs_edit_as_before_and_replay(data_dir):
     again, _, computed = edit_structures(label, hu, spacing, values, clicks, set(), cache=cache, refiner=refiner)
     assert computed == [] and cache.replayed == 2
     np.testing.assert_array_equal(again, expected)
+
+
+class BoxSegmenter:
+    """A stand-in for LiteMedSAM (fast, counts its work): the encoder keeps the slice image, the decoder answers a
+    box with its pixels whose grey value is within 12 of the box centre's."""
+
+    name, image_size = "box_segmenter", 256
+
+    def __init__(self):
+        self.encoded, self.decoded = [], 0
+
+    def encode_batch(self, images):
+        import torch
+
+        from medlsam.segment.sam.segmenter import Embedding
+
+        self.encoded += [image[:, :, 0].tobytes() for image in images]
+        return [
+            Embedding(torch.from_numpy(im[:, :, 0].astype(np.float32)), im.shape[:2], im.shape[:2], self.name)
+            for im in images
+        ]
+
+    def decode(self, embedding, boxes=None, points=None, point_labels=None, multimask=False, **_):
+        grey = embedding.features.numpy()
+        x0, y0, x1, y1 = np.round(boxes[0]).astype(int)
+        inside = np.zeros(grey.shape, bool)
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
+        centre = grey[(y0 + y1) // 2, (x0 + x1) // 2]
+        self.decoded += 1
+        return (inside & (np.abs(grey - centre) <= 12))[None].astype(np.float32), np.array([0.9])
+
+
+@pytest.fixture(scope="module")
+def thorax_volume(data_dir):
+    from medlsam.rt.rtstruct import read_ct_series
+
+    return read_ct_series(data_dir / "dicom_rt" / "thorax_rt").volume
+
+
+def _combo(thorax, thorax_volume, segmenter):
+    from medlsam.interact.click_combo import ComboCache
+    from medlsam.interact.click_sam import SamCache
+    from medlsam.segment.sam.slices import SliceEmbeddings
+
+    return ComboCache(AnyCache(), SamCache(SliceEmbeddings(segmenter, thorax_volume, axis=2)))
+
+
+def test_combo_takes_the_blobs_on_a_lung_click_and_encodes_nothing(thorax, thorax_volume):
+    from medlsam.interact.click_combo import segment_combo
+
+    truth = thorax["label"] == thorax["names"]["Lung_R"]
+    combo = _combo(thorax, thorax_volume, BoxSegmenter())
+    prompts = check_prompts("lung", np.array([organ_centre_click(truth, 2)]), np.zeros((0, 3), int), None, thorax["hu"])
+    region, mask, choice = segment_combo(thorax["hu"], thorax["spacing"], prompts, 2, cache=combo, name="lung")
+    pred = np.zeros(truth.shape, bool)
+    pred[region] = mask
+    assert choice == "blobs: hu" and combo.sam.embeddings.encoder_calls == 0  # air: SAM never asked
+    assert dice(pred, truth) > 0.9  # measured 0.938 (benchmarks/results/editing_fullres.md, any)
+
+
+def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax, thorax_volume):
+    """Two requests on one image through the request path: the SAM candidate is chosen only while it holds every
+    foreground click and no background one, and no slice is encoded twice."""
+    from medlsam.interact.click_combo import honours
+    from medlsam.interact.click_sam import sam_candidate
+
+    segmenter = BoxSegmenter()
+    cache = EditCache(combo=_combo(thorax, thorax_volume, segmenter))
+    cache.combo.any = cache.any
+    truth = thorax["label"] == thorax["names"]["Liver"]
+    first = organ_centre_click(truth, 2)
+    values, label = {"liver": 5}, np.zeros(truth.shape, np.uint8)
+    out, _, _ = edit_structures(
+        label, thorax["hu"], thorax["spacing"], values, {"liver": OrganClicks([first])}, {"liver"}, cache=cache
+    )
+    assert cache.combo.choices["liver"] in ("sam", "blobs: lost") and out[tuple(first)] == 5  # SAM was asked
+    encoded = len(segmenter.encoded)
+    assert 0 < encoded == len(set(segmenter.encoded)) <= truth.shape[2]
+    # a second request: one more foreground click on another slice and a background click inside the answer
+    other = np.argwhere(truth[:, :, first[2] + 6])[0].tolist() + [first[2] + 6]
+    inside = np.argwhere((out == 5) & ~truth)
+    bg = inside[len(inside) // 2].tolist() if len(inside) else [0, 0, 0]
+    clicks = {"liver": OrganClicks([first, other], [bg])}
+    out2, _, computed = edit_structures(label, thorax["hu"], thorax["spacing"], values, clicks, {"liver"}, cache=cache)
+    assert computed == ["liver"] and len(segmenter.encoded) == len(set(segmenter.encoded))  # nothing encoded twice
+    fg, bgs = np.array([first, other]), np.array([bg])
+    guide = segment_structure(
+        thorax["hu"],
+        thorax["spacing"],
+        check_prompts("liver", fg, bgs, None, thorax["hu"]),
+        2,
+        cache=cache.any,
+        name="x",
+    )
+    holds = honours(*sam_candidate(cache.combo.sam, fg, bgs, guide, 2), fg, bgs)
+    choice = cache.combo.choices["liver"]  # SAM's answer only when it holds every click
+    assert (choice == "blobs: prompts") == (not holds) and (choice != "sam" or holds), (choice, holds)
+    assert out2[tuple(first)] == 5 and out2[tuple(other)] == 5
+    if cache.combo.choices["liver"] == "sam":
+        assert out2[tuple(bg)] != 5
+
+
+def test_the_edit_task_keeps_one_combo_cache_per_image():
+    """`agnostic: combo` takes the image's slice embeddings (those of `sam_3d`) once and keeps the SAM cache with the
+    image; `blobs` (the default) leaves SAM out."""
+    import types
+
+    sys.path.insert(0, str(REPO / "apps" / "medlsam"))
+    try:
+        from lib.infers.edit import EditInfer
+    finally:
+        sys.path.remove(str(REPO / "apps" / "medlsam"))
+    embeddings = types.SimpleNamespace(window=(-160.0, 240.0))
+    task = types.SimpleNamespace(
+        volumes=types.SimpleNamespace(embeddings=lambda entry, axis: embeddings),
+        agnostic_method=EditInfer.agnostic_method,
+    )
+    entry, cache = {}, EditCache()
+    EditInfer._combo(task, {"agnostic": "combo"}, entry, cache, 2)
+    combo = cache.combo
+    assert combo.any is cache.any and combo.sam.embeddings is embeddings
+    EditInfer._combo(task, {}, entry, cache, 2)
+    assert cache.combo is None
+    EditInfer._combo(task, {"agnostic": ["combo", "blobs"]}, entry, cache, 2)  # a client echoing the config
+    assert cache.combo is combo

@@ -12,6 +12,7 @@ BACKENDS = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"
 SEGMENT_MODES = ("prior", "wpl", "spl")  # medlsam.segment.pipeline.MODES, the server's default first
 BOX_MODES = ("wpl", "spl")  # the localiser's: one box per organ, or also one per z-slab
 EDIT_METHODS = ("refiner", "geodesic")
+AGNOSTIC_METHODS = ("blobs", "combo")  # the edit task's class-agnostic path: medlsam.interact.click_combo
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 MAX_VOXELS = 512 * 512 * 1024  # medlsam.io.image_header.DEFAULT_MAX_VOXELS
@@ -287,6 +288,16 @@ INFER_OPTIONS: dict[str, tuple[Option, ...]] = {
             choices=EDIT_METHODS,
         ),
         Option("reach_mm", "float", 20.0, "geodesic only: a click's reach in mm (EditOptions.reach_mm).", 1.0, 100.0),
+        Option(
+            "agnostic",
+            "choice",
+            "blobs",
+            "structures the bank does not know: `blobs` (intensity blobs, about 1.4 s a click on a 512 x 512 x 105 "
+            "CPU scan) or `combo` (blobs, or a LiteMedSAM candidate where the clicks lie on soft tissue and it holds "
+            "every click; the slices it needs are encoded once per image: about 1.5-2 s a slice on a CPU, paid by "
+            "the click that first needs them).",
+            choices=AGNOSTIC_METHODS,
+        ),
     ),
 }
 

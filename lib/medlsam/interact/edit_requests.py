@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medlsam.interact.click_any import AnyOptions, check_prompts
+from medlsam.interact.click_combo import ComboCache, segment_combo
 from medlsam.interact.click_structure import AnyCache, segment_structure
 from medlsam.interact.editing import ClickError, OrganClicks, edit_label
 from medlsam.interact.interactive import check_click_count
@@ -30,6 +31,7 @@ class EditCache:
     """Per image: each structure's last key and its change to the label; counters (tests, reports)."""
 
     any: AnyCache = field(default_factory=AnyCache)
+    combo: ComboCache | None = None  # blobs or SAM per request (its ``any`` is this cache's)
     edits: dict = field(default_factory=dict)
     computed: int = 0  # structures computed
     replayed: int = 0  # structures answered from the cache
@@ -45,7 +47,10 @@ def _key(label_key: bytes, name: str, clicks: OrganClicks) -> bytes:
 def _agnostic(out: np.ndarray, hu, spacing, value: int, name: str, clicks: OrganClicks, box, axis: int, cache, options):
     """Structure ``name`` (label ``value``) in ``out`` (in place) replaced by its class-agnostic segmentation."""
     prompts = check_prompts(name, clicks.foreground, clicks.background, box, hu, axis)
-    region, mask = segment_structure(hu, spacing, prompts, axis, options, cache, name)
+    if cache.combo is not None:
+        region, mask, _ = segment_combo(hu, spacing, prompts, axis, options, cache.combo, name)
+    else:
+        region, mask = segment_structure(hu, spacing, prompts, axis, options, cache.any, name)
     out[out == value] = 0
     part = out[region]
     origin = np.array([s.start for s in region])
@@ -99,7 +104,7 @@ def edit_structures(
         organ_clicks, box, value = clicks.get(name, OrganClicks()), boxes.get(name), values[name]
         if name in agnostic or box is not None:
             before, runs = out == value, cache.any.structure_runs
-            _agnostic(out, hu, spacing, value, name, organ_clicks, box, axis, cache.any, any_options)
+            _agnostic(out, hu, spacing, value, name, organ_clicks, box, axis, cache, any_options)
             changed[name] = int((before != (out == value)).sum())
             fresh = cache.any.structure_runs > runs
         elif len(organ_clicks):

@@ -15,7 +15,9 @@ organ), or ``geodesic`` (``medlsam.interact.editing.edit_organ``). The organ pri
 template bank (localised once per image and bank, then cached: a later click costs no localisation). Organs that the
 bank does not know but the datastore's or the request's ``label_names`` do, and any structure given a box (``box``
 [[i0, j0, k0], [i1, j1, k1]] or {name: box}, Slicer's ``roi``), are segmented class-agnostically at the scan's own
-resolution (``medlsam.interact.click_structure``). The result is the whole label with only the prompted structures
+resolution (``medlsam.interact.click_structure``); with request option ``agnostic`` = ``combo`` by blobs or a
+LiteMedSAM candidate chosen per request (``medlsam.interact.click_combo``; the image's slice embeddings are those of
+``sam_3d``, kept per image, each slice encoded once). The result is the whole label with only the prompted structures
 changed; a structure whose prompts did not change since the image's last request is replayed, not recomputed
 (``medlsam.interact.edit_requests``).
 """
@@ -186,7 +188,11 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
             3,
             "Edit: foreground/background clicks per organ correct the current segmentation (a click refiner "
             "network given the image, the organ's template prior and current mask, and the clicks)",
-            config={"method": ["refiner", "geodesic"], "reach_mm": EditOptions().reach_mm},
+            config={
+                "method": ["refiner", "geodesic"],
+                "reach_mm": EditOptions().reach_mm,
+                "agnostic": ["blobs", "combo"],
+            },
         )
 
     def check_options(self, request: dict):
@@ -200,7 +206,33 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         if method not in ("refiner", "geodesic"):
             raise HTTPException(status_code=400, detail=f"method must be refiner or geodesic, not {method!r}")
         request_label_names(request)
+        self.agnostic_method(request)
         return options, method
+
+    @staticmethod
+    def agnostic_method(request: dict) -> str:
+        """The request's ``agnostic`` option: ``blobs`` (default) or ``combo``; 400 otherwise."""
+        value = request.get("agnostic") or "blobs"
+        if isinstance(value, list):  # a client echoing the config's choices
+            value = value[0] if value else "blobs"
+        if value not in ("blobs", "combo"):
+            raise HTTPException(status_code=400, detail=f"agnostic must be blobs or combo, not {value!r}")
+        return value
+
+    def _combo(self, request: dict, entry: dict, cache, axis: int):
+        """``cache.combo`` set for a ``combo`` request (kept per image with the image's slice embeddings), else
+        None."""
+        from medlsam.interact.click_combo import ComboCache
+        from medlsam.interact.click_sam import SamCache
+
+        if self.agnostic_method(request) != "combo":
+            cache.combo = None
+            return
+        embeddings = self.volumes.embeddings(entry, axis)
+        combo = entry.get("edit_combo")
+        if combo is None or combo.sam.embeddings is not embeddings or combo.any is not cache.any:
+            combo = entry["edit_combo"] = ComboCache(cache.any, SamCache(embeddings))
+        cache.combo = combo
 
     def _bank(self):
         try:
@@ -282,6 +314,8 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         options, method = self.check_options(request)
         refiner = self.models.click_refiner() if method == "refiner" else None
         cache = entry.setdefault("edit_cache", EditCache())
+        axis = cranio_caudal_axis(volume.affine)
+        self._combo(request, entry, cache, axis)
         label, changed, computed = edit_structures(
             base,
             volume.array,
@@ -291,17 +325,19 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
             agnostic={n for n in [*clicks, *boxes] if n not in bank_values},
             boxes=boxes,
             cache=cache,
-            axis=cranio_caudal_axis(volume.affine),
+            axis=axis,
             priors=priors,
             intensities=intensities,
             options=options,
             refiner=refiner,
         )
+        choices = cache.combo.choices if cache.combo is not None else {}
         return label, {
             "method": "refiner" if refiner is not None else "geodesic",
             "label_names": known,
             "changed_voxels": changed,
             "computed": computed,
+            "agnostic": {n: choices.get(n, "blobs") for n in changed if n not in bank_values or n in boxes},
             "start": source,
             "templates": info.get("templates", []),
             "timings_s": {"localize": round(localized - tic, 3), "edit": round(time.perf_counter() - localized, 3)},
