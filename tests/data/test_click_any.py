@@ -4,11 +4,10 @@ recomputes nothing, and bad prompts are refused naming the problem."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
+from app_support import app_modules
 from medlsam.interact.click_any import PromptError, check_box, check_prompts
 from medlsam.interact.click_simulator import error_click, organ_centre_click
 from medlsam.interact.click_structure import AnyCache, segment_structure
@@ -119,11 +118,8 @@ def test_bad_prompts_are_refused(thorax):
 def test_a_name_taking_a_bank_organs_value_is_refused():
     from fastapi import HTTPException
 
-    sys.path.insert(0, str(REPO / "apps" / "medlsam"))
-    try:
+    with app_modules(REPO / "apps" / "medlsam"):
         from lib.infers.edit import check_name_values, request_boxes
-    finally:
-        sys.path.remove(str(REPO / "apps" / "medlsam"))
     with pytest.raises(HTTPException, match="value of the bank organ 'Heart'"):
         check_name_values({"Vagus": 3}, {"Heart": 3, "Liver": 5})
     check_name_values({"Vagus": 7, "Heart": 3}, {"Heart": 3})
@@ -161,34 +157,12 @@ def test_bank_organs_edit_as_before_and_replay(data_dir):
     np.testing.assert_array_equal(again, expected)
 
 
-class BoxSegmenter:
-    """A stand-in for LiteMedSAM (fast, counts its work): the encoder keeps the slice image, the decoder answers a
-    box with its pixels whose grey value is within 12 of the box centre's."""
+@pytest.fixture(scope="module")
+def lite_medsam():
+    """The real LiteMedSAM (bundled weights), on the CPU."""
+    from medlsam.segment.sam.segmenter import build_segmenter
 
-    name, image_size = "box_segmenter", 256
-
-    def __init__(self):
-        self.encoded, self.decoded = [], 0
-
-    def encode_batch(self, images):
-        import torch
-
-        from medlsam.segment.sam.segmenter import Embedding
-
-        self.encoded += [image[:, :, 0].tobytes() for image in images]
-        return [
-            Embedding(torch.from_numpy(im[:, :, 0].astype(np.float32)), im.shape[:2], im.shape[:2], self.name)
-            for im in images
-        ]
-
-    def decode(self, embedding, boxes=None, points=None, point_labels=None, multimask=False, **_):
-        grey = embedding.features.numpy()
-        x0, y0, x1, y1 = np.round(boxes[0]).astype(int)
-        inside = np.zeros(grey.shape, bool)
-        inside[y0 : y1 + 1, x0 : x1 + 1] = True
-        centre = grey[(y0 + y1) // 2, (x0 + x1) // 2]
-        self.decoded += 1
-        return (inside & (np.abs(grey - centre) <= 12))[None].astype(np.float32), np.array([0.9])
+    return build_segmenter("lite_medsam", None, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -206,11 +180,11 @@ def _combo(thorax, thorax_volume, segmenter):
     return ComboCache(AnyCache(), SamCache(SliceEmbeddings(segmenter, thorax_volume, axis=2)))
 
 
-def test_combo_takes_the_blobs_on_a_lung_click_and_encodes_nothing(thorax, thorax_volume):
+def test_combo_takes_the_blobs_on_a_lung_click_and_encodes_nothing(thorax, thorax_volume, lite_medsam):
     from medlsam.interact.click_combo import segment_combo
 
     truth = thorax["label"] == thorax["names"]["Lung_R"]
-    combo = _combo(thorax, thorax_volume, BoxSegmenter())
+    combo = _combo(thorax, thorax_volume, lite_medsam)
     prompts = check_prompts("lung", np.array([organ_centre_click(truth, 2)]), np.zeros((0, 3), int), None, thorax["hu"])
     region, mask, choice = segment_combo(thorax["hu"], thorax["spacing"], prompts, 2, cache=combo, name="lung")
     pred = np.zeros(truth.shape, bool)
@@ -219,68 +193,46 @@ def test_combo_takes_the_blobs_on_a_lung_click_and_encodes_nothing(thorax, thora
     assert dice(pred, truth) > 0.9  # measured 0.938 (benchmarks/results/editing_fullres.md, any)
 
 
-def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax, thorax_volume):
-    """Two requests on one image through the request path: the SAM candidate is chosen only while it holds every
-    foreground click and no background one, and no slice is encoded twice."""
+def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax, thorax_volume, lite_medsam):
+    """Two requests on one image through the request path, with the real LiteMedSAM: the SAM candidate is chosen
+    only while it holds every foreground click and no background one, and no slice is encoded twice (every
+    encoder call is a slice the image's cache did not hold)."""
     from medlsam.interact.click_combo import honours
     from medlsam.interact.click_sam import sam_candidate
 
-    segmenter = BoxSegmenter()
-    cache = EditCache(combo=_combo(thorax, thorax_volume, segmenter))
+    cache = EditCache(combo=_combo(thorax, thorax_volume, lite_medsam))
     cache.combo.any = cache.any
-    truth = thorax["label"] == thorax["names"]["Liver"]
+    embeddings = cache.combo.sam.embeddings
+    truth = thorax["label"] == thorax["names"]["Heart"]
     first = organ_centre_click(truth, 2)
-    values, label = {"liver": 5}, np.zeros(truth.shape, np.uint8)
+    values, label = {"heart": 5}, np.zeros(truth.shape, np.uint8)
     out, _, _ = edit_structures(
-        label, thorax["hu"], thorax["spacing"], values, {"liver": OrganClicks([first])}, {"liver"}, cache=cache
+        label, thorax["hu"], thorax["spacing"], values, {"heart": OrganClicks([first])}, {"heart"}, cache=cache
     )
-    assert cache.combo.choices["liver"] in ("sam", "blobs: lost") and out[tuple(first)] == 5  # SAM was asked
-    encoded = len(segmenter.encoded)
-    assert 0 < encoded == len(set(segmenter.encoded)) <= truth.shape[2]
+    assert cache.combo.choices["heart"] in ("sam", "blobs: lost", "blobs: prompts") and out[tuple(first)] == 5
+    encoded = embeddings.encoder_calls
+    assert 0 < encoded == len(embeddings._cache) <= truth.shape[2]  # SAM was asked; each slice once
     # a second request: one more foreground click on another slice and a background click inside the answer
-    other = np.argwhere(truth[:, :, first[2] + 6])[0].tolist() + [first[2] + 6]
+    other = np.argwhere(truth[:, :, first[2] + 3])[0].tolist() + [first[2] + 3]
     inside = np.argwhere((out == 5) & ~truth)
     bg = inside[len(inside) // 2].tolist() if len(inside) else [0, 0, 0]
-    clicks = {"liver": OrganClicks([first, other], [bg])}
-    out2, _, computed = edit_structures(label, thorax["hu"], thorax["spacing"], values, clicks, {"liver"}, cache=cache)
-    assert computed == ["liver"] and len(segmenter.encoded) == len(set(segmenter.encoded))  # nothing encoded twice
+    clicks = {"heart": OrganClicks([first, other], [bg])}
+    out2, _, computed = edit_structures(label, thorax["hu"], thorax["spacing"], values, clicks, {"heart"}, cache=cache)
+    assert computed == ["heart"] and embeddings.encoder_calls == len(embeddings._cache)  # nothing encoded twice
     fg, bgs = np.array([first, other]), np.array([bg])
     guide = segment_structure(
         thorax["hu"],
         thorax["spacing"],
-        check_prompts("liver", fg, bgs, None, thorax["hu"]),
+        check_prompts("heart", fg, bgs, None, thorax["hu"]),
         2,
         cache=cache.any,
         name="x",
     )
+    calls = embeddings.encoder_calls
     holds = honours(*sam_candidate(cache.combo.sam, fg, bgs, guide, 2), fg, bgs)
-    choice = cache.combo.choices["liver"]  # SAM's answer only when it holds every click
+    assert embeddings.encoder_calls == calls  # the same candidate again: all from the cache
+    choice = cache.combo.choices["heart"]  # SAM's answer only when it holds every click
     assert (choice == "blobs: prompts") == (not holds) and (choice != "sam" or holds), (choice, holds)
     assert out2[tuple(first)] == 5 and out2[tuple(other)] == 5
-    if cache.combo.choices["liver"] == "sam":
+    if choice == "sam":
         assert out2[tuple(bg)] != 5
-
-
-def test_the_edit_task_keeps_one_combo_cache_per_image():
-    """`agnostic: combo` takes the image's slice embeddings (those of `sam_3d`) once and keeps the SAM cache with the
-    image; `blobs` (the default) leaves SAM out."""
-    import types
-
-    sys.path.insert(0, str(REPO / "apps" / "medlsam"))
-    try:
-        from lib.infers.edit import EditInfer
-    finally:
-        sys.path.remove(str(REPO / "apps" / "medlsam"))
-    embeddings = types.SimpleNamespace(window=(-160.0, 240.0))
-    task = types.SimpleNamespace(
-        volumes=types.SimpleNamespace(embeddings=lambda entry, axis: embeddings),
-        agnostic_method=EditInfer.agnostic_method,
-    )
-    entry, cache = {}, EditCache()
-    EditInfer._combo(task, {"agnostic": "combo"}, entry, cache, 2)
-    combo = cache.combo
-    assert combo.any is cache.any and combo.sam.embeddings is embeddings
-    EditInfer._combo(task, {}, entry, cache, 2)
-    assert cache.combo is None
-    EditInfer._combo(task, {"agnostic": ["combo", "blobs"]}, entry, cache, 2)  # a client echoing the config
-    assert cache.combo is combo

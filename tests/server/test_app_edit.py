@@ -147,6 +147,20 @@ def test_a_structure_the_bank_does_not_know_from_a_box(server):
     assert result["computed"] == [], result
 
 
+def test_agnostic_combo_names_its_choice_and_refuses_unknown_methods(server):
+    """`agnostic: combo` (blobs or a LiteMedSAM candidate per request): the answer names the path that served the
+    structure, the clicked voxel is in it; the same prompts again are replayed; an unknown method is a 400."""
+    click = server["missed"].tolist()
+    request = {"label_names": {"Stem": 5}, "Stem": [click], "agnostic": "combo"}
+    label, result = _label(server["url"], "kbp2", request, server["folder"])
+    assert result["computed"] == ["Stem"] and label[tuple(click)] == 5, result
+    assert result["agnostic"]["Stem"] in ("sam", "blobs: hu", "blobs: lost", "blobs: prompts"), result
+    _, again = _label(server["url"], "kbp2", request, server["folder"])
+    assert again["computed"] == [], again
+    bad = _post(server["url"], "edit", "kbp2", {**request, "agnostic": "magic"})
+    assert bad.status_code == 400 and "agnostic" in bad.json()["detail"], bad.text
+
+
 def test_bad_clicks_are_400_and_leave_the_server_and_the_saved_label(server):
     import requests
 
