@@ -31,7 +31,10 @@ __all__ = [
     "start_server",
     "stop_server",
     "tiny_case",
+    "train_tasks",
+    "training_processes",
     "wait_for_server",
+    "wait_running",
 ]
 
 
@@ -171,3 +174,43 @@ def app_datastore(folder: Path, images: dict, labelled: list[str]) -> Path:
     for name in labelled:
         store.save_label(name, str(images[name][1]), "final", label_info([1]))
     return studies
+
+
+# -- a real server's training queue (``server``: {"url": ..., "pid": ...}) --------------------------------------------
+
+
+def train_tasks(server: dict) -> list[dict]:
+    """Every training the server knows (GET /train/?all=true): running, waiting, stopped, dropped."""
+    import requests
+
+    response = requests.get(f"{server['url']}/train/", params={"all": "true"}, timeout=30)
+    return response.json() if response.status_code == 200 else []
+
+
+def training_processes(server: dict) -> list[int]:
+    """The server's living child processes that run a training (`python -m monailabel.interfaces.utils.app`)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(server["pid"]).children(recursive=True):
+        try:
+            if "monailabel.interfaces.utils.app" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def wait_running(server: dict, timeout: float = 60) -> dict:
+    """The running training's task once the server says RUNNING; AssertionError after ``timeout`` seconds."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        response = requests.get(f"{server['url']}/train/", params={"check_if_running": "true"}, timeout=30)
+        if response.status_code == 200 and response.json().get("status") == "RUNNING":
+            return response.json()
+        time.sleep(0.2)
+    raise AssertionError(f"no training running after {timeout} s: {train_tasks(server)}")

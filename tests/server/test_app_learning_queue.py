@@ -11,7 +11,18 @@ import time
 
 import pytest
 
-from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
+from app_support import (
+    free_port,
+    label_info,
+    private_app,
+    start_server,
+    stop_server,
+    tiny_case,
+    train_tasks,
+    training_processes,
+    wait_for_server,
+    wait_running,
+)
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
 
@@ -59,56 +70,28 @@ def _save(server, image: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def _tasks(server) -> list[dict]:
-    response = requests.get(f"{server['url']}/train/", params={"all": "true"}, timeout=30)
-    return response.json() if response.status_code == 200 else []
-
-
-def _training_processes(server) -> list[int]:
-    import psutil
-
-    found = []
-    for child in psutil.Process(server["pid"]).children(recursive=True):
-        try:
-            if "monailabel.interfaces.utils.app" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def _wait_running(server, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        response = requests.get(f"{server['url']}/train/", params={"check_if_running": "true"}, timeout=30)
-        if response.status_code == 200 and response.json().get("status") == "RUNNING":
-            return response.json()
-        time.sleep(0.5)
-    raise AssertionError(f"no training running after {timeout} s: {_tasks(server)}")
-
-
 def test_saved_labels_queue_the_segmentation_trainer_and_delete_stops_it(server):
     _save(server, "kbp3")  # two final labels: too few to learn from, nothing queued
     time.sleep(2)
-    assert _tasks(server) == [], _tasks(server)
+    assert train_tasks(server) == [], train_tasks(server)
     _save(server, "kbp4")  # three final labels, all new: the trainer is queued by the save itself
-    running = _wait_running(server)
+    running = wait_running(server, 120)
     assert running["request"]["model"] == "segmentation", running
     _save(server, "kbp4")  # saved again while it runs: still three labels, nothing new to queue
     time.sleep(2)
-    assert [t["request"]["model"] for t in _tasks(server)] == ["segmentation"], _tasks(server)
+    assert [t["request"]["model"] for t in train_tasks(server)] == ["segmentation"], train_tasks(server)
     second = requests.post(f"{server['url']}/train/segmentation", params={"enqueue": "true"}, json={}, timeout=60)
     assert second.status_code == 200, second.text  # waits behind the running one
     time.sleep(2)
-    assert len(_training_processes(server)) == 1
-    assert {t["status"] for t in _tasks(server)} == {"RUNNING", "SUBMITTED"}, _tasks(server)
+    assert len(training_processes(server)) == 1
+    assert {t["status"] for t in train_tasks(server)} == {"RUNNING", "SUBMITTED"}, train_tasks(server)
 
     stop = requests.delete(f"{server['url']}/train/", timeout=60)
     assert stop.status_code == 200, stop.text
     assert [t["id"] for t in stop.json()["stopped"]] == [running["id"]], stop.json()
     assert [t["id"] for t in stop.json()["dropped"]] == [second.json()["id"]], stop.json()
     time.sleep(3)
-    assert _training_processes(server) == []
+    assert training_processes(server) == []
     model_dir = server["app"] / "model"
     assert not (model_dir / "segmentation.pt").exists()
     assert not [p for p in model_dir.rglob(".tmp-*")], list(model_dir.rglob(".tmp-*"))

@@ -15,7 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app_support import free_port, label_info, private_app, start_server, stop_server, tiny_case, wait_for_server
+from app_support import (
+    free_port,
+    label_info,
+    private_app,
+    start_server,
+    stop_server,
+    tiny_case,
+    train_tasks,
+    training_processes,
+    wait_for_server,
+    wait_running,
+)
 from medlsam.utils.devices import cuda_count
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
@@ -58,38 +69,9 @@ def _train(server, model: str, options: dict | None = None, enqueue: bool = True
     )
 
 
-def _tasks(server) -> list[dict]:
-    response = requests.get(f"{server['url']}/train/", params={"all": "true"}, timeout=30)
-    return response.json() if response.status_code == 200 else []
-
-
 def _started(server) -> int:
     """Training subprocesses the server has started (MONAI Label logs each command)."""
     return sum("COMMAND::" in line and " -m train " in line for line in server["log"].read_text().splitlines())
-
-
-def _training_processes(server) -> list:
-    """The server's child processes that run a training (`python -m monailabel.interfaces.utils.app -m train`)."""
-    import psutil
-
-    found = []
-    for child in psutil.Process(server["pid"]).children(recursive=True):
-        try:
-            if "monailabel.interfaces.utils.app" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def _wait_running(server, timeout: float = 60) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        response = requests.get(f"{server['url']}/train/", params={"check_if_running": "true"}, timeout=30)
-        if response.status_code == 200 and response.json().get("status") == "RUNNING":
-            return response.json()
-        time.sleep(0.2)
-    raise AssertionError(f"no training running after {timeout} s: {_tasks(server)}")
 
 
 def test_limit_is_the_apps(server):
@@ -119,8 +101,8 @@ def test_device_is_checked_at_submission(server):
 def test_queue_is_bounded_and_delete_drops_it(server):
     running = _train(server, "medlam", LONG)
     assert running.status_code == 200, running.text
-    assert _wait_running(server)["id"] == running.json()["id"]
-    assert len(_training_processes(server)) == 1
+    assert wait_running(server)["id"] == running.json()["id"]
+    assert len(training_processes(server)) == 1
 
     queued = [_train(server, "medlam", SHORT) for _ in range(MAX_WAITING)]
     assert [r.status_code for r in queued] == [200] * MAX_WAITING, [r.text for r in queued]
@@ -131,10 +113,10 @@ def test_queue_is_bounded_and_delete_drops_it(server):
     # train-all would queue medlam too: refused as a whole, lite_medsam's queue left empty
     all_models = _train(server, "", {}, url=f"{server['url']}/train/")
     assert all_models.status_code == 429 and "'medlam'" in all_models.json()["detail"], all_models.text
-    assert not [t for t in _tasks(server) if t["request"]["model"] == "lite_medsam"]
+    assert not [t for t in train_tasks(server) if t["request"]["model"] == "lite_medsam"]
     other = _train(server, "lite_medsam", {})  # each trainer has its own queue
     assert other.status_code == 200, other.text
-    assert len(_tasks(server)) == 2 + MAX_WAITING
+    assert len(train_tasks(server)) == 2 + MAX_WAITING
 
     stop = requests.delete(f"{server['url']}/train/", timeout=60)
     assert stop.status_code == 200, stop.text
@@ -147,9 +129,9 @@ def test_queue_is_bounded_and_delete_drops_it(server):
 
     time.sleep(3)  # the worker is free: today it would start the next queued training now
     assert requests.get(f"{server['url']}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 404
-    status = {t["id"]: t["status"] for t in _tasks(server)}
+    status = {t["id"]: t["status"] for t in train_tasks(server)}
     assert status == {running.json()["id"]: "STOPPED", **{i: "DROPPED" for i in waited}}, status
-    assert _started(server) == 1 and _training_processes(server) == []
+    assert _started(server) == 1 and training_processes(server) == []
     stats = server["app"] / "model" / "train_stats.json"
     assert not stats.exists() or json.loads(stats.read_text()).get("status") != "done"
     assert not (server["app"] / "model" / "medlam.pt").exists()
@@ -163,7 +145,7 @@ def test_queue_is_bounded_and_delete_drops_it(server):
 def test_concurrent_enqueues_never_overshoot(server):
     running = _train(server, "medlam", LONG)
     assert running.status_code == 200, running.text
-    _wait_running(server)
+    wait_running(server)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: _train(server, "medlam", SHORT), range(8)))
     codes = sorted(r.status_code for r in answers)
@@ -172,7 +154,7 @@ def test_concurrent_enqueues_never_overshoot(server):
     assert len(answer["stopped"]) == 1 and len(answer["dropped"]) == MAX_WAITING, answer
     time.sleep(2)
     assert requests.get(f"{server['url']}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 404
-    assert _started(server) == 2 and _training_processes(server) == []
+    assert _started(server) == 2 and training_processes(server) == []
 
 
 if __name__ == "__main__":

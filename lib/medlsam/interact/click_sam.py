@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medlsam.interact.interactive import _exclude, box_around, select_components
+from medlsam.interact.propagation import mask_box
 from medlsam.utils.geometry import inplane_axes, largest_component
 
 Region = tuple[slice, ...]
@@ -95,24 +96,11 @@ def _on_slice(points: np.ndarray, axis: int, k: int) -> np.ndarray:
     return np.stack([here[:, cols], here[:, rows]], axis=1).astype(np.float64).reshape(-1, 2)
 
 
-def _mask_box(mask: np.ndarray, margin: float) -> np.ndarray:
-    rows, cols = np.nonzero(mask)
-    h, w = mask.shape
-    return np.array(
-        [
-            max(0.0, cols.min() - margin),
-            max(0.0, rows.min() - margin),
-            min(w - 1.0, cols.max() + margin),
-            min(h - 1.0, rows.max() + margin),
-        ]
-    )
-
-
 def _clicked_box(guide: np.ndarray | None, fg: np.ndarray, bg: np.ndarray, shape) -> np.ndarray:
     """A clicked slice's box: the guide's box on it (a click's 10-pixel box where the guide is empty) widened to
     its foreground clicks, its edges pushed off the background clicks."""
     if guide is not None and guide.any():
-        box = box_around(np.concatenate([fg, _mask_box(guide, 0.0).reshape(2, 2)]), 0.0, shape)
+        box = box_around(np.concatenate([fg, mask_box(guide, 0.0).reshape(2, 2)]), 0.0, shape)
     else:
         box = box_around(fg, 10.0, shape)
     return _exclude(box, bg, fg)
@@ -142,7 +130,7 @@ def _carry(cache: SamCache, k: int, prev: np.ndarray, fg: np.ndarray, bg: np.nda
     """Slice k's (mask, IoU) from the box of its neighbour's mask ``prev``, widened to the slice's foreground
     clicks and pushed off its background clicks; components under background clicks only are removed, and without
     foreground clicks only the largest component is kept."""
-    box = _mask_box(prev, options.box_margin)
+    box = mask_box(prev, options.box_margin)
     if len(fg):
         box = box_around(np.concatenate([fg, box.reshape(2, 2)]), 0.0, prev.shape)
     mask, iou = cache.decode(k, _exclude(box, bg, fg))

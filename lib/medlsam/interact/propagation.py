@@ -44,7 +44,8 @@ def _interior_point(mask: np.ndarray) -> tuple[float, float]:
     return float(c), float(r)
 
 
-def _mask_box(mask: np.ndarray, margin: float) -> np.ndarray:
+def mask_box(mask: np.ndarray, margin: float) -> np.ndarray:
+    """The (x0, y0, x1, y1) box of a 2D mask grown by ``margin`` pixels, inside the slice."""
     rows, cols = np.nonzero(mask)
     h, w = mask.shape
     return np.array(
@@ -164,7 +165,7 @@ def _carry(
     clicks on slice k and pushed off its background clicks; the largest component unless k was clicked."""
     points, labels, _ = slice_prompt(prompts, embeddings.axis, k, roi_box=False)
     fg, bg = points[labels == 1], points[labels == 0]
-    box = _mask_box(prev, opts.box_margin)
+    box = mask_box(prev, opts.box_margin)
     if len(fg):  # the box must also cover the user's clicks on this slice
         box = box_around(np.concatenate([fg, box.reshape(2, 2)]), 0.0, embeddings.slice_shape)
     if uses_points(embeddings.segmenter):
