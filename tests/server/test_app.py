@@ -320,7 +320,7 @@ def test_segmentation_training_learns_from_the_saved_labels_and_serves_its_choic
     published = (model_dir / "segmentation.pt").read_bytes()
     again = client.post("/train/segmentation?run_sync=True", json={**options, "publish": "if_better"})
     assert again.status_code == 200, again.text
-    compared = again.json()["compared_on"]
+    compared = again.json()["compared_with_previous"]
     assert compared["scans"] == 1 and compared["organs"], compared
     better = compared["new"] > compared["incumbent"]
     assert again.json()["published"] == better and again.json()["previous_held_out_dice"] == compared["incumbent"]

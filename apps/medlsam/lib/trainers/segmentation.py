@@ -148,7 +148,6 @@ class SegmentationTrainer(TrainTask):
         result = {
             **summary(model),
             "published": options["publish"] == "always" or better,
-            "compared_on": model.record.get("comparison"),
             "previous_held_out_dice": old_score,
             "total_time": round(time.perf_counter() - tic, 1),
         }
@@ -166,6 +165,8 @@ def summary(model) -> dict:
         "choice": dict(model.choice),
         "held_out_dice": {path: model.held_out.get(path, {}) for path in ("learned", "fewshot")},
         "held_out_choice_dice": choice_score(model),
+        "compared_with_previous": record.get("comparison"),  # both drafts on the labels the previous never saw
+        "resumed_from_epoch": record.get("resumed_from_epoch"),
         "epochs": record.get("epochs"),
         "minutes": record.get("total_minutes"),
     }
