@@ -1,7 +1,7 @@
 """The segmentation learner's runs for real: `medlsam learn --nproc 2` (torchrun, gloo) writes one loadable model,
 a run killed with SIGKILL resumes from its checkpoint, a corrupt or foreign checkpoint is ignored with a warning,
-and the ``device`` option fails clearly. Three OpenKBP scans and a tiny network; the few-shot preparation of the
-CLI runs is made once (kept in pytest's cache folder, keyed by MedLAM and the scans) and copied to each run."""
+and the ``device`` option fails clearly. Three real OpenKBP scans cut small and a tiny network; the few-shot
+preparation of the CLI runs is made once per module and copied to each run."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from app_support import tiny_case
 from medlsam.cli import main
 from medlsam.io.volume import load_ct, read_volume
 from medlsam.learn.checkpoint import CHECKPOINT, fingerprint, sweep_orphan_temps
@@ -28,7 +29,6 @@ from medlsam.learn.options import LearnError, LearnOptions, resolve_device
 from medlsam.learn.trainer import learn
 from medlsam.utils.devices import cuda_count
 
-CASES = ("openkbp_pt_1", "openkbp_pt_2", "openkbp_pt_3")
 TINY = {
     "patch": [16, 32, 32],
     "filters": 4,
@@ -45,15 +45,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 @pytest.fixture(scope="module")
 def paths(data_dir: Path, tmp_path_factory) -> dict:
-    """The CLI's arguments for the three scans: images, labels, a names file."""
-    root = data_dir / "openkbp"
-    names = tmp_path_factory.mktemp("names") / "names.json"
-    names.write_text(json.dumps(json.loads((root / "dataset.json").read_text())["labels"]))
-    return {
-        "images": [str(root / "images" / f"{c}.nii.gz") for c in CASES],
-        "labels": [str(root / "labels" / f"{c}.nii.gz") for c in CASES],
-        "names": str(names),
-    }
+    """The CLI's arguments for three real OpenKBP scans cut small (``app_support.tiny_case``: 64 x 64 in-plane,
+    every second slice; all seven organs kept): images, labels, a names file."""
+    folder = tmp_path_factory.mktemp("scans")
+    cases = [tiny_case(data_dir, n, list(range(1, 8)), folder) for n in (1, 2, 3)]
+    names = folder / "names.json"
+    names.write_text(json.dumps(json.loads((data_dir / "openkbp" / "dataset.json").read_text())["labels"]))
+    return {"images": [str(i) for i, _ in cases], "labels": [str(la) for _, la in cases], "names": str(names)}
 
 
 def _command(paths: dict, out: Path, cache: Path, options: Path, *more: str) -> list[str]:
@@ -85,20 +83,19 @@ def _options_file(folder: Path, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fewshot_cache(paths: dict, request, tmp_path_factory) -> Path:
-    """A cache folder holding the few-shot preparation (banks, priors) of the three scans: one tiny `medlsam learn`
-    run makes it where pytest keeps its cache (its file names key MedLAM and the scans: a stale one is unused)."""
-    cache = Path(request.config.cache.mkdir("medlsam-learn-fewshot"))
-    if not list(cache.glob("prior-*.npz")):
-        work = tmp_path_factory.mktemp("prepare")
-        done = subprocess.run(
-            _command(paths, work / "m.pt", cache, _options_file(work, max_epochs=1)),
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+def fewshot_cache(paths: dict, tmp_path_factory) -> Path:
+    """A cache folder holding the few-shot preparation (banks, priors) of the three scans, made once by a tiny
+    `medlsam learn` run and copied to each run."""
+    cache = tmp_path_factory.mktemp("fewshot")
+    work = tmp_path_factory.mktemp("prepare")
+    done = subprocess.run(
+        _command(paths, work / "m.pt", cache, _options_file(work, max_epochs=1)),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     return cache
 
 
@@ -247,7 +244,7 @@ def scans(paths):
     vols = [load_ct(p) for p in paths["images"]]
     labs = [read_volume(p) for p in paths["labels"]]
     names = {int(k): v for k, v in json.loads(Path(paths["names"]).read_text()).items()}
-    priors = [{} for _ in CASES]  # no prior channels: no MedLAM needed
+    priors = [{} for _ in vols]  # no prior channels: no MedLAM needed
     return vols, labs, names, priors
 
 
