@@ -89,6 +89,17 @@ def infer(client, model: str, image: str, params: dict | None = None, output: st
     return client.post(query, data={"params": json.dumps(params or {})})
 
 
+def save_final(client, image: str, label: Path) -> None:
+    """PUT ``label`` as ``image``'s final label (Brainstem and LeftParotid), as Slicer saves one."""
+    with open(label, "rb") as handle:
+        response = client.put(
+            f"/datastore/label?image={image}&tag=final",
+            data={"params": json.dumps(label_info([1, 4]))},
+            files={"label": (f"{image}.nii.gz", handle, "application/gzip")},
+        )
+    assert response.status_code == 200, response.text
+
+
 def test_info_lists_the_four_tasks_and_the_trainer(client):
     info = client.get("/info/").json()
     models = info["models"]
@@ -228,14 +239,7 @@ def test_missing_sam_weights_and_no_templates_are_clear_errors(env, tmp_path):
 
 
 def test_saving_a_label_rebuilds_the_bank(client, env):
-    kbp3 = env["images"]["kbp3"][1]
-    with open(kbp3, "rb") as handle:
-        response = client.put(
-            "/datastore/label?image=kbp3&tag=final",
-            data={"params": json.dumps(label_info([1, 4]))},
-            files={"label": ("kbp3.nii.gz", handle, "application/gzip")},
-        )
-    assert response.status_code == 200, response.text
+    save_final(client, "kbp3", env["images"]["kbp3"][1])
     assert client.get("/info/").json()["models"]["medlsam"]["labels"] == {"Brainstem": 1, "LeftParotid": 4}
     result = infer(client, "medlam", "kbp2").json()
     assert result["templates"] == ["kbp1", "kbp3"], result
@@ -287,13 +291,7 @@ def test_segmentation_training_learns_from_the_saved_labels_and_serves_its_choic
     too_few = client.post("/train/segmentation?run_sync=True", json={"max_epochs": 1})
     assert too_few.status_code == 409 and "at least 3 final labels" in too_few.text, too_few.text
     for image in ("kbp3", "kbp4"):  # with kbp1: three final labels
-        with open(env["images"][image][1], "rb") as handle:
-            saved = client.put(
-                f"/datastore/label?image={image}&tag=final",
-                data={"params": json.dumps(label_info([1, 4]))},
-                files={"label": (f"{image}.nii.gz", handle, "application/gzip")},
-            )
-        assert saved.status_code == 200, saved.text
+        save_final(client, image, env["images"][image][1])
     bad = client.post("/train/segmentation?run_sync=True", json={"max_epochs": 0})
     assert bad.status_code != 200 and "max_epochs" in bad.text, bad.text
     options = {"max_epochs": 1, "time_limit_min": 2, "threads": int(THREADS), "publish": "always"}
@@ -310,13 +308,7 @@ def test_segmentation_training_learns_from_the_saved_labels_and_serves_its_choic
     assert result["learned_model"]["labels"] == 3
     # a fourth label (kbp2's) the model in use never saw: held out, and both drafts compared on it before publishing
     _, kbp2_label = tiny_case(env["data_dir"], 2, [1, 4], env["folder"] / "kbp2-label")
-    with open(kbp2_label, "rb") as handle:
-        saved = client.put(
-            "/datastore/label?image=kbp2&tag=final",
-            data={"params": json.dumps(label_info([1, 4]))},
-            files={"label": ("kbp2.nii.gz", handle, "application/gzip")},
-        )
-    assert saved.status_code == 200, saved.text
+    save_final(client, "kbp2", kbp2_label)
     published = (model_dir / "segmentation.pt").read_bytes()
     again = client.post("/train/segmentation?run_sync=True", json={**options, "publish": "if_better"})
     assert again.status_code == 200, again.text

@@ -174,29 +174,47 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"no {path} after {timeout} s")
 
 
-@pytest.mark.slow
-def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, fewshot_cache, tmp_path):
-    cache = _copy_cache(fewshot_cache, tmp_path / "cache")
-    command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
-    with open(tmp_path / "run.log", "w") as log:
+def _killed_launcher_run(command: list[str], cache: Path, log_path: Path, kill) -> list[int]:
+    """Start ``command --nproc 2``, wait for its first checkpoint, call ``kill(launcher)``, then wait up to 60 s for
+    every process of its tree to end; returns those still alive (every one is killed in the end)."""
+    with open(log_path, "w") as log:
         launcher = subprocess.Popen([*command, "--nproc", "2"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_for(cache / CHECKPOINT, launcher, timeout=300)
             tree = _descendants(launcher.pid)
             assert len(tree) >= 3  # torchrun and its two ranks
-            launcher.send_signal(signal.SIGKILL)
-            launcher.wait(timeout=30)
+            kill(launcher)
             deadline = time.time() + 60
             while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
                 time.sleep(0.5)
-            left = [p for p in tree if Path(f"/proc/{p}").exists()]
-            assert not left, f"orphaned processes {left}"
+            return [p for p in tree if Path(f"/proc/{p}").exists()]
         finally:
             for pid in [launcher.pid, *_descendants(launcher.pid)]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _kill_launcher(launcher: subprocess.Popen) -> None:
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=30)
+
+
+def _kill_a_rank(launcher: subprocess.Popen) -> None:
+    (torchrun,) = _children(launcher.pid)
+    ranks = [r for r in _children(torchrun) if b"medlsam.cli" in Path(f"/proc/{r}/cmdline").read_bytes()]
+    assert len(ranks) == 2
+    os.kill(ranks[-1], signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, fewshot_cache, tmp_path):
+    cache = _copy_cache(fewshot_cache, tmp_path / "cache")
+    command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
+    left = _killed_launcher_run(command, cache, tmp_path / "run.log", _kill_launcher)
+    assert not left, f"orphaned processes {left}"
     stopped = int(torch.load(cache / CHECKPOINT, weights_only=True)["epoch"])
     assert stopped >= 1
     # one process resumes what two ranks began (max_epochs does not define the run)
@@ -213,26 +231,8 @@ def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, 
 def test_a_rank_that_dies_ends_the_others(paths, fewshot_cache, tmp_path):
     cache = _copy_cache(fewshot_cache, tmp_path / "cache")
     command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
-    with open(tmp_path / "run.log", "w") as log:
-        launcher = subprocess.Popen([*command, "--nproc", "2"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_for(cache / CHECKPOINT, launcher, timeout=300)
-            tree = _descendants(launcher.pid)
-            (torchrun,) = _children(launcher.pid)
-            ranks = [r for r in _children(torchrun) if b"medlsam.cli" in Path(f"/proc/{r}/cmdline").read_bytes()]
-            assert len(ranks) == 2
-            os.kill(ranks[-1], signal.SIGKILL)
-            assert launcher.wait(timeout=120) != 0
-            deadline = time.time() + 60
-            while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
-                time.sleep(0.5)
-            assert not [p for p in tree if Path(f"/proc/{p}").exists()], "a rank outlived the run"
-        finally:
-            for pid in [launcher.pid, *_descendants(launcher.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    left = _killed_launcher_run(command, cache, tmp_path / "run.log", _kill_a_rank)
+    assert not left, f"a rank outlived the run: {left}"
     assert not (tmp_path / "m.pt").exists()
 
 

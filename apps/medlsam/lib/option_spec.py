@@ -294,8 +294,8 @@ INFER_OPTIONS: dict[str, tuple[Option, ...]] = {
             "blobs",
             "structures the bank does not know: `blobs` (intensity blobs, about 1.4 s a click on a 512 x 512 x 105 "
             "CPU scan) or `combo` (blobs, or a LiteMedSAM candidate where the clicks lie on soft tissue and it holds "
-            "every click; the slices it needs are encoded once per image: about 1.5-2 s a slice on a CPU, paid by "
-            "the click that first needs them).",
+            "every click; the slices it needs are encoded once per image: 2-3 s a slice measured on a 2-core CPU, "
+            "paid by the click that first needs them).",
             choices=AGNOSTIC_METHODS,
         ),
     ),

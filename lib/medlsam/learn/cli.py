@@ -95,7 +95,6 @@ def _checked_names(args: argparse.Namespace) -> dict[int, str]:
 
 def _train(args: argparse.Namespace, options, names: dict[int, str], device: str) -> int:
     """This process's part: join the ranks (if any), train, and on rank 0 write the model and print the choice."""
-    from medlsam.learn.loop import wait_for_preparation
     from medlsam.learn.trainer import learn
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
@@ -110,7 +109,6 @@ def _train(args: argparse.Namespace, options, names: dict[int, str], device: str
         ctx = init_distributed(device)
         print(f"medlsam learn: {ctx.describe()}", flush=True)
         medlam = load_medlam(args.model or default_medlam_path())
-        wait_for_preparation(ctx)  # ranks other than 0 wait for rank 0's few-shot priors in the cache
         model = learn(args.images, args.labels, names, options, medlam=medlam, cache=args.cache)
         if ctx.is_main:
             model.save(args.out)

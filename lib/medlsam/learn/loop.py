@@ -47,23 +47,6 @@ from medlsam.utils.metrics import dice
 logger = logging.getLogger(__name__)
 
 RESERVE_EVALS = 4  # training stops this many held-out checks' time before the deadline (N = 20 overshot by 3.5 min)
-_PREPARING = {"rank0_releases": False}  # set by wait_for_preparation: rank 0 releases the others when it trains
-
-
-def wait_for_preparation(ctx: DistContext) -> None:
-    """Call on every rank before ``learn``: ranks other than 0 wait here while rank 0 prepares the few-shot
-    priors into the cache folder; rank 0 lets them go when its training starts, and they read the cache."""
-    if not ctx.distributed:
-        return
-    _PREPARING["rank0_releases"] = ctx.is_main
-    if not ctx.is_main:
-        barrier(ctx)
-
-
-def _release_preparation(ctx: DistContext) -> None:
-    if _PREPARING["rank0_releases"]:
-        _PREPARING["rank0_releases"] = False
-        barrier(ctx)
 
 
 def _grid_dice(model: LearnedModel, examples: list[Example]) -> float:
@@ -218,7 +201,6 @@ def train_network(
     Returns the training record."""
     opt = model.options
     ctx = init_distributed(resolve_device(opt.device))  # torchrun's process group, else one process
-    _release_preparation(ctx)
     net = model.network.to(ctx.device).train()
     optim = torch.optim.AdamW(net.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
     path = checkpoint_path(cache)

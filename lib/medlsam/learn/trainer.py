@@ -28,9 +28,9 @@ from medlsam.learn.data import example
 from medlsam.learn.loop import train_network
 from medlsam.learn.model import LearnedModel
 from medlsam.learn.network import build_network
-from medlsam.learn.options import LearnError, LearnOptions
+from medlsam.learn.options import LearnError, LearnOptions, resolve_device
 from medlsam.learn.predict import chosen_probabilities, learned_probabilities
-from medlsam.utils.distributed import env_world
+from medlsam.utils.distributed import barrier, init_distributed
 from medlsam.utils.metrics import dice
 
 logger = logging.getLogger(__name__)
@@ -196,8 +196,13 @@ def learn(
     organs = organ_list(per_label)
     values = [{n: v for v, n in per.items()} for per in per_label]
     held = held_out_indices(len(vols), options, unseen)
-    if priors is None:
+    ctx = init_distributed(resolve_device(options.device))  # torchrun's process group, else one process
+    if priors is None:  # under torchrun rank 0 prepares them into the cache; the others then read them there
+        if not ctx.is_main:
+            barrier(ctx)
         priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache, banks)
+        if ctx.is_main and ctx.distributed:
+            barrier(ctx)
     elif len(priors) != len(vols):
         raise LearnError(f"{len(priors)} prior sets for {len(vols)} labels")
     arrays = [la.array for la in labs]
@@ -217,7 +222,7 @@ def learn(
         prior_cuts=cuts,
     )
     record = train_network(model, train, [examples[i] for i in held], deadline, progress, cache)
-    if env_world()[0] != 0:  # torch.distributed: rank 0 alone scores, chooses and writes
+    if not ctx.is_main:  # torch.distributed: rank 0 alone scores, chooses and writes
         model.record = record
         return model
     scores = score_held_out(

@@ -31,7 +31,10 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.common import DynamicLabels, MedLSAMInferTask, number
+from lib.infers.options import WHERE
 from lib.models import Models
+from lib.option_spec import AGNOSTIC_METHODS, INFER_OPTIONS
+from lib.options import option, read
 from lib.template_source import NoTemplatesError, TemplateSource
 from lib.volumes import Volumes
 from medlsam.errors import MedLSAMError
@@ -191,7 +194,7 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
             config={
                 "method": ["refiner", "geodesic"],
                 "reach_mm": EditOptions().reach_mm,
-                "agnostic": ["blobs", "combo"],
+                "agnostic": list(AGNOSTIC_METHODS),
             },
         )
 
@@ -206,18 +209,13 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         if method not in ("refiner", "geodesic"):
             raise HTTPException(status_code=400, detail=f"method must be refiner or geodesic, not {method!r}")
         request_label_names(request)
-        self.agnostic_method(request)
         return options, method
 
     @staticmethod
     def agnostic_method(request: dict) -> str:
-        """The request's ``agnostic`` option: ``blobs`` (default) or ``combo``; 400 otherwise."""
-        value = request.get("agnostic") or "blobs"
-        if isinstance(value, list):  # a client echoing the config's choices
-            value = value[0] if value else "blobs"
-        if value not in ("blobs", "combo"):
-            raise HTTPException(status_code=400, detail=f"agnostic must be blobs or combo, not {value!r}")
-        return value
+        """The request's ``agnostic`` option as the spec reads it (lib/option_spec.py: ``blobs``, the default, or
+        ``combo``; the task checked it with every option before any work)."""
+        return read(option(INFER_OPTIONS["edit"], "agnostic"), request.get("agnostic"), WHERE)
 
     def _combo(self, request: dict, entry: dict, cache, axis: int):
         """``cache.combo`` set for a ``combo`` request (kept per image with the image's slice embeddings), else
