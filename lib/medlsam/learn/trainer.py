@@ -169,6 +169,17 @@ def _held_out_priors(
     return fewshot.held_out_priors(medlam, banks, vols, None, cache, only=needed)
 
 
+def _prepared_priors(ctx, vols, labs, per_label, held, options, medlam, cache, banks) -> list[fewshot.Priors]:
+    """``_held_out_priors``; under torchrun rank 0 prepares them into the cache while the other ranks wait, then
+    read them there."""
+    if not ctx.is_main:
+        barrier(ctx)
+    priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache, banks)
+    if ctx.is_main and ctx.distributed:
+        barrier(ctx)
+    return priors
+
+
 def learn(
     images: list,
     labels: list,
@@ -197,12 +208,8 @@ def learn(
     values = [{n: v for v, n in per.items()} for per in per_label]
     held = held_out_indices(len(vols), options, unseen)
     ctx = init_distributed(resolve_device(options.device))  # torchrun's process group, else one process
-    if priors is None:  # under torchrun rank 0 prepares them into the cache; the others then read them there
-        if not ctx.is_main:
-            barrier(ctx)
-        priors = _held_out_priors(vols, labs, per_label, held, options, medlam, cache, banks)
-        if ctx.is_main and ctx.distributed:
-            barrier(ctx)
+    if priors is None:
+        priors = _prepared_priors(ctx, vols, labs, per_label, held, options, medlam, cache, banks)
     elif len(priors) != len(vols):
         raise LearnError(f"{len(priors)} prior sets for {len(vols)} labels")
     arrays = [la.array for la in labs]
