@@ -39,8 +39,8 @@ lint: setup  ## ruff: lint and format check (configured in pyproject.toml)
 system-deps:  ## Orthanc + Chromium (DICOMweb/OHIF tests), dicom3tools + plastimatch (RTSTRUCT tests): apt-installed when missing (root only)
 	bash scripts/system_deps.sh
 
-test: setup system-deps lint  ## lint, then run the test suite (CPU only, no network)
-	MEDLSAM_DATA=$(DATA) $(BIN)/python -m pytest -q --durations=20 tests
+test: setup system-deps lint  ## lint, then run the test suite: server tests beside the rest (CPU only, no network)
+	MEDLSAM_DATA=$(DATA) $(BIN)/python scripts/run_tests.py
 
 test-quick: setup  ## tests/unit: no data folder, no server (about a minute)
 	$(BIN)/python -m pytest -q tests/unit

@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from common import RESULTS  # noqa: E402
 from medlsam.interact.click_simulator import error_click, organ_centre_click  # noqa: E402
+from medlsam.interact.click_update import CHANGE_ELSEWHERE  # noqa: E402
 from medlsam.paths import data_dir  # noqa: E402
 from medlsam.utils.metrics import cranio_caudal_axis, dice  # noqa: E402
 
@@ -135,14 +136,22 @@ def any_step(scan: dict, name: str, cache):
     return step
 
 
-def combo_step(scan: dict, name: str, cache):
+def combo_step(scan: dict, name: str, cache, change_elsewhere: float):
     from medlsam.interact.click_any import check_box, check_prompts
     from medlsam.interact.click_combo import segment_combo
 
     def step(fg, bg, box):
         checked = check_prompts(name, fg, bg, check_box(box, scan["hu"].shape), scan["hu"], scan["axis"])
         calls = cache.sam.decoder_calls
-        region, mask, choice = segment_combo(scan["hu"], scan["spacing"], checked, scan["axis"], cache=cache, name=name)
+        region, mask, choice = segment_combo(
+            scan["hu"],
+            scan["spacing"],
+            checked,
+            scan["axis"],
+            cache=cache,
+            name=name,
+            change_elsewhere=change_elsewhere,
+        )
         step.info = {"choice": choice, "decoder_calls": cache.sam.decoder_calls - calls}
         out = np.zeros(scan["hu"].shape, bool)
         out[region] = mask
@@ -200,7 +209,10 @@ def refiner_step(scan: dict, name: str, refiner):
 def run(args) -> list[dict]:
     rows = []
     for scan in load_scans(Path(args.data) if args.data else data_dir(), args.thorax_slices):
-        shared = {"sam_cache": Path(args.sam_cache or SAM_CACHE) / scan["name"]}
+        shared = {
+            "sam_cache": Path(args.sam_cache or SAM_CACHE) / scan["name"],
+            "change_elsewhere": args.change_elsewhere,
+        }
         for method in args.methods:
             for organ, truth in scan["structures"].items():
                 if args.structures and organ not in args.structures:
@@ -232,7 +244,7 @@ def make_step(method: str, scan: dict, organ: str, shared: dict):
     if method == "combo":
         if "combo" not in shared:
             shared["combo"], shared["encode"] = combo_cache(scan, shared["sam_cache"])
-        return combo_step(scan, organ, shared["combo"])
+        return combo_step(scan, organ, shared["combo"], shared["change_elsewhere"])
     if method == "sam_3d":
         if "sam" not in shared:
             from medlsam.segment.sam import build_segmenter
@@ -256,12 +268,21 @@ def main(argv=None) -> int:
     parser.add_argument("--sequences", default="clicks,box", type=lambda s: s.split(","))
     parser.add_argument("--structures", default="", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--max-clicks", type=int, default=10)
+    parser.add_argument(
+        "--change-elsewhere", type=float, default=CHANGE_ELSEWHERE, help="combo: click_update.CHANGE_ELSEWHERE"
+    )
     parser.add_argument("--thorax-slices", type=int, default=0, help="resample the chest series to N slices")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sam-cache", default="", help="LiteMedSAM embeddings folder (default runs/benchmarks/...)")
     parser.add_argument("--data", default="", help="the data folder (default: MEDLSAM_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(RESULTS / "editing_fullres.json"))
-    parser.add_argument("--load", default="", type=lambda s: [x for x in s.split(",") if x], help="merge these rows")
+    parser.add_argument(
+        "--load",
+        default="",
+        type=lambda s: [x for x in s.split(",") if x],
+        help="merge these rows (a later file's "
+        "row replaces an earlier one of the same scan, structure, method and sequence)",
+    )
     parser.add_argument("--report-only", action="store_true", help="only write the report from --load")
     parser.add_argument("--note", default="", help="a line for the report (how its rows were run)")
     args = parser.parse_args(argv)
@@ -273,6 +294,8 @@ def main(argv=None) -> int:
     rows = [] if args.report_only else run(args)
     for path in args.load:
         rows += json.loads(Path(path).read_text())["rows"]
+    latest = {(r["scan"], r["structure"], r["method"], r["sequence"]): r for r in rows}  # a later row replaces
+    rows = list(latest.values())
     from editing_fullres_report import write_report
 
     write_report(Path(args.out), rows, args)

@@ -18,7 +18,8 @@ METHOD_NAMES = {
     "refiner": "click refiner network, no prior (the old class-agnostic `edit`)",
     "combo": "blobs, or a lean LiteMedSAM candidate (one decoder call per slice, slices encoded once per image) when "
     "the clicks lie in the encoder's HU window and the candidate holds every foreground click and no background one "
-    "(`medlsam.interact.click_combo`)",
+    "(`medlsam.interact.click_combo`); from the second click on, the previous answer corrected only around the new "
+    "click unless the whole new answer agrees with it elsewhere (`medlsam.interact.click_update`)",
 }
 
 

@@ -199,6 +199,7 @@ def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax,
     encoder call is a slice the image's cache did not hold)."""
     from medlsam.interact.click_combo import honours
     from medlsam.interact.click_sam import sam_candidate
+    from medlsam.interact.click_update import CHANGE_ELSEWHERE, REACH
 
     cache = EditCache(combo=_combo(thorax, thorax_volume, lite_medsam))
     cache.combo.any = cache.any
@@ -231,8 +232,13 @@ def test_sam_candidate_honours_its_clicks_and_each_slice_is_encoded_once(thorax,
     calls = embeddings.encoder_calls
     holds = honours(*sam_candidate(cache.combo.sam, fg, bgs, guide, 2), fg, bgs)
     assert embeddings.encoder_calls == calls  # the same candidate again: all from the cache
-    choice = cache.combo.choices["heart"]  # SAM's answer only when it holds every click
+    choice = cache.combo.choices["heart"].removesuffix(", local")  # SAM's answer only when it holds every click
     assert (choice == "blobs: prompts") == (not holds) and (choice != "sam" or holds), (choice, holds)
-    assert out2[tuple(first)] == 5 and out2[tuple(other)] == 5
-    if choice == "sam":
-        assert out2[tuple(bg)] != 5
+    assert out2[tuple(first)] == 5 and out2[tuple(other)] == 5 and out2[tuple(bg)] != 5
+    # the second request corrected the first answer near its new clicks (click_update): away from them the answer
+    # changed by at most CHANGE_ELSEWHERE of its volume
+    before, after = out == 5, out2 == 5
+    reach = REACH * (3 * before.sum() * np.prod(thorax["spacing"]) / (4 * np.pi)) ** (1 / 3)
+    grid = np.argwhere(before ^ after) * np.asarray(thorax["spacing"])
+    far = [np.linalg.norm(grid - np.asarray(p) * thorax["spacing"], axis=1) > reach for p in (other, bg)]
+    assert (far[0] & far[1]).sum() <= CHANGE_ELSEWHERE * before.sum()

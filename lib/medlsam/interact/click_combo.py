@@ -7,7 +7,10 @@ intensity window (air, lung, bone and dense contrast are saturated there, so the
 candidate is then kept when it honours every prompt of the structure (all its foreground clicks inside, all its
 background clicks outside, inside its box) and SAM itself carried the object over at least as many slices as the
 blob answer goes on beyond where SAM lost it (a low predicted IoU, a collapse, a leak, an empty mask); otherwise the
-blob answer is kept.
+blob answer is kept. From the second request of a structure on, when its prompts extend the previous ones, the
+previous answer is corrected only under the added clicks unless the new answer agrees with it elsewhere
+(``medlsam.interact.click_update``): a choice that flips or a SAM walk that stops early no longer moves the answer
+away from where the annotator clicked.
 Nothing in the rule knows an organ.
 """
 
@@ -20,6 +23,7 @@ import numpy as np
 from medlsam.interact.click_any import AnyOptions, AnyPrompts
 from medlsam.interact.click_sam import SamCache, SamOptions, sam_candidate
 from medlsam.interact.click_structure import AnyCache, Region, _prompt_key, segment_structure
+from medlsam.interact.click_update import CHANGE_ELSEWHERE, added_clicks, corrected
 
 SAMPLE_MM = 3.0  # radius around a click whose median HU decides whether SAM sees it
 
@@ -31,7 +35,8 @@ class ComboCache:
     any: AnyCache = field(default_factory=AnyCache)
     sam: SamCache | None = None
     choices: dict = field(default_factory=dict)  # name -> "sam", "blobs: hu", "blobs: prompts" or "blobs: lost"
-    structures: dict = field(default_factory=dict)  # name -> (prompt key, region, mask, choice)
+    # (", local" added where only the added clicks' parts were taken)
+    structures: dict = field(default_factory=dict)  # name -> (prompt key, prompts, region, mask, choice)
 
 
 def sam_sees(hu: np.ndarray, spacing, points: np.ndarray, window: tuple[float, float]) -> bool:
@@ -71,6 +76,7 @@ def segment_combo(
     cache: ComboCache | None = None,
     name: str = "",
     sam_options: SamOptions | None = None,
+    change_elsewhere: float = CHANGE_ELSEWHERE,
 ) -> tuple[Region, np.ndarray, str]:
     """(region, mask on it, the choice) for the structure the prompts point at (see the module's rule). A structure
     whose prompts are those of its last call is answered from the cache."""
@@ -79,21 +85,26 @@ def segment_combo(
     key = _prompt_key(prompts, options)
     stored = cache.structures.get(name)
     if stored is not None and stored[0] == key:
-        return stored[1], stored[2].copy(), stored[3]
-    region, blob = segment_structure(hu, spacing, prompts, axis, options, cache.any, name)
+        return stored[2], stored[3].copy(), stored[4]
+    blobs = segment_structure(hu, spacing, prompts, axis, options, cache.any, name)
     fg = np.asarray(prompts.foreground, int).reshape(-1, 3)
     bg = np.asarray(prompts.background, int).reshape(-1, 3)
     if prompts.box is not None:  # a box stands for its seed click, as for the blobs
         fg = np.concatenate([cache.any.seed(hu, spacing, prompts.box, axis, options)[None], fg])
-    choice = "blobs: hu"
+    candidates, choice = [blobs], "blobs: hu"
     if cache.sam is not None and sam_sees(hu, spacing, fg, cache.sam.embeddings.window):
-        sam_region, sam_mask = sam_candidate(cache.sam, fg, bg, (region, blob), axis, prompts.box, sam_options)
-        if not honours(sam_region, sam_mask, fg, bg):
-            choice = "blobs: prompts"
+        sam = sam_candidate(cache.sam, fg, bg, blobs, axis, prompts.box, sam_options)
+        if not honours(*sam, fg, bg):
+            candidates, choice = [blobs, sam], "blobs: prompts"
         elif cache.sam.filled > cache.sam.carried:
-            choice = "blobs: lost"
+            candidates, choice = [blobs, sam], "blobs: lost"
         else:
-            region, blob, choice = sam_region, sam_mask, "sam"
+            candidates, choice = [sam, blobs], "sam"
+    region, blob = candidates[0]
+    added = None if stored is None else added_clicks(stored[1], prompts)
+    if added is not None:  # a later click: the previous answer corrected where it points
+        region, blob, how = corrected((stored[2], stored[3]), candidates, prompts, added, spacing, change_elsewhere)
+        choice += ", local" if how == "local" else ""
     cache.choices[name] = choice
-    cache.structures[name] = (key, region, blob.copy(), choice)
+    cache.structures[name] = (key, prompts, region, blob.copy(), choice)
     return region, blob, choice

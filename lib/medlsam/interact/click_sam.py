@@ -4,16 +4,17 @@ decoder call per slice and nothing encoded twice for one image.
 ``SamCache`` (one per image) holds the image's ``SliceEmbeddings`` (each slice encoded once, in memory and, with a
 ``cache_dir``, on disk) and a memo of decoder calls by (slice, box): a later click re-decodes only the slices whose
 box changed. ``sam_candidate`` walks a guide's slice extent (the class-agnostic blob answer,
-``medlsam.interact.click_structure``) plus a margin: each slice holding foreground clicks is prompted with the box
-of the guide on that slice widened to its clicks, every other slice with the box of its neighbour's mask; background
-clicks push the box edge off them and remove the component under them. A direction stops like ``sam_3d``
-(``medlsam.interact.propagation``): an empty mask, a low predicted IoU, an area collapse or blow-up, too little
-overlap with the neighbour, or the guide's extent; a background click ends it only where nothing is left on its
-slice once the box is pushed off it and its component removed (``sam_3d`` stops at any background click on the
-carried mask: a single click on an in-plane leak cut the spleen from 0.95 to 0.61). Where SAM lost the object (not
-at its end or a background click), the guide's slices beyond are counted (``SamCache.filled``: the choice of
-``medlsam.interact.click_combo`` uses it) and, with ``SamOptions.fill``, taken. Prompts are file voxel indices; slice
-pixels are x = column, y = row of ``np.take(volume, k, axis)``.
+``medlsam.interact.click_structure``) plus a margin: a seed slice (clicked, not reached from another) takes the
+best of the guide's box there and boxes around its clicks (``_seed_mask``), every other slice the box of its
+neighbour's mask widened to its foreground clicks; background clicks push the box edge off them and remove the
+component under them. A direction stops like ``sam_3d`` (``medlsam.interact.propagation``): an empty mask, a low
+predicted IoU, an area collapse or blow-up, too little overlap with the neighbour, or the guide's extent; a
+background click ends it only where nothing is left on its slice once the box is pushed off it and its component
+removed (``sam_3d`` stops at any background click on the carried mask: a single click on an in-plane leak cut the
+spleen from 0.95 to 0.61). Where SAM lost the object (not at its end or a background click), the guide's slices
+beyond are counted (``SamCache.filled``: the choice of ``medlsam.interact.click_combo`` uses it) and, with
+``SamOptions.fill``, taken. Prompts are file voxel indices; slice pixels are x = column, y = row of
+``np.take(volume, k, axis)``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medlsam.interact.interactive import _exclude, box_around, select_components
+from medlsam.interact.interactive import _exclude, box_around, seed_score, select_components
 from medlsam.interact.propagation import mask_box
 from medlsam.utils.geometry import inplane_axes, largest_component
 
@@ -96,14 +97,24 @@ def _on_slice(points: np.ndarray, axis: int, k: int) -> np.ndarray:
     return np.stack([here[:, cols], here[:, rows]], axis=1).astype(np.float64).reshape(-1, 2)
 
 
-def _clicked_box(guide: np.ndarray | None, fg: np.ndarray, bg: np.ndarray, shape) -> np.ndarray:
-    """A clicked slice's box: the guide's box on it (a click's 10-pixel box where the guide is empty) widened to
-    its foreground clicks, its edges pushed off the background clicks."""
+def _seed_mask(cache: SamCache, k: int, guide: np.ndarray | None, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """The seed slice's mask: of the guide's box on it (widened to its foreground clicks) and boxes of six sizes
+    around the clicks (as ``interactive.best_seed_box``), each pushed off the background clicks, the one whose mask
+    answers the clicks best (``interactive.seed_score``: a whole object under the clicks, then SAM's predicted
+    IoU). A guide that leaked gives a box too large; the click boxes then find the object under the click."""
+    shape = cache.embeddings.slice_shape
+    radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 6)))
+    boxes = [box_around(fg, r, shape) for r in radii]
     if guide is not None and guide.any():
-        box = box_around(np.concatenate([fg, mask_box(guide, 0.0).reshape(2, 2)]), 0.0, shape)
-    else:
-        box = box_around(fg, 10.0, shape)
-    return _exclude(box, bg, fg)
+        boxes.insert(0, box_around(np.concatenate([fg, mask_box(guide, 0.0).reshape(2, 2)]), 0.0, shape))
+    best, best_score = np.zeros(shape, bool), -np.inf
+    for box in boxes:
+        box = _exclude(box, bg, fg)
+        mask, iou = cache.decode(k, box)
+        score = seed_score(mask, iou, box, fg, bg)
+        if score > best_score:
+            best, best_score = mask, score
+    return best
 
 
 def _stop(mask: np.ndarray, prev: np.ndarray, iou: float, clicked: bool, options: SamOptions) -> str:
@@ -221,8 +232,7 @@ def sam_candidate(
         if seed in out or not low <= seed <= high:
             continue
         fg, bg = clicks(seed)
-        seed_mask, _ = cache.decode(seed, _clicked_box(full_guide(seed), fg, bg, shape))
-        seed_mask = patch(seed, select_components(seed_mask, fg, bg), fg)
+        seed_mask = patch(seed, select_components(_seed_mask(cache, seed, full_guide(seed), fg, bg), fg, bg), fg)
         if not seed_mask.any():
             continue
         out[seed] = seed_mask

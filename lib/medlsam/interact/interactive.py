@@ -210,19 +210,24 @@ def best_seed_box(
     radii = np.unique(np.round(np.geomspace(2, top, 6)))
     boxes = np.stack([_exclude(box_around(foreground, r, shape), background, foreground) for r in radii])
     probs, ious = embeddings.decode(k, boxes=boxes)
-    best, best_score = 0, -np.inf
-    for n, (prob, iou, box) in enumerate(zip(probs, ious, boxes)):
-        mask = prob > threshold
-        hit = any(mask[int(round(y)), int(round(x))] for x, y in foreground)
-        refused = any(mask[int(round(y)), int(round(x))] for x, y in background)  # the user said "not this"
-        border = _border_fraction(mask, box)
-        # a whole object under the click (and under no background click) ranks above any cut-off, missing or
-        # refused mask, then SAM's own score decides
-        whole = hit and not refused and border <= max_border
-        score = float(iou) + (2.0 if whole else 0.0) - 0.5 * border - (0.0 if hit else 1.0) - (1.5 if refused else 0.0)
-        if score > best_score:
-            best, best_score = n, score
+    scores = [
+        seed_score(prob > threshold, float(iou), box, foreground, background, max_border)
+        for prob, iou, box in zip(probs, ious, boxes)
+    ]
+    best = int(np.argmax(scores))
     return boxes[best], probs[best] > threshold, float(ious[best])
+
+
+def seed_score(
+    mask: np.ndarray, iou: float, box: np.ndarray, foreground: np.ndarray, background: np.ndarray, max_border=0.15
+) -> float:
+    """How well a box's mask answers the clicks on its slice: a whole object under the click (and under no
+    background click) ranks above any cut-off, missing or refused mask, then SAM's own score (predicted IoU)."""
+    hit = any(mask[int(round(y)), int(round(x))] for x, y in foreground)
+    refused = any(mask[int(round(y)), int(round(x))] for x, y in background)  # the user said "not this"
+    border = _border_fraction(mask, box)
+    whole = hit and not refused and border <= max_border
+    return iou + (2.0 if whole else 0.0) - 0.5 * border - (0.0 if hit else 1.0) - (1.5 if refused else 0.0)
 
 
 def slice_mask(
