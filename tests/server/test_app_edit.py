@@ -140,6 +140,7 @@ def test_a_structure_the_bank_does_not_know_from_a_box(server):
     boxed = {"label_names": {"Stem": 5}, "label": "Stem", "box": [low.tolist(), high.tolist()]}
     label, result = _label(server["url"], "kbp2", boxed, server["folder"])
     assert result["computed"] == ["Stem"] and (label == 5).any(), result
+    assert result["agnostic"] == {"Stem": "blobs"}, result  # `auto` on a CPU server
     outside = np.ones(truth.shape, bool)
     outside[tuple(slice(a, b + 1) for a, b in zip(low, high))] = False
     assert not (outside & (label == 5)).any()
@@ -157,6 +158,14 @@ def test_agnostic_combo_names_its_choice_and_refuses_unknown_methods(server):
     assert result["agnostic"]["Stem"] in ("sam", "blobs: hu", "blobs: lost", "blobs: prompts"), result
     _, again = _label(server["url"], "kbp2", request, server["folder"])
     assert again["computed"] == [], again
+    # a later click on another slice: the answer corrected around it (", local") or the new one whole
+    slices = [int(k) for k in np.flatnonzero(server["truth"].any(axis=(0, 1))) if k != click[2]]
+    k = slices[len(slices) // 2]
+    inside = np.argwhere(server["truth"][:, :, k])
+    other = inside[len(inside) // 2].tolist() + [k]
+    later, result = _label(server["url"], "kbp2", {**request, "Stem": [click, other]}, server["folder"])
+    assert result["computed"] == ["Stem"] and later[tuple(click)] == 5 and later[tuple(other)] == 5, result
+    assert result["agnostic"]["Stem"].removesuffix(", local") in ("sam", "blobs: hu", "blobs: lost", "blobs: prompts")
     bad = _post(server["url"], "edit", "kbp2", {**request, "agnostic": "magic"})
     assert bad.status_code == 400 and "agnostic" in bad.json()["detail"], bad.text
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from medlsam.interact.click_any import AnyPrompts
-from medlsam.interact.click_update import added_clicks, common_grid, corrected
+from medlsam.interact.click_update import added_clicks, common_grid, corrected, trimmed
 
 SHAPE = (40, 40, 20)
 WHOLE = tuple(slice(0, n) for n in SHAPE)
@@ -16,6 +16,14 @@ SPACING = (1.0, 1.0, 1.0)
 def _ball(centre, radius: float) -> np.ndarray:
     grid = np.ogrid[tuple(slice(0, n) for n in SHAPE)]
     return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+def _corrected(*args, **kwargs) -> tuple[np.ndarray, str]:
+    """``corrected``'s mask on the whole test grid, and how it was made."""
+    region, mask, how = corrected(*args, **kwargs)
+    full = np.zeros(SHAPE, bool)
+    full[region] = mask
+    return full, how
 
 
 def _prompts(fg, bg=()) -> AnyPrompts:
@@ -38,10 +46,8 @@ def test_a_foreground_click_adds_only_the_missed_part_under_it():
     far_leak = _ball((20, 5, 10), 3)  # the candidate's change far from the click
     candidate = right | (left & ~_ball((12, 20, 10), 3)) | far_leak  # ... and it lost the left core
     prompts = _prompts([[12, 20, 10], [28, 20, 10]])
-    region, mask, how = corrected(
-        (WHOLE, previous), [(WHOLE, candidate)], prompts, (prompts.foreground[1:], []), SPACING
-    )
-    assert how == "local" and region == WHOLE
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, candidate)], prompts, (prompts.foreground[1:], []), SPACING)
+    assert how == "local"
     assert np.array_equal(mask, left | right)  # the right ball added, the left one kept whole, the leak not taken
 
 
@@ -51,12 +57,12 @@ def test_what_a_click_changes_stays_near_it():
     bar[17:40, 18:23, 8:13] = True  # the candidate's part under a click at (20, 20, 10) runs to the image's edge
     prompts = _prompts([[10, 20, 10], [20, 20, 10]], [[30, 20, 10]])
     new = (prompts.foreground[1:], [])
-    _, mask, how = corrected((WHOLE, previous), [(WHOLE, previous | bar)], prompts, new, SPACING, 0.0)
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, previous | bar)], prompts, new, SPACING, 0.0)
     added = np.argwhere(mask & ~previous)
     assert how == "local" and mask[20, 20, 10] and added[:, 0].max() <= 24  # within 5 mm, short of halfway
     # a background click removes only what lies nearer to it than to every foreground click
     prompts = _prompts([[10, 20, 10]], [[14, 20, 10]])
-    _, mask, _ = corrected(
+    mask, _ = _corrected(
         (WHOLE, previous), [(WHOLE, np.zeros(SHAPE, bool))], prompts, ([], prompts.background), SPACING
     )
     assert mask[10, 20, 10] and mask[11, 20, 10] and not mask[13, 20, 10] and not mask[14, 20, 10]
@@ -67,7 +73,7 @@ def test_a_background_click_removes_only_the_part_the_candidate_dropped_there():
     previous = body | leak
     candidate = body & ~_ball((15, 20, 10), 4)  # the leak gone, and a hole at the core elsewhere
     prompts = _prompts([[10, 20, 10]], [[30, 20, 10]])
-    _, mask, how = corrected((WHOLE, previous), [(WHOLE, candidate)], prompts, ([], prompts.background), SPACING)
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, candidate)], prompts, ([], prompts.background), SPACING)
     assert how == "local" and np.array_equal(mask, body)
 
 
@@ -77,17 +83,15 @@ def test_a_candidate_that_agrees_elsewhere_is_taken_whole_and_the_next_one_is_tr
     added = _ball((30, 20, 10), 4)
     prompts = _prompts([[15, 20, 10], [30, 20, 10]])
     new = (prompts.foreground[1:], [])
-    _, mask, how = corrected((WHOLE, previous), [(WHOLE, smoothed | added)], prompts, new, SPACING)
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, smoothed | added)], prompts, new, SPACING)
     assert how == "whole" and np.array_equal(mask, smoothed | added)
-    _, mask, how = corrected(
-        (WHOLE, previous), [(WHOLE, smoothed | added)], prompts, new, SPACING, change_elsewhere=0.0
-    )
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, smoothed | added)], prompts, new, SPACING, change_elsewhere=0.0)
     assert how == "local" and np.array_equal(mask, previous | added)
     # the first candidate misses the click: the second one's part there is added
-    _, mask, how = corrected((WHOLE, previous), [(WHOLE, previous), (WHOLE, added)], prompts, new, SPACING)
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, previous), (WHOLE, added)], prompts, new, SPACING)
     assert how == "local" and np.array_equal(mask, previous | added)
     # no candidate holds it: only the clicked voxel
-    _, mask, _ = corrected((WHOLE, previous), [(WHOLE, previous)], prompts, new, SPACING)
+    mask, _ = _corrected((WHOLE, previous), [(WHOLE, previous)], prompts, new, SPACING)
     assert mask.sum() == previous.sum() + 1 and mask[30, 20, 10]
 
 
@@ -97,3 +101,12 @@ def test_masks_on_different_regions_meet_on_one_grid():
     region, (ma, mb) = common_grid([a, b])
     assert region == (slice(2, 6), slice(0, 3), slice(4, 6))
     assert ma.sum() == 6 and mb.sum() == 3 and ma[0, 0, 1] and mb[3, 1, 0]
+
+
+def test_masks_are_trimmed_to_their_extent_before_they_meet():
+    mask = np.zeros((10, 10, 4), bool)
+    mask[2:5, 3:4, 1:3] = True
+    region, part = trimmed(((slice(5, 15), slice(0, 10), slice(20, 24)), mask))
+    assert region == (slice(7, 10), slice(3, 4), slice(21, 23)) and part.all()
+    region, part = trimmed(((slice(5, 15), slice(0, 10), slice(20, 24)), np.zeros((10, 10, 4), bool)))
+    assert region == (slice(5, 6), slice(0, 1), slice(20, 21)) and not part.any()

@@ -372,3 +372,11 @@ def test_option_declarations_are_checked():
         Option("x", "choice", "a", "doc")
     with pytest.raises(KeyError, match="not declared"):
         option(CONF_OPTIONS, "nosuch")
+
+
+def test_agnostic_auto_is_combo_on_a_gpu_and_blobs_on_a_cpu():
+    from medlsam.interact.edit_requests import agnostic_path
+
+    assert option(INFER_OPTIONS["edit"], "agnostic").default == "auto"
+    assert [agnostic_path("auto", d) for d in ("cpu", "cuda", "cuda:1")] == ["blobs", "combo", "combo"]
+    assert [agnostic_path(m, "cuda") for m in ("blobs", "combo")] == ["blobs", "combo"]  # asked for: kept

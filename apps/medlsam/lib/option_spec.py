@@ -12,7 +12,7 @@ BACKENDS = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"
 SEGMENT_MODES = ("prior", "wpl", "spl")  # medlsam.segment.pipeline.MODES, the server's default first
 BOX_MODES = ("wpl", "spl")  # the localiser's: one box per organ, or also one per z-slab
 EDIT_METHODS = ("refiner", "geodesic")
-AGNOSTIC_METHODS = ("blobs", "combo")  # the edit task's class-agnostic path: medlsam.interact.click_combo
+AGNOSTIC_METHODS = ("auto", "blobs", "combo")  # the edit task's class-agnostic path: medlsam.interact.click_combo
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 MAX_VOXELS = 512 * 512 * 1024  # medlsam.io.image_header.DEFAULT_MAX_VOXELS
@@ -291,11 +291,12 @@ INFER_OPTIONS: dict[str, tuple[Option, ...]] = {
         Option(
             "agnostic",
             "choice",
-            "blobs",
+            "auto",
             "structures the bank does not know: `blobs` (intensity blobs, about 1.4 s a click on a 512 x 512 x 105 "
-            "CPU scan) or `combo` (blobs, or a LiteMedSAM candidate where the clicks lie on soft tissue and it holds "
-            "every click; the slices it needs are encoded once per image: 2-3 s a slice measured on a 2-core CPU, "
-            "paid by the click that first needs them).",
+            "CPU scan), `combo` (blobs, or a LiteMedSAM candidate where the clicks lie on soft tissue and it holds "
+            "every click; later clicks correct the answer around them; the slices it needs are encoded once per "
+            "image: 2-3 s a slice measured on a 2-core CPU, paid by the click that first needs them) or `auto`: "
+            "`combo` where LiteMedSAM runs on a GPU (`--conf device`), `blobs` on a CPU.",
             choices=AGNOSTIC_METHODS,
         ),
     ),

@@ -42,6 +42,17 @@ def added_clicks(before: AnyPrompts, after: AnyPrompts) -> tuple[np.ndarray, np.
     return added[0], added[1]
 
 
+def trimmed(part: tuple[Region, np.ndarray]) -> tuple[Region, np.ndarray]:
+    """(region, mask) cut to the mask's extent (an empty mask: one empty voxel at the region's start)."""
+    region, mask = part
+    if not mask.any():
+        return tuple(slice(s.start, s.start + 1) for s in region), np.zeros((1, 1, 1), bool)
+    idx = np.argwhere(mask)
+    low, high = idx.min(axis=0), idx.max(axis=0) + 1
+    inner = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    return tuple(slice(s.start + i.start, s.start + i.stop) for s, i in zip(region, inner)), mask[inner]
+
+
 def common_grid(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, list[np.ndarray]]:
     """The masks of ``parts`` (region, mask on it) on one region holding them all."""
     low = np.min([[s.start for s in r] for r, _ in parts], axis=0)
@@ -95,8 +106,13 @@ def corrected(
 ) -> tuple[Region, np.ndarray, str]:
     """(region, mask, how): the previous answer corrected under the ``added`` (foreground, background) clicks by
     the ``candidates`` (the first one whole when it agrees, see the module); ``how`` is "whole" or "local"."""
-    region, masks = common_grid([previous, *candidates])
-    before, options = masks[0], masks[1:]
+    parts = [trimmed(part) for part in (previous, *candidates)]  # a SAM candidate comes as whole slices
+    clicks = np.asarray(prompts.foreground, int).reshape(-1, 3)
+    if len(clicks):  # the foreground clicks' extent: each of them lies on the grid
+        around = tuple(slice(int(a), int(b) + 1) for a, b in zip(clicks.min(axis=0), clicks.max(axis=0)))
+        parts.append((around, np.zeros(tuple(s.stop - s.start for s in around), bool)))
+    region, masks = common_grid(parts)
+    before, options = masks[0], masks[1 : 1 + len(candidates)]
     origin = np.array([s.start for s in region])
     fg = np.asarray(prompts.foreground, int).reshape(-1, 3) - origin
     bg = np.asarray(prompts.background, int).reshape(-1, 3) - origin

@@ -37,6 +37,14 @@ class EditCache:
     replayed: int = 0  # structures answered from the cache
 
 
+def agnostic_path(method: str, device) -> str:
+    """The class-agnostic path a request's ``agnostic`` method takes: ``auto`` is ``combo`` where LiteMedSAM runs on
+    a GPU (its slices encode in milliseconds) and ``blobs`` on a CPU (2-3 s a slice on 2 cores, once per image)."""
+    if method != "auto":
+        return method
+    return "combo" if str(device).startswith("cuda") else "blobs"
+
+
 def _key(label_key: bytes, name: str, clicks: OrganClicks) -> bytes:
     digest = hashlib.blake2b(label_key, digest_size=16)
     for part in (name.encode(), clicks.foreground.tobytes(), b"|", clicks.background.tobytes()):

@@ -211,11 +211,14 @@ class EditInfer(DynamicLabels, MedLSAMInferTask):
         request_label_names(request)
         return options, method
 
-    @staticmethod
-    def agnostic_method(request: dict) -> str:
-        """The request's ``agnostic`` option as the spec reads it (lib/option_spec.py: ``blobs``, the default, or
-        ``combo``; the task checked it with every option before any work)."""
-        return read(option(INFER_OPTIONS["edit"], "agnostic"), request.get("agnostic"), WHERE)
+    def agnostic_method(self, request: dict) -> str:
+        """``blobs`` or ``combo``: the request's ``agnostic`` option as the spec reads it (lib/option_spec.py; the
+        task checked it with every option before any work), ``auto`` (the default) resolved by the server's device
+        (``--conf device``; ``medlsam.interact.edit_requests.agnostic_path``)."""
+        from medlsam.interact.edit_requests import agnostic_path
+
+        method = read(option(INFER_OPTIONS["edit"], "agnostic"), request.get("agnostic"), WHERE)
+        return agnostic_path(method, self.models.device)
 
     def _combo(self, request: dict, entry: dict, cache, axis: int):
         """``cache.combo`` set for a ``combo`` request (kept per image with the image's slice embeddings), else
