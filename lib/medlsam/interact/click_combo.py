@@ -89,11 +89,12 @@ def segment_combo(
     blobs = segment_structure(hu, spacing, prompts, axis, options, cache.any, name)
     fg = np.asarray(prompts.foreground, int).reshape(-1, 3)
     bg = np.asarray(prompts.background, int).reshape(-1, 3)
-    if prompts.box is not None:  # a box stands for its seed click, as for the blobs
-        fg = np.concatenate([cache.any.seed(hu, spacing, prompts.box, axis, options)[None], fg])
+    seen = fg  # where SAM would look: a box's seed click (its guess of the structure) stands for the box
+    if prompts.box is not None:
+        seen = np.concatenate([cache.any.seed(hu, spacing, prompts.box, axis, options)[None], fg])
     candidates, choice = [blobs], "blobs: hu"
-    if cache.sam is not None and sam_sees(hu, spacing, fg, cache.sam.embeddings.window):
-        sam = sam_candidate(cache.sam, fg, bg, blobs, axis, prompts.box, sam_options)
+    if cache.sam is not None and sam_sees(hu, spacing, seen, cache.sam.embeddings.window):
+        sam = sam_candidate(cache.sam, fg, bg, blobs, axis, prompts.box, sam_options)  # SAM takes the box itself
         if not honours(*sam, fg, bg):
             candidates, choice = [blobs, sam], "blobs: prompts"
         elif cache.sam.filled > cache.sam.carried:

@@ -5,16 +5,16 @@ decoder call per slice and nothing encoded twice for one image.
 ``cache_dir``, on disk) and a memo of decoder calls by (slice, box): a later click re-decodes only the slices whose
 box changed. ``sam_candidate`` walks a guide's slice extent (the class-agnostic blob answer,
 ``medlsam.interact.click_structure``) plus a margin: a seed slice (clicked, not reached from another) takes the
-best of the guide's box there and boxes around its clicks (``_seed_mask``), every other slice the box of its
-neighbour's mask widened to its foreground clicks; background clicks push the box edge off them and remove the
-component under them. A direction stops like ``sam_3d`` (``medlsam.interact.propagation``): an empty mask, a low
-predicted IoU, an area collapse or blow-up, too little overlap with the neighbour, or the guide's extent; a
-background click ends it only where nothing is left on its slice once the box is pushed off it and its component
-removed (``sam_3d`` stops at any background click on the carried mask: a single click on an in-plane leak cut the
-spleen from 0.95 to 0.61). Where SAM lost the object (not at its end or a background click), the guide's slices
-beyond are counted (``SamCache.filled``: the choice of ``medlsam.interact.click_combo`` uses it) and, with
-``SamOptions.fill``, taken. Prompts are file voxel indices; slice pixels are x = column, y = row of
-``np.take(volume, k, axis)``.
+user's box when one was drawn, else the best of the guide's box there and boxes around its clicks (``_seed_mask``),
+every other slice the box of its neighbour's mask widened to its foreground clicks; background clicks push the box
+edge off them and remove the component under them. A direction stops like ``sam_3d``
+(``medlsam.interact.propagation``): an empty mask, a low predicted IoU, an area collapse or blow-up, too little
+overlap with the neighbour, or the guide's extent; a background click ends it only where nothing is left on its
+slice once the box is pushed off it and its component removed (``sam_3d`` stops at any background click on the
+carried mask: a single click on an in-plane leak cut the spleen from 0.95 to 0.61). Where SAM lost the object (not
+at its end or a background click), the guide's slices beyond are counted (``SamCache.filled``: the choice of
+``medlsam.interact.click_combo`` uses it) and, with ``SamOptions.fill``, taken. Prompts are file voxel indices;
+slice pixels are x = column, y = row of ``np.take(volume, k, axis)``.
 """
 
 from __future__ import annotations
@@ -97,12 +97,20 @@ def _on_slice(points: np.ndarray, axis: int, k: int) -> np.ndarray:
     return np.stack([here[:, cols], here[:, rows]], axis=1).astype(np.float64).reshape(-1, 2)
 
 
-def _seed_mask(cache: SamCache, k: int, guide: np.ndarray | None, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """The seed slice's mask: of the guide's box on it (widened to its foreground clicks) and boxes of six sizes
-    around the clicks (as ``interactive.best_seed_box``), each pushed off the background clicks, the one whose mask
-    answers the clicks best (``interactive.seed_score``: a whole object under the clicks, then SAM's predicted
-    IoU). A guide that leaked gives a box too large; the click boxes then find the object under the click."""
+def _seed_mask(
+    cache: SamCache, k: int, guide: np.ndarray | None, fg: np.ndarray, bg: np.ndarray, drawn: np.ndarray | None = None
+) -> np.ndarray:
+    """The seed slice's mask. With a ``drawn`` box (x0, y0, x1, y1: the user's box in this slice's plane) the mask
+    SAM gives for it, as MedSAM is prompted, when it holds the clicks; otherwise, of the guide's box on it (widened to
+    its foreground clicks) and boxes of six sizes around the clicks (as ``interactive.best_seed_box``), each pushed
+    off the background clicks, the one whose mask answers the clicks best (``interactive.seed_score``: a whole
+    object under the clicks, then SAM's predicted IoU). A guide that leaked gives a box too large; the click boxes
+    then find the object under the click."""
     shape = cache.embeddings.slice_shape
+    if drawn is not None:
+        mask, _ = cache.decode(k, _exclude(drawn, bg, fg))
+        if all(mask[int(y), int(x)] for x, y in fg):
+            return mask
     radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 6)))
     boxes = [box_around(fg, r, shape) for r in radii]
     if guide is not None and guide.any():
@@ -202,15 +210,18 @@ def sam_candidate(
 ) -> tuple[Region, np.ndarray]:
     """(region, mask on it) of SAM's answer to the clicks (file indices): the slices of the guide's extent along
     ``axis`` plus margin_slices (within ``box`` when given), whole slices in the plane. The first clicked slice is
-    the seed; a clicked slice the propagation did not reach starts again from its own clicks. The slices needed are
-    encoded first (once per image)."""
+    the seed (with a box and no click, the box's middle slice); a clicked slice the propagation did not reach starts
+    again from its own clicks. The slices needed are encoded first (once per image)."""
     options = options or SamOptions()
     fg_all, bg_all = np.asarray(foreground, int).reshape(-1, 3), np.asarray(background, int).reshape(-1, 3)
     region, mask = guide
     n = cache.embeddings.num_slices
     along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) + region[axis].start
-    low = min(int(along.min()) if len(along) else n, int(fg_all[:, axis].min())) - options.margin_slices
-    high = max(int(along.max()) if len(along) else 0, int(fg_all[:, axis].max())) + options.margin_slices
+    seeds = [int(k) for k in dict.fromkeys(fg_all[:, axis])]
+    if not seeds:  # a box alone: its middle slice
+        seeds = [int(round((box[axis, 0] + box[axis, 1]) / 2))]
+    low = min(int(along.min()) if len(along) else n, min(seeds)) - options.margin_slices
+    high = max(int(along.max()) if len(along) else 0, max(seeds)) + options.margin_slices
     low, high = max(0, low), min(n - 1, high)
     if box is not None:
         low, high = max(low, int(box[axis, 0])), min(high, int(box[axis, 1]))
@@ -228,11 +239,12 @@ def sam_candidate(
 
     out: dict[int, np.ndarray] = {}
     cache.stops, filled = [], 0
-    for seed in dict.fromkeys(int(k) for k in fg_all[:, axis]):
+    for seed in seeds:
         if seed in out or not low <= seed <= high:
             continue
         fg, bg = clicks(seed)
-        seed_mask = patch(seed, select_components(_seed_mask(cache, seed, full_guide(seed), fg, bg), fg, bg), fg)
+        seed_mask = _seed_mask(cache, seed, full_guide(seed), fg, bg, None if box is None else _in_plane(box, axis))
+        seed_mask = patch(seed, select_components(seed_mask, fg, bg), fg)
         if not seed_mask.any():
             continue
         out[seed] = seed_mask
@@ -243,6 +255,12 @@ def sam_candidate(
                 filled += _fill(out, seed, step, (low, high), full_guide, options.fill)
     cache.filled, cache.carried = filled, len(out) - (filled if options.fill else 0)
     return _assemble(out, axis, shape, low, high, box)
+
+
+def _in_plane(box: np.ndarray, axis: int) -> np.ndarray:
+    """A (3, 2) voxel box as the slices' (x0, y0, x1, y1) box: x along the slice's columns, y along its rows."""
+    rows, cols = inplane_axes(axis)
+    return np.array([box[cols, 0], box[rows, 0], box[cols, 1], box[rows, 1]], np.float64)
 
 
 def _guide_slices(region: Region, mask: np.ndarray, axis: int, shape: tuple[int, int]):
