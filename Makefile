@@ -39,7 +39,7 @@ lint: setup  ## ruff: lint and format check (configured in pyproject.toml)
 system-deps:  ## Orthanc + Chromium (DICOMweb/OHIF tests), dicom3tools + plastimatch (RTSTRUCT tests): apt-installed when missing (root only)
 	bash scripts/system_deps.sh
 
-test: setup system-deps lint  ## lint, then run the test suite: server tests beside the rest (CPU only, no network)
+test: setup system-deps lint  ## lint, then the test suite: server + training tests beside data + unit tests (CPU only, no network)
 	MEDLSAM_DATA=$(DATA) $(BIN)/python scripts/run_tests.py
 
 test-quick: setup  ## tests/unit: no data folder, no server (about a minute)
