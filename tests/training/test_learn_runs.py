@@ -174,10 +174,13 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"no {path} after {timeout} s")
 
 
-def _killed_launcher_run(command: list[str], cache: Path, log_path: Path, kill) -> list[int]:
-    """Start ``command --nproc 2``, wait for its first checkpoint, call ``kill(launcher)``, then wait up to 60 s for
-    every process of its tree to end; returns those still alive (every one is killed in the end)."""
-    with open(log_path, "w") as log:
+def _killed_launcher_run(paths: dict, fewshot_cache: Path, folder: Path, kill) -> tuple[list[str], Path, list[int]]:
+    """A long `medlsam learn --nproc 2` run in ``folder`` (the few-shot cache copied in): wait for its first
+    checkpoint, call ``kill(launcher)``, then wait up to 60 s for every process of its tree to end. Returns its
+    command (without ``--nproc``), its cache folder and the processes still alive (every one is killed in the end)."""
+    cache = _copy_cache(fewshot_cache, folder / "cache")
+    command = _command(paths, folder / "m.pt", cache, _options_file(folder, max_epochs=1000))
+    with open(folder / "run.log", "w") as log:
         launcher = subprocess.Popen([*command, "--nproc", "2"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_for(cache / CHECKPOINT, launcher, timeout=300)
@@ -187,7 +190,7 @@ def _killed_launcher_run(command: list[str], cache: Path, log_path: Path, kill) 
             deadline = time.time() + 60
             while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
                 time.sleep(0.5)
-            return [p for p in tree if Path(f"/proc/{p}").exists()]
+            return command, cache, [p for p in tree if Path(f"/proc/{p}").exists()]
         finally:
             for pid in [launcher.pid, *_descendants(launcher.pid)]:
                 try:
@@ -211,9 +214,7 @@ def _kill_a_rank(launcher: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, fewshot_cache, tmp_path):
-    cache = _copy_cache(fewshot_cache, tmp_path / "cache")
-    command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
-    left = _killed_launcher_run(command, cache, tmp_path / "run.log", _kill_launcher)
+    command, cache, left = _killed_launcher_run(paths, fewshot_cache, tmp_path, _kill_launcher)
     assert not left, f"orphaned processes {left}"
     stopped = int(torch.load(cache / CHECKPOINT, weights_only=True)["epoch"])
     assert stopped >= 1
@@ -229,9 +230,7 @@ def test_a_killed_launcher_leaves_no_rank_behind_and_one_process_resumes(paths, 
 
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_others(paths, fewshot_cache, tmp_path):
-    cache = _copy_cache(fewshot_cache, tmp_path / "cache")
-    command = _command(paths, tmp_path / "m.pt", cache, _options_file(tmp_path, max_epochs=1000))
-    left = _killed_launcher_run(command, cache, tmp_path / "run.log", _kill_a_rank)
+    _, _, left = _killed_launcher_run(paths, fewshot_cache, tmp_path, _kill_a_rank)
     assert not left, f"a rank outlived the run: {left}"
     assert not (tmp_path / "m.pt").exists()
 

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from medlsam.interact.interactive import PromptError, check_click_count
+from medlsam.utils.geometry import mask_extent
 
 BODY_HU = -400.0  # above this: tissue; the body is its largest component, holes (lungs, bowel gas) filled
 
@@ -177,8 +178,7 @@ def _grow_one(
     part = _component_at(candidate, at[None])
     if not part.any():
         return part
-    idx = np.argwhere(part)
-    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(axis=0), idx.max(axis=0)))
+    box = mask_extent(part)
     out = np.zeros(part.shape, bool)
     out[box] = _shape_blob(part[box], at - np.array([s.start for s in box]), spacing, options, air)
     return out

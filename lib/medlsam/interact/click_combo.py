@@ -23,7 +23,7 @@ import numpy as np
 from medlsam.interact.click_any import AnyOptions, AnyPrompts
 from medlsam.interact.click_sam import SamCache, SamOptions, sam_candidate
 from medlsam.interact.click_structure import AnyCache, Region, _prompt_key, segment_structure
-from medlsam.interact.click_update import CHANGE_ELSEWHERE, added_clicks, corrected
+from medlsam.interact.click_update import CHANGE_ELSEWHERE, added_clicks, corrected, points_inside
 
 SAMPLE_MM = 3.0  # radius around a click whose median HU decides whether SAM sees it
 
@@ -56,15 +56,8 @@ def honours(region: Region, mask: np.ndarray, fg: np.ndarray, bg: np.ndarray) ->
     if not mask.any():
         return False
     origin = np.array([s.start for s in region])
-
-    def inside(points: np.ndarray) -> np.ndarray:
-        local = np.asarray(points, int).reshape(-1, 3) - origin
-        ok = np.all((local >= 0) & (local < np.array(mask.shape)), axis=1)
-        hit = np.zeros(len(local), bool)
-        hit[ok] = mask[tuple(local[ok].T)]
-        return hit
-
-    return bool(inside(fg).all() and not inside(bg).any())
+    inside = [points_inside(mask, np.asarray(p, int).reshape(-1, 3) - origin) for p in (fg, bg)]
+    return bool(inside[0].all() and not inside[1].any())
 
 
 def segment_combo(

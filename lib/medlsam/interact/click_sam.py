@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medlsam.interact.interactive import _exclude, box_around, seed_score, select_components
+from medlsam.interact.interactive import _exclude, box_around, seed_boxes, seed_score, select_components
 from medlsam.interact.propagation import mask_box
 from medlsam.utils.geometry import inplane_axes, largest_component
 
@@ -111,13 +111,12 @@ def _seed_mask(
         mask, _ = cache.decode(k, _exclude(drawn, bg, fg))
         if all(mask[int(y), int(x)] for x, y in fg):
             return mask
-    radii = np.unique(np.round(np.geomspace(2, max(4.0, max(shape) / 3), 6)))
-    boxes = [box_around(fg, r, shape) for r in radii]
+    boxes = seed_boxes(fg, bg, shape)
     if guide is not None and guide.any():
-        boxes.insert(0, box_around(np.concatenate([fg, mask_box(guide, 0.0).reshape(2, 2)]), 0.0, shape))
+        guided = box_around(np.concatenate([fg, mask_box(guide, 0.0).reshape(2, 2)]), 0.0, shape)
+        boxes.insert(0, _exclude(guided, bg, fg))
     best, best_score = np.zeros(shape, bool), -np.inf
     for box in boxes:
-        box = _exclude(box, bg, fg)
         mask, iou = cache.decode(k, box)
         score = seed_score(mask, iou, box, fg, bg)
         if score > best_score:

@@ -26,6 +26,7 @@ from medlsam.interact.click_any import (
     box_seeds,
     grow_blob,
 )
+from medlsam.interact.click_update import enclosing, within
 
 Region = tuple[slice, ...]
 
@@ -68,12 +69,11 @@ def _prompt_key(prompts: AnyPrompts, options: AnyOptions) -> tuple:
 
 
 def _union(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, np.ndarray]:
-    low = np.min([[s.start for s in r] for r, _ in parts], axis=0)
-    high = np.max([[s.stop for s in r] for r, _ in parts], axis=0)
-    mask = np.zeros(tuple(high - low), bool)
-    for region, part in parts:
-        mask[tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, low))] |= part
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high)), mask
+    region = enclosing([r for r, _ in parts])
+    mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
+    for where, part in parts:
+        mask[within(where, region)] |= part
+    return region, mask
 
 
 def _bounded(blobs: list, clicks: np.ndarray, spacing, options: AnyOptions) -> list[tuple[Region, np.ndarray]]:

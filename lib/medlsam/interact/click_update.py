@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from medlsam.interact.click_any import AnyPrompts, _component_at
+from medlsam.utils.geometry import mask_extent
 
 Region = tuple[slice, ...]
 CHANGE_ELSEWHERE = 0.1  # the share of the previous volume the whole candidate may change away from the new clicks
@@ -47,25 +48,34 @@ def trimmed(part: tuple[Region, np.ndarray]) -> tuple[Region, np.ndarray]:
     region, mask = part
     if not mask.any():
         return tuple(slice(s.start, s.start + 1) for s in region), np.zeros((1, 1, 1), bool)
-    idx = np.argwhere(mask)
-    low, high = idx.min(axis=0), idx.max(axis=0) + 1
-    inner = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    inner = mask_extent(mask)
     return tuple(slice(s.start + i.start, s.start + i.stop) for s, i in zip(region, inner)), mask[inner]
+
+
+def enclosing(regions: list[Region]) -> Region:
+    """The smallest region holding every one of ``regions``."""
+    low = np.min([[s.start for s in r] for r in regions], axis=0)
+    high = np.max([[s.stop for s in r] for r in regions], axis=0)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def within(inner: Region, outer: Region) -> Region:
+    """``inner`` as slices of an array covering ``outer``."""
+    return tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(inner, outer))
 
 
 def common_grid(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, list[np.ndarray]]:
     """The masks of ``parts`` (region, mask on it) on one region holding them all."""
-    low = np.min([[s.start for s in r] for r, _ in parts], axis=0)
-    high = np.max([[s.stop for s in r] for r, _ in parts], axis=0)
+    region = enclosing([r for r, _ in parts])
     masks = []
-    for region, part in parts:
-        mask = np.zeros(tuple(high - low), bool)
-        mask[tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, low))] = part
+    for where, part in parts:
+        mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
+        mask[within(where, region)] = part
         masks.append(mask)
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high)), masks
+    return region, masks
 
 
-def _inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+def points_inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Per point (local indices), whether it lies in the mask (False outside its grid)."""
     points = np.asarray(points, int).reshape(-1, 3)
     ok = np.all((points >= 0) & (points < np.array(mask.shape)), axis=1)
@@ -79,8 +89,7 @@ def _near(part: np.ndarray, click: np.ndarray, others: np.ndarray, spacing, radi
     of the ``others`` points (local indices)."""
     if not part.any():
         return part
-    idx = np.argwhere(part)
-    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(axis=0), idx.max(axis=0)))
+    box = mask_extent(part)
     axes = [np.arange(s.start, s.stop, dtype=np.float32) * d for s, d in zip(box, spacing)]
     axes = [a.reshape([-1 if i == j else 1 for j in range(3)]) for i, a in enumerate(axes)]
 
@@ -122,18 +131,18 @@ def corrected(
     local = before.copy()
     for click in new_fg:
         for option in options:
-            if not _inside(local, click)[0] and _inside(option, click)[0]:
+            if not points_inside(local, click)[0] and points_inside(option, click)[0]:
                 local |= _near(option & ~before, click, bg, spacing, reach)
     for click in new_bg:
         for option in options:
-            if _inside(local, click)[0] and not _inside(option, click)[0]:
+            if points_inside(local, click)[0] and not points_inside(option, click)[0]:
                 local &= ~_near(before & ~option, click, fg, spacing, reach)
     whole = options[0]
     elsewhere = int(((whole ^ before) & ~(local ^ before)).sum())
-    if _inside(whole, fg).all() and not _inside(whole, bg).any() and elsewhere <= change_elsewhere * before.sum():
+    holds = points_inside(whole, fg).all() and not points_inside(whole, bg).any()
+    if holds and elsewhere <= change_elsewhere * before.sum():
         return region, whole, "whole"
-    inside = np.all((fg >= 0) & (fg < np.array(local.shape)), axis=1)
-    local[tuple(fg[inside].T)] = True
-    inside = np.all((bg >= 0) & (bg < np.array(local.shape)), axis=1)
-    local[tuple(bg[inside].T)] = False
+    local[tuple(fg.T)] = True  # every foreground click lies on the grid
+    on_grid = np.all((bg >= 0) & (bg < np.array(local.shape)), axis=1)
+    local[tuple(bg[on_grid].T)] = False
     return region, local, "local"

@@ -205,10 +205,7 @@ def best_seed_box(
     """Boxes of several sizes around the foreground clicks, decoded in one batched call. Among the masks that
     hold a click and are not cut off by their box (a whole object fits in it) SAM's best-scored (predicted IoU)
     wins; failing any, the best predicted IoU minus penalties for a cut-off mask or a missed click."""
-    shape = embeddings.slice_shape
-    top = max(4.0, max(shape) / 3 if max_radius is None else max_radius)
-    radii = np.unique(np.round(np.geomspace(2, top, 6)))
-    boxes = np.stack([_exclude(box_around(foreground, r, shape), background, foreground) for r in radii])
+    boxes = np.stack(seed_boxes(foreground, background, embeddings.slice_shape, max_radius))
     probs, ious = embeddings.decode(k, boxes=boxes)
     scores = [
         seed_score(prob > threshold, float(iou), box, foreground, background, max_border)
@@ -216,6 +213,16 @@ def best_seed_box(
     ]
     best = int(np.argmax(scores))
     return boxes[best], probs[best] > threshold, float(ious[best])
+
+
+def seed_boxes(
+    foreground: np.ndarray, background: np.ndarray, shape: tuple[int, int], max_radius: float | None = None
+) -> list[np.ndarray]:
+    """Boxes of six sizes (2 pixels to a third of the slice, or ``max_radius``) around the foreground clicks, each
+    pushed off the background clicks."""
+    top = max(4.0, max(shape) / 3 if max_radius is None else max_radius)
+    radii = np.unique(np.round(np.geomspace(2, top, 6)))
+    return [_exclude(box_around(foreground, r, shape), background, foreground) for r in radii]
 
 
 def seed_score(

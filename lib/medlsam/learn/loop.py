@@ -194,13 +194,15 @@ def train_network(
     deadline: float,
     progress: Callable[[dict], None] | None = None,
     cache: str | Path | None = None,
+    ctx: DistContext | None = None,
 ) -> dict:
     """Train ``model.network`` in place until max_epochs or ``deadline`` (time.monotonic); keep the state that
     scored best on ``held`` (the last state when nothing is held out). With ``cache``, a checkpoint there at each
     epoch's end, resumed by the same run (``medlsam.learn.trainer.learn`` removes it once the model is scored).
-    Returns the training record."""
+    ``ctx``: this process's place among torch.distributed ranks (default: joined here). Returns the training
+    record."""
     opt = model.options
-    ctx = init_distributed(resolve_device(opt.device))  # torchrun's process group, else one process
+    ctx = ctx or init_distributed(resolve_device(opt.device))  # torchrun's process group, else one process
     net = model.network.to(ctx.device).train()
     optim = torch.optim.AdamW(net.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
     path = checkpoint_path(cache)

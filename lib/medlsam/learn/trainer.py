@@ -228,7 +228,7 @@ def learn(
         choice={o: "fewshot" for o in organs},
         prior_cuts=cuts,
     )
-    record = train_network(model, train, [examples[i] for i in held], deadline, progress, cache)
+    record = train_network(model, train, [examples[i] for i in held], deadline, progress, cache, ctx)
     if not ctx.is_main:  # torch.distributed: rank 0 alone scores, chooses and writes
         model.record = record
         return model

@@ -12,6 +12,16 @@ def inplane_axes(axis: int) -> tuple[int, int]:
     return rows, cols
 
 
+def mask_extent(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel of a non-empty mask, as slices (from projections: no index
+    array of every voxel)."""
+    out = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(out)
+
+
 def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
     """The largest connected component of a boolean mask (the mask itself when it has at most one).
     ``connectivity``: 1 for face neighbours only, up to ``mask.ndim`` (the default) for all neighbours."""
