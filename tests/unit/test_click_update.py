@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from medlsam.interact.click_any import AnyPrompts
-from medlsam.interact.click_update import added_clicks, common_grid, corrected, trimmed
+from medlsam.interact.click_update import added_clicks, common_grid, corrected, depth, trimmed
 
 SHAPE = (40, 40, 20)
 WHOLE = tuple(slice(0, n) for n in SHAPE)
@@ -75,6 +75,27 @@ def test_a_background_click_removes_only_the_part_the_candidate_dropped_there():
     prompts = _prompts([[10, 20, 10]], [[30, 20, 10]])
     mask, how = _corrected((WHOLE, previous), [(WHOLE, candidate)], prompts, ([], prompts.background), SPACING)
     assert how == "local" and np.array_equal(mask, body)
+
+
+def test_a_click_changes_about_as_much_as_it_lies_deep_in_its_error():
+    previous = _ball((20, 20, 10), 9)
+    candidate = _ball((20, 20, 10), 5)  # a candidate that drops the whole outer shell
+    prompts = _prompts([[20, 20, 10]], [[28, 20, 10]])  # a background click 1-2 mm inside the previous edge
+    mask, how = _corrected((WHOLE, previous), [(WHOLE, candidate)], prompts, ([], prompts.background), SPACING)
+    removed = np.argwhere(previous & ~mask)
+    assert how == "local" and not mask[28, 20, 10] and len(removed)
+    assert np.abs(removed - [28, 20, 10]).max() <= 4  # within twice its depth (2 mm), not the whole shell
+    assert (previous & ~mask).sum() < 0.1 * (previous & ~candidate).sum()
+
+
+def test_depth_is_the_distance_out_of_the_mask():
+    ball = _ball((20, 20, 10), 5)
+    assert abs(depth(ball, np.array([20, 20, 10]), SPACING) - np.sqrt(26.0)) < 1e-9  # to (25, 21, 10)
+    assert depth(ball, np.array([0, 0, 0]), SPACING) == 0.0  # outside already
+    slab = np.ones(SHAPE, bool)
+    assert depth(slab, np.array([1, 20, 10]), SPACING) == 2.0  # the grid's edge is outside
+    slab[:, :, 12:] = False
+    assert depth(slab, np.array([20, 20, 10]), (1.0, 1.0, 3.0)) == 6.0  # 2 slices of 3 mm away
 
 
 def test_a_candidate_that_agrees_elsewhere_is_taken_whole_and_the_next_one_is_tried_for_a_click():

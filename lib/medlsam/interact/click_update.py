@@ -9,7 +9,10 @@ answer's connected part that the candidate dropped there. The whole candidate re
 when it honours every prompt and changes, away from the new clicks, at most ``CHANGE_ELSEWHERE`` of the previous
 answer's volume. A click's part stays near it, as the blob path's later clicks do (``AnyOptions.later_reach``):
 within REACH times the previous answer's equivalent radius of it, and nearer to it than to any click of the other
-kind (one background click never takes the structure away). Candidates are tried in order for a click (the
+kind (one background click never takes the structure away). A background click removes only about as much as it
+lies deep in the answer (within DEPTH_REACH times its distance to the answer's outside): a click on a thin rim of
+leak trims that rim, not the whole part a candidate dropped (one on the chest liver's edge took 320 cc of true
+liver with it, Dice 0.91 -> 0.74). Candidates are tried in order for a click (the
 chosen path's, then the other's); a click no candidate answers leaves the answer as it was but for its own voxel.
 Nothing here knows an organ.
 """
@@ -24,6 +27,8 @@ from medlsam.utils.geometry import mask_extent
 Region = tuple[slice, ...]
 CHANGE_ELSEWHERE = 0.1  # the share of the previous volume the whole candidate may change away from the new clicks
 REACH = 1.0  # a click changes the answer within this times the previous answer's equivalent radius of it
+DEPTH_REACH = 2.0  # a background click: also within this times its depth in the answer (at least MIN_REACH_VOXELS)
+MIN_REACH_VOXELS = 2.0  # the least reach, in the scan's largest voxel side
 
 
 def added_clicks(before: AnyPrompts, after: AnyPrompts) -> tuple[np.ndarray, np.ndarray] | None:
@@ -84,6 +89,24 @@ def points_inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     return hit
 
 
+def depth(mask: np.ndarray, click: np.ndarray, spacing) -> float:
+    """Distance in mm from ``click`` (local indices) to the nearest voxel not in ``mask`` (the grid's outside
+    included): how deep the click lies in the answer."""
+    spacing = np.asarray(spacing, np.float64)
+    click = np.asarray(click, int)
+    shape = np.array(mask.shape)
+    edge = float(np.min(np.minimum(click + 1, shape - click) * spacing))  # the first voxel past the nearest face
+    half = float(spacing.max())
+    while True:  # a growing box around the click: it holds every voxel within half mm of it
+        reach = np.ceil(half / spacing).astype(int)
+        low, high = np.maximum(click - reach, 0), np.minimum(click + reach + 1, shape)
+        outside = np.argwhere(~mask[tuple(slice(int(a), int(b)) for a, b in zip(low, high))])
+        nearest = float(np.sqrt((((outside + low - click) * spacing) ** 2).sum(axis=1).min())) if len(outside) else edge
+        if nearest <= half or half >= edge:
+            return min(nearest, edge)
+        half *= 2.0
+
+
 def _near(part: np.ndarray, click: np.ndarray, others: np.ndarray, spacing, radius: float = np.inf) -> np.ndarray:
     """The component at ``click`` of the voxels of ``part`` within ``radius`` mm of it and nearer to it than to any
     of the ``others`` points (local indices)."""
@@ -128,6 +151,11 @@ def corrected(
     new_fg, new_bg = (np.asarray(points, int).reshape(-1, 3) - origin for points in added)
     spacing = np.asarray(spacing, np.float64)
     reach = REACH * (3.0 * float(before.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
+    least = MIN_REACH_VOXELS * float(spacing.max())
+
+    def radius(click: np.ndarray) -> float:  # a background click's
+        return min(reach, max(least, DEPTH_REACH * depth(before, click, spacing)))
+
     local = before.copy()
     for click in new_fg:
         for option in options:
@@ -136,7 +164,7 @@ def corrected(
     for click in new_bg:
         for option in options:
             if points_inside(local, click)[0] and not points_inside(option, click)[0]:
-                local &= ~_near(before & ~option, click, fg, spacing, reach)
+                local &= ~_near(before & ~option, click, fg, spacing, radius(click))
     whole = options[0]
     elsewhere = int(((whole ^ before) & ~(local ^ before)).sum())
     holds = points_inside(whole, fg).all() and not points_inside(whole, bg).any()
