@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
                 word = f"{option}={portable_path(value)}"
         elif _looks_like_path(word):
             word = portable_path(word)
-        words.append(word)
+        words.append(shlex.quote(word))
     return " ".join(["python", script, *words])
 
 

@@ -185,11 +185,11 @@ def fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
-def report(results: list[dict], meta: dict) -> str:
+def report(results: list[dict], meta: dict, out: Path = RESULTS / "learning.md") -> str:
     lines = [
         "# Learning from saved labels (`medlsam learn`)",
         "",
-        f"Regenerate from a fresh clone: `{meta['command']}` (sizes already in results/learning.json are kept; "
+        f"Regenerate from a fresh clone: `{meta['command']}` (sizes already in results/{out.stem}.json are kept; "
         "banks, priors and models are cached in runs/learning/).",
         f"Machine: {meta['machine']}; load average (1 min) {meta['load_start']} at the start, {meta['load_end']} "
         "at the end: the 2 cores were shared with other engineers' jobs, so times are upper bounds.",
@@ -252,7 +252,7 @@ def report(results: list[dict], meta: dict) -> str:
             f"**Partial:** N = {', '.join(partial)} scored on the first validation scans only (column "
             "'validation scans'), not the protocol's 33; rerun with `--cases 33` for reportable figures.",
         ]
-    lines += ["", "![learning curve](learning.png)", ""]
+    lines += ["", f"![learning curve]({out.stem}.png)", ""]
     return "\n".join(lines)
 
 
@@ -291,7 +291,7 @@ def main() -> None:
             "options": options.to_dict(),
         }
         write_json_atomic({"meta": meta, "results": results}, json_path)
-        args.out.write_text(report(results, meta))
+        args.out.write_text(report(results, meta, args.out))
         plot(results, args.out.with_suffix(".png"))
         print(f"N={size} written to {args.out}", flush=True)
 
