@@ -26,7 +26,7 @@ from medlsam.interact.click_any import (
     box_seeds,
     grow_blob,
 )
-from medlsam.interact.click_update import enclosing, within
+from medlsam.utils.geometry import enclosing, within
 
 Region = tuple[slice, ...]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from medlsam.interact.click_any import AnyPrompts, _component_at
-from medlsam.utils.geometry import mask_extent
+from medlsam.utils.geometry import enclosing, mask_extent, within
 
 Region = tuple[slice, ...]
 CHANGE_ELSEWHERE = 0.1  # the share of the previous volume the whole candidate may change away from the new clicks
@@ -55,18 +55,6 @@ def trimmed(part: tuple[Region, np.ndarray]) -> tuple[Region, np.ndarray]:
         return tuple(slice(s.start, s.start + 1) for s in region), np.zeros((1, 1, 1), bool)
     inner = mask_extent(mask)
     return tuple(slice(s.start + i.start, s.start + i.stop) for s, i in zip(region, inner)), mask[inner]
-
-
-def enclosing(regions: list[Region]) -> Region:
-    """The smallest region holding every one of ``regions``."""
-    low = np.min([[s.start for s in r] for r in regions], axis=0)
-    high = np.max([[s.stop for s in r] for r in regions], axis=0)
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
-
-
-def within(inner: Region, outer: Region) -> Region:
-    """``inner`` as slices of an array covering ``outer``."""
-    return tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(inner, outer))
 
 
 def common_grid(parts: list[tuple[Region, np.ndarray]]) -> tuple[Region, list[np.ndarray]]:
@@ -152,19 +140,17 @@ def corrected(
     spacing = np.asarray(spacing, np.float64)
     reach = REACH * (3.0 * float(before.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
     least = MIN_REACH_VOXELS * float(spacing.max())
-
-    def radius(click: np.ndarray) -> float:  # a background click's
-        return min(reach, max(least, DEPTH_REACH * depth(before, click, spacing)))
-
     local = before.copy()
     for click in new_fg:
         for option in options:
             if not points_inside(local, click)[0] and points_inside(option, click)[0]:
                 local |= _near(option & ~before, click, bg, spacing, reach)
     for click in new_bg:
+        near = None  # within DEPTH_REACH times its depth in the answer as well as the reach (found once, if needed)
         for option in options:
             if points_inside(local, click)[0] and not points_inside(option, click)[0]:
-                local &= ~_near(before & ~option, click, fg, spacing, radius(click))
+                near = near or min(reach, max(least, DEPTH_REACH * depth(before, click, spacing)))
+                local &= ~_near(before & ~option, click, fg, spacing, near)
     whole = options[0]
     elsewhere = int(((whole ^ before) & ~(local ^ before)).sum())
     holds = points_inside(whole, fg).all() and not points_inside(whole, bg).any()

@@ -22,6 +22,18 @@ def mask_extent(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(out)
 
 
+def enclosing(regions: list[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """The smallest region (slices) holding every one of ``regions``."""
+    low = np.min([[s.start for s in r] for r in regions], axis=0)
+    high = np.max([[s.stop for s in r] for r in regions], axis=0)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def within(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``inner`` as slices of an array covering ``outer``."""
+    return tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(inner, outer))
+
+
 def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
     """The largest connected component of a boolean mask (the mask itself when it has at most one).
     ``connectivity``: 1 for face neighbours only, up to ``mask.ndim`` (the default) for all neighbours."""
