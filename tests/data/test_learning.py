@@ -229,3 +229,41 @@ def test_one_template_banks_are_cached_by_file_content(data_dir, tmp_path):
     write_volume(relabelled.array, relabelled, label)
     changed = fewshot.one_template_banks(medlam, [load_ct(image)], [read_volume(label)], names, cache)
     assert set(changed[0].organs) == {"Brainstem"} and sorted(cache.glob("*.pt")) != kept  # built again
+
+
+def test_segment_command_serves_each_organ_by_its_path_and_blends_sam_only_where_asked(trained, data_dir, tmp_path):
+    """`medlsam segment --learned`: organs the bank knows and the model left to the few-shot path get the calibrated
+    prior (SAM blended in only with a prior weight below 1), organs the bank lacks the network; one label file."""
+    from app_support import tiny_case
+    from medlsam.atlas.bank_builder import build_bank
+    from medlsam.medlam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+
+    model, _, _ = trained
+    fewshot_everywhere = load_learned(trained[1])
+    fewshot_everywhere.choice = {organ: "fewshot" for organ in model.organs}
+    model_path = tmp_path / "fewshot.pt"
+    fewshot_everywhere.save(model_path)
+    cases = [tiny_case(data_dir, case, [1, 4], tmp_path / "src") for case in (1, 2, 3)]
+    names = {1: "Brainstem", 4: "LeftParotid"}
+    bank = build_bank(
+        load_medlam(default_medlam_path()),
+        [load_ct(image) for image, _ in cases[1:]],
+        [read_volume(label) for _, label in cases[1:]],
+        names,
+    )
+    bank.save(tmp_path / "bank.pt")
+    command = ["segment", str(cases[0][0]), "--templates", str(tmp_path / "bank.pt"), "--learned", str(model_path)]
+
+    def paths(out: Path, *extra: str) -> dict[str, str]:
+        assert main([*command, "--out", str(out), *extra]) == 0
+        served = json.loads(Path(f"{out}.json").read_text())["boxes"]
+        return {organ: box["path"] for organ, box in served.items()}
+
+    alone = paths(tmp_path / "alone.nii.gz")
+    assert alone == {o: ("fewshot" if o in names.values() else "learned") for o in model.organs}, alone
+    blended = paths(tmp_path / "blended.nii.gz", "--prior-weight", "0.5")
+    assert {o: p for o, p in blended.items() if p != "learned"} == dict.fromkeys(names.values(), "fewshot_sam")
+    one, two = read_volume(tmp_path / "alone.nii.gz").array, read_volume(tmp_path / "blended.nii.gz").array
+    assert one.shape == two.shape == load_ct(cases[0][0]).shape
+    assert (two == 1).any() and not np.array_equal(one == 1, two == 1)  # SAM moved the brainstem's boundary

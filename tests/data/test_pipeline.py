@@ -176,6 +176,23 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
     slices = np.flatnonzero(truth.any(axis=(0, 1)))
     assert 0 < result.encoder_calls < len(slices)  # every 2nd slice of the liver's range (and its ends)
     assert liver_dice(result) > 0.85
+    # each organ's blended probability before the organs compete: with one organ, exactly the label's voxels
+    located = blended.localizer.localize(ct, ["liver"], prior=True)["organs"]
+    calls = embeddings.encoder_calls
+    probabilities = blended.organ_probabilities(ct, located, embeddings)
+    assert embeddings.encoder_calls == calls  # the slices SAM needs were encoded above: none again
+    assert np.array_equal(probabilities["liver"] > 0.5, result.label == values["liver"])
+    # the learned path's few-shot organs: SAM blends in only where the prior weight is below 1
+    from medlsam.learn.predict import sam_blended
+
+    priors = {"liver": located["liver"].prior, "stomach": None}
+    used = {"liver": "fewshot", "stomach": "fewshot"}
+    assert sam_blended(segmenter, ct, priors, {}, used, values) == ({}, {})  # shipped weights: the prior alone
+    assert sam_blended(segmenter, ct, priors, {}, {**used, "liver": "learned"}, values, 0.7) == ({}, {})
+    blend, weights = sam_blended(segmenter, ct, priors, {}, used, values, 0.7, embeddings)
+    assert weights == {"liver": 0.7} and set(blend) == {"liver"}  # the stomach has no prior here: not served
+    here = blend["liver"] > 0.5
+    assert 2 * (here & truth).sum() / (here.sum() + truth.sum()) > 0.85
     # without template matching there is no prior: the organ's box on every slice, SAM alone
     from medlsam.atlas.localize import LocalizeOptions
 

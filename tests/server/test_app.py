@@ -317,6 +317,18 @@ def test_segmentation_training_learns_from_the_saved_labels_and_serves_its_choic
     better = compared["new"] > compared["incumbent"]
     assert again.json()["published"] == better and again.json()["previous_held_out_dice"] == compared["incumbent"]
     assert ((model_dir / "segmentation.pt").read_bytes() == published) != better
+    # a model that chose the few-shot path everywhere: SAM blends in where the prior weight is below 1, not elsewhere
+    from medlsam.learn.model import load_learned
+
+    fewshot = load_learned(model_dir / "segmentation.pt")
+    fewshot.choice = {organ: "fewshot" for organ in fewshot.organs}
+    fewshot.save(model_dir / "segmentation.pt")
+    alone = infer(client, "medlsam", "kbp2", {"prior_weight": 1}).json()
+    assert set(alone["paths"].values()) == {"fewshot"} and "sam" not in alone["timings_s"], alone
+    blended = infer(client, "medlsam", "kbp2", {"prior_weight": 0.5}).json()
+    found = [organ for organ, box in blended["boxes"].items() if box["found"]]
+    assert found and all(blended["paths"][organ] == "fewshot_sam" for organ in found), blended
+    assert blended["timings_s"]["sam"] > 0 and blended["backend"] == "lite_medsam"
     (model_dir / "segmentation.pt").write_bytes(b"not a model")
     after = infer(client, "medlsam", "kbp2", {"prior_weight": 1}).json()
     assert set(after["paths"].values()) == {"fewshot"} and (model_dir / "segmentation.pt.rejected").is_file()

@@ -42,7 +42,8 @@ def add_segment_arguments(segment: argparse.ArgumentParser) -> None:
     """``--learned`` on the ``segment`` subcommand (``--model`` there is MedLAM's checkpoint)."""
     segment.add_argument(
         "--learned",
-        help="a model of `medlsam learn`: each organ from the learnt network or the template prior, as it chose",
+        help="a model of `medlsam learn`: each organ from the learnt network or the template prior, as it chose (the "
+        "prior blended with SAM where --prior-weight or adapted --checkpoint weights are below 1)",
     )
 
 
@@ -138,11 +139,12 @@ def segment(args: argparse.Namespace) -> None:
     from medlsam.io.volume import load_ct
     from medlsam.learn.fewshot import scan_priors
     from medlsam.learn.model import load_learned
-    from medlsam.learn.predict import chosen_probabilities, to_label
+    from medlsam.learn.predict import chosen_probabilities, sam_blended, to_label
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
     from medlsam.segment.outputs import write_segmentation
     from medlsam.segment.pipeline import SegmentationResult
+    from medlsam.segment.sam import build_segmenter
 
     if len(args.images) != 1 or args.rtstruct or args.qc:
         raise MedLSAMError("--learned segments one scan (no batch, --rtstruct or --qc yet)")
@@ -157,6 +159,13 @@ def segment(args: argparse.Namespace) -> None:
     localize_s = time.perf_counter() - tic
     probabilities, used = chosen_probabilities(model, volume, priors, cuts)
     values = {**{o: i + 1 for i, o in enumerate(model.organs)}, **bank.labels}
+    # SAM blends in only with adapted weights (their per-organ weights) or a --prior-weight below 1: the shipped
+    # LiteMedSAM's blend does not pay, so it is not even loaded
+    if args.checkpoint or (args.prior_weight is not None and args.prior_weight < 1):
+        segmenter = build_segmenter(args.backend, args.checkpoint, device=args.device)
+        blended, _ = sam_blended(segmenter, volume, priors, cuts, used, values, args.prior_weight)
+        probabilities.update(blended)
+        used.update({name: "fewshot_sam" for name in blended})
     label = to_label(probabilities, values)
     voxels = {n: int((label == values[n]).sum()) for n in probabilities}
     result = SegmentationResult(

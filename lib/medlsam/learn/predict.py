@@ -74,6 +74,35 @@ def chosen_probabilities(
     return out, used
 
 
+def sam_blended(
+    segmenter,
+    volume: CTVolume,
+    priors: Priors,
+    cuts: dict[str, float],
+    used: dict[str, str],
+    values: dict[str, int],
+    prior_weight: float | None = None,
+    embeddings=None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The few-shot path's SAM blend for the organs ``used`` serves with the few-shot prior: organ -> probabilities
+    (SAM on the calibrated prior's slice boxes, blended with it) and organ -> its prior weight, only where that
+    weight is below 1 (SAM is worth its seconds: chosen on held-out templates by ``medlsam adapt``, or asked for
+    with ``prior_weight``); empty with the shipped LiteMedSAM, whose blend does not pay (the prior alone serves)."""
+    from medlsam.atlas.localize import OrganLocation
+    from medlsam.atlas.prior import calibrated
+    from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
+
+    if segmenter is None:
+        return {}, {}
+    pipeline = MedLSAMPipeline(None, segmenter, SegmentOptions(mode="prior", prior_weight=prior_weight))
+    fewshot = [n for n, path in used.items() if path == "fewshot" and priors.get(n) is not None and n in values]
+    weights = {n: w for n, w in pipeline.organ_weights(fewshot).items() if w < 1.0}
+    if not weights:
+        return {}, {}
+    locations = {n: OrganLocation(n, values[n], True, prior=calibrated(priors[n], cuts.get(n, 0.5))) for n in weights}
+    return pipeline.organ_probabilities(volume, locations, embeddings), weights
+
+
 def to_label(probabilities: dict[str, np.ndarray], values: dict[str, int], threshold: float = 0.5) -> np.ndarray:
     """One label volume: each voxel the organ of highest probability among those above ``threshold``."""
     names = list(probabilities)

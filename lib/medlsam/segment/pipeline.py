@@ -18,7 +18,7 @@ import numpy as np
 from medlsam.atlas.localize import Localizer, OrganLocation
 from medlsam.errors import MedLSAMError
 from medlsam.io.volume import CTVolume
-from medlsam.segment.assemble import assemble
+from medlsam.segment.assemble import assemble, slice_probability
 from medlsam.segment.prompts import OrganPrompts, encoded_slices, prompts_for
 from medlsam.segment.sam.slices import DEFAULT_WINDOW, SliceEmbeddings
 
@@ -148,25 +148,10 @@ class MedLSAMPipeline:
         own = embeddings is None
         if own:
             embeddings = SliceEmbeddings(self.segmenter, volume, window=opt.window)
-        elif embeddings.volume.shape != volume.shape:
-            raise MedLSAMError(f"embeddings of a {embeddings.volume.shape} volume given for a {volume.shape} volume")
-        axis = embeddings.axis
         calls0 = embeddings.encoder_calls
         timings = {**(timings or {}), "encode": 0.0, "decode": 0.0, "assemble": 0.0}
-        tic = time.perf_counter()
-        prompts = [
-            prompts_for(loc, opt.mode, axis, volume.shape, opt.uses_prior, opt.prior_box_threshold)
-            for loc in locations.values()
-        ]
-        prompts = [p for p in prompts if p.boxes]
-        timings["prompts"] = time.perf_counter() - tic
-        weights = self.organ_weights([p.name for p in prompts])
-        with_sam = [p for p in prompts if weights[p.name] < 1.0 or p.prior is None]  # weight 1: no SAM
-        encoded = encoded_slices([sorted(p.boxes) for p in with_sam], opt.slice_step(float(volume.spacing[axis])))
-        adaptation = getattr(self.segmenter, "adaptation", None) or {}
-        mask_prompt = bool(adaptation.get("mask_prompt")) if opt.mask_prompt is None else opt.mask_prompt
-        sam = self._segment_slices(embeddings, with_sam, encoded, timings, progress, discard=own, masks=mask_prompt)
-        sam = {p.name: sam.get(p.name, {}) for p in prompts}
+        prompts, weights, sam = self._prompts_and_masks(volume, locations, embeddings, timings, progress, own)
+        axis = embeddings.axis
 
         tic = time.perf_counter()
         max_value = max([int(loc.value) for loc in locations.values()] + [0])
@@ -200,6 +185,66 @@ class MedLSAMPipeline:
             encoder_calls=embeddings.encoder_calls - calls0,
             reference_encoder_calls=sum(len(p.boxes) for p in prompts),
         )
+
+    def organ_probabilities(
+        self,
+        volume: CTVolume,
+        locations: dict[str, OrganLocation],
+        embeddings: SliceEmbeddings | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Each localised organ's probability on ``volume``'s voxels as ``segment_locations`` blends it (SAM where
+        its prior weight is below 1, the prior alone elsewhere), before the organs compete for voxels: for callers
+        that combine organs served by different paths (``medlsam.learn.predict``)."""
+        own = embeddings is None
+        if own:
+            embeddings = SliceEmbeddings(self.segmenter, volume, window=self.options.window)
+        timings = timings if timings is not None else {}
+        for stage in ("encode", "decode"):
+            timings.setdefault(stage, 0.0)
+        prompts, weights, sam = self._prompts_and_masks(volume, locations, embeddings, timings, False, own)
+        axis, opt = embeddings.axis, self.options
+        slice_shape = embeddings.slice_shape
+        out = {}
+        for p in prompts:
+            probability = np.zeros(volume.shape, np.float32)
+            view = np.moveaxis(probability, axis, 0)
+            for k in p.boxes:
+                view[k] = slice_probability(
+                    p, k, sam[p.name], axis, slice_shape, opt.threshold, weights[p.name], opt.empty_fallback
+                )
+            out[p.name] = probability
+        return out
+
+    def _prompts_and_masks(
+        self,
+        volume: CTVolume,
+        locations: dict[str, OrganLocation],
+        embeddings: SliceEmbeddings,
+        timings: dict[str, float],
+        progress: bool,
+        discard: bool,
+    ) -> tuple[list[OrganPrompts], dict[str, float], dict[str, dict[int, np.ndarray]]]:
+        """The organs' prompts (those with boxes), their prior weights and SAM's slice probabilities (empty for an
+        organ of weight 1: SAM is not run for it)."""
+        opt = self.options
+        if embeddings.volume.shape != volume.shape:
+            raise MedLSAMError(f"embeddings of a {embeddings.volume.shape} volume given for a {volume.shape} volume")
+        axis = embeddings.axis
+        tic = time.perf_counter()
+        prompts = [
+            prompts_for(loc, opt.mode, axis, volume.shape, opt.uses_prior, opt.prior_box_threshold)
+            for loc in locations.values()
+        ]
+        prompts = [p for p in prompts if p.boxes]
+        timings["prompts"] = timings.get("prompts", 0.0) + time.perf_counter() - tic
+        weights = self.organ_weights([p.name for p in prompts])
+        with_sam = [p for p in prompts if weights[p.name] < 1.0 or p.prior is None]  # weight 1: no SAM
+        encoded = encoded_slices([sorted(p.boxes) for p in with_sam], opt.slice_step(float(volume.spacing[axis])))
+        adaptation = getattr(self.segmenter, "adaptation", None) or {}
+        mask_prompt = bool(adaptation.get("mask_prompt")) if opt.mask_prompt is None else opt.mask_prompt
+        sam = self._segment_slices(embeddings, with_sam, encoded, timings, progress, discard=discard, masks=mask_prompt)
+        return prompts, weights, {p.name: sam.get(p.name, {}) for p in prompts}
 
     def organ_weights(self, organs: list[str]) -> dict[str, float]:
         """Each organ's prior weight: the options' when set; in the wpl / spl modes BOX_MODES_PRIOR_WEIGHT; in the

@@ -59,7 +59,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             answer = {**cached[3], "cached": True, "timings_s": timings}
             return cached[2].copy(), answer
         if learned is not None:  # the segmentation trainer published a network: the better path per organ
-            label, answer = self.learned_path(entry, learned, bank, localize, organs, timings)
+            label, answer = self.learned_path(entry, learned, (bank, segmenter), localize, options, organs, timings)
             answer["medlam"] = {"path": medlam_path.name, "fingerprint": fingerprint}
             entry["auto_label"] = label
             entry["medlsam_result"] = (key, models, label, answer)
@@ -67,9 +67,10 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         pipeline = MedLSAMPipeline(Localizer(model, bank, localize), segmenter, options)
         result = pipeline.segment(entry["volume"], organs, embeddings=self.volumes.embeddings(entry), timings=timings)
         entry["auto_label"] = result.label  # the current segmentation the `edit` task corrects
+        weights = pipeline.organ_weights(list(result.label_names))
         answer = {
             **result.to_json(),
-            "paths": {name: "fewshot" for name in result.label_names},
+            "paths": {name: "fewshot_sam" if weights[name] < 1 else "fewshot" for name in result.label_names},
             "label_names": self.labels,
             "templates": info.get("templates", []),
             "medlam": {"path": medlam_path.name, "fingerprint": fingerprint},
@@ -79,13 +80,16 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         entry["medlsam_result"] = (key, models, result.label, answer)  # what a repeated request returns
         return result.label.copy(), {**answer, "cached": False}
 
-    def learned_path(self, entry: dict, learned, bank, localize, organs: list[str] | None, timings: dict):
+    def learned_path(self, entry: dict, learned, models, localize, options, organs: list[str] | None, timings: dict):
         """(label, result JSON) of the per-organ choice: the learned network where it beat the few-shot prior on the
         held-out saved labels (recorded in its file), the calibrated template prior elsewhere and for organs the
-        network does not know. The network's prior channels come from the bank of every saved label."""
+        network does not know, blended with SAM where the segmenter's prior weight for the organ is below 1 (chosen
+        on held-out templates by the lite_medsam trainer, or asked for). The network's prior channels come from the
+        bank of every saved label."""
         from medlsam.atlas.localize import Localizer
-        from medlsam.learn.predict import chosen_probabilities, to_label
+        from medlsam.learn.predict import chosen_probabilities, sam_blended, to_label
 
+        bank, segmenter = models
         tic = time.perf_counter()
         model = self.models.medlam()[0]
         every = self.templates.all_labels_bank()
@@ -96,9 +100,20 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         cuts = {**{name: organ.prior_cut for name, organ in bank.organs.items()}, **learned.prior_cuts}
         probabilities, used = chosen_probabilities(learned, entry["volume"], priors, cuts, wanted)
         values = {name: value for name, value in self.labels.items() if name in probabilities}
-        label = to_label({name: probabilities[name] for name in values}, values)
         timings.update({"localize": round(localized - tic, 3), "learned": round(time.perf_counter() - localized, 3)})
+        tic = time.perf_counter()
+        embeddings = self.volumes.embeddings(entry)
+        blended, weights = sam_blended(
+            segmenter, entry["volume"], priors, cuts, used, values, options.prior_weight, embeddings
+        )
+        probabilities.update(blended)
+        used.update({name: "fewshot_sam" for name in blended})
+        if blended:
+            timings["sam"] = round(time.perf_counter() - tic, 3)
+        label = to_label({name: probabilities[name] for name in values}, values)
         held_out = {name: learned.held_out.get(path, {}).get(name) for name, path in used.items()}
+        adapted = (getattr(segmenter, "adaptation", None) or {}).get("held_out_dice", {})
+        held_out.update({name: adapted.get(name, {}).get(str(w)) for name, w in weights.items()})
         return label, {
             "label_names": self.labels,
             "paths": used,
@@ -107,4 +122,6 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
             "boxes": {name: loc.to_json() for name, loc in located.items()},
             "timings_s": timings,
             "learned_model": {"labels": len(learned.record.get("labels", [])), "organs": learned.organs},
+            "backend": segmenter.name,
+            "adapted": segmenter.adaptation is not None,
         }
