@@ -197,7 +197,9 @@ def report(results: list[dict], meta: dict, out: Path = RESULTS / "learning.md")
         "Saved labels: the first N OpenKBP train scans of one fixed shuffle (seed 0, nested). Few-shot path: the "
         "template prior of those N labels (MedLAM + template matching, calibrated cuts from the labels held out one "
         "at a time, as `medlsam templates build` chooses them), cut at 0.5. Learnt: the network alone (its prior "
-        "channels from the same bank). Choice: per organ the path that scored better on the learner's own "
+        "channels from the same bank; each label's own prior, its input in training, as the trainer keeps it across "
+        "trainings: made from at least half of the other labels, so a size run after a smaller one may reuse it). "
+        "Choice: per organ the path that scored better on the learner's own "
         "held-out labels. Dice on each validation scan's own grid, organs not contoured skipped, a miss counts 0; "
         "HD95 mean over scans with a prediction (misses counted separately).",
         "",

@@ -267,3 +267,42 @@ def test_segment_command_serves_each_organ_by_its_path_and_blends_sam_only_where
     one, two = read_volume(tmp_path / "alone.nii.gz").array, read_volume(tmp_path / "blended.nii.gz").array
     assert one.shape == two.shape == load_ct(cases[0][0]).shape
     assert (two == 1).any() and not np.array_equal(one == 1, two == 1)  # SAM moved the brainstem's boundary
+
+
+def test_leave_one_out_priors_are_reused_as_labels_accumulate_and_redone_when_a_label_changes(data_dir, tmp_path):
+    """A label's leave-one-out prior from 1 of now 2 other labels serves again (at least half of them, all still
+    there, same organs); the new label's is made; once a template's label is saved again, the priors made from it are
+    made anew, and so is its own bank's content key."""
+    from app_support import tiny_case
+    from medlsam.io.volume import write_volume
+    from medlsam.learn import fewshot
+    from medlsam.medlam.network import load_medlam
+    from medlsam.paths import default_medlam_path
+
+    medlam = load_medlam(default_medlam_path())
+    names = {1: "Brainstem", 4: "LeftParotid"}
+    cases = [tiny_case(data_dir, case, [1, 4], tmp_path / "src") for case in (1, 2, 3)]
+    vols, labs = [load_ct(i) for i, _ in cases], [read_volume(la) for _, la in cases]
+    cache = tmp_path / "cache"
+
+    def priors(n: int) -> list:
+        banks = fewshot.one_template_banks(medlam, vols[:n], [read_volume(la) for _, la in cases[:n]], names, cache)
+        return fewshot.held_out_priors(medlam, banks, vols[:n], None, cache), banks
+
+    two, banks = priors(2)
+    made = sorted(cache.glob("prior-*.npz"))
+    assert len(made) == 2 and all(p["Brainstem"] is not None for p in two)
+    three, _ = priors(3)
+    assert len(sorted(cache.glob("prior-*.npz"))) == 3  # only the third label's prior was made
+    for before, after in zip(two, three[:2]):  # the same prior, as kept on disk (float16)
+        kept = before["Brainstem"].probabilities.astype(np.float16).astype(np.float32)
+        assert np.array_equal(kept, after["Brainstem"].probabilities)
+    relabelled = labs[1]
+    relabelled.array = np.where(relabelled.array == 4, 0, relabelled.array).astype(np.uint8)  # the parotid removed
+    write_volume(relabelled.array, relabelled, cases[1][1])
+    changed, new_banks = priors(3)
+    assert fewshot.bank_digest(new_banks[1]) != fewshot.bank_digest(banks[1])
+    # labels 0 and 2 were made from label 1's old content: made anew (the organs the others draw are the same)
+    assert len(sorted(cache.glob("prior-*.npz"))) == 5 and len(sorted(cache.glob("loo-*.json"))) == 3
+    old, new = three[0]["Brainstem"].probabilities, changed[0]["Brainstem"].probabilities
+    assert old.shape != new.shape or not np.array_equal(old, new)

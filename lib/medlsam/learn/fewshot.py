@@ -4,11 +4,17 @@ Each labelled scan becomes a one-template bank (``medlsam.atlas.templates``, cac
 scan's prior comes from the bank merged from the others (leave one out), a new scan's from the bank of them all.
 Priors are kept uncalibrated (cut 0.5, the network's input); ``cuts`` chooses each organ's calibration from the
 held-out priors exactly as ``medlsam.atlas.calibration.prior_cuts`` does; ``calibrated_dense`` applies it.
+
+Cached priors are keyed by the scan's file and the *content* of the templates' banks (a label saved again gives new
+priors). A labelled scan's leave-one-out prior is reused, as labels accumulate, while it was made from at least
+``REUSE_SHARE`` of the current others and from nothing else (``held_out_priors``): without it every training
+localises every label again against a bank that grew by a few labels (at 80 labels, 30 minutes of this CPU).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,12 +29,15 @@ from medlsam.atlas.prior import FilePrior, calibrated
 from medlsam.atlas.templates import TemplateBank, merge_banks
 from medlsam.io.volume import CTVolume
 from medlsam.medlam.network import MedLAM
-from medlsam.utils.atomic import atomic_path
+from medlsam.utils.atomic import atomic_path, write_json_atomic
 from medlsam.utils.metrics import dice
 
 logger = logging.getLogger(__name__)
 
 Priors = dict[str, FilePrior | None]  # organ -> its prior on the scan's voxels (None: not found)
+# a leave-one-out prior is reused while its templates are at least this share of the label's current others: the
+# few-shot path from 40 templates scored 0.632 on validation, from 80 0.639 (benchmarks/results/learning.md)
+REUSE_SHARE = 0.5
 
 
 def _key(*parts: str) -> str:
@@ -103,28 +112,47 @@ def _load_priors(path: Path) -> Priors:
         return out
 
 
+def bank_digest(bank: TemplateBank) -> str:
+    """What a bank's priors depend on: its MedLAM and, per organ, the templates' points and organ masks (a label
+    saved again under the same file names changes it; the source file names do not)."""
+    h = hashlib.sha1(bank.model_fingerprint.encode())
+    for name in sorted(bank.organs):
+        organ = bank.organs[name]
+        h.update(f"{name}|{organ.value}|{organ.count}".encode())
+        for tensor in (organ.latent, organ.offset, *(p.mask for p in organ.neighbourhoods)):
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def scan_priors(
     medlam: MedLAM,
     bank: TemplateBank,
     volume: CTVolume,
     options: LocalizeOptions | None = None,
     cache: Path | None = None,
+    digest: str | None = None,
 ) -> Priors:
-    """Every organ of ``bank`` localised in ``volume`` with its uncalibrated prior (None where not found)."""
-    path, files = None, _file_keys([volume.source, *bank.sources])
-    if cache is not None and files is not None:
-        path = cache / f"prior-{_key(bank.model_fingerprint, *files, repr(options))}.npz"
-        if path.is_file():
-            try:
-                return _load_priors(path)
-            except (OSError, ValueError, KeyError):
-                pass
+    """Every organ of ``bank`` localised in ``volume`` with its uncalibrated prior (None where not found); kept in
+    ``cache`` by the scan's file and the bank's content (``digest``: that content's key when the caller has it)."""
+    path = _prior_path(bank, volume, options, cache, digest)
+    if path is not None and path.is_file():
+        try:
+            return _load_priors(path)
+        except (OSError, ValueError, KeyError):
+            pass
     with torch.no_grad():
         located = Localizer(medlam, bank, options).localize(volume, mode="wpl", prior=True)["organs"]
     priors = {name: (loc.prior if loc.found else None) for name, loc in located.items()}
     if path is not None:
         _save_priors(priors, path)
     return priors
+
+
+def _prior_path(bank, volume: CTVolume, options, cache: Path | None, digest: str | None = None) -> Path | None:
+    files = _file_keys([volume.source])
+    if cache is None or files is None:
+        return None
+    return cache / f"prior-{_key(files[0], digest or bank_digest(bank), repr(options))}.npz"
 
 
 def held_out_priors(
@@ -136,7 +164,9 @@ def held_out_priors(
     only: set[int] | None = None,
 ) -> list[Priors]:
     """Each labelled scan's priors from the bank of the *other* labels (empty with a single label, and for scans
-    not in ``only`` when given)."""
+    not in ``only`` when given). With ``cache``, a scan's earlier leave-one-out prior serves while its templates are
+    all still among the others, are at least ``REUSE_SHARE`` of them and drew the same organs."""
+    digests = [bank_digest(b) for b in banks]
     out = []
     for i, volume in enumerate(volumes):
         others = [b for j, b in enumerate(banks) if j != i]
@@ -144,9 +174,45 @@ def held_out_priors(
             out.append({})
             continue
         tic = time.perf_counter()
-        out.append(scan_priors(medlam, merge_banks(others), volume, options, cache))
+        kept = [d for j, d in enumerate(digests) if j != i]
+        organs = sorted({name for b in others for name in b.organs})
+        index = _reuse_index(volume, options, cache)
+        reused = _reused_prior(index, kept, organs)
+        if reused is not None:
+            out.append(reused[0])
+            logger.info(f"held-out prior {i + 1}/{len(volumes)} kept (made from {reused[1]} of the {len(kept)} others)")
+            continue
+        bank = merge_banks(others)
+        digest = _key(bank.model_fingerprint, *sorted(kept))
+        out.append(scan_priors(medlam, bank, volume, options, cache, digest))
+        if index is not None:
+            prior_file = _prior_path(bank, volume, options, cache, digest).name
+            write_json_atomic({"templates": kept, "organs": organs, "prior": prior_file}, index)
         logger.info(f"held-out prior {i + 1}/{len(volumes)} in {time.perf_counter() - tic:.1f} s")
     return out
+
+
+def _reuse_index(volume: CTVolume, options, cache: Path | None) -> Path | None:
+    """Where a labelled scan's last leave-one-out prior is recorded (its templates, organs and prior file)."""
+    files = _file_keys([volume.source])
+    return None if cache is None or files is None else cache / f"loo-{_key(files[0], repr(options))}.json"
+
+
+def _reused_prior(index: Path | None, templates: list[str], organs: list[str]) -> tuple[Priors, int] | None:
+    """The recorded prior and how many templates made it, when it may serve for these templates and organs (see
+    ``held_out_priors``), else None."""
+    if index is None or not index.is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text())
+        made_from = set(entry["templates"])
+        if not made_from <= set(templates) or len(made_from) < REUSE_SHARE * len(templates):
+            return None
+        if entry["organs"] != organs:
+            return None
+        return _load_priors(index.parent / entry["prior"]), len(made_from)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def dense(priors: Priors, organs: list[str], shape: tuple[int, int, int]) -> np.ndarray:
