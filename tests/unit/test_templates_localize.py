@@ -315,3 +315,31 @@ def test_atlas_selection_keeps_the_best_matches_best_first():
     scores = [0.2, 0.9, 0.5, 0.7]
     assert best_matches(scores, 2) == [1, 3]
     assert best_matches(scores, 0) == best_matches(scores, 4) == best_matches(scores, 9) == [0, 1, 2, 3]
+
+
+def test_a_template_bank_is_cached_by_content_so_a_copied_datastore_keeps_it(model, tmp_path):
+    """The bank builder's cache is keyed by the files' bytes: the same template copied to another folder (a
+    datastore restored or moved, new modification times) is served from the cache; a label saved again with other
+    content is built anew."""
+    import shutil
+
+    from medlsam.atlas.bank_builder import BankBuilder, Template, content_key
+
+    ct, label = phantom(0)
+    first = tmp_path / "first"
+    first.mkdir()
+    write_volume(ct.array, ct, first / "ct.nii.gz")
+    write_volume(label.array, label, first / "label.nii.gz")
+    cache = tmp_path / "cache"
+    builder = BankBuilder(model, cache)
+    builder.template_bank(Template("t", str(first / "ct.nii.gz"), str(first / "label.nii.gz"), NAMES))
+    built = sorted(cache.glob("t-*.pt"))
+    assert len(built) == 1
+    moved = shutil.copytree(first, tmp_path / "moved", copy_function=shutil.copy)  # new paths, new mtimes
+    assert content_key(moved / "ct.nii.gz") == content_key(first / "ct.nii.gz")
+    template = Template("t", str(moved / "ct.nii.gz"), str(moved / "label.nii.gz"), NAMES)
+    assert builder.digest(template) == built[0].stem.split("-", 1)[1]  # served from the cache file
+    relabelled = np.where(label.array == 3, 0, label.array).astype(np.uint8)
+    write_volume(relabelled, label, moved / "label.nii.gz")
+    assert builder.digest(template) != built[0].stem.split("-", 1)[1]
+    assert set(builder.template_bank(template).organs) == {"Ball", "Bar"}

@@ -54,9 +54,29 @@ class BuiltBank:
 
 
 def file_key(path) -> str:
-    """A file's real path, size and modification time: what a cache entry made from it depends on."""
+    """A file's real path, size and modification time: whether it changed since it was last looked at."""
     stat = os.stat(path)
     return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+_CONTENT_KEYS: dict[str, str] = {}  # file_key -> content_key, for this process
+
+
+def content_key(path) -> str:
+    """What a cache entry made from a file depends on: the SHA-1 of its bytes (a folder: its ``file_key``), read
+    once per process per ``file_key``. A copy, a restored backup or a datastore moved elsewhere keeps its caches; a
+    file saved again with new content does not."""
+    key = file_key(path)
+    if os.path.isdir(path):
+        return key
+    digest = _CONTENT_KEYS.get(key)
+    if digest is None:
+        h = hashlib.sha1()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+        digest = _CONTENT_KEYS[key] = h.hexdigest()
+    return digest
 
 
 class BankBuilder:
@@ -82,7 +102,7 @@ class BankBuilder:
         files = [template.image] + ([template.label] if template.label is not None else [])
         if not all(isinstance(f, (str, Path)) for f in files):
             return None
-        parts = [self.fingerprint, [file_key(f) for f in files], sorted(template.names.items()), template.points]
+        parts = [self.fingerprint, [content_key(f) for f in files], sorted(template.names.items()), template.points]
         return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
     def template_bank(self, template: Template) -> TemplateBank:

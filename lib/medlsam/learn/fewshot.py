@@ -5,10 +5,11 @@ scan's prior comes from the bank merged from the others (leave one out), a new s
 Priors are kept uncalibrated (cut 0.5, the network's input); ``cuts`` chooses each organ's calibration from the
 held-out priors exactly as ``medlsam.atlas.calibration.prior_cuts`` does; ``calibrated_dense`` applies it.
 
-Cached priors are keyed by the scan's file and the *content* of the templates' banks (a label saved again gives new
-priors). A labelled scan's leave-one-out prior is reused, as labels accumulate, while it was made from at least
-``REUSE_SHARE`` of the current others and from nothing else (``held_out_priors``): without it every training
-localises every label again against a bank that grew by a few labels (at 80 labels, 30 minutes of this CPU).
+Cached priors are keyed by the content of the scan (its bytes) and of the templates' banks (a label saved again
+gives new priors; a datastore copied or restored keeps them). A labelled scan's leave-one-out prior is reused, as
+labels accumulate, while it was made from at least ``REUSE_SHARE`` of the current others and from nothing else
+(``held_out_priors``): without it every training localises every label again against a bank that grew by a few
+labels (at 80 labels, 30 minutes of this CPU).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlsam.atlas.bank_builder import BankBuilder, Template, file_key
+from medlsam.atlas.bank_builder import BankBuilder, Template, content_key
 from medlsam.atlas.calibration import MAX_HELD_OUT, choose_cuts
 from medlsam.atlas.localize import LocalizeOptions, Localizer
 from medlsam.atlas.prior import FilePrior, calibrated
@@ -45,12 +46,12 @@ def _key(*parts: str) -> str:
 
 
 def _file_keys(sources: list[str]) -> list[str] | None:
-    """Path, size and modification time of each source file (None when one is not a file: nothing is cached)."""
+    """The content key of each source file (None when one is not a file: nothing is cached)."""
     keys = []
     for source in sources:
         if not source or not Path(source).is_file():
             return None
-        keys.append(file_key(source))
+        keys.append(content_key(source))
     return keys
 
 
