@@ -66,11 +66,12 @@ def trained(data: OpenKBP, cases: list[str], options: LearnOptions, medlam) -> t
     return model, float(model.record["total_minutes"])
 
 
-def score_scan(data, case: dict, model: LearnedModel, bank, cuts, medlam) -> tuple[dict, float, float]:
-    """path -> organ -> (Dice, HD95) on one validation scan; the localisation and network seconds."""
+def score_scan(data, case: dict, model: LearnedModel, bank, cuts, medlam, digest: str) -> tuple[dict, float, float]:
+    """path -> organ -> (Dice, HD95) on one validation scan; the localisation and network seconds (``digest``: the
+    bank's ``fewshot.bank_digest``, its priors' cache key)."""
     volume, truth = load_ct(data.image(case["id"])), read_volume(data.label(case["id"])).array
     tic = time.perf_counter()
-    priors = fewshot.scan_priors(medlam, bank, volume, None, WORK / "cache")
+    priors = fewshot.scan_priors(medlam, bank, volume, None, WORK / "cache", digest)
     localize_s = time.perf_counter() - tic
     organs = model.organs
     shot = dict(zip(organs, fewshot.calibrated_dense(priors, organs, volume.shape, cuts)))
@@ -125,9 +126,9 @@ def run_size(data, order, size: int, options: LearnOptions, medlam, cases: int) 
         WORK / "cache",
     )
     bank = merge_banks(banks)  # uncalibrated: the network's prior channels; model.prior_cuts calibrate the few-shot
-    per_scan, localize_s, network_s = [], [], []
+    per_scan, localize_s, network_s, digest = [], [], [], fewshot.bank_digest(bank)  # hashed once, not per scan
     for n, case in enumerate(data.split("validation")[:cases], 1):
-        scores, loc, net = score_scan(data, case, model, bank, model.prior_cuts, medlam)
+        scores, loc, net = score_scan(data, case, model, bank, model.prior_cuts, medlam, digest)
         per_scan.append(scores)
         localize_s.append(loc)
         network_s.append(net)

@@ -183,14 +183,20 @@ def test_prior_mode_prompts_each_slice_with_the_template_prior_and_blends_sam(ab
     assert embeddings.encoder_calls == calls  # the slices SAM needs were encoded above: none again
     assert np.array_equal(probabilities["liver"] > 0.5, result.label == values["liver"])
     # the learned path's few-shot organs: SAM blends in only where the prior weight is below 1
-    from medlsam.learn.predict import sam_blended
+    from medlsam.learn.predict import blend_sam
 
     priors = {"liver": located["liver"].prior, "stomach": None}
+
+    def blended(used: dict, *args) -> tuple[dict, dict, dict]:
+        probs, served = {}, dict(used)
+        return blend_sam(segmenter, ct, priors, {}, probs, served, values, *args), probs, served
+
     used = {"liver": "fewshot", "stomach": "fewshot"}
-    assert sam_blended(segmenter, ct, priors, {}, used, values) == ({}, {})  # shipped weights: the prior alone
-    assert sam_blended(segmenter, ct, priors, {}, {**used, "liver": "learned"}, values, 0.7) == ({}, {})
-    blend, weights = sam_blended(segmenter, ct, priors, {}, used, values, 0.7, embeddings)
+    assert blended(used) == ({}, {}, used)  # shipped weights: the prior alone
+    assert blended({**used, "liver": "learned"}, 0.7) == ({}, {}, {**used, "liver": "learned"})
+    weights, blend, served = blended(used, 0.7, embeddings)
     assert weights == {"liver": 0.7} and set(blend) == {"liver"}  # the stomach has no prior here: not served
+    assert served == {"liver": "fewshot_sam", "stomach": "fewshot"}
     here = blend["liver"] > 0.5
     assert 2 * (here & truth).sum() / (here.sum() + truth.sum()) > 0.85
     # without template matching there is no prior: the organ's box on every slice, SAM alone

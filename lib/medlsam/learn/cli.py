@@ -139,7 +139,7 @@ def segment(args: argparse.Namespace) -> None:
     from medlsam.io.volume import load_ct
     from medlsam.learn.fewshot import scan_priors
     from medlsam.learn.model import load_learned
-    from medlsam.learn.predict import chosen_probabilities, sam_blended, to_label
+    from medlsam.learn.predict import blend_sam, chosen_probabilities, to_label
     from medlsam.medlam.network import load_medlam
     from medlsam.paths import default_medlam_path
     from medlsam.segment.outputs import write_segmentation
@@ -163,9 +163,7 @@ def segment(args: argparse.Namespace) -> None:
     # LiteMedSAM's blend does not pay, so it is not even loaded
     if args.checkpoint or (args.prior_weight is not None and args.prior_weight < 1):
         segmenter = build_segmenter(args.backend, args.checkpoint, device=args.device)
-        blended, _ = sam_blended(segmenter, volume, priors, cuts, used, values, args.prior_weight)
-        probabilities.update(blended)
-        used.update({name: "fewshot_sam" for name in blended})
+        blend_sam(segmenter, volume, priors, cuts, probabilities, used, values, args.prior_weight)
     label = to_label(probabilities, values)
     voxels = {n: int((label == values[n]).sum()) for n in probabilities}
     result = SegmentationResult(

@@ -74,33 +74,35 @@ def chosen_probabilities(
     return out, used
 
 
-def sam_blended(
+def blend_sam(
     segmenter,
     volume: CTVolume,
     priors: Priors,
     cuts: dict[str, float],
+    probabilities: dict[str, np.ndarray],
     used: dict[str, str],
     values: dict[str, int],
     prior_weight: float | None = None,
     embeddings=None,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The few-shot path's SAM blend for the organs ``used`` serves with the few-shot prior: organ -> probabilities
-    (SAM on the calibrated prior's slice boxes, blended with it) and organ -> its prior weight, only where that
-    weight is below 1 (SAM is worth its seconds: chosen on held-out templates by ``medlsam adapt``, or asked for
-    with ``prior_weight``); empty with the shipped LiteMedSAM, whose blend does not pay (the prior alone serves)."""
+) -> dict[str, float]:
+    """The few-shot path's SAM blend, in place: each organ ``used`` serves with the few-shot prior gets SAM on the
+    calibrated prior's slice boxes blended with it (``probabilities``; ``used`` says ``fewshot_sam``) where its prior
+    weight is below 1 (SAM is worth its seconds: chosen on held-out templates by ``medlsam adapt``, or asked for with
+    ``prior_weight``); none with the shipped LiteMedSAM, whose blend does not pay. Returns those organs' weights."""
     from medlsam.atlas.localize import OrganLocation
     from medlsam.atlas.prior import calibrated
     from medlsam.segment.pipeline import MedLSAMPipeline, SegmentOptions
 
     if segmenter is None:
-        return {}, {}
+        return {}
     pipeline = MedLSAMPipeline(None, segmenter, SegmentOptions(mode="prior", prior_weight=prior_weight))
     fewshot = [n for n, path in used.items() if path == "fewshot" and priors.get(n) is not None and n in values]
     weights = {n: w for n, w in pipeline.organ_weights(fewshot).items() if w < 1.0}
-    if not weights:
-        return {}, {}
-    locations = {n: OrganLocation(n, values[n], True, prior=calibrated(priors[n], cuts.get(n, 0.5))) for n in weights}
-    return pipeline.organ_probabilities(volume, locations, embeddings), weights
+    if weights:
+        located = {n: OrganLocation(n, values[n], True, prior=calibrated(priors[n], cuts.get(n, 0.5))) for n in weights}
+        probabilities.update(pipeline.organ_probabilities(volume, located, embeddings))
+        used.update(dict.fromkeys(weights, "fewshot_sam"))
+    return weights
 
 
 def to_label(probabilities: dict[str, np.ndarray], values: dict[str, int], threshold: float = 0.5) -> np.ndarray:

@@ -87,7 +87,7 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         on held-out templates by the lite_medsam trainer, or asked for). The network's prior channels come from the
         bank of every saved label."""
         from medlsam.atlas.localize import Localizer
-        from medlsam.learn.predict import chosen_probabilities, sam_blended, to_label
+        from medlsam.learn.predict import blend_sam, chosen_probabilities, to_label
 
         bank, segmenter = models
         tic = time.perf_counter()
@@ -102,13 +102,11 @@ class MedLSAMInfer(DynamicLabels, MedLSAMInferTask):
         values = {name: value for name, value in self.labels.items() if name in probabilities}
         timings.update({"localize": round(localized - tic, 3), "learned": round(time.perf_counter() - localized, 3)})
         tic = time.perf_counter()
-        embeddings = self.volumes.embeddings(entry)
-        blended, weights = sam_blended(
-            segmenter, entry["volume"], priors, cuts, used, values, options.prior_weight, embeddings
+        embeddings = self.volumes.embeddings(entry)  # lazy: a slice is encoded only when SAM needs it
+        weights = blend_sam(
+            segmenter, entry["volume"], priors, cuts, probabilities, used, values, options.prior_weight, embeddings
         )
-        probabilities.update(blended)
-        used.update({name: "fewshot_sam" for name in blended})
-        if blended:
+        if weights:
             timings["sam"] = round(time.perf_counter() - tic, 3)
         label = to_label({name: probabilities[name] for name in values}, values)
         held_out = {name: learned.held_out.get(path, {}).get(name) for name, path in used.items()}
